@@ -1,0 +1,160 @@
+"""Read one 2-D plane from an image file, for the command line and batch jobs.
+
+TIFF files are read with tifffile page by page, so a plane of a large stack is read without loading
+the stack. The plane is chosen by axis letters as tifffile reports them (`Z`, `T`, `C`, `Q`, ...):
+``plane={"Z": 3, "T": 0}``; a single int picks along the only non-plane axis. `channel` picks one
+channel of a multi-channel image; without it all channels are kept (the session composites them).
+PNG/JPEG/BMP are read with Pillow. numpy, tifffile and Pillow only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+#: Axis letters that tifffile uses for the pixel plane and for colour samples.
+_PLANE_AXES = {"Y", "X"}
+_SAMPLE_AXIS = "S"
+_TIFF_SUFFIXES = {".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8"}
+_PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+class ImageFileError(ValueError):
+    """The file cannot be read as one image plane; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class PlaneInfo:
+    """What was read: the file's axes and shape, and which plane/channel was taken."""
+
+    path: Path
+    axes: str
+    shape: tuple[int, ...]
+    plane: dict[str, int] = field(default_factory=dict)
+    channel: int | None = None
+
+
+def _parse_plane(plane: int | Mapping[str, int] | None, free_axes: list[tuple[str, int]], path: Path) -> dict[str, int]:
+    """Turn the user's plane choice into an index for every non-plane axis."""
+    names = [a for a, _ in free_axes]
+    if plane is None:
+        chosen: dict[str, int] = {}
+    elif isinstance(plane, int):
+        if len(free_axes) != 1:
+            raise ImageFileError(
+                f"{path.name}: has axes {''.join(names) or 'none'} besides the plane; "
+                f"choose with named indices, e.g. --plane {','.join(f'{a}=0' for a in names) or 'none'}"
+            )
+        chosen = {names[0]: plane}
+    else:
+        chosen = {k.upper(): int(v) for k, v in plane.items()}
+        unknown = set(chosen) - set(names)
+        if unknown:
+            raise ImageFileError(
+                f"{path.name}: no axis {', '.join(sorted(unknown))}; its non-plane axes are {''.join(names) or 'none'}"
+            )
+    missing = [(a, n) for a, n in free_axes if a not in chosen and n > 1]
+    if missing:
+        raise ImageFileError(
+            f"{path.name}: is a stack with axes {''.join(names)} (sizes {', '.join(f'{a}={n}' for a, n in free_axes)}); "
+            f"choose the plane, e.g. --plane {','.join(f'{a}=0' for a, _ in missing)}"
+        )
+    for a, n in free_axes:
+        i = chosen.setdefault(a, 0)
+        if not 0 <= i < n:
+            raise ImageFileError(f"{path.name}: {a}={i} is out of range; {a} has {n} entries (0..{n - 1})")
+    return chosen
+
+
+def _read_tiff(path: Path, plane: int | Mapping[str, int] | None, channel: int | None) -> tuple[np.ndarray, PlaneInfo]:
+    import tifffile
+
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as exc:  # tifffile raises several types for damaged files
+        raise ImageFileError(f"{path.name}: not a readable TIFF file ({exc})") from exc
+    with tif:
+        if not tif.series or not tif.series[0].pages:
+            raise ImageFileError(f"{path.name}: not a readable TIFF file (it holds no image)")
+        series = tif.series[0]
+        axes, shape = series.axes.upper(), tuple(series.shape)
+        page_axes = series.pages[0].axes.upper() if series.pages and series.pages[0] is not None else axes[-2:]
+        lead = axes[: len(axes) - len(page_axes)]
+        if not _PLANE_AXES <= set(page_axes):
+            raise ImageFileError(f"{path.name}: unsupported TIFF layout (axes {axes}); save it as a plain (Z/T/C)YX stack")
+        channel_axis = "C" if "C" in lead else None
+        free = [(a, n) for a, n in zip(lead, shape[: len(lead)], strict=True) if a != channel_axis]
+        chosen = _parse_plane(plane, free, path)
+        n_channels = shape[lead.index("C")] if channel_axis else 1
+        if channel is not None and not 0 <= channel < max(n_channels, 1):
+            raise ImageFileError(f"{path.name}: channel {channel} is out of range; it has {n_channels} channel(s)")
+        if _SAMPLE_AXIS in page_axes and n_channels > 1 and channel is None:
+            raise ImageFileError(f"{path.name}: has both colour samples and channels; choose one with --channel")
+        lead_shape = shape[: len(lead)]
+        channels = [channel] if channel is not None else list(range(n_channels))
+        planes = []
+        for c in channels:
+            index = tuple(c if a == channel_axis else chosen[a] for a in lead)
+            page = int(np.ravel_multi_index(index, lead_shape)) if lead else 0
+            planes.append(series.pages[page].asarray())  # reads this page only
+    data = planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)
+    return data, PlaneInfo(path, axes, shape, chosen, channel)
+
+
+def _read_pil(path: Path) -> tuple[np.ndarray, PlaneInfo]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            if getattr(img, "n_frames", 1) > 1:
+                img.seek(0)
+            if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
+                img = img.convert("RGBA" if "A" in img.mode or "transparency" in img.info else "RGB")
+            data = np.asarray(img)
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageFileError(f"{path.name}: not a readable image ({exc})") from exc
+    axes = "YX" if data.ndim == 2 else "YXS"
+    return data, PlaneInfo(path, axes, tuple(data.shape))
+
+
+def read_plane(
+    path: str | Path,
+    plane: int | Mapping[str, int] | None = None,
+    channel: int | None = None,
+) -> tuple[np.ndarray, PlaneInfo]:
+    """Read one plane, (H, W) or (H, W, C), from a TIFF/PNG/JPEG file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageFileError(f"{path}: no such file")
+    name = path.name.lower()
+    if any(name.endswith(s) for s in _TIFF_SUFFIXES):
+        return _read_tiff(path, plane, channel)
+    if path.suffix.lower() in _PIL_SUFFIXES:
+        if plane not in (None, 0, {}):
+            raise ImageFileError(f"{path.name}: a {path.suffix} file has a single plane; drop --plane")
+        data, info = _read_pil(path)
+        if channel is not None:
+            if data.ndim != 3 or not 0 <= channel < data.shape[-1]:
+                raise ImageFileError(f"{path.name}: channel {channel} is out of range for shape {data.shape}")
+            data = data[..., channel]
+        return data, info
+    raise ImageFileError(f"{path.name}: unsupported file type {path.suffix!r}; use TIFF, PNG or JPEG")
+
+
+def parse_plane_arg(text: str | None) -> int | dict[str, int] | None:
+    """Parse the CLI's `--plane` value: `3` or `Z=3,T=0`."""
+    if text is None or text == "":
+        return None
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        return int(text)
+    out: dict[str, int] = {}
+    for part in text.split(","):
+        axis, sep, value = part.partition("=")
+        if not sep or not axis.strip().isalpha() or not value.strip().lstrip("-").isdigit():
+            raise ImageFileError(f"--plane {text!r}: expected an index like 3 or axis indices like Z=3,T=0")
+        out[axis.strip().upper()] = int(value)
+    return out
