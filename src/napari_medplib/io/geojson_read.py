@@ -7,7 +7,8 @@ single ``Feature``, or a bare geometry. Geometries:
   an axis-aligned 4-corner box (QuPath writes rectangles that way). Holes (interior rings) become
   polygon shapes of their own with ``hole_of`` = row of their polygon (see :mod:`._common`).
   A polygon written by our writer from a napari ellipse carries the ellipse's four corners in the
-  ``napariEllipse`` property and comes back as an ``ellipse``.
+  ``napariEllipse`` property and comes back as an ``ellipse``; ``napariShapeType: "polygon"`` keeps
+  a box-shaped polygon a polygon.
 * ``MultiPolygon`` -> one shape per part, all sharing the feature's row values and ``feature_index``.
 * ``LineString`` -> ``line`` (2 vertices) or ``path``; ``MultiLineString`` -> one per part.
 * ``Point`` / ``MultiPoint`` -> rows of a Points layer.
@@ -48,6 +49,7 @@ SHAPE_GEOMETRIES = {"Polygon", "MultiPolygon", "LineString", "MultiLineString"}
 POINT_GEOMETRIES = {"Point", "MultiPoint"}
 ALL_GEOMETRIES = SHAPE_GEOMETRIES | POINT_GEOMETRIES | {"GeometryCollection"}
 ELLIPSE_PROPERTY = "napariEllipse"
+SHAPE_TYPE_PROPERTY = "napariShapeType"
 _FILLS = {"feature_index": -1, "hole_of": -1, "class": ""}
 
 
@@ -87,6 +89,7 @@ def geojson_to_layers(document: Any, path: str | Path = "annotations.geojson") -
         row["feature_index"] = index
         leading = [float(plane.get(a, 0)) for a in axes]
         ellipse = _ellipse_corners(row.pop(ELLIPSE_PROPERTY, None))
+        collector.force_polygon = row.pop(SHAPE_TYPE_PROPERTY, None) == "polygon"
         collector.add_geometry(feature.get("geometry"), row, rgb, leading, ellipse, path, index)
     if collector.empty:
         raise file_error(
@@ -157,7 +160,7 @@ def _properties_row(props: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[flo
             row.update(
                 {f"measurements.{m.get('name')}": m.get("value") for m in value if isinstance(m, Mapping)}
             )
-        elif key == ELLIPSE_PROPERTY:
+        elif key in (ELLIPSE_PROPERTY, SHAPE_TYPE_PROPERTY):
             row[key] = value
         elif isinstance(value, list | Mapping):
             row[key] = json.dumps(value)
@@ -205,6 +208,7 @@ class _Collector:
 
     def __init__(self, axes: list[str]) -> None:
         self.axes = axes
+        self.force_polygon = False
         self.shapes: list[np.ndarray] = []
         self.shape_types: list[str] = []
         self.shape_rgb: list[Any] = []
@@ -231,7 +235,8 @@ class _Collector:
         if ellipse is not None and len(rings) == 1:
             parent = self._shape(ellipse, "ellipse", row, rgb, leading)
         else:
-            kind = "rectangle" if is_axis_aligned_box(outer) else "polygon"
+            box = is_axis_aligned_box(outer) and not self.force_polygon
+            kind = "rectangle" if box else "polygon"
             parent = self._shape(outer, kind, row, rgb, leading)
         for hole in rings[1:]:
             self._shape(ring_to_rowcol(hole), "polygon", {**row, "hole_of": parent}, rgb, leading)
