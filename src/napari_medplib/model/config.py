@@ -1,0 +1,265 @@
+"""Configuration of the MedPLIB network, read from a released checkpoint's ``config.json``.
+
+No torch here: the config can be read (and a folder checked) without loading any weights.
+The field names follow the released config (LLaMA fields, LLaVA ``mm_*`` fields, the LISA
+``out_dim``, MedPLIB's ``max_sample_point``) so that a round trip keeps the file recognisable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+IMAGE_TOKEN_INDEX = -200
+REGION_TOKEN_INDEX = -300
+IGNORE_INDEX = -100
+
+#: The vision config of ``openai/clip-vit-large-patch14-336``; used when the released config
+#: names that tower by an author-local path that does not exist here (the weights are in the
+#: checkpoint anyway, only the architecture is needed).
+CLIP_VIT_L14_336 = {
+    "hidden_size": 1024,
+    "intermediate_size": 4096,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 16,
+    "image_size": 336,
+    "patch_size": 14,
+    "projection_dim": 768,
+    "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5,
+    "num_channels": 3,
+}
+
+
+class CheckpointError(ValueError):
+    """A model folder or file is missing, incomplete or not a MedPLIB checkpoint."""
+
+
+@dataclass
+class MoEConfig:
+    """The mixture-of-experts FFN used in the decoder layers.
+
+    MedPLIB: 2 experts, top-1, bias-free fp32 router, all layers, no shared expert.
+    Med-MoE: router with bias, an always-on shared ("meta") expert, every other layer.
+    """
+
+    num_experts: int = 2
+    top_k: int = 1
+    #: Decoder layers whose FFN is a MoE; ``None`` means every layer.
+    moe_layers: list[int] | None = None
+    #: Training capacity factor: capacity = max(ceil(k * tokens / experts * factor), min_capacity).
+    capacity_factor: float = 1.5
+    #: Kept for the record only: at inference no token is ever dropped (see moe.py).
+    eval_capacity_factor: float = 2.0
+    min_capacity: int = 0
+    #: Random token selection when an expert overflows in training (DeepSpeed ``use_rts``).
+    use_rts: bool = True
+    router_bias: bool = False
+    #: Med-MoE's always-on meta expert, added unweighted to the routed output.
+    shared_expert: bool = False
+    #: Renormalise the chosen probabilities to sum to 1. ``None``: only when top_k > 1
+    #: (DeepSpeed top-2/top-k); top-1 MedPLIB multiplies by the raw softmax probability.
+    normalize_top_k: bool | None = None
+    #: How the 2nd..k-th expert is picked: "argmax" (deterministic) or "gumbel" (DeepSpeed top-2
+    #: adds Gumbel noise to the logits, even at eval, which makes its inference stochastic).
+    second_expert_policy: str = "argmax"
+    router_dtype: str = "float32"
+    router_aux_loss_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
+            raise ValueError(
+                f"MoE needs 1 <= top_k <= num_experts, got top_k={self.top_k}, "
+                f"num_experts={self.num_experts}"
+            )
+        if self.second_expert_policy not in ("argmax", "gumbel"):
+            raise ValueError(f"second_expert_policy must be 'argmax' or 'gumbel', got {self.second_expert_policy!r}")
+
+    @property
+    def renormalize(self) -> bool:
+        return self.top_k > 1 if self.normalize_top_k is None else self.normalize_top_k
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.moe_layers is None or layer_idx in self.moe_layers
+
+    @classmethod
+    def from_released(cls, moe: dict[str, Any], num_layers: int) -> MoEConfig | None:
+        """Read the released ``config.moe`` dict (MoE-LLaVA schema); ``None`` when MoE is off."""
+        if not moe or not moe.get("moe_enable", True):
+            return None
+        layers = moe.get("moe_layers_idx")
+        num_experts = moe.get("num_experts", 2)
+        if isinstance(num_experts, list):
+            if len(set(num_experts)) > 1:
+                raise CheckpointError(f"config.moe.num_experts must be the same in every layer, got {num_experts}")
+            num_experts = num_experts[0]
+        layers = None if layers is None or sorted(layers) == list(range(num_layers)) else sorted(layers)
+        return cls(
+            num_experts=int(num_experts),
+            top_k=int(moe.get("top_k_experts", 1)),
+            moe_layers=layers,
+            capacity_factor=float(moe.get("capacity_factor", 1.5)),
+            eval_capacity_factor=float(moe.get("eval_capacity_factor", 2.0)),
+            min_capacity=int(moe.get("min_capacity", 0)),
+            router_bias=bool(moe.get("router_bias", False)),
+            shared_expert=bool(moe.get("shared_expert", False)),
+            router_aux_loss_coef=float(moe.get("router_aux_loss_coef", 0.0)),
+        )
+
+    def to_released(self, num_layers: int) -> dict[str, Any]:
+        layers = list(range(num_layers)) if self.moe_layers is None else list(self.moe_layers)
+        return {
+            "moe_enable": True,
+            "moe_mode": "dense" if self.moe_layers is None else "custom",
+            "moe_layers_idx": layers,
+            "num_experts": [self.num_experts] * len(layers),
+            "top_k_experts": self.top_k,
+            "capacity_factor": self.capacity_factor,
+            "eval_capacity_factor": self.eval_capacity_factor,
+            "min_capacity": self.min_capacity,
+            "use_residual": False,
+            "ep_size": 1,
+            "router_aux_loss_coef": self.router_aux_loss_coef,
+            "router_bias": self.router_bias,
+            "shared_expert": self.shared_expert,
+        }
+
+
+@dataclass
+class MedPLIBConfig:
+    """Dimensions and switches of the whole network (LLM, CLIP tower, projectors, SEG head)."""
+
+    # LLaMA decoder
+    vocab_size: int = 32267
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 4096
+    hidden_act: str = "silu"
+    tie_word_embeddings: bool = False
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    moe: MoEConfig | None = field(default_factory=MoEConfig)
+    # Vision side (LLaVA fields)
+    mm_vision_tower: str = "openai/clip-vit-large-patch14-336"
+    vision_config: dict[str, Any] = field(default_factory=lambda: dict(CLIP_VIT_L14_336))
+    mm_hidden_size: int = 1024
+    mm_projector_type: str = "mlp2x_gelu"
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
+    mm_use_im_start_end: bool = True
+    # Regions (MedPLIB)
+    region_fea_adapter: bool = True
+    max_sample_point: int = 512
+    # SEG head (LISA)
+    out_dim: int = 256
+    #: The folder the config was read from (for tokenizer and SAM paths); not serialised.
+    folder: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads {self.num_attention_heads}"
+            )
+        if self.mm_projector_type not in ("linear", "mlp2x_gelu"):
+            raise CheckpointError(f"mm_projector_type {self.mm_projector_type!r} is not supported (linear, mlp2x_gelu)")
+        if self.mm_vision_select_feature not in ("patch", "cls_patch"):
+            raise CheckpointError(f"mm_vision_select_feature {self.mm_vision_select_feature!r} is not supported")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_patches(self) -> int:
+        """Image tokens per image: (image_size / patch_size)^2, 576 for CLIP-336/14."""
+        return (self.vision_config["image_size"] // self.vision_config["patch_size"]) ** 2
+
+    # ---------------------------------------------------------------- reading / writing
+    @classmethod
+    def from_pretrained_dict(cls, config_json: dict[str, Any], folder: str | Path | None = None) -> MedPLIBConfig:
+        """Build from a released ``config.json`` dict; ``mm_vision_tower`` is resolved against ``folder``."""
+        for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
+            if key not in config_json:
+                raise CheckpointError(
+                    f"config.json has no {key!r}: this is not a MedPLIB/LLaVA config (model_type="
+                    f"{config_json.get('model_type')!r})"
+                )
+        n_layers = int(config_json["num_hidden_layers"])
+        known = {f.name for f in dataclasses.fields(cls)} - {"moe", "vision_config", "folder"}
+        kwargs = {k: v for k, v in config_json.items() if k in known}
+        rope = config_json.get("rope_parameters") or {}
+        if config_json.get("rope_scaling"):
+            raise CheckpointError(f"rope_scaling {config_json['rope_scaling']!r} is not supported")
+        kwargs["rope_theta"] = float(config_json.get("rope_theta", rope.get("rope_theta", 10000.0)))
+        kwargs.setdefault("num_key_value_heads", config_json["num_attention_heads"])
+        kwargs["moe"] = MoEConfig.from_released(config_json.get("moe") or {}, n_layers)
+        tower = config_json.get("mm_vision_tower") or config_json.get("vision_tower") or cls.mm_vision_tower
+        kwargs["mm_vision_tower"] = tower
+        kwargs["vision_config"] = config_json.get("vision_config") or resolve_vision_config(tower, folder)
+        kwargs["folder"] = str(folder) if folder is not None else None
+        return cls(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> MedPLIBConfig:
+        folder = Path(folder)
+        path = folder / "config.json"
+        if not path.is_file():
+            raise CheckpointError(
+                f"{path} does not exist: give the folder of a MedPLIB checkpoint (the one holding "
+                "config.json, the tokenizer files and the model shards)"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise CheckpointError(f"{path} is not valid JSON ({err})") from None
+        return cls.from_pretrained_dict(data, folder)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A ``config.json`` dict in the released schema (plus our ``vision_config``)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("moe", "folder")}
+        out["vision_tower"] = self.mm_vision_tower
+        out["model_type"] = "medplib_moe_llama"
+        out["architectures"] = ["MedPLIBForCausalLM"]
+        out["moe"] = self.moe.to_released(self.num_hidden_layers) if self.moe else {"moe_enable": False}
+        return out
+
+
+def resolve_vision_config(tower: str, folder: str | Path | None) -> dict[str, Any]:
+    """The CLIP vision config named by ``mm_vision_tower``: a folder (relative to the checkpoint
+    folder, or absolute) holding a CLIP ``config.json``. The CLIP weights come from the checkpoint."""
+    candidates = []
+    if folder is not None:
+        candidates.append(Path(folder) / tower)
+        candidates.append(Path(folder) / Path(tower).name)  # author-local path, copied next to it
+    candidates.append(Path(tower))
+    for cand in candidates:
+        cfg = cand / "config.json"
+        if cfg.is_file():
+            data = json.loads(cfg.read_text())
+            vision = data.get("vision_config", data)
+            if data.get("model_type") not in (None, "clip", "clip_vision_model"):
+                raise CheckpointError(f"{cfg} is a {data.get('model_type')!r} config, expected a CLIP config")
+            keep = set(CLIP_VIT_L14_336)
+            return {k: v for k, v in vision.items() if k in keep}
+    if "clip-vit-large-patch14-336" in tower:
+        warnings.warn(
+            f"mm_vision_tower {tower!r} was not found; using the known CLIP ViT-L/14-336 architecture "
+            "(the CLIP weights are read from the checkpoint itself).",
+            stacklevel=3,
+        )
+        return dict(CLIP_VIT_L14_336)
+    raise CheckpointError(
+        f"the vision tower folder {tower!r} named by config.json 'mm_vision_tower' was not found "
+        f"(looked in: {', '.join(str(c) for c in candidates)}). Fix: copy the CLIP folder (its config.json "
+        "is enough) next to the checkpoint and set 'mm_vision_tower' to its relative name."
+    )

@@ -1,0 +1,74 @@
+"""One LLM token per region: MedPLIB's ``extract_region_feature`` (the released model's path; the
+unused GeoSampler is not implemented).
+
+region_fea_adapter(CLIP patch features) gives a 24x24 grid of D-vectors. The region's 24x24 mask
+cells become points (row/24, col/24), which are sampled bilinearly with ``grid_sample(...,
+align_corners=True)`` (so cell i is read at grid coordinate i*23/24, as in the reference) and averaged.
+Above ``max_sample_point`` cells a random subset is taken, as the reference does.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MedPLIBConfig
+
+
+class EmptyRegionWarning(UserWarning):
+    """A region covers no cell of the 24x24 grid (too small or too thin after downsampling)."""
+
+
+class RegionEncoder(nn.Module):
+    """(patch features [P, Dv], masks [R, g, g]) -> (region tokens [R, D], empty [R] bool)."""
+
+    def __init__(self, config: MedPLIBConfig) -> None:
+        super().__init__()
+        self.adapter = nn.Linear(config.mm_hidden_size, config.hidden_size)
+        self.max_sample_point = config.max_sample_point
+        #: "warn" (default): an empty region gives a zero vector and an ``EmptyRegionWarning``;
+        #: "error": ValueError; "zero": silently a zero vector (the reference's behaviour).
+        self.on_empty = "warn"
+
+    def forward(
+        self, patch_features: torch.Tensor, region_masks: torch.Tensor, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``generator``: RNG for the >max_sample_point subset (None = torch's global RNG, as the reference)."""
+        grid = region_masks.shape[-1]
+        if region_masks.ndim != 3 or region_masks.shape[-2] != grid or grid * grid != patch_features.shape[0]:
+            raise ValueError(
+                f"region masks must be [R, {int(patch_features.shape[0] ** 0.5)}, "
+                f"{int(patch_features.shape[0] ** 0.5)}] cell grids, got {tuple(region_masks.shape)}"
+            )
+        adapted = self.adapter(patch_features.to(self.adapter.weight.dtype))  # [P, D]
+        feature_map = adapted.float().T.reshape(1, -1, grid, grid)  # [1, D, g, g]
+        tokens, empty = [], []
+        for index, mask in enumerate(region_masks):
+            points = mask.nonzero().float()  # [n, 2] (row, col)
+            if points.shape[0] == 0:
+                empty.append(True)
+                tokens.append(torch.zeros(adapted.shape[-1], dtype=adapted.dtype, device=adapted.device))
+                self._report_empty(index)
+                continue
+            if points.shape[0] > self.max_sample_point:
+                keep = torch.randperm(points.shape[0], generator=generator)[: self.max_sample_point]
+                points = points[keep.to(points.device)]
+            points = points / torch.tensor([mask.shape[0], mask.shape[1]], dtype=torch.float32, device=points.device)
+            sample_grid = (2 * points.flip(-1) - 1)[None, None]  # [1, 1, n, 2] as (x, y)
+            sampled = F.grid_sample(feature_map, sample_grid, mode="bilinear", align_corners=True)  # [1, D, 1, n]
+            tokens.append(sampled[0, :, 0].mean(dim=-1).to(adapted.dtype))
+            empty.append(False)
+        return torch.stack(tokens), torch.tensor(empty, dtype=torch.bool)
+
+    def _report_empty(self, index: int) -> None:
+        message = (
+            f"region {index + 1} covers no cell of the model's 24x24 grid (each cell is 14 px of the "
+            "336-px image), so it is passed to the model as a zero vector. Draw a larger or thicker region."
+        )
+        if self.on_empty == "error":
+            raise ValueError(message)
+        if self.on_empty == "warn":
+            warnings.warn(message, EmptyRegionWarning, stacklevel=3)
