@@ -179,7 +179,7 @@ def _type_name(roi: Any) -> str:
 
 def _box(roi: Any) -> tuple[float, float, float, float]:
     """(top, left, bottom, right) of a rectangle/oval, subpixel where stored."""
-    if roi.subpixelresolution and (roi.widthd or roi.heightd):
+    if roi.subpixelrect:
         return roi.yd, roi.xd, roi.yd + roi.heightd, roi.xd + roi.widthd
     return float(roi.top), float(roi.left), float(roi.bottom), float(roi.right)
 
