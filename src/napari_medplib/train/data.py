@@ -1,0 +1,277 @@
+"""The training data model and its files: samples, regions, conversations, answer normalisation.
+
+Everything the generator (`synth`), the templates (`conversations`) and the annotation converter
+(`annotations`) produce is one of these types, and `save_dataset`/`load_dataset` store them so that
+training can stream a data set from disk:
+
+    folder/
+      dataset.json            {"format": "napari-medplib-train/1", "n_samples", "n_conversations", "info"}
+      samples/000000.npz      image, labels, category ids/names, style, meta (JSON), and the boolean
+                              masks the conversations refer to ("mask_0", "mask_1", ..., deduplicated)
+      conversations.jsonl     one conversation a line: sample file, question, answer, task, kind,
+                              canonical, choices, regions ({"kind": "box", "box": [y0, x0, y1, x1]} |
+                              {"kind": "point", "point": [y, x]} | {"kind": "mask", "mask": "mask_3"}),
+                              targets (mask keys, one per <SEG>), meta
+
+Only numpy arrays and JSON are written (no pickles), so files are safe to load from anyone.
+numpy only: no torch, no napari.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+FORMAT = "napari-medplib-train/1"
+
+
+@dataclass(eq=False)
+class Sample:
+    """One image with instance labels. `image` is (H, W) or (H, W, C) channels-last, uint8/uint16."""
+
+    image: np.ndarray
+    labels: np.ndarray  # (H, W) int32 instance ids, 0 = background
+    categories: dict[int, str]  # instance id -> category name
+    style: str  # a key of STYLES, or "user" for converted annotations
+    meta: dict[str, Any] = field(default_factory=dict)  # seed, bit_depth, modality, size_thresholds...
+
+    def category_mask(self, category: str) -> np.ndarray:
+        """Union of all instances of `category` (the grounding target)."""
+        ids = [i for i, c in self.categories.items() if c == category]
+        return np.isin(self.labels, ids)
+
+    def instances_of(self, category: str) -> list[int]:
+        return sorted(i for i, c in self.categories.items() if c == category)
+
+
+#: The name the training issue uses; every sample, synthetic or converted, is a `Sample`.
+SyntheticSample = Sample
+
+
+
+SEG_TOKEN = "<SEG>"
+REGION_TOKEN = "<region>"
+TASKS = ("grounding", "region_vqa", "vqa")
+Task = Literal["grounding", "region_vqa", "vqa"]
+
+# ----------------------------------------------------------------------------- data types
+@dataclass(eq=False)
+class RegionSpec:
+    """A region in napari (row, col) pixel coordinates: a box, a point, or a boolean mask.
+
+    Box corners are pixel centres, both inclusive: pixel (r, c) is in (y0, x0, y1, x1) when
+    y0 <= r <= y1 and x0 <= c <= x1 (the tight box of a mask is (rmin, cmin, rmax, cmax)).
+    """
+
+    kind: Literal["box", "point", "mask"]
+    box: tuple[float, float, float, float] | None = None
+    point: tuple[float, float] | None = None
+    mask: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        need = {"box": self.box, "point": self.point, "mask": self.mask}
+        if self.kind not in need or need[self.kind] is None:
+            raise ValueError(f"RegionSpec(kind={self.kind!r}) needs its {self.kind!r} geometry")
+
+    def to_mask(self, shape: tuple[int, int], point_radius: int = 20) -> np.ndarray:
+        """Rasterise; a point becomes the reference's (2r+1)^2 square (41x41 by default)."""
+        if self.kind == "mask":
+            return np.asarray(self.mask, bool)
+        out = np.zeros(shape, bool)
+        if self.kind == "box":
+            y0, x0, y1, x1 = self.box
+            r0, c0 = max(int(np.ceil(y0)), 0), max(int(np.ceil(x0)), 0)
+            out[r0 : int(np.floor(y1)) + 1, c0 : int(np.floor(x1)) + 1] = True
+        else:
+            y, x = (int(round(v)) for v in self.point)
+            out[max(y - point_radius, 0) : y + point_radius + 1,
+                max(x - point_radius, 0) : x + point_radius + 1] = True
+        return out
+
+
+@dataclass(eq=False)
+class Conversation:
+    """One question/answer turn about one image, with the geometry its placeholders stand for."""
+
+    question: str
+    answer: str
+    task: Task
+    kind: str
+    regions: list[RegionSpec] = field(default_factory=list)
+    target_masks: list[np.ndarray] = field(default_factory=list)  # one per <SEG>, in order
+    canonical: str = ""  # short answer for exact-match scoring ("" for grounding)
+    choices: tuple[str, ...] = ()  # closed answer set of this kind, when it has one
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. label_ids behind targets/regions
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.question.count(REGION_TOKEN) != len(self.regions):
+            raise ValueError(f"{len(self.regions)} regions but question has "
+                             f"{self.question.count(REGION_TOKEN)} {REGION_TOKEN}: {self.question!r}")
+        if self.answer.count(SEG_TOKEN) != len(self.target_masks):
+            raise ValueError(f"{len(self.target_masks)} target masks but answer has "
+                             f"{self.answer.count(SEG_TOKEN)} {SEG_TOKEN}: {self.answer!r}")
+
+
+_NUMBER_WORDS = {w: str(i) for i, w in enumerate(
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen twenty".split())}
+_SYNONYMS = {"center": "centre", "middle": "centre", "upper": "top", "lower": "bottom",
+             "dark": "dim", "bg": "background", "y": "yes", "n": "no"}
+
+
+def normalise_answer(text: str) -> str:
+    """Canonical form for exact-match accuracy.
+
+    Lower-case; '-', '_' and '/' become spaces; punctuation other than '&' is dropped; whitespace is
+    collapsed; a leading "a"/"an"/"the" is dropped; number words up to twenty become digits; a few
+    synonyms map to our words (center/middle -> centre, upper -> top, lower -> bottom, dark -> dim).
+    """
+    text = re.sub(r"[-_/]", " ", text.lower())
+    text = re.sub(r"[^\w&\s]", " ", text)
+    words = text.split()
+    if words and words[0] in ("a", "an", "the") and len(words) > 1:
+        words = words[1:]
+    words = [_SYNONYMS.get(w, _NUMBER_WORDS.get(w, w)) for w in words]
+    return " ".join(words)
+
+
+
+
+# ----------------------------------------------------------------------------- files
+class DatasetFormatError(ValueError):
+    """A data set folder is missing, incomplete or not ours; the message names the file."""
+
+
+def _region_to_json(region: RegionSpec, masks: _MaskStore) -> dict[str, Any]:
+    if region.kind == "box":
+        return {"kind": "box", "box": [float(v) for v in region.box]}
+    if region.kind == "point":
+        return {"kind": "point", "point": [float(v) for v in region.point]}
+    return {"kind": "mask", "mask": masks.add(region.mask)}
+
+
+class _MaskStore:
+    """Boolean masks of one sample, deduplicated (a category union is often the target many times)."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+        self._by_hash: dict[str, str] = {}
+
+    def add(self, mask: np.ndarray) -> str:
+        mask = np.ascontiguousarray(mask, dtype=bool)
+        digest = hashlib.sha1(mask.tobytes() + str(mask.shape).encode()).hexdigest()
+        if digest not in self._by_hash:
+            key = f"mask_{len(self.arrays)}"
+            self._by_hash[digest] = key
+            self.arrays[key] = mask
+        return self._by_hash[digest]
+
+
+def save_dataset(folder: str | Path, items: Iterable[tuple[Sample, list[Conversation]]],
+                 info: dict[str, Any] | None = None, overwrite: bool = False) -> Path:
+    """Write samples and their conversations to `folder`, streaming (items may be a generator)."""
+    folder = Path(folder)
+    if (folder / "dataset.json").exists() and not overwrite:
+        raise FileExistsError(f"{folder} already holds a data set; pass overwrite=True or pick a new folder")
+    (folder / "samples").mkdir(parents=True, exist_ok=True)
+    n_samples = n_conv = 0
+    with open(folder / "conversations.jsonl", "w", encoding="utf-8") as lines:
+        for sample, conversations in items:
+            name = f"samples/{n_samples:06d}.npz"
+            masks = _MaskStore()
+            for conv in conversations:
+                record = {
+                    "sample": name, "question": conv.question, "answer": conv.answer,
+                    "task": conv.task, "kind": conv.kind, "canonical": conv.canonical,
+                    "choices": list(conv.choices),
+                    "regions": [_region_to_json(r, masks) for r in conv.regions],
+                    "targets": [masks.add(m) for m in conv.target_masks],
+                    "meta": conv.meta,
+                }
+                lines.write(json.dumps(record) + "\n")
+                n_conv += 1
+            ids = np.array(sorted(sample.categories), dtype=np.int32)
+            np.savez_compressed(
+                folder / name, image=sample.image, labels=sample.labels.astype(np.int32),
+                category_ids=ids, category_names=np.array([sample.categories[int(i)] for i in ids], dtype=str),
+                style=np.array(sample.style), meta=np.array(json.dumps(sample.meta)), **masks.arrays,
+            )
+            n_samples += 1
+    header = {"format": FORMAT, "n_samples": n_samples, "n_conversations": n_conv, "info": info or {}}
+    (folder / "dataset.json").write_text(json.dumps(header, indent=2), encoding="utf-8")
+    return folder
+
+
+class TrainDataset:
+    """A saved data set, read lazily: `ds[i]` loads sample i and its conversations from disk."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        head = self.folder / "dataset.json"
+        if not head.is_file():
+            raise DatasetFormatError(f"{head} not found: is {self.folder} a folder written by save_dataset?")
+        self.header = json.loads(head.read_text(encoding="utf-8"))
+        if self.header.get("format") != FORMAT:
+            raise DatasetFormatError(f"{head} has format {self.header.get('format')!r}, expected {FORMAT!r}")
+        self._records: dict[str, list[dict[str, Any]]] = {}
+        with open(self.folder / "conversations.jsonl", encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip():
+                    rec = json.loads(line)
+                    self._records.setdefault(rec["sample"], []).append(rec)
+        self.sample_files = [f"samples/{i:06d}.npz" for i in range(self.header["n_samples"])]
+
+    @property
+    def info(self) -> dict[str, Any]:
+        return self.header.get("info", {})
+
+    def __len__(self) -> int:
+        return len(self.sample_files)
+
+    def __getitem__(self, index: int) -> tuple[Sample, list[Conversation]]:
+        name = self.sample_files[index]
+        path = self.folder / name
+        if not path.is_file():
+            raise DatasetFormatError(f"{path} is missing: the data set was not copied whole")
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        sample = Sample(
+            arrays["image"], arrays["labels"],
+            {int(i): str(n) for i, n in zip(arrays["category_ids"], arrays["category_names"], strict=True)},
+            str(arrays["style"]), json.loads(str(arrays["meta"])),
+        )
+        convs = []
+        for rec in self._records.get(name, []):
+            regions = [
+                RegionSpec("mask", mask=arrays[r["mask"]]) if r["kind"] == "mask"
+                else RegionSpec(r["kind"], **{r["kind"]: tuple(r[r["kind"]])}) for r in rec["regions"]
+            ]
+            convs.append(Conversation(
+                rec["question"], rec["answer"], rec["task"], rec["kind"], regions,
+                [arrays[k] for k in rec["targets"]], rec["canonical"], tuple(rec["choices"]), rec["meta"],
+            ))
+        return sample, convs
+
+    def __iter__(self) -> Iterator[tuple[Sample, list[Conversation]]]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def conversations(self) -> Iterator[tuple[Sample, Conversation]]:
+        """Every (sample, conversation) pair in file order: what a training loop consumes."""
+        for sample, convs in self:
+            for conv in convs:
+                yield sample, conv
+
+
+def load_dataset(folder: str | Path) -> TrainDataset:
+    """Open a folder written by `save_dataset` (samples are read on access)."""
+    return TrainDataset(folder)
