@@ -1,34 +1,28 @@
-"""SAM-Med2D as MedPLIB uses it: image encoder, prompt encoder, mask decoder, reference weight loading.
+"""SAM-Med2D as MedPLIB uses it: image encoder, prompt encoder, mask decoder, weight loading.
 
-* Image encoder: :mod:`napari_medplib.model.sam_encoder` (transformers' SAM ViT parts + adapters).
-* Prompt encoder: ``SamMed2DPromptEncoder`` subclasses transformers' ``SamPromptEncoder``. Its point and
-  box embedding code is used as is; we add the reference's *text* prompt (the ``<SEG>`` embedding,
-  appended as one more sparse token after points and boxes), an explicit prompt batch size, and the
-  dense positional grid (``get_dense_pe``). Positional encodings are computed in float32 whatever the
-  model dtype, as the reference does.
-* Mask decoder: transformers' ``SamMaskDecoder`` unchanged (LayerNorm eps set to the reference's 1e-5).
-  Every prompt set gets its own copy of the image embedding (batch N, one prompt set per row), which is
-  what the reference decoder does with its broadcast ``src + dense``.
+* Image encoder: :mod:`.sam_encoder` (transformers' SAM ViT parts + SAM-Med2D adapters).
+* Prompt encoder and mask decoder: :mod:`.sam_decoder` (transformers' modules; text prompt added).
+  Every prompt set gets its own copy of the image embedding (batch N, one prompt set per row), which
+  is what the reference decoder does with its broadcast ``src + dense``.
 
-Coordinates for :meth:`SamMed2D.decode_with_prompts` are SAM's: (x, y) in the *padded* 256 input frame
-(centre padding included). Convert image pixels with ``preprocess.image_to_sam_coords`` /
-``image_to_sam_boxes``.
+Coordinates for :meth:`SamMed2D.decode_with_prompts` are SAM's: (x, y) in the *padded* 256 input
+frame (centre padding included). Convert image pixels with ``preprocess.image_to_sam_coords`` /
+``preprocess.image_to_sam_boxes``.
 
 Weights: :func:`load_sam_med2d` takes the reference state dict with ``model.visual_model.`` stripped
-(``image_encoder.blocks.0.attn.qkv.weight`` ...), infers the dimensions, maps the names and loads strictly.
+(``image_encoder.blocks.0.attn.qkv.weight`` ...), infers the dimensions, maps the names and loads
+strictly.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Mapping
+from collections.abc import Mapping
 
-import numpy as np
 import torch
 from torch import nn
-from transformers.models.sam.configuration_sam import SamConfig
-from transformers.models.sam.modeling_sam import SamMaskDecoder, SamPositionalEmbedding, SamPromptEncoder
 
+from .sam_decoder import SamMed2DPromptEncoder, build_mask_decoder
 from .sam_encoder import SamMed2DConfig, SamMed2DImageEncoder
 
 __all__ = [
@@ -37,8 +31,8 @@ __all__ = [
     "SamMed2DConfig",
     "infer_sam_config",
     "load_sam_med2d",
-    "reference_key_to_ours",
     "our_key_to_reference",
+    "reference_key_to_ours",
 ]
 
 # Reference buffers that are not weights (non-persistent in the reference, tolerated if present).
@@ -47,69 +41,6 @@ _IGNORED_REFERENCE_KEYS = {"pixel_mean", "pixel_std"}
 
 class SamCheckpointError(ValueError):
     """The SAM-Med2D weights do not fit the model (missing, unexpected or mis-shaped tensors)."""
-
-
-# ============================================================================ prompt encoder
-
-
-class _Fp32PositionalEmbedding(SamPositionalEmbedding):
-    """Random-Fourier positional encoding evaluated in float32 (the reference casts to float32 too)."""
-
-    def forward(self, input_coords: torch.Tensor, input_shape=None) -> torch.Tensor:
-        coords = input_coords.to(torch.float32).clone()  # (..., 2) as (x, y)
-        if input_shape is not None:
-            coords[..., 0] = coords[..., 0] / input_shape[1]
-            coords[..., 1] = coords[..., 1] / input_shape[0]
-        coords = (2 * coords - 1) @ self.positional_embedding.to(torch.float32)
-        coords = 2 * np.pi * coords
-        return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)  # (..., C) float32
-
-
-class SamMed2DPromptEncoder(SamPromptEncoder):
-    """transformers' prompt encoder plus the reference's text-embedding prompt and dense PE grid."""
-
-    def __init__(self, config: SamConfig):
-        super().__init__(config)
-        self.shared_embedding = _Fp32PositionalEmbedding(config.vision_config)
-
-    def get_dense_pe(self) -> torch.Tensor:
-        """Positional encoding of every embedding cell centre: (1, C, 16, 16) float32."""
-        grid_h, grid_w = self.image_embedding_size
-        device = self.shared_embedding.positional_embedding.device
-        ones = torch.ones((grid_h, grid_w), device=device, dtype=torch.float32)
-        y_embed = (ones.cumsum(dim=0) - 0.5) / grid_h
-        x_embed = (ones.cumsum(dim=1) - 0.5) / grid_w
-        pe = self.shared_embedding(torch.stack([x_embed, y_embed], dim=-1))  # (16, 16, C)
-        return pe.permute(2, 0, 1).unsqueeze(0)
-
-    def embed(
-        self,
-        batch_size: int,
-        points: torch.Tensor | None = None,  # (N, P, 2) xy in the padded input frame
-        point_labels: torch.Tensor | None = None,  # (N, P): 1 fg, 0 bg, -1 padding
-        boxes: torch.Tensor | None = None,  # (N, 4) xyxy
-        mask_inputs: torch.Tensor | None = None,  # (N, 1, 64, 64) logits
-        text_embeds: torch.Tensor | None = None,  # (N, T, C)
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Sparse tokens (N, 1, T, C) in the reference order points, boxes, text; dense (N, C, 16, 16)."""
-        pieces = []
-        if points is not None:
-            pad = boxes is None  # SAM appends a padding point when there is no box
-            pieces.append(self._embed_points(points[:, None], point_labels[:, None], pad=pad)[:, 0])
-        if boxes is not None:
-            pieces.append(self._embed_boxes(boxes[:, None])[:, 0])  # (N, 2, C)
-        if text_embeds is not None:
-            pieces.append(text_embeds)
-        sparse = None
-        if pieces:
-            dtype = self.no_mask_embed.weight.dtype
-            sparse = torch.cat([p.to(dtype) for p in pieces], dim=1)[:, None]  # (N, 1, T, C)
-        if mask_inputs is not None:
-            dense = self.mask_embed(mask_inputs)
-        else:
-            grid_h, grid_w = self.image_embedding_size
-            dense = self.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(batch_size, -1, grid_h, grid_w)
-        return sparse, dense
 
 
 # ============================================================================ full model
@@ -121,16 +52,9 @@ class SamMed2D(nn.Module):
     def __init__(self, config: SamMed2DConfig):
         super().__init__()
         self.config = config
-        sam_config = SamConfig(
-            vision_config=config.vision_config().to_dict(),
-            prompt_encoder_config=config.prompt_encoder_config().to_dict(),
-            mask_decoder_config=config.mask_decoder_config().to_dict(),
-        )
-        sam_config.vision_config._attn_implementation = config.attn_implementation
-        sam_config.prompt_encoder_config._attn_implementation = config.attn_implementation
         self.image_encoder = SamMed2DImageEncoder(config)
-        self.prompt_encoder = SamMed2DPromptEncoder(sam_config)
-        self.mask_decoder = SamMaskDecoder(config.mask_decoder_config())
+        self.prompt_encoder = SamMed2DPromptEncoder(config)
+        self.mask_decoder = build_mask_decoder(config)
 
     @classmethod
     def from_config(cls, config: SamMed2DConfig) -> "SamMed2D":
@@ -173,11 +97,13 @@ class SamMed2D(nn.Module):
         grid = self.config.image_embedding_size
         expected = (self.config.prompt_embed_dim, grid, grid)
         if image_embeddings.ndim != 4 or tuple(image_embeddings.shape[1:]) != expected:
-            raise ValueError(f"image_embeddings must be (1 or N, {expected}), got {tuple(image_embeddings.shape)}")
+            raise ValueError(
+                f"image_embeddings must be (1 or N, {expected}), got {tuple(image_embeddings.shape)}"
+            )
         if image_embeddings.shape[0] not in (1, batch_size):
             raise ValueError(
-                f"image_embeddings has batch {image_embeddings.shape[0]} but there are {batch_size} prompt sets; "
-                "pass one image embedding (shared) or one per prompt set"
+                f"image_embeddings has batch {image_embeddings.shape[0]} but there are {batch_size} "
+                "prompt sets; pass one image embedding (shared) or one per prompt set"
             )
         image_embeddings = image_embeddings.to(device=self.device, dtype=self.dtype)
         image_embeddings = image_embeddings.expand(batch_size, -1, -1, -1)  # (N, C, 16, 16)
@@ -199,13 +125,15 @@ class SamMed2D(nn.Module):
         """Reference grounding path: each (256,) ``<SEG>`` prompt is one sparse token, dense prompt is
         ``no_mask_embed``, single-mask output (slot 0).
 
-        image_embeddings (1, 256, 16, 16); prompt_embedding (N, 256) -> logits (N, 1, 64, 64), iou (N, 1).
+        image_embeddings (1, 256, 16, 16), prompt_embedding (N, 256)
+        -> low-res logits (N, 1, 64, 64), iou (N, 1).
         """
         if prompt_embedding.ndim == 1:
             prompt_embedding = prompt_embedding[None]
         if prompt_embedding.ndim != 2 or prompt_embedding.shape[1] != self.config.prompt_embed_dim:
             raise ValueError(
-                f"prompt_embedding must be (N, {self.config.prompt_embed_dim}), got {tuple(prompt_embedding.shape)}"
+                f"prompt_embedding must be (N, {self.config.prompt_embed_dim}), "
+                f"got {tuple(prompt_embedding.shape)}"
             )
         text = prompt_embedding.to(device=self.device, dtype=self.dtype)[:, None]  # (N, 1, C)
         return self._decode(image_embeddings, text.shape[0], False, text_embeds=text)
@@ -222,132 +150,128 @@ class SamMed2D(nn.Module):
         """Standard SAM prompting (no LLM). Coordinates are (x, y) in the padded 256 input frame.
 
         points (N, P, 2) with point_labels (N, P) (1 foreground, 0 background); boxes (N, 4) xyxy;
-        mask_inputs (N, 1, 64, 64) low-res logits from a previous pass. Returns logits (N, K, 64, 64) and
-        iou (N, K) with K = 1, or 3 when ``multimask_output`` (SAM's slots 1..3).
+        mask_inputs (N, 1, 64, 64) low-res logits from a previous pass. Returns logits
+        (N, K, 64, 64) and iou (N, K) with K = 1, or 3 when ``multimask_output`` (SAM's slots 1..3).
         """
-        as_tensor = lambda x, dtype: None if x is None else torch.as_tensor(x, dtype=dtype, device=self.device)  # noqa: E731
-        points = as_tensor(points, torch.float32)
-        point_labels = as_tensor(point_labels, torch.int64)
-        boxes = as_tensor(boxes, torch.float32)
-        mask_inputs = as_tensor(mask_inputs, self.dtype)
-        sizes = set()
-        if points is not None:
-            if point_labels is None:
-                raise ValueError("points need point_labels (1 foreground, 0 background) of shape (N, P)")
-            if points.ndim != 3 or points.shape[-1] != 2 or tuple(point_labels.shape) != tuple(points.shape[:2]):
-                raise ValueError(
-                    f"points must be (N, P, 2) xy and point_labels (N, P), got {tuple(points.shape)} "
-                    f"and {tuple(point_labels.shape)}"
-                )
-            sizes.add(points.shape[0])
-        if boxes is not None:
-            if boxes.ndim != 2 or boxes.shape[1] != 4:
-                raise ValueError(f"boxes must be (N, 4) as x0, y0, x1, y1, got {tuple(boxes.shape)}")
-            sizes.add(boxes.shape[0])
-        low_res = self.config.low_res_mask_size
-        if mask_inputs is not None:
-            if mask_inputs.ndim != 4 or tuple(mask_inputs.shape[1:]) != (1, low_res, low_res):
-                raise ValueError(f"mask_inputs must be (N, 1, {low_res}, {low_res}), got {tuple(mask_inputs.shape)}")
-            sizes.add(mask_inputs.shape[0])
-        if len(sizes) > 1:
-            raise ValueError(f"points, boxes and mask_inputs disagree on the number of prompt sets: {sorted(sizes)}")
-        batch_size = sizes.pop() if sizes else 1
-        return self._decode(
-            image_embeddings,
-            batch_size,
-            multimask_output,
-            points=points,
-            point_labels=point_labels,
-            boxes=boxes,
-            mask_inputs=mask_inputs,
+        def tensor(value, dtype):
+            return None if value is None else torch.as_tensor(value, dtype=dtype, device=self.device)
+
+        prompts = {
+            "points": tensor(points, torch.float32),
+            "point_labels": tensor(point_labels, torch.int64),
+            "boxes": tensor(boxes, torch.float32),
+            "mask_inputs": tensor(mask_inputs, self.dtype),
+        }
+        batch_size = _prompt_batch_size(**prompts, low_res=self.config.low_res_mask_size)
+        return self._decode(image_embeddings, batch_size, multimask_output, **prompts)
+
+
+def _prompt_batch_size(points, point_labels, boxes, mask_inputs, low_res: int) -> int:
+    """Check the standard prompts' shapes; return their common number of prompt sets N."""
+    sizes = set()
+    if points is not None:
+        if point_labels is None:
+            raise ValueError("points need point_labels (1 foreground, 0 background) of shape (N, P)")
+        if points.ndim != 3 or points.shape[-1] != 2 or point_labels.shape != points.shape[:2]:
+            raise ValueError(
+                f"points must be (N, P, 2) xy and point_labels (N, P), got {tuple(points.shape)} "
+                f"and {tuple(point_labels.shape)}"
+            )
+        sizes.add(points.shape[0])
+    if boxes is not None:
+        if boxes.ndim != 2 or boxes.shape[1] != 4:
+            raise ValueError(f"boxes must be (N, 4) as x0, y0, x1, y1, got {tuple(boxes.shape)}")
+        sizes.add(boxes.shape[0])
+    if mask_inputs is not None:
+        if mask_inputs.ndim != 4 or tuple(mask_inputs.shape[1:]) != (1, low_res, low_res):
+            raise ValueError(
+                f"mask_inputs must be (N, 1, {low_res}, {low_res}), got {tuple(mask_inputs.shape)}"
+            )
+        sizes.add(mask_inputs.shape[0])
+    if len(sizes) > 1:
+        raise ValueError(
+            f"points, boxes and mask_inputs disagree on the number of prompt sets: {sorted(sizes)}"
         )
+    return sizes.pop() if sizes else 1
 
 
 # ============================================================================ weights: names
 
 
-_SIMPLE_RENAMES = [  # (reference regex, ours), applied in order
-    (r"^image_encoder\.patch_embed\.proj\.", "image_encoder.patch_embed.projection."),
-    (r"^image_encoder\.blocks\.(\d+)\.norm(\d)\.", r"image_encoder.layers.\1.layer_norm\2."),
-    (r"^image_encoder\.blocks\.(\d+)\.Adapter\.", r"image_encoder.layers.\1.adapter."),
-    (r"^image_encoder\.blocks\.(\d+)\.", r"image_encoder.layers.\1."),
-    (r"^image_encoder\.neck\.0\.", "image_encoder.neck.conv1."),
-    (r"^image_encoder\.neck\.1\.", "image_encoder.neck.layer_norm1."),
-    (r"^image_encoder\.neck\.2\.", "image_encoder.neck.conv2."),
-    (r"^image_encoder\.neck\.3\.", "image_encoder.neck.layer_norm2."),
-    (r"^prompt_encoder\.pe_layer\.positional_encoding_gaussian_matrix$",
-     "prompt_encoder.shared_embedding.positional_embedding"),
-    (r"^prompt_encoder\.point_embeddings\.", "prompt_encoder.point_embed."),
-    (r"^prompt_encoder\.mask_downscaling\.0\.", "prompt_encoder.mask_embed.conv1."),
-    (r"^prompt_encoder\.mask_downscaling\.1\.", "prompt_encoder.mask_embed.layer_norm1."),
-    (r"^prompt_encoder\.mask_downscaling\.3\.", "prompt_encoder.mask_embed.conv2."),
-    (r"^prompt_encoder\.mask_downscaling\.4\.", "prompt_encoder.mask_embed.layer_norm2."),
-    (r"^prompt_encoder\.mask_downscaling\.6\.", "prompt_encoder.mask_embed.conv3."),
-    (r"^mask_decoder\.transformer\.layers\.(\d+)\.norm(\d)\.", r"mask_decoder.transformer.layers.\1.layer_norm\2."),
-    (r"^mask_decoder\.transformer\.norm_final_attn\.", "mask_decoder.transformer.layer_norm_final_attn."),
-    (r"^mask_decoder\.output_upscaling\.0\.", "mask_decoder.upscale_conv1."),
-    (r"^mask_decoder\.output_upscaling\.1\.", "mask_decoder.upscale_layer_norm."),
-    (r"^mask_decoder\.output_upscaling\.3\.", "mask_decoder.upscale_conv2."),
+# (reference prefix, our prefix); {i} and {j} stand for block / layer numbers. First match wins.
+_RENAMES = [
+    ("image_encoder.patch_embed.proj.", "image_encoder.patch_embed.projection."),
+    ("image_encoder.blocks.{i}.norm{j}.", "image_encoder.layers.{i}.layer_norm{j}."),
+    ("image_encoder.blocks.{i}.Adapter.", "image_encoder.layers.{i}.adapter."),
+    ("image_encoder.blocks.{i}.", "image_encoder.layers.{i}."),
+    ("image_encoder.neck.0.", "image_encoder.neck.conv1."),
+    ("image_encoder.neck.1.", "image_encoder.neck.layer_norm1."),
+    ("image_encoder.neck.2.", "image_encoder.neck.conv2."),
+    ("image_encoder.neck.3.", "image_encoder.neck.layer_norm2."),
+    (
+        "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix",
+        "prompt_encoder.shared_embedding.positional_embedding",
+    ),
+    ("prompt_encoder.point_embeddings.", "prompt_encoder.point_embed."),
+    ("prompt_encoder.mask_downscaling.0.", "prompt_encoder.mask_embed.conv1."),
+    ("prompt_encoder.mask_downscaling.1.", "prompt_encoder.mask_embed.layer_norm1."),
+    ("prompt_encoder.mask_downscaling.3.", "prompt_encoder.mask_embed.conv2."),
+    ("prompt_encoder.mask_downscaling.4.", "prompt_encoder.mask_embed.layer_norm2."),
+    ("prompt_encoder.mask_downscaling.6.", "prompt_encoder.mask_embed.conv3."),
+    ("mask_decoder.transformer.layers.{i}.norm{j}.", "mask_decoder.transformer.layers.{i}.layer_norm{j}."),
+    ("mask_decoder.transformer.norm_final_attn.", "mask_decoder.transformer.layer_norm_final_attn."),
+    ("mask_decoder.output_upscaling.0.", "mask_decoder.upscale_conv1."),
+    ("mask_decoder.output_upscaling.1.", "mask_decoder.upscale_layer_norm."),
+    ("mask_decoder.output_upscaling.3.", "mask_decoder.upscale_conv2."),
 ]
-_MLP_REFERENCE = re.compile(r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.layers\.(\d+)\.(.+)$")
-_MLP_OURS = re.compile(r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\.(proj_in|proj_out|layers\.(\d+))\.(.+)$")
 
 
-def _mlp_depth(prefix: str, config: SamMed2DConfig) -> int:
+def _template_regex(template: str) -> re.Pattern:
+    pattern = re.escape(template).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{j\}", r"(?P<j>\d+)")
+    return re.compile("^" + pattern)
+
+
+_TO_OURS = [(_template_regex(ref), ours) for ref, ours in _RENAMES]
+_TO_REFERENCE = [(_template_regex(ours), ref) for ref, ours in _RENAMES]
+
+# SAM's MLP heads: reference layers.0..d-1 <-> transformers' proj_in, layers.0..d-3, proj_out
+_HEAD = r"^(mask_decoder\.(?:output_hypernetworks_mlps\.\d+|iou_prediction_head))\."
+_HEAD_REFERENCE = re.compile(_HEAD + r"layers\.(\d+)\.(.+)$")
+_HEAD_OURS = re.compile(_HEAD + r"(proj_in|proj_out|layers\.(\d+))\.(.+)$")
+
+
+def _head_depth(prefix: str, config: SamMed2DConfig) -> int:
     return config.iou_head_depth if prefix.endswith("iou_prediction_head") else 3
 
 
-def reference_key_to_ours(key: str, config: SamMed2DConfig) -> str:
-    """Reference SAM-Med2D parameter name -> our module's name (MLP heads need the config's depths)."""
-    match = _MLP_REFERENCE.match(key)
-    if match:  # reference MLP layers.0..d-1 -> proj_in, layers.0..d-3, proj_out
-        prefix, index, rest = match.group(1), int(match.group(2)), match.group(3)
-        depth = _mlp_depth(prefix, config)
-        name = "proj_in" if index == 0 else "proj_out" if index == depth - 1 else f"layers.{index - 1}"
-        return f"{prefix}.{name}.{rest}"
-    for pattern, replacement in _SIMPLE_RENAMES:
-        new_key, n = re.subn(pattern, replacement, key)
-        if n:
-            return new_key
+def _rename(key: str, table: list[tuple[re.Pattern, str]]) -> str:
+    for regex, template in table:
+        match = regex.match(key)
+        if match:
+            return template.format(**match.groupdict()) + key[match.end() :]
     return key
+
+
+def reference_key_to_ours(key: str, config: SamMed2DConfig) -> str:
+    """Reference SAM-Med2D parameter name -> our module's name (MLP heads need the config)."""
+    match = _HEAD_REFERENCE.match(key)
+    if match:
+        prefix, index, rest = match.group(1), int(match.group(2)), match.group(3)
+        last = _head_depth(prefix, config) - 1
+        name = "proj_in" if index == 0 else "proj_out" if index == last else f"layers.{index - 1}"
+        return f"{prefix}.{name}.{rest}"
+    return _rename(key, _TO_OURS)
 
 
 def our_key_to_reference(key: str, config: SamMed2DConfig) -> str:
-    """Inverse of :func:`reference_key_to_ours` (for error messages and export)."""
-    match = _MLP_OURS.match(key)
+    """Inverse of :func:`reference_key_to_ours` (error messages, export to the reference layout)."""
+    match = _HEAD_OURS.match(key)
     if match:
         prefix, name, middle, rest = match.groups()
-        depth = _mlp_depth(prefix, config)
-        index = 0 if name == "proj_in" else depth - 1 if name == "proj_out" else int(middle) + 1
+        last = _head_depth(prefix, config) - 1
+        index = 0 if name == "proj_in" else last if name == "proj_out" else int(middle) + 1
         return f"{prefix}.layers.{index}.{rest}"
-    inverse = [
-        (r"^image_encoder\.patch_embed\.projection\.", "image_encoder.patch_embed.proj."),
-        (r"^image_encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"image_encoder.blocks.\1.norm\2."),
-        (r"^image_encoder\.layers\.(\d+)\.adapter\.", r"image_encoder.blocks.\1.Adapter."),
-        (r"^image_encoder\.layers\.(\d+)\.", r"image_encoder.blocks.\1."),
-        (r"^image_encoder\.neck\.conv1\.", "image_encoder.neck.0."),
-        (r"^image_encoder\.neck\.layer_norm1\.", "image_encoder.neck.1."),
-        (r"^image_encoder\.neck\.conv2\.", "image_encoder.neck.2."),
-        (r"^image_encoder\.neck\.layer_norm2\.", "image_encoder.neck.3."),
-        (r"^prompt_encoder\.shared_embedding\.positional_embedding$",
-         "prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"),
-        (r"^prompt_encoder\.point_embed\.", "prompt_encoder.point_embeddings."),
-        (r"^prompt_encoder\.mask_embed\.conv1\.", "prompt_encoder.mask_downscaling.0."),
-        (r"^prompt_encoder\.mask_embed\.layer_norm1\.", "prompt_encoder.mask_downscaling.1."),
-        (r"^prompt_encoder\.mask_embed\.conv2\.", "prompt_encoder.mask_downscaling.3."),
-        (r"^prompt_encoder\.mask_embed\.layer_norm2\.", "prompt_encoder.mask_downscaling.4."),
-        (r"^prompt_encoder\.mask_embed\.conv3\.", "prompt_encoder.mask_downscaling.6."),
-        (r"^mask_decoder\.transformer\.layers\.(\d+)\.layer_norm(\d)\.", r"mask_decoder.transformer.layers.\1.norm\2."),
-        (r"^mask_decoder\.transformer\.layer_norm_final_attn\.", "mask_decoder.transformer.norm_final_attn."),
-        (r"^mask_decoder\.upscale_conv1\.", "mask_decoder.output_upscaling.0."),
-        (r"^mask_decoder\.upscale_layer_norm\.", "mask_decoder.output_upscaling.1."),
-        (r"^mask_decoder\.upscale_conv2\.", "mask_decoder.output_upscaling.3."),
-    ]
-    for pattern, replacement in inverse:
-        new_key, n = re.subn(pattern, replacement, key)
-        if n:
-            return new_key
-    return key
+    return _rename(key, _TO_REFERENCE)
 
 
 # ============================================================================ weights: dims and loading
@@ -371,14 +295,18 @@ def infer_sam_config(state_dict: Mapping[str, torch.Tensor], **overrides) -> Sam
         pos_embed = state_dict["image_encoder.pos_embed"]  # (1, g, g, C)
         embed_dim, patch_size, grid = patch.shape[0], patch.shape[2], pos_embed.shape[1]
         depth = _count(state_dict, r"^image_encoder\.blocks\.(\d+)\.")
-        rel_rows = [state_dict[f"image_encoder.blocks.{i}.attn.rel_pos_h"].shape[0] for i in range(depth)]
-        head_dim = state_dict["image_encoder.blocks.0.attn.rel_pos_h"].shape[1]
-        global_blocks = tuple(i for i, rows in enumerate(rel_rows) if rows == 2 * grid - 1)
-        window_rows = {rows for rows in rel_rows if rows != 2 * grid - 1}
+        rel_pos = [state_dict[f"image_encoder.blocks.{i}.attn.rel_pos_h"] for i in range(depth)]
+        head_dim = rel_pos[0].shape[1]
+        global_blocks = tuple(i for i, table in enumerate(rel_pos) if len(table) == 2 * grid - 1)
+        window_rows = {len(table) for table in rel_pos if len(table) != 2 * grid - 1}
         if len(window_rows) > 1:
-            raise SamCheckpointError(f"SAM image encoder blocks have inconsistent rel_pos sizes {sorted(window_rows)}")
+            raise SamCheckpointError(
+                f"SAM image encoder blocks have inconsistent rel_pos sizes {sorted(window_rows)}"
+            )
         window_size = (window_rows.pop() + 1) // 2 if window_rows else 0
         adapter = state_dict.get("image_encoder.blocks.0.Adapter.channel.0.weight")
+        final_q = state_dict["mask_decoder.transformer.final_attn_token_to_image.q_proj.weight"]
+        iou_head = state_dict["mask_decoder.iou_prediction_head.layers.0.weight"]
         config = SamMed2DConfig(
             image_size=grid * patch_size,
             patch_size=patch_size,
@@ -395,18 +323,16 @@ def infer_sam_config(state_dict: Mapping[str, torch.Tensor], **overrides) -> Sam
             num_point_embeddings=_count(state_dict, r"^prompt_encoder\.point_embeddings\.(\d+)\."),
             decoder_depth=_count(state_dict, r"^mask_decoder\.transformer\.layers\.(\d+)\."),
             decoder_mlp_dim=state_dict["mask_decoder.transformer.layers.0.mlp.lin1.weight"].shape[0],
-            attention_downsample_rate=(
-                state_dict["mask_decoder.transformer.final_attn_token_to_image.q_proj.weight"].shape[1]
-                // state_dict["mask_decoder.transformer.final_attn_token_to_image.q_proj.weight"].shape[0]
-            ),
+            attention_downsample_rate=final_q.shape[1] // final_q.shape[0],
             num_multimask_outputs=state_dict["mask_decoder.mask_tokens.weight"].shape[0] - 1,
             iou_head_depth=_count(state_dict, r"^mask_decoder\.iou_prediction_head\.layers\.(\d+)\."),
-            iou_head_hidden_dim=state_dict["mask_decoder.iou_prediction_head.layers.0.weight"].shape[0],
+            iou_head_hidden_dim=iou_head.shape[0],
         )
     except KeyError as error:
         raise SamCheckpointError(
-            f"not a SAM-Med2D state dict: tensor {error.args[0]!r} is missing (keys must be the reference's "
-            "names with the 'model.visual_model.' prefix stripped, e.g. 'image_encoder.blocks.0.attn.qkv.weight')"
+            f"not a SAM-Med2D state dict: tensor {error.args[0]!r} is missing (keys must be the "
+            "reference's names with the 'model.visual_model.' prefix stripped, e.g. "
+            "'image_encoder.blocks.0.attn.qkv.weight')"
         ) from None
     for name, value in overrides.items():
         setattr(config, name, value)
@@ -414,7 +340,9 @@ def infer_sam_config(state_dict: Mapping[str, torch.Tensor], **overrides) -> Sam
 
 
 def _listing(title: str, names: list[str], limit: int = 12) -> str:
-    shown = ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+    shown = ", ".join(names[:limit])
+    if len(names) > limit:
+        shown += f", ... ({len(names) - limit} more)"
     return f"{title} ({len(names)}): {shown}"
 
 
@@ -433,7 +361,9 @@ def load_sam_med2d(
     config = config or infer_sam_config(state_dict)
     with torch.device("meta"):
         model = SamMed2D(config)
-    expected = {our_key_to_reference(k, config): (k, tuple(v.shape)) for k, v in model.state_dict().items()}
+    expected = {  # reference name -> (our name, shape)
+        our_key_to_reference(k, config): (k, tuple(v.shape)) for k, v in model.state_dict().items()
+    }
     provided = {k: v for k, v in state_dict.items() if k not in _IGNORED_REFERENCE_KEYS}
     missing = sorted(set(expected) - set(provided))
     unexpected = sorted(set(provided) - set(expected))
@@ -443,11 +373,8 @@ def load_sam_med2d(
         if tuple(provided[k].shape) != expected[k][1]
     )
     if missing or unexpected or mismatched:
-        problems = [
-            _listing(title, names)
-            for title, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
-            if names
-        ]
+        groups = (("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched))
+        problems = [_listing(title, names) for title, names in groups if names]
         raise SamCheckpointError("SAM-Med2D weights do not fit the model: " + "; ".join(problems))
     ours = {expected[k][0]: v for k, v in provided.items()}
     model.load_state_dict(ours, strict=True, assign=True)
