@@ -252,9 +252,10 @@ def _shape_region(kind: str, v: np.ndarray, **info: Any) -> Region:
             raise RegionError(f"an ellipse needs its 4 bounding-box corners, got {v.shape[0]}")
         centre = v.mean(axis=0)
         u, w = (v[1] + v[2]) / 2 - centre, (v[0] + v[1]) / 2 - centre  # half-axes of the (sheared) ellipse
-        perimeter = 2 * np.pi * max(np.linalg.norm(u), np.linalg.norm(w))
-        t = np.linspace(0, 2 * np.pi, int(np.clip(np.ceil(perimeter), 16, 4096)), endpoint=False)
-        return Region.polygon(centre + np.cos(t)[:, None] * u + np.sin(t)[:, None] * w, **info)
+        n = int(np.clip(np.ceil(2 * np.pi * max(np.linalg.norm(u), np.linalg.norm(w))), 16, 4096))
+        t = np.linspace(0, 2 * np.pi, n, endpoint=False)
+        grow = 1 / np.cos(np.pi / n)  # circumscribed: the polygon holds the whole ellipse, rim included
+        return Region.polygon(centre + grow * (np.cos(t)[:, None] * u + np.sin(t)[:, None] * w), **info)
     if kind == "polygon":
         return Region.polygon(v, **info)
     return Region.path(v, **info)  # path, line
@@ -276,7 +277,7 @@ def regions_from_shapes(
     """Shapes layer data (list of (V, D) vertex arrays) -> regions on the current plane.
 
     Rectangles stay boxes while the transform keeps them axis-aligned, else become polygons; ellipses become
-    densely sampled polygons; paths and lines become 3-px strokes. Class names come from the first of
+    densely sampled circumscribed polygons (about 1/(8 r) px outside the rim); paths and lines become 3-px strokes. Class names come from the first of
     CLASS_COLUMNS found in ``features``. A shape is on the current plane when all its vertices are within half
     a pixel of it on every non-displayed axis; shapes of a layer with fewer axes than the image apply to any.
     """
