@@ -15,6 +15,7 @@ from napari_medplib.model.preprocess import (
     image_to_sam_coords,
     prepare_clip_image,
     prepare_sam_image,
+    read_clip_settings,
     region_mask_to_grid,
     resize_longest_side_hw,
     to_rgb_uint8,
@@ -139,3 +140,21 @@ def test_sam_coords_follow_resize_and_padding():
     np.testing.assert_allclose(boxes, [[10, 69, 20, 79]])
     with pytest.raises(ValueError, match="row, col"):
         image_to_sam_coords([1, 2, 3], (10, 10), (10, 10), (0, 0))
+
+
+def test_clip_settings_come_from_the_processor_config(tmp_path):
+    settings = read_clip_settings(fixture_dir() / "clip")
+    assert settings.size == 336
+    np.testing.assert_allclose(settings.mean, [0.48145466, 0.4578275, 0.40821073])
+    np.testing.assert_allclose(settings.std, [0.26862954, 0.26130258, 0.27577711])
+    (tmp_path / "preprocessor_config.json").write_text(
+        '{"crop_size": {"height": 224, "width": 224}, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]}'
+    )
+    other = read_clip_settings(tmp_path)
+    assert other.size == 224 and other.mean == (0.5, 0.5, 0.5)
+    clip = prepare_clip_image(np.zeros((10, 20, 3), np.uint8), other.size, other.mean, other.std)
+    assert clip.pixel_values.shape == (1, 3, 224, 224)
+    assert tuple(clip.padded_uint8[:, 0, 0]) == (127, 127, 127)
+    assert float(clip.pixel_values[0, 0, 112, 112]) == -1.0  # black pixel: (0 - 0.5) / 0.5
+    with pytest.raises(ValueError, match="cannot read"):
+        read_clip_settings(tmp_path / "missing")

@@ -296,3 +296,40 @@ def test_vit_b_layout_matches_released_checkpoint_names():
     assert abs(total / 1e6 - 271.2) < 0.5  # reference notes: 271.2 M parameters
     inferred = infer_sam_config({k: torch.empty(s, device="meta") for k, s in shapes.items()})
     assert inferred == config
+
+
+# ----------------------------------------------------------------------------- whole pixel path
+
+
+@pytest.mark.parametrize("name", GROUNDING)
+def test_grounding_from_png_reproduces_reference_mask(sam, name):
+    from PIL import Image
+
+    from napari_medplib.model.postprocess import masks_from_logits, postprocess_masks
+    from napari_medplib.model.preprocess import prepare_sam_image, to_rgb_uint8
+
+    case = fixture_dir() / "cases" / name
+    expected = np.load(case / "expected.npz")
+    image = to_rgb_uint8(np.asarray(Image.open(case / "image.png")))
+    sam_input = prepare_sam_image(image)
+    with torch.no_grad():
+        embedding = sam.encode_image(sam_input.pixel_values)
+        low_res, _ = sam.decode_with_text_prompt(embedding, torch.from_numpy(expected["seg_prompt_embedding"]))
+    logits = postprocess_masks(low_res, sam_input.resize_hw, image.shape[:2], sam_input.pad, mode="reference")
+    assert max_diff(logits[0], expected["mask_logits"]) <= 1e-4
+    mask = masks_from_logits(logits)[0].numpy()
+    truth = expected["pred_mask"].astype(bool)
+    assert (mask != truth).mean() <= 1e-3  # README: IoU >= 0.999 or <= 0.1 % of pixels differ
+    assert (mask & truth).sum() / (mask | truth).sum() >= 0.999
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_reference(weights):
+    expected = np.load(fixture_dir() / "cases" / GROUNDING[0] / "expected.npz")
+    sam = load_sam_med2d(weights, device="cuda")
+    with torch.no_grad():
+        embedding = sam.encode_image(torch.from_numpy(expected["sam_pixel_values"])[None].cuda())
+        logits, _ = sam.decode_with_text_prompt(embedding, torch.from_numpy(expected["seg_prompt_embedding"]))
+    assert logits.device.type == "cuda"
+    assert max_diff(embedding[0].cpu(), expected["sam_image_embedding"]) <= 1e-3  # TF32 may be on
+    assert max_diff(logits[0, 0].cpu(), expected["low_res_mask_logits"]) <= 1e-3

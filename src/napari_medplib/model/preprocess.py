@@ -18,7 +18,9 @@ the padded 256 frame; :func:`image_to_sam_coords` and :func:`image_to_sam_boxes`
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -67,6 +69,38 @@ class RegionGrid:
     def n_cells(self) -> int:
         """Number of patch cells the region covers (0 means the region vanished)."""
         return int(self.mask_24.sum())
+
+
+@dataclass(frozen=True)
+class ClipSettings:
+    """CLIP input size and normalisation, as the vision tower's processor config states them."""
+
+    size: int = CLIP_SIZE
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+def read_clip_settings(path: str | Path) -> ClipSettings:
+    """Read size/mean/std from a CLIP ``preprocessor_config.json`` (a file or the folder holding it).
+
+    Accepts the old OpenAI format (``"crop_size": 336``) and the newer dict format
+    (``{"height": 336, "width": 336}`` or ``{"shortest_edge": 336}``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "preprocessor_config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"cannot read the CLIP processor config {path}: {error}") from None
+    size = config.get("crop_size", config.get("size", CLIP_SIZE))
+    if isinstance(size, dict):
+        size = size.get("height", size.get("shortest_edge", CLIP_SIZE))
+    mean = tuple(float(v) for v in config.get("image_mean", CLIP_MEAN))
+    std = tuple(float(v) for v in config.get("image_std", CLIP_STD))
+    if len(mean) != 3 or len(std) != 3:
+        raise ValueError(f"{path}: image_mean and image_std must have 3 values, got {mean} and {std}")
+    return ClipSettings(size=int(size), mean=mean, std=std)
 
 
 # ----------------------------------------------------------------------------- geometry
