@@ -264,6 +264,21 @@ def test_random_init_tiny_config_runs():
         assert torch.equal(reloaded.encode_image(torch.ones(1, 3, 256, 256)), sam.encode_image(torch.ones(1, 3, 256, 256)))
 
 
+def test_norm_epsilons_follow_the_reference(sam):
+    # ViT norms 1e-6 (partial(LayerNorm, eps=1e-6)); adapter and two-way transformer use PyTorch's 1e-5;
+    # LayerNorm2d in neck, mask downscaling and output upscaling 1e-6. The tiny fixture is not
+    # sensitive enough to catch these, so check them directly.
+    layer = sam.image_encoder.layers[0]
+    assert layer.layer_norm1.eps == layer.layer_norm2.eps == 1e-6
+    assert layer.adapter.norm.eps == 1e-5
+    assert sam.image_encoder.neck.layer_norm1.eps == sam.image_encoder.neck.layer_norm2.eps == 1e-6
+    block = sam.mask_decoder.transformer.layers[0]
+    assert {block.layer_norm1.eps, block.layer_norm2.eps, block.layer_norm3.eps, block.layer_norm4.eps} == {1e-5}
+    assert sam.mask_decoder.transformer.layer_norm_final_attn.eps == 1e-5
+    assert sam.mask_decoder.upscale_layer_norm.eps == 1e-6
+    assert sam.prompt_encoder.mask_embed.layer_norm1.eps == sam.prompt_encoder.mask_embed.layer_norm2.eps == 1e-6
+
+
 # ----------------------------------------------------------------------------- the released ViT-B layout
 
 
