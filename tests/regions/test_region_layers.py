@@ -23,12 +23,20 @@ def _reasons(result):
     return [(s.index, s.reason) for s in result.skipped]
 
 
-# ---- shapes ---------------------------------------------------------------------------------------------------
+# ---- shapes --------------------------------------------------------------------------------------
 def test_shape_types_and_class_names_in_the_identity_case():
     tri = np.array([[5.0, 5.0], [5.0, 15.0], [15.0, 5.0]])
-    data = [RECT, tri, RECT + 20, np.array([[50.0, 2.0], [50.0, 60.0]]), np.array([[1.0, 1.0], [2, 8], [9, 9]])]
+    data = [
+        RECT,
+        tri,
+        RECT + 20,
+        np.array([[50.0, 2.0], [50.0, 60.0]]),
+        np.array([[1.0, 1.0], [2, 8], [9, 9]]),
+    ]
     types = ["rectangle", "polygon", "ellipse", "line", "path"]
-    result = regions_from_shapes(data, types, {"class": ["a", "b", "c", None, ""]}, image_shape=(64, 64), name="S")
+    result = regions_from_shapes(
+        data, types, {"class": ["a", "b", "c", None, ""]}, image_shape=(64, 64), name="S"
+    )
     assert [r.kind for r in result] == ["box", "polygon", "polygon", "path", "path"]
     assert [r.label for r in result] == ["a", "b", "c", None, None]
     assert [r.index for r in result] == [0, 1, 2, 3, 4] and {r.source for r in result} == {"S"}
@@ -45,8 +53,9 @@ def test_shape_types_and_class_names_in_the_identity_case():
 def test_two_vertex_rectangle_and_centre_radii_ellipse_forms():
     result = regions_from_shapes(
         [np.array([[10.0, 20.0], [30.0, 40.0]]), np.array([[32.0, 32.0], [4.0, 8.0]])],
-        ["rectangle", "ellipse"], image_shape=(64, 64),
-    )  # fmt: skip
+        ["rectangle", "ellipse"],
+        image_shape=(64, 64),
+    )
     assert result[0].bbox == (10, 20, 30, 40)
     assert result[1].bbox == (28, 24, 36, 40)
 
@@ -55,9 +64,12 @@ def test_scale_and_translate_follow_napari(napari_layers):
     shapes = napari_layers.Shapes([RECT], shape_type="rectangle", scale=(2, 2), translate=(10, -4))
     image = napari_layers.Image(np.zeros((200, 200)), scale=(0.5, 0.5), translate=(1, 1))
     result = regions_from_shapes(
-        shapes.data, shapes.shape_type, image_shape=image.data.shape,
-        layer_transform=_matrix(shapes), image_transform=_matrix(image),
-    )  # fmt: skip
+        shapes.data,
+        shapes.shape_type,
+        image_shape=image.data.shape,
+        layer_transform=_matrix(shapes),
+        image_transform=_matrix(image),
+    )
     expected = np.array([image.world_to_data(shapes.data_to_world(v)) for v in RECT])
     assert result[0].kind == "box"
     assert np.allclose(result[0].coords, [expected.min(0), expected.max(0)])
@@ -65,10 +77,14 @@ def test_scale_and_translate_follow_napari(napari_layers):
 
 @pytest.mark.parametrize("angle", [30.0, 90.0])
 def test_rotated_rectangle_becomes_polygon_unless_axis_aligned(napari_layers, angle):
-    image = napari_layers.Image(np.zeros((128, 128)), rotate=angle, translate=(5, -7), scale=(1.5, 1.5))
+    image = napari_layers.Image(
+        np.zeros((128, 128)), rotate=angle, translate=(5, -7), scale=(1.5, 1.5)
+    )
     centre = np.asarray(image.data_to_world((64, 64)))
     world_rect = centre + np.array([[-20.0, -30.0], [-20.0, 30.0], [20.0, 30.0], [20.0, -30.0]])
-    result = regions_from_shapes([world_rect], "rectangle", image_shape=(128, 128), image_transform=_matrix(image))
+    result = regions_from_shapes(
+        [world_rect], "rectangle", image_shape=(128, 128), image_transform=_matrix(image)
+    )
     corners = np.array([image.world_to_data(v) for v in world_rect])
     region = result[0]
     if angle == 90.0:
@@ -91,12 +107,16 @@ def test_shapes_match_napari_own_rasterisation(napari_layers):
     assert np.array_equal(ours[0], theirs[0]) and np.array_equal(ours[1], theirs[1])
     iou = (ours[2] & theirs[2]).sum() / (ours[2] | theirs[2]).sum()
     assert iou > 0.95
-    assert (theirs[3] <= ours[3]).all() and ours[3].sum() > 2 * theirs[3].sum()  # ours is the widened line
+    assert (theirs[3] <= ours[3]).all() and ours[3].sum() > 2 * theirs[
+        3
+    ].sum()  # ours is the widened line
 
 
 def test_3d_image_current_slice_only_and_2d_shapes_on_any_slice():
     on, off = np.c_[np.full(4, 2.0), RECT], np.c_[np.full(4, 3.0), RECT + 5]
-    result = regions_from_shapes([on, off], "rectangle", image_shape=(5, 64, 64), slice_indices=(2,))
+    result = regions_from_shapes(
+        [on, off], "rectangle", image_shape=(5, 64, 64), slice_indices=(2,)
+    )
     assert [r.index for r in result] == [0]
     assert _reasons(result) == [(1, "other_slice")]
     for z in (0, 4):
@@ -108,32 +128,63 @@ def test_3d_image_current_slice_only_and_2d_shapes_on_any_slice():
 
 def test_slice_from_world_point_with_anisotropic_image(napari_layers):
     image = napari_layers.Image(np.zeros((5, 64, 64)), scale=(2.0, 1.0, 1.0))
-    shapes = napari_layers.Shapes([np.c_[np.full(4, 4.0), RECT], np.c_[np.full(4, 6.0), RECT]])  # world z 4, 6
+    shapes = napari_layers.Shapes(
+        [np.c_[np.full(4, 4.0), RECT], np.c_[np.full(4, 6.0), RECT]]
+    )  # world z 4, 6
     result = regions_from_shapes(
-        shapes.data, "rectangle", image_shape=(5, 64, 64), layer_transform=_matrix(shapes),
-        image_transform=_matrix(image), slice_point=(4.0, 31.0, 31.0),
-    )  # fmt: skip
-    assert [r.index for r in result] == [0]  # world z 4 -> image plane 2; the shape at world z 6 is plane 3
+        shapes.data,
+        "rectangle",
+        image_shape=(5, 64, 64),
+        layer_transform=_matrix(shapes),
+        image_transform=_matrix(image),
+        slice_point=(4.0, 31.0, 31.0),
+    )
+    assert [r.index for r in result] == [
+        0
+    ]  # world z 4 -> image plane 2; the shape at world z 6 is plane 3
 
 
 def test_4d_image_and_leading_axes():
-    data = [np.c_[np.full(4, 1.0), np.full(4, 3.0), RECT], np.c_[np.zeros(4), np.full(4, 3.0), RECT]]
-    result = regions_from_shapes(data, "rectangle", image_shape=(2, 5, 64, 64), slice_indices=(1, 3))
+    data = [
+        np.c_[np.full(4, 1.0), np.full(4, 3.0), RECT],
+        np.c_[np.zeros(4), np.full(4, 3.0), RECT],
+    ]
+    result = regions_from_shapes(
+        data, "rectangle", image_shape=(2, 5, 64, 64), slice_indices=(1, 3)
+    )
     assert [r.index for r in result] == [0]
-    three_d = [np.c_[np.full(4, 3.0), RECT]]  # a (Z, Y, X) layer over a (T, Z, Y, X) image: trailing axes
-    assert len(regions_from_shapes(three_d, "rectangle", image_shape=(2, 5, 64, 64), slice_indices=(0, 3))) == 1
-    assert len(regions_from_shapes(three_d, "rectangle", image_shape=(2, 5, 64, 64), slice_indices=(0, 2))) == 0
+    three_d = [
+        np.c_[np.full(4, 3.0), RECT]
+    ]  # a (Z, Y, X) layer over a (T, Z, Y, X) image: trailing axes
+    assert (
+        len(
+            regions_from_shapes(
+                three_d, "rectangle", image_shape=(2, 5, 64, 64), slice_indices=(0, 3)
+            )
+        )
+        == 1
+    )
+    assert (
+        len(
+            regions_from_shapes(
+                three_d, "rectangle", image_shape=(2, 5, 64, 64), slice_indices=(0, 2)
+            )
+        )
+        == 0
+    )
     rgb = regions_from_shapes([RECT], "rectangle", image_shape=(64, 48, 3), rgb=True)
     assert rgb.image_shape == (64, 48) and rgb[0].bbox == (10, 20, 30, 40)
 
 
 def test_3d_shapes_over_a_2d_image_use_the_world_point():
     data = [np.c_[np.full(4, 7.0), RECT], np.c_[np.full(4, 8.0), RECT]]
-    result = regions_from_shapes(data, "rectangle", image_shape=(64, 64), slice_point=(7.2, 0.0, 0.0))
+    result = regions_from_shapes(
+        data, "rectangle", image_shape=(64, 64), slice_point=(7.2, 0.0, 0.0)
+    )
     assert [r.index for r in result] == [0]
 
 
-# ---- clipping and the report ------------------------------------------------------------------------------------
+# ---- clipping and the report ---------------------------------------------------------------------
 def test_clipping_outside_empty_unsupported_and_invalid_are_reported():
     data = [
         RECT - 15,  # partly outside: clipped
@@ -142,8 +193,12 @@ def test_clipping_outside_empty_unsupported_and_invalid_are_reported():
         RECT,  # unknown type
         np.array([[1.0, 1.0], [2.0, 2.0]]),  # polygon with 2 vertices
     ]
-    result = regions_from_shapes(data, ["rectangle", "polygon", "polygon", "star", "polygon"],
-                                 image_shape=(64, 64), name="Shapes")  # fmt: skip
+    result = regions_from_shapes(
+        data,
+        ["rectangle", "polygon", "polygon", "star", "polygon"],
+        image_shape=(64, 64),
+        name="Shapes",
+    )
     assert result[0].bbox == (0, 5, 15, 25)
     assert _reasons(result) == [(1, "outside"), (2, "empty"), (3, "unsupported"), (4, "invalid")]
     messages = [s.message for s in result.skipped]
@@ -192,7 +247,7 @@ def test_results_combine_and_render_to_labels():
         a + regions_from_shapes([RECT], image_shape=(32, 64))
 
 
-# ---- points -----------------------------------------------------------------------------------------------------
+# ---- points --------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "features",
     [
@@ -212,7 +267,10 @@ def test_point_features_from_a_dataframe_and_class_names_in_label():
     pandas = pytest.importorskip("pandas")
     frame = pandas.DataFrame({"label": ["tumour", "vessel"]})
     result = regions_from_points(np.array([[5.0, 5.0], [9.0, 9.0]]), frame, image_shape=(64, 64))
-    assert [r.positive for r in result] == [True, True] and [r.label for r in result] == ["tumour", "vessel"]
+    assert [r.positive for r in result] == [True, True] and [r.label for r in result] == [
+        "tumour",
+        "vessel",
+    ]
     with pytest.raises(RegionError, match="'positive' of point 1 is 'maybe'"):
         regions_from_points([[1, 1], [2, 2]], {"positive": ["yes", "maybe"]}, image_shape=(64, 64))
 
@@ -220,16 +278,25 @@ def test_point_features_from_a_dataframe_and_class_names_in_label():
 def test_points_slices_transforms_and_outside():
     data = np.array([[2.0, 5.0, 5.0], [3.0, 6.0, 6.0], [2.0, 70.0, 5.0], [2.0, 10.4, 20.6]])
     result = regions_from_points(
-        data, image_shape=(5, 64, 64), slice_indices=(2,), layer_transform={"scale": (1, 2, 2)}, name="P"
+        data,
+        image_shape=(5, 64, 64),
+        slice_indices=(2,),
+        layer_transform={"scale": (1, 2, 2)},
+        name="P",
     )
     assert _reasons(result) == [(1, "other_slice"), (2, "outside")]
-    assert np.allclose(result[0].points, [[10.0, 10.0]]) and np.allclose(result[1].points, [[20.8, 41.2]])
+    assert np.allclose(result[0].points, [[10.0, 10.0]]) and np.allclose(
+        result[1].points, [[20.8, 41.2]]
+    )
     assert "point 2 of 'P' lies outside the image (64x64)" in result.summary()
     assert "1 on other slices ignored" in result.summary()
-    assert "'P' is empty" in regions_from_points(np.zeros((0, 2)), image_shape=(64, 64), name="P").summary()
+    assert (
+        "'P' is empty"
+        in regions_from_points(np.zeros((0, 2)), image_shape=(64, 64), name="P").summary()
+    )
 
 
-# ---- labels -----------------------------------------------------------------------------------------------------
+# ---- labels --------------------------------------------------------------------------------------
 def test_labels_one_region_per_id_with_classes():
     lab = np.zeros((20, 30), np.int32)
     lab[2:5, 3:9] = 1
@@ -245,10 +312,11 @@ def test_labels_on_the_current_slice_and_rescaled_onto_the_image_grid():
     lab = np.zeros((3, 10, 10), np.uint16)
     lab[1, 2:4, 5:8] = 4
     lab[2, 0:2, 0:2] = 9
-    result = regions_from_labels(lab, image_shape=(3, 20, 20), layer_transform={"scale": (1, 2, 2)},
-                                 slice_indices=(1,))  # fmt: skip
+    result = regions_from_labels(
+        lab, image_shape=(3, 20, 20), layer_transform={"scale": (1, 2, 2)}, slice_indices=(1,)
+    )
     assert [r.index for r in result] == [4]
-    # image pixel j has its centre at world j, i.e. labels pixel round(j / 2) (napari: centres at integers)
+    # image pixel j has its centre at world j: labels pixel round(j / 2) (centres at integers)
     idx = np.floor(np.arange(20) / 2 + 0.5).astype(int)
     padded = np.pad(lab[1] == 4, ((0, 1), (0, 1)))  # index 10 lies outside the labels
     expected = padded[np.ix_(idx, idx)]
@@ -276,30 +344,39 @@ def test_labels_partly_outside_are_clipped():
     assert result[0].bbox == (4, 0, 7, 6)
 
 
-# ---- speed ------------------------------------------------------------------------------------------------------
+# ---- speed ---------------------------------------------------------------------------------------
 def test_a_thousand_polygons_on_a_2048_image_convert_fast():
     rng = np.random.default_rng(0)
     t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
-    shapes = [c + r * np.c_[np.sin(t), np.cos(t)] for c, r in zip(rng.uniform(0, 2048, (1000, 2)),
-                                                                 rng.uniform(5, 40, 1000), strict=True)]  # fmt: skip
+    shapes = [
+        c + r * np.c_[np.sin(t), np.cos(t)]
+        for c, r in zip(rng.uniform(0, 2048, (1000, 2)), rng.uniform(5, 40, 1000), strict=True)
+    ]
     start = time.perf_counter()
-    result = regions_from_shapes(shapes, "polygon", image_shape=(2048, 2048), layer_transform={"scale": (1, 1)})
+    result = regions_from_shapes(
+        shapes, "polygon", image_shape=(2048, 2048), layer_transform={"scale": (1, 1)}
+    )
     labels = result.to_labels()
     elapsed = time.perf_counter() - start
     assert len(result) + len(result.skipped) == 1000 and labels.max() == len(result)
     assert elapsed < 1.5, f"1,000 polygons took {elapsed:.2f} s"
 
 
-# ---- helpers ----------------------------------------------------------------------------------------------------
+# ---- helpers -------------------------------------------------------------------------------------
 @pytest.fixture
 def napari_layers():
     return pytest.importorskip("napari.layers")
 
 
 def _matrix(layer):
-    """What the UI adapter passes: the layer's transform as one matrix (public napari attributes only)."""
-    return world_matrix(scale=layer.scale, translate=layer.translate, rotate=layer.rotate, shear=layer.shear,
-                        affine=layer.affine.affine_matrix)  # fmt: skip
+    """What the UI adapter passes: the layer's transform as one matrix (public attributes only)."""
+    return world_matrix(
+        scale=layer.scale,
+        translate=layer.translate,
+        rotate=layer.rotate,
+        shear=layer.shear,
+        affine=layer.affine.affine_matrix,
+    )
 
 
 def test_region_kinds_from_constructors_are_accepted_by_results():

@@ -1,9 +1,14 @@
-"""napari's own layer data (CSV reader output, real layers' data and features) converts like our inputs."""
+"""napari's own layer data (CSV reader output, real layers' data, features) converts like ours."""
 
 import numpy as np
 import pytest
 
-from napari_medplib.regions import RegionError, regions_from_layer_data, regions_from_points, regions_from_shapes
+from napari_medplib.regions import (
+    RegionError,
+    regions_from_layer_data,
+    regions_from_points,
+    regions_from_shapes,
+)
 
 napari_io = pytest.importorskip("napari_builtins.io")
 napari_layers = pytest.importorskip("napari.layers")
@@ -26,7 +31,9 @@ def _same(a, b):
 
 
 def test_napari_shapes_csv_round_trip(tmp_path):
-    path = napari_io.napari_write_shapes(str(tmp_path / "shapes.csv"), SHAPES, {"shape_type": TYPES})
+    path = napari_io.napari_write_shapes(
+        str(tmp_path / "shapes.csv"), SHAPES, {"shape_type": TYPES}
+    )
     layer_data = napari_io.csv_to_layer_data(path)
     assert layer_data[2] == "shapes"
     from_csv = regions_from_layer_data(layer_data, image_shape=(5, 64, 64), slice_indices=(2,))
@@ -48,25 +55,36 @@ def test_napari_points_csv_round_trip_keeps_polarity(tmp_path):
 
 def test_real_layer_data_features_and_transforms():
     points = napari_layers.Points(
-        [[5, 5], [20, 20]], features={"label": ["negative", "positive"]}, scale=(2, 2), name="prompts"
+        [[5, 5], [20, 20]],
+        features={"label": ["negative", "positive"]},
+        scale=(2, 2),
+        name="prompts",
     )
     meta = {"features": points.features, "scale": points.scale, "name": points.name}
     result = regions_from_layer_data((points.data, meta, "points"), image_shape=(64, 64))
     assert [r.positive for r in result] == [False, True] and result[0].source == "prompts"
     assert np.allclose(result[1].points, [[40.0, 40.0]])
     shapes = napari_layers.Shapes(
-        [s[:, 1:] for s in SHAPES], shape_type=TYPES, features={"class": ["a", "b", "c", "d"]}, translate=(1, 1)
+        [s[:, 1:] for s in SHAPES],
+        shape_type=TYPES,
+        features={"class": ["a", "b", "c", "d"]},
+        translate=(1, 1),
     )
     direct = regions_from_shapes(
-        shapes.data, shapes.shape_type, shapes.features, image_shape=(64, 64),
+        shapes.data,
+        shapes.shape_type,
+        shapes.features,
+        image_shape=(64, 64),
         layer_transform={"translate": shapes.translate},
-    )  # fmt: skip
+    )
     assert [r.label for r in direct] == ["a", "b", "c", "d"]
     assert direct[0].bbox == (11, 21, 31, 41)
     labels = napari_layers.Labels(np.pad(np.ones((4, 4), np.int32), 2))
     via = regions_from_layer_data((labels.data, {}, "labels"), image_shape=(8, 8))
     assert via[0].bbox == (2, 2, 5, 5)
-    same = regions_from_points(points.data, points.features, image_shape=(64, 64), layer_transform={"scale": (2, 2)})
+    same = regions_from_points(
+        points.data, points.features, image_shape=(64, 64), layer_transform={"scale": (2, 2)}
+    )
     assert [r.positive for r in same] == [False, True]
 
 

@@ -51,7 +51,7 @@ def _distance_to_outline(points, v):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_polygon_fill_matches_skimage_polygon2mask_on_random_star_polygons(seed):
-    """Same pixels as skimage (napari's rasteriser), except centres lying on the outline up to rounding."""
+    """Same pixels as skimage (napari's rasteriser) except centres on the outline (rounding)."""
     rng = np.random.default_rng(seed)
     for _ in range(50):
         n = rng.integers(3, 20)

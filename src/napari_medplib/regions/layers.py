@@ -1,8 +1,9 @@
-"""napari Points / Shapes / Labels layer *data* -> `Region`s on the current plane of an image, in its pixels.
+"""napari Points / Shapes / Labels layer *data* -> `Region`s on the current plane of an image.
 
-Every converter takes the layer's data (and features), the layer's data -> world transform, the image's
-spatial shape and data -> world transform, and the current slice; it returns a `RegionResult` whose
-``skipped`` entries say, in words, what was left out and why. Nothing here imports napari.
+Every converter takes the layer's data (and features), the layer's data -> world transform, the
+image's spatial shape and data -> world transform, and the current slice; it returns a
+`RegionResult` whose ``skipped`` entries say, in words, what was left out and why. Nothing here
+imports napari.
 """
 
 from __future__ import annotations
@@ -21,13 +22,20 @@ SKIP_REASONS = ("outside", "empty", "other_slice", "invalid", "unsupported")
 CLASS_COLUMNS = ("label", "class", "class_name", "classification", "category", "name")
 _POSITIVE = {"positive", "pos", "+", "1", "1.0", "true", "yes", "foreground", "fg"}
 _NEGATIVE = {"negative", "neg", "-", "0", "0.0", "false", "no", "background", "bg"}
-_SHAPE_TYPES = {"rectangle": "rectangle", "rect": "rectangle", "ellipse": "ellipse", "polygon": "polygon",
-                "path": "path", "polyline": "path", "line": "line"}  # fmt: skip
+_SHAPE_TYPES = {
+    "rectangle": "rectangle",
+    "rect": "rectangle",
+    "ellipse": "ellipse",
+    "polygon": "polygon",
+    "path": "path",
+    "polyline": "path",
+    "line": "line",
+}
 
 
 @dataclass(frozen=True)
 class Skipped:
-    """One layer item that gave no region: ``reason`` is one of SKIP_REASONS, ``message`` says it in words."""
+    """A layer item that gave no region: ``reason`` (in SKIP_REASONS) and ``message`` in words."""
 
     index: int | None
     reason: str
@@ -53,12 +61,16 @@ class RegionResult:
 
     def __add__(self, other: RegionResult) -> RegionResult:
         if tuple(other.image_shape) != tuple(self.image_shape):
-            raise RegionError(f"cannot combine regions of images {self.image_shape} and {other.image_shape}")
-        return RegionResult(self.regions + other.regions, self.skipped + other.skipped, self.image_shape)
+            raise RegionError(
+                f"cannot combine regions of images {self.image_shape} and {other.image_shape}"
+            )
+        return RegionResult(
+            self.regions + other.regions, self.skipped + other.skipped, self.image_shape
+        )
 
     @property
     def problems(self) -> tuple[Skipped, ...]:
-        """Skipped items worth telling the user about (items on other slices are expected, so left out)."""
+        """Skipped items worth telling the user about (items on other slices are expected)."""
         return tuple(s for s in self.skipped if s.reason != "other_slice")
 
     def summary(self) -> str:
@@ -74,7 +86,10 @@ class RegionResult:
     def raise_if_empty(self) -> RegionResult:
         """Return self, or raise `RegionError` with the summary when no usable region remains."""
         if not self.regions:
-            reasons = "; ".join(s.message for s in self.skipped[:5]) or "no shapes, points or labels given"
+            reasons = (
+                "; ".join(s.message for s in self.skipped[:5])
+                or "no shapes, points or labels given"
+            )
             more = f" (and {len(self.skipped) - 5} more)" if len(self.skipped) > 5 else ""
             raise RegionError(f"no usable region: {reasons}{more}", self.skipped)
         return self
@@ -84,7 +99,7 @@ class RegionResult:
         return [r.to_mask(self.image_shape) for r in self.regions]
 
     def to_labels(self) -> np.ndarray:
-        """int32 label image: region i gets value i + 1; later regions are drawn over earlier ones."""
+        """int32 label image: region i gets value i + 1; later regions overwrite earlier ones."""
         out = np.zeros(self.image_shape, dtype=np.int32)
         for i, region in enumerate(self.regions):
             crop, (r0, c0) = region.crop(self.image_shape)
@@ -92,9 +107,9 @@ class RegionResult:
         return out
 
 
-# ---- features -------------------------------------------------------------------------------------------------
+# ---- features ------------------------------------------------------------------------------------
 def _column(features: Any, names: Sequence[str], n: int) -> tuple[str | None, np.ndarray | None]:
-    """First of ``names`` (case-insensitive) in a dict / DataFrame of features, as an array of length n."""
+    """First of ``names`` (any case) in a dict / DataFrame of features, as an array of length n."""
     if features is None:
         return None, None
     keys = list(features.columns) if hasattr(features, "columns") else list(features.keys())
@@ -104,7 +119,9 @@ def _column(features: Any, names: Sequence[str], n: int) -> tuple[str | None, np
             key = lower[name.lower()]
             values = np.asarray(features[key], dtype=object).ravel()
             if values.size != n:
-                raise RegionError(f"feature {key!r} has {values.size} values for {n} items; they must match")
+                raise RegionError(
+                    f"feature {key!r} has {values.size} values for {n} items; they must match"
+                )
             return str(key), values
     return None, None
 
@@ -130,7 +147,10 @@ def _point_polarity(features: Any, n: int) -> tuple[list[bool], tuple[str, ...]]
         polarity = [_polarity(v) for v in pol]
         if None in polarity:
             i = polarity.index(None)
-            raise RegionError(f"feature {pol_key!r} of point {i} is {pol[i]!r}; use positive/negative, 1/0 or True/False")
+            raise RegionError(
+                f"feature {pol_key!r} of point {i} is {pol[i]!r}; "
+                "use positive/negative, 1/0 or True/False"
+            )
         return polarity, CLASS_COLUMNS
     _, lab = _column(features, ("label",), n)
     polarity = [_polarity(v) for v in lab] if lab is not None else []
@@ -139,11 +159,13 @@ def _point_polarity(features: Any, n: int) -> tuple[list[bool], tuple[str, ...]]
     return [True] * n, CLASS_COLUMNS
 
 
-# ---- shared plumbing --------------------------------------------------------------------------------------------
+# ---- shared plumbing -----------------------------------------------------------------------------
 def _plane_shape(image_shape: Sequence[int], rgb: bool) -> tuple[int, ...]:
     spatial = tuple(int(s) for s in image_shape)[: -1 if rgb else None]
     if len(spatial) < 2:
-        raise RegionError(f"image shape {tuple(image_shape)} has fewer than 2 spatial axes (rgb={rgb})")
+        raise RegionError(
+            f"image shape {tuple(image_shape)} has fewer than 2 spatial axes (rgb={rgb})"
+        )
     return spatial
 
 
@@ -158,19 +180,25 @@ def _size(shape: tuple[int, int]) -> str:
 
 
 def _check(region: Region, who: str, index: int, skipped: list[Skipped]) -> Region | None:
-    """Keep a region that has pixels in the image; else record whether it lies outside or is just empty."""
+    """Keep a region with pixels in the image; else record whether it lies outside or is empty."""
     if region.area:
         return region
     r0, c0, r1, c1 = region._window()
     plane = region.image_shape
     if r1 < 0 or c1 < 0 or r0 >= plane[0] or c0 >= plane[1]:
-        skipped.append(Skipped(index, "outside", f"{who} lies wholly outside the image ({_size(plane)})"))
+        skipped.append(
+            Skipped(index, "outside", f"{who} lies wholly outside the image ({_size(plane)})")
+        )
     else:
-        skipped.append(Skipped(index, "empty", f"{who} covers no pixel centre of the image (too small or thin)"))
+        skipped.append(
+            Skipped(
+                index, "empty", f"{who} covers no pixel centre of the image (too small or thin)"
+            )
+        )
     return None
 
 
-# ---- converters -----------------------------------------------------------------------------------------------
+# ---- converters ----------------------------------------------------------------------------------
 def regions_from_points(
     data: Any,
     features: Any = None,
@@ -186,22 +214,31 @@ def regions_from_points(
 ) -> RegionResult:
     """Points layer data (N, D) -> one point `Region` per point on the current plane.
 
-    Polarity comes from a ``positive`` feature, else from a ``label`` feature whose values all read as
-    positive/negative (``positive``/``negative``, 1/0, True/False, ...); class names from ``class``, ``name``,
-    ... (or ``label`` when it is not polarity). A point whose pixel lies outside the image is skipped.
+    Polarity comes from a ``positive`` feature, else from a ``label`` feature whose values all read
+    as positive/negative (``positive``/``negative``, 1/0, True/False, ...); class names from
+    ``class``, ``name``, ... (or ``label`` when it is not polarity). A point whose pixel lies
+    outside the image is skipped.
     """
     spatial = _plane_shape(image_shape, rgb)
     pts = np.asarray(data, dtype=float)
-    pts = pts.reshape(0, len(spatial)) if pts.size == 0 else pts
+    pts = pts.reshape(0, len(spatial)) if pts.size == 0 else np.atleast_2d(pts)
     if pts.ndim != 2 or pts.shape[1] < 2:
         raise RegionError(f"points data must be an (N, D) array with D >= 2, got shape {pts.shape}")
     n, plane = pts.shape[0], spatial[-2:]
     if n == 0:
-        return RegionResult((), (Skipped(None, "empty", f"{_who('points layer', None, name)} is empty"),), plane)
+        return RegionResult(
+            (), (Skipped(None, "empty", f"{_who('points layer', None, name)} is empty"),), plane
+        )
     polarity, class_columns = _point_polarity(features, n)
     _, names = _column(features, class_columns, n)
-    pmap = plane_map(pts.shape[1], spatial, layer_transform=layer_transform, image_transform=image_transform,
-                     slice_point=slice_point, slice_indices=slice_indices)  # fmt: skip
+    pmap = plane_map(
+        pts.shape[1],
+        spatial,
+        layer_transform=layer_transform,
+        image_transform=image_transform,
+        slice_point=slice_point,
+        slice_indices=slice_indices,
+    )
     img = pmap.to_image(pts)
     off = pmap.off_plane(img)
     regions, skipped = [], []
@@ -219,13 +256,23 @@ def regions_from_points(
             skipped.append(Skipped(i, "outside", f"{who} lies outside the image ({_size(plane)})"))
             continue
         label = _class_name(names[i]) if names is not None else None
-        regions.append(Region.point(y, x, positive=polarity[i], span=span, label=label, source=name, index=i,
-                                    image_shape=plane))  # fmt: skip
+        regions.append(
+            Region.point(
+                y,
+                x,
+                positive=polarity[i],
+                span=span,
+                label=label,
+                source=name,
+                index=i,
+                image_shape=plane,
+            )
+        )
     return RegionResult(tuple(regions), tuple(skipped), plane)
 
 
 def _shape_corners(verts: np.ndarray, kind: str) -> np.ndarray:
-    """napari's 2-vertex rectangle (two corners) / ellipse (centre, radii) forms -> 4 corners, last two axes."""
+    """napari's 2-vertex rectangle (corners) and ellipse (centre, radii) forms -> 4 corners."""
     if verts.shape[0] != 2 or kind not in ("rectangle", "ellipse"):
         return verts
     a, b = verts
@@ -251,11 +298,14 @@ def _shape_region(kind: str, v: np.ndarray, **info: Any) -> Region:
         if v.shape[0] != 4:
             raise RegionError(f"an ellipse needs its 4 bounding-box corners, got {v.shape[0]}")
         centre = v.mean(axis=0)
-        u, w = (v[1] + v[2]) / 2 - centre, (v[0] + v[1]) / 2 - centre  # half-axes of the (sheared) ellipse
+        # half-axes of the ellipse inscribed in the (possibly sheared) box
+        u, w = (v[1] + v[2]) / 2 - centre, (v[0] + v[1]) / 2 - centre
         n = int(np.clip(np.ceil(2 * np.pi * max(np.linalg.norm(u), np.linalg.norm(w))), 16, 4096))
         t = np.linspace(0, 2 * np.pi, n, endpoint=False)
-        grow = 1 / np.cos(np.pi / n)  # circumscribed: the polygon holds the whole ellipse, rim included
-        return Region.polygon(centre + grow * (np.cos(t)[:, None] * u + np.sin(t)[:, None] * w), **info)
+        grow = 1 / np.cos(np.pi / n)  # circumscribed: the polygon holds the ellipse, rim included
+        return Region.polygon(
+            centre + grow * (np.cos(t)[:, None] * u + np.sin(t)[:, None] * w), **info
+        )
     if kind == "polygon":
         return Region.polygon(v, **info)
     return Region.path(v, **info)  # path, line
@@ -276,27 +326,42 @@ def regions_from_shapes(
 ) -> RegionResult:
     """Shapes layer data (list of (V, D) vertex arrays) -> regions on the current plane.
 
-    Rectangles stay boxes while the transform keeps them axis-aligned, else become polygons; ellipses become
-    densely sampled circumscribed polygons (about 1/(8 r) px outside the rim); paths and lines become 3-px strokes. Class names come from the first of
-    CLASS_COLUMNS found in ``features``. A shape is on the current plane when all its vertices are within half
-    a pixel of it on every non-displayed axis; shapes of a layer with fewer axes than the image apply to any.
+    Rectangles stay boxes while the transform keeps them axis-aligned, else become polygons;
+    ellipses become densely sampled circumscribed polygons (about 1/(8 r) px outside the rim); paths
+    and lines become 3-px strokes. Class names come from the first of CLASS_COLUMNS found in
+    ``features``. A shape is on the current plane when all its vertices are within half a pixel of
+    it on every non-displayed axis; shapes of a layer with fewer axes than the image apply to any.
     """
     spatial = _plane_shape(image_shape, rgb)
     plane = spatial[-2:]
-    shapes = [np.asarray(data, dtype=float)] if isinstance(data, np.ndarray) and data.ndim == 2 else list(data)
+    shapes = (
+        [np.asarray(data, dtype=float)]
+        if isinstance(data, np.ndarray) and data.ndim == 2
+        else list(data)
+    )
     shapes = [np.asarray(s, dtype=float) for s in shapes]
     n = len(shapes)
     if n == 0:
-        return RegionResult((), (Skipped(None, "empty", f"{_who('shapes layer', None, name)} is empty"),), plane)
+        return RegionResult(
+            (), (Skipped(None, "empty", f"{_who('shapes layer', None, name)} is empty"),), plane
+        )
     ndims = {s.shape[1] for s in shapes if s.ndim == 2}
     if any(s.ndim != 2 or s.shape[0] == 0 for s in shapes) or len(ndims) != 1 or min(ndims) < 2:
-        raise RegionError("shapes data must be a list of (V, D) vertex arrays with one D >= 2 for all shapes")
+        raise RegionError(
+            "shapes data must be a list of (V, D) vertex arrays with one D >= 2 for all shapes"
+        )
     types = [shape_type] * n if isinstance(shape_type, str) else list(shape_type)
     if len(types) != n:
         raise RegionError(f"got {len(types)} shape types for {n} shapes; they must match")
     _, names = _column(features, CLASS_COLUMNS, n)
-    pmap = plane_map(ndims.pop(), spatial, layer_transform=layer_transform, image_transform=image_transform,
-                     slice_point=slice_point, slice_indices=slice_indices)  # fmt: skip
+    pmap = plane_map(
+        ndims.pop(),
+        spatial,
+        layer_transform=layer_transform,
+        image_transform=image_transform,
+        slice_point=slice_point,
+        slice_indices=slice_indices,
+    )
     kinds = [_SHAPE_TYPES.get(str(t).strip().lower()) for t in types]
     shapes = [_shape_corners(s, k) for s, k in zip(shapes, kinds, strict=True)]
     bounds = np.cumsum([0] + [s.shape[0] for s in shapes])
@@ -313,7 +378,9 @@ def regions_from_shapes(
         else:
             label = _class_name(names[i]) if names is not None else None
             try:
-                region = _shape_region(kind, v[:, -2:], label=label, source=name, index=i, image_shape=plane)
+                region = _shape_region(
+                    kind, v[:, -2:], label=label, source=name, index=i, image_shape=plane
+                )
             except RegionError as err:
                 skipped.append(Skipped(i, "invalid", f"{who}: {err}"))
                 continue
@@ -324,12 +391,13 @@ def regions_from_shapes(
 
 
 def _labels_plane(data: np.ndarray, pmap, plane: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour sample of the labels layer at every pixel of the current image plane (0 outside)."""
+    """Nearest-neighbour sample of the labels at each pixel of the current plane (0 outside)."""
     a, b = pmap.plane_to_layer()  # layer coords = a @ (row, col) + b, shape (Dl, 2), (Dl,)
     out = np.zeros(plane, dtype=data.dtype)
     rows, cols = np.arange(plane[0], dtype=float), np.arange(plane[1], dtype=float)
     size = np.array(data.shape)
-    if np.allclose(a[:-2], 0) and np.allclose([a[-2, 1], a[-1, 0]], 0):  # axis-aligned: separable lookup
+    if np.allclose(a[:-2], 0) and np.allclose([a[-2, 1], a[-1, 0]], 0):
+        # axis-aligned: one index vector per axis, and read only the window they touch
         lead = np.floor(b[:-2] + 0.5).astype(np.int64)
         if np.any(lead < 0) or np.any(lead >= size[:-2]):
             return out
@@ -339,14 +407,20 @@ def _labels_plane(data: np.ndarray, pmap, plane: tuple[int, int]) -> np.ndarray:
         if not rok.any() or not cok.any():
             return out
         ri, ci = ri[rok], ci[cok]
-        window = (*[int(i) for i in lead], slice(ri.min(), ri.max() + 1), slice(ci.min(), ci.max() + 1))
-        sub = np.asarray(data[window])  # read only the needed window (works for dask / zarr too)
+        window = (
+            *[int(i) for i in lead],
+            slice(ri.min(), ri.max() + 1),
+            slice(ci.min(), ci.max() + 1),
+        )
+        sub = np.asarray(data[window])  # basic slicing: fine for dask / zarr arrays too
         out[np.ix_(rok, cok)] = sub[np.ix_(ri - ri.min(), ci - ci.min())]
         return out
     step = max(1, 2_000_000 // max(plane[1], 1))  # general affine: chunks of rows
     for r_start in range(0, plane[0], step):
         rr, cc = np.meshgrid(rows[r_start : r_start + step], cols, indexing="ij")
-        idx = np.floor(np.einsum("dk,kn->nd", a, np.stack([rr.ravel(), cc.ravel()])) + b + 0.5).astype(np.int64)
+        idx = np.floor(
+            np.einsum("dk,kn->nd", a, np.stack([rr.ravel(), cc.ravel()])) + b + 0.5
+        ).astype(np.int64)
         ok = np.all((idx >= 0) & (idx < size), axis=1)
         vals = np.zeros(idx.shape[0], dtype=data.dtype)
         vals[ok] = np.asarray(data)[tuple(idx[ok].T)]
@@ -366,19 +440,30 @@ def regions_from_labels(
     rgb: bool = False,
     name: str | None = None,
 ) -> RegionResult:
-    """Labels layer data (int array, nD) -> one mask `Region` per label id present on the current plane.
+    """Labels layer data (int array, nD) -> one mask `Region` per label id on the current plane.
 
-    The labels are resampled (nearest neighbour) onto the image's pixel grid, so a Labels layer with another
-    scale or offset than the image still lands right. ``index`` is the label id; class names come from
-    ``features`` rows whose ``index`` column (napari's convention) equals the id, else from row ``id``.
+    The labels are resampled (nearest neighbour) onto the image's pixel grid, so a Labels layer with
+    another scale or offset than the image still lands right. ``index`` is the label id; class names
+    come from ``features`` rows whose ``index`` column (napari's convention) equals the id, else
+    from row ``id``.
     """
     spatial = _plane_shape(image_shape, rgb)
     plane = spatial[-2:]
     arr = data if hasattr(data, "shape") and hasattr(data, "dtype") else np.asarray(data)
-    if len(arr.shape) < 2 or not (np.issubdtype(np.dtype(arr.dtype), np.integer) or arr.dtype == bool):
-        raise RegionError(f"labels data must be an integer array with >= 2 axes, got {arr.dtype} {arr.shape}")
-    pmap = plane_map(len(arr.shape), spatial, layer_transform=layer_transform, image_transform=image_transform,
-                     slice_point=slice_point, slice_indices=slice_indices)  # fmt: skip
+    if len(arr.shape) < 2 or not (
+        np.issubdtype(np.dtype(arr.dtype), np.integer) or arr.dtype == bool
+    ):
+        raise RegionError(
+            f"labels data must be an integer array with >= 2 axes, got {arr.dtype} {arr.shape}"
+        )
+    pmap = plane_map(
+        len(arr.shape),
+        spatial,
+        layer_transform=layer_transform,
+        image_transform=image_transform,
+        slice_point=slice_point,
+        slice_indices=slice_indices,
+    )
     lab = _labels_plane(arr, pmap, plane).astype(np.int64)
     if lab.min(initial=0) < 0:
         lab[lab < 0] = 0
@@ -386,8 +471,16 @@ def regions_from_labels(
     regions = []
     for prop in regionprops(lab):
         r0, c0 = prop.bbox[:2]
-        regions.append(Region.mask(prop.image, offset=(r0, c0), label=class_of.get(prop.label), source=name,
-                                   index=int(prop.label), image_shape=plane))  # fmt: skip
+        regions.append(
+            Region.mask(
+                prop.image,
+                offset=(r0, c0),
+                label=class_of.get(prop.label),
+                source=name,
+                index=int(prop.label),
+                image_shape=plane,
+            )
+        )
     if regions:
         return RegionResult(tuple(regions), (), plane)
     msg = f"{_who('labels layer', None, name)} has no labels on the current plane of the image"
@@ -420,20 +513,33 @@ def regions_from_layer_data(
     rgb: bool = False,
     span: int = POINT_SPAN,
 ) -> RegionResult:
-    """A reader's LayerData tuple ``(data, meta, layer_type)`` -> regions (napari CSV, our readers, ...).
+    """A reader's LayerData ``(data, meta, layer_type)`` -> regions (napari CSV, our readers, ...).
 
-    ``meta`` may carry ``shape_type``, ``features`` or ``properties``, ``name`` and the layer transform keys
-    ``scale``, ``translate``, ``rotate``, ``shear``, ``affine``.
+    ``meta`` may carry ``shape_type``, ``features`` or ``properties``, ``name`` and the layer
+    transform keys ``scale``, ``translate``, ``rotate``, ``shear``, ``affine``.
     """
     if len(layer_data) != 3 or layer_data[2] not in ("points", "shapes", "labels"):
         got = layer_data[2] if len(layer_data) == 3 else f"a {len(layer_data)}-tuple"
-        raise RegionError(f"expected (data, meta, 'points'|'shapes'|'labels') layer data, got {got!r}")
+        raise RegionError(
+            f"expected (data, meta, 'points'|'shapes'|'labels') layer data, got {got!r}"
+        )
     data, meta, layer_type = layer_data
     meta = dict(meta or {})
     features = meta.get("features", meta.get("properties"))
-    transform = {k: meta[k] for k in ("scale", "translate", "rotate", "shear", "affine") if meta.get(k) is not None}
-    common = dict(image_shape=image_shape, layer_transform=transform or None, image_transform=image_transform,
-                  slice_point=slice_point, slice_indices=slice_indices, rgb=rgb, name=meta.get("name"))  # fmt: skip
+    transform = {
+        k: meta[k]
+        for k in ("scale", "translate", "rotate", "shear", "affine")
+        if meta.get(k) is not None
+    }
+    common = {
+        "image_shape": image_shape,
+        "layer_transform": transform or None,
+        "image_transform": image_transform,
+        "slice_point": slice_point,
+        "slice_indices": slice_indices,
+        "rgb": rgb,
+        "name": meta.get("name"),
+    }
     if layer_type == "points":
         return regions_from_points(data, features, span=span, **common)
     if layer_type == "shapes":

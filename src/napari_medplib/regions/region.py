@@ -1,18 +1,23 @@
-"""`Region`: one prompt region (point, box, polygon, path or mask) in image data pixels, rasterised lazily.
+"""`Region`: one prompt region (point, box, polygon, path or mask) in image pixels, made lazily.
 
-Coordinates are napari's: (row, col) in image data pixels, origin top-left, pixel centres at integers, so
-pixel ``(r, c)`` covers ``[r-0.5, r+0.5) x [c-0.5, c+0.5)``. A pixel belongs to a box or polygon when its
-centre lies inside or on the outline (the rule of ``skimage.draw.polygon2mask``, which napari's own
-``Shapes.to_masks`` uses; we use a faster scanline fill with the same result), so a box is inclusive: ``Region.box(2, 3, 4, 5)`` covers rows 2..4, cols 3..5.
-A point becomes the MedPLIB demo's filled square of ``2*span+1`` pixels (span 20: 41x41) around the pixel
-that contains it. A path (napari path or line) becomes the 1-pixel line through its rounded vertices
-(``skimage.draw.line``) dilated by ``PATH_RADIUS`` pixels, a 3-pixel-wide stroke, so it survives the model's
-downsampling better than a 1-pixel one (the reference feeds the raw stroke of its sketch pad).
+Coordinates are napari's: (row, col) in image data pixels, origin top-left, pixel centres at
+integers, so pixel ``(r, c)`` covers ``[r-0.5, r+0.5) x [c-0.5, c+0.5)``. A pixel belongs to a box
+or polygon when its centre lies inside or on the outline. That is the rule of
+``skimage.draw.polygon2mask``, which napari's own ``Shapes.to_masks`` uses; we get the same pixels
+from a faster scanline fill. So a box is inclusive: ``Region.box(2, 3, 4, 5)`` covers rows 2..4 and
+cols 3..5.
+
+A point becomes the MedPLIB demo's filled square of ``2*span+1`` pixels (span 20: 41x41) around the
+pixel that contains it, clipped to the image. A path (napari path or line) becomes the 1-pixel line
+through its rounded vertices (``skimage.draw.line``) dilated by ``PATH_RADIUS``: a 3-pixel-wide
+stroke, which survives the model's 14-pixel downsampling better than a 1-pixel one (the reference
+feeds the raw stroke of its sketch pad).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -25,9 +30,9 @@ _EPS = 1e-6  # tolerance for pixel centres on an outline after floating-point tr
 
 
 class RegionError(ValueError):
-    """No usable region, or geometry that cannot be one; ``str(err)`` is one line for a notification or CLI.
+    """No usable region, or geometry that cannot be one; ``str(err)`` is one line for a UI or CLI.
 
-    ``skipped`` holds the `Skipped` entries that explain why, when the error comes from a layer conversion.
+    ``skipped`` holds the `Skipped` entries that explain why, when the error comes from a layer.
     """
 
     def __init__(self, message: str, skipped: tuple = ()) -> None:
@@ -42,11 +47,15 @@ def _as_vertices(vertices: Any, kind: str, minimum: int) -> np.ndarray:
     except (TypeError, ValueError):
         raise RegionError(f"{kind} vertices must be numbers as (row, col) pairs") from None
     if arr.ndim != 2 or arr.shape[1] != 2:
-        raise RegionError(f"{kind} vertices must be (row, col) pairs, shape (N, 2); got shape {arr.shape}")
+        raise RegionError(
+            f"{kind} vertices must be (row, col) pairs, shape (N, 2); got shape {arr.shape}"
+        )
     if arr.shape[0] < minimum:
         raise RegionError(f"a {kind} needs at least {minimum} vertices, got {arr.shape[0]}")
     if not np.all(np.isfinite(arr)):
-        raise RegionError(f"{kind} vertices must be finite numbers, got {arr[~np.isfinite(arr)][0]}")
+        raise RegionError(
+            f"{kind} vertices must be finite numbers, got {arr[~np.isfinite(arr)][0]}"
+        )
     arr.setflags(write=False)
     return arr
 
@@ -76,11 +85,11 @@ def _clip_segment(p0: np.ndarray, p1: np.ndarray, lo: np.ndarray, hi: np.ndarray
 
 
 def _fill_polygon(v: np.ndarray, h: int, w: int) -> np.ndarray:
-    """(h, w) mask of the pixels whose centres lie inside (even-odd) or on the outline of polygon ``v``.
+    """(h, w) mask of the pixels whose centres lie inside (even-odd) or on the outline of ``v``.
 
-    A scanline fill: O(rows x edges crossed + area), where ``skimage.draw.polygon2mask`` (same result except on
-    degenerate, self-overlapping outlines) tests every pixel against every edge: 8 s vs 0.05 s for a
-    3,000-vertex polygon over 1,200^2 pixels.
+    A scanline fill: O(rows x edges crossed + area). ``skimage.draw.polygon2mask`` gives the same
+    pixels (except on degenerate, self-overlapping outlines) but tests every pixel against every
+    edge: 8 s instead of 0.05 s for a 3,000-vertex polygon over 1,200^2 pixels.
     """
     v = np.asarray(v, float)
     a, b = v, np.concatenate([v[1:], v[:1]])
@@ -131,9 +140,9 @@ def _add_runs(diff: np.ndarray, rows: np.ndarray, x0: np.ndarray, x1: np.ndarray
 class Region:
     """One region in image data pixels: geometry plus where it came from.
 
-    ``coords`` is (N, 2) (row, col): the point (1 row), the box corners ``[[y0, x0], [y1, x1]]``, the polygon or
-    path vertices, or empty for a mask. ``image_shape`` (rows, cols), when set, is the image plane the region
-    belongs to; masks and bounding boxes are then clipped to it.
+    ``coords`` is (N, 2) (row, col): the point (1 row), the box corners ``[[y0, x0], [y1, x1]]``,
+    the polygon or path vertices, or empty for a mask. ``image_shape`` (rows, cols), when set, is
+    the image plane the region belongs to; masks and bounding boxes are then clipped to it.
     """
 
     kind: str
@@ -150,14 +159,20 @@ class Region:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise RegionError(f"unknown region kind {self.kind!r}; expected one of {', '.join(KINDS)}")
+            raise RegionError(
+                f"unknown region kind {self.kind!r}; expected one of {', '.join(KINDS)}"
+            )
         if self.image_shape is not None:
-            object.__setattr__(self, "image_shape", (int(self.image_shape[0]), int(self.image_shape[1])))
+            object.__setattr__(
+                self, "image_shape", (int(self.image_shape[0]), int(self.image_shape[1]))
+            )
 
-    # ---- constructors ---------------------------------------------------------------------------------------
+    # ---- constructors ----------------------------------------------------------------------------
     @classmethod
-    def point(cls, y: float, x: float, *, positive: bool = True, span: int = POINT_SPAN, **info: Any) -> Region:
-        """A point prompt; as a region it is the (2*span+1)^2 square around it (41x41 in MedPLIB)."""
+    def point(
+        cls, y: float, x: float, *, positive: bool = True, span: int = POINT_SPAN, **info: Any
+    ) -> Region:
+        """A point prompt; as a region, the (2*span+1)^2 square around it (41x41 in MedPLIB)."""
         if int(span) < 0:
             raise RegionError(f"point span must be >= 0, got {span}")
         coords = _as_vertices([[y, x]], "point", 1)
@@ -165,7 +180,7 @@ class Region:
 
     @classmethod
     def box(cls, y0: float, x0: float, y1: float, x1: float, **info: Any) -> Region:
-        """An axis-aligned box, inclusive: covers the pixels whose centres lie in [y0, y1] x [x0, x1]."""
+        """An axis-aligned box, inclusive: the pixels whose centres lie in [y0, y1] x [x0, x1]."""
         c = _as_vertices([[y0, x0], [y1, x1]], "box", 2)
         coords = np.array([c.min(axis=0), c.max(axis=0)])
         coords.setflags(write=False)
@@ -183,13 +198,15 @@ class Region:
 
     @classmethod
     def mask(cls, array: Any, *, offset: tuple[int, int] = (0, 0), **info: Any) -> Region:
-        """A boolean mask; ``offset`` is the image pixel of ``array[0, 0]`` when ``array`` is a crop.
+        """A boolean mask; ``offset`` is the image pixel of ``array[0, 0]`` if ``array`` is a crop.
 
         A full-size mask (offset (0, 0)) sets ``image_shape`` to its shape unless one is given.
         """
         arr = np.asarray(array)
         if arr.ndim != 2:
-            raise RegionError(f"a mask region must be a 2-D array at image resolution, got shape {arr.shape}")
+            raise RegionError(
+                f"a mask region must be a 2-D array at image resolution, got shape {arr.shape}"
+            )
         arr = arr.astype(bool)
         if tuple(offset) == (0, 0):
             info.setdefault("image_shape", arr.shape)
@@ -209,7 +226,7 @@ class Region:
         """The same region bound to an image plane of ``shape`` (rows, cols)."""
         return replace(self, image_shape=tuple(shape), _cache={})
 
-    # ---- prompts --------------------------------------------------------------------------------------------
+    # ---- prompts and summaries -------------------------------------------------------------------
     @property
     def points(self) -> np.ndarray | None:
         """(1, 2) (row, col) of a point region, for direct point prompts; None for other kinds."""
@@ -222,7 +239,7 @@ class Region:
 
     @property
     def bbox(self) -> tuple[int, int, int, int] | None:
-        """Inclusive pixel box (y0, x0, y1, x1) of the rasterised region (clipped to the image); None if empty."""
+        """Inclusive pixel box (y0, x0, y1, x1) of the rasterised, clipped region; None if empty."""
         crop, (r0, c0) = self.crop()
         rows, cols = np.nonzero(crop.any(axis=1))[0], np.nonzero(crop.any(axis=0))[0]
         if rows.size == 0:
@@ -241,7 +258,7 @@ class Region:
         text += "" if self.label is None else f" {self.label!r}"
         return text + ("" if self.source is None else f" of {self.source!r}")
 
-    # ---- rasterisation --------------------------------------------------------------------------------------
+    # ---- rasterisation ---------------------------------------------------------------------------
     def to_mask(self, shape: tuple[int, int] | None = None) -> np.ndarray:
         """Full boolean mask of ``shape`` (default: ``image_shape``), the region clipped to it."""
         shape = self._shape(shape, required=True)
@@ -251,9 +268,9 @@ class Region:
         return out
 
     def crop(self, shape: tuple[int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
-        """(mask crop, (row, col) of its top-left pixel), clipped to ``shape``/``image_shape`` if any.
+        """(mask crop, (row, col) of its top-left pixel), clipped to ``shape`` / ``image_shape``.
 
-        The cheap form of `to_mask`: large images with many small regions never allocate full masks.
+        The cheap form of `to_mask`: many small regions on a large image never allocate full masks.
         """
         shape = self._shape(shape, required=False)
         if shape not in self._cache:
@@ -264,7 +281,9 @@ class Region:
         shape = self.image_shape if shape is None else shape
         if shape is None:
             if required:
-                raise RegionError(f"{self.describe()} has no image shape; pass to_mask(shape=(rows, cols))")
+                raise RegionError(
+                    f"{self.describe()} has no image shape; pass to_mask(shape=(rows, cols))"
+                )
             return None
         if len(shape) != 2:
             raise RegionError(f"mask shape must be (rows, cols), got {tuple(shape)}")
@@ -307,9 +326,12 @@ class Region:
         """The path's pixels within the window, widened by PATH_RADIUS (segments clipped first)."""
         pad = PATH_RADIUS
         canvas = np.zeros((h + 2 * pad, w + 2 * pad), dtype=bool)
-        lo, hi = np.array([r0 - pad, c0 - pad], float) - 1, np.array([r0 + h + pad, c0 + w + pad], float)
+        lo, hi = (
+            np.array([r0 - pad, c0 - pad], float) - 1,
+            np.array([r0 + h + pad, c0 + w + pad], float),
+        )
         verts = _round(self.coords).astype(float)
-        segments = list(zip(verts[:-1], verts[1:], strict=True)) or [(verts[0], verts[0])]
+        segments = list(pairwise(verts)) or [(verts[0], verts[0])]
         for p0, p1 in segments:
             clipped = _clip_segment(p0, p1, lo, hi)
             if clipped is None:

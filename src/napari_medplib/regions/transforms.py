@@ -1,10 +1,10 @@
-"""napari's data -> world transforms as plain matrices, and the map from a layer onto the image plane.
+"""napari's data -> world transforms as plain matrices, and the map from a layer onto the image.
 
 napari composes a layer's transform as ``affine @ (rotate @ shear @ diag(scale) + translate)``
-(``Layer._data_to_world``, ``CompositeAffine._make_linear_matrix`` in napari 0.9.2). Vectors shorter than the
-layer's ndim are padded on the leading axes (scale with 1, translate with 0) and smaller matrices sit in the
-bottom-right corner of an identity, so layers of different ndim line up on their trailing axes.
-`world_matrix` rebuilds that composition with numpy only, so the UI adapter can pass
+(``Layer._data_to_world``, ``CompositeAffine._make_linear_matrix`` in napari 0.9.2). Vectors shorter
+than the layer's ndim are padded on the leading axes (scale with 1, translate with 0) and smaller
+matrices sit in the bottom-right corner of an identity, so layers of different ndim line up on their
+trailing axes. `world_matrix` rebuilds that composition with numpy only, so the UI adapter can pass
 ``world_matrix(scale=layer.scale, translate=layer.translate, rotate=layer.rotate, shear=layer.shear,
 affine=layer.affine.affine_matrix)`` and nothing here needs napari.
 """
@@ -24,7 +24,7 @@ _SLICE_TOL = 0.5 + 1e-6  # a vertex this close (image pixels) to the current pla
 
 
 def _rotation(rotate: Any) -> np.ndarray:
-    """napari's rotate input: angle in degrees (2-D), (yaw, pitch, roll) in degrees (3-D), or a matrix."""
+    """napari's rotate input: an angle (2-D) or (yaw, pitch, roll) (3-D) in degrees, or a matrix."""
     if np.isscalar(rotate):
         theta = np.deg2rad(float(rotate))
         return np.array([[np.cos(theta), -np.sin(theta)], [np.sin(theta), np.cos(theta)]])
@@ -36,7 +36,10 @@ def _rotation(rotate: Any) -> np.ndarray:
         r_g = np.array([[1, 0, 0], [0, np.cos(g), -np.sin(g)], [0, np.sin(g), np.cos(g)]])
         return r_a @ r_b @ r_g
     if arr.ndim != 2 or arr.shape[0] != arr.shape[1]:
-        raise RegionError(f"rotate must be an angle in degrees, 3 angles or a square matrix, got shape {arr.shape}")
+        raise RegionError(
+            "rotate must be an angle in degrees, 3 angles or a square matrix, "
+            f"got shape {arr.shape}"
+        )
     return arr
 
 
@@ -44,9 +47,11 @@ def _shear(shear: Any) -> np.ndarray:
     """napari's shear input: upper-triangular values as a vector, or a full triangular matrix."""
     arr = np.asarray(shear, dtype=float)
     if arr.ndim == 1:
-        n = int(round((1 + np.sqrt(8 * arr.size + 1)) / 2))
+        n = round((1 + np.sqrt(8 * arr.size + 1)) / 2)
         if n * (n - 1) // 2 != arr.size:
-            raise RegionError(f"shear vector of length {arr.size} is not the upper triangle of a square matrix")
+            raise RegionError(
+                f"shear vector of length {arr.size} is not the upper triangle of a square matrix"
+            )
         mat = np.eye(n)
         mat[np.triu_indices(n, 1)] = arr
         return mat
@@ -56,7 +61,7 @@ def _shear(shear: Any) -> np.ndarray:
 
 
 def _embed(mat: np.ndarray, n: int) -> np.ndarray:
-    """Put an m x m matrix in the bottom-right of an n x n identity (napari's trailing-axis alignment)."""
+    """Put an m x m matrix bottom-right in an n x n identity (napari's trailing-axis alignment)."""
     if mat.shape[0] > n:
         raise RegionError(f"a {mat.shape[0]}-D matrix does not fit a {n}-D transform")
     full = np.eye(n)
@@ -75,8 +80,8 @@ def world_matrix(
 ) -> np.ndarray:
     """Homogeneous (ndim+1, ndim+1) data -> world matrix, composed as napari does.
 
-    ``affine`` is an (n+1, n+1) homogeneous matrix (or anything with an ``affine_matrix`` attribute);
-    ``ndim`` defaults to the largest dimensionality among the inputs (at least 2).
+    ``affine`` is an (n+1, n+1) homogeneous matrix (or anything with an ``affine_matrix``
+    attribute); ``ndim`` defaults to the largest dimensionality among the inputs (at least 2).
     """
     if affine is not None and hasattr(affine, "affine_matrix"):
         affine = affine.affine_matrix
@@ -111,8 +116,8 @@ def world_matrix(
 def as_matrix(transform: Any, ndim: int) -> np.ndarray:
     """Coerce a transform to an (ndim+1, ndim+1) matrix.
 
-    Accepts None (identity), a homogeneous matrix (smaller ones are aligned on trailing axes), an object with
-    ``affine_matrix`` (a napari ``Affine``), or a mapping of `world_matrix` keywords
+    Accepts None (identity), a homogeneous matrix (smaller ones are aligned on trailing axes), an
+    object with ``affine_matrix`` (a napari ``Affine``), or a mapping of `world_matrix` keywords
     (``{"scale": ..., "translate": ..., "rotate": ..., "shear": ..., "affine": ...}``).
     """
     if transform is None:
@@ -120,18 +125,23 @@ def as_matrix(transform: Any, ndim: int) -> np.ndarray:
     if isinstance(transform, Mapping):
         unknown = set(transform) - set(_TRANSFORM_KEYS)
         if unknown:
-            raise RegionError(f"unknown transform keys {sorted(unknown)}; use {', '.join(_TRANSFORM_KEYS)}")
-        return world_matrix(**{k: transform[k] for k in _TRANSFORM_KEYS if k in transform}, ndim=ndim)
+            raise RegionError(
+                f"unknown transform keys {sorted(unknown)}; use {', '.join(_TRANSFORM_KEYS)}"
+            )
+        return world_matrix(
+            **{k: transform[k] for k in _TRANSFORM_KEYS if k in transform}, ndim=ndim
+        )
     return world_matrix(affine=transform, ndim=ndim)
 
 
 @dataclass(frozen=True)
 class PlaneMap:
-    """Maps one layer's data coordinates onto the current 2-D plane of the image, in image data pixels.
+    """Maps one layer's data coordinates onto the current 2-D plane of the image, in its pixels.
 
-    ``layer_to_image`` works in ``ndim_world`` dimensions, where a layer with fewer dimensions takes the current
-    world position on its missing leading axes (so 2-D layers apply to every slice). ``current`` is the current
-    position in image coordinates on the non-displayed axes (rounded to the shown plane on the image's own axes).
+    ``layer_to_image`` works in ``ndim_world`` dimensions, where a layer with fewer dimensions takes
+    the current world position on its missing leading axes (so 2-D layers apply to every slice).
+    ``current`` is the current position in image coordinates on the non-displayed axes (rounded to
+    the shown plane on the image's own axes).
     """
 
     layer_to_image: np.ndarray  # (Dw+1, Dw+1)
@@ -148,19 +158,21 @@ class PlaneMap:
         """(N, layer_ndim) layer data coordinates -> (N, Dw) image coordinates."""
         coords = np.asarray(coords, dtype=float).reshape(-1, self.layer_ndim)
         full = np.empty((coords.shape[0], self.ndim_world + 1))
-        full[:, : self.ndim_world - self.layer_ndim] = self.world_point[: self.ndim_world - self.layer_ndim]
+        full[:, : self.ndim_world - self.layer_ndim] = self.world_point[
+            : self.ndim_world - self.layer_ndim
+        ]
         full[:, self.ndim_world - self.layer_ndim : -1] = coords
         full[:, -1] = 1.0
         return (full @ self.layer_to_image.T)[:, :-1]
 
     def off_plane(self, image_coords: np.ndarray) -> np.ndarray:
-        """Bool per row: does this image-space point lie off the current plane (non-displayed axes)?"""
+        """Bool per row: does this image-space point lie off the current plane?"""
         if self.current.size == 0:
             return np.zeros(image_coords.shape[0], dtype=bool)
         return np.any(np.abs(image_coords[:, :-2] - self.current) > _SLICE_TOL, axis=1)
 
     def plane_to_layer(self) -> tuple[np.ndarray, np.ndarray]:
-        """Affine map (A, b) with layer_coords = A @ (row, col) + b for points of the current image plane."""
+        """(A, b) with layer coords = A @ (row, col) + b for pixels of the current image plane."""
         inv = np.linalg.inv(self.layer_to_image)
         lead = np.concatenate([self.current, [0.0, 0.0, 1.0]])
         rows = inv[self.ndim_world - self.layer_ndim : self.ndim_world]
@@ -176,17 +188,21 @@ def plane_map(
     slice_point: Sequence[float] | None = None,
     slice_indices: Sequence[int] | None = None,
 ) -> PlaneMap:
-    """Build the `PlaneMap` for one layer against an image of spatial shape ``image_shape`` (no RGB axis)."""
+    """The `PlaneMap` of one layer onto an image of spatial shape ``image_shape`` (no RGB axis)."""
     image_ndim = len(image_shape)
     if image_ndim < 2 or layer_ndim < 2:
-        raise RegionError(f"need at least 2-D data, got image ndim {image_ndim} and layer ndim {layer_ndim}")
+        raise RegionError(
+            f"need at least 2-D data, got image ndim {image_ndim} and layer ndim {layer_ndim}"
+        )
     dw = max(layer_ndim, image_ndim)
     m_layer = _embed(as_matrix(layer_transform, layer_ndim), dw + 1)
     m_image = _embed(as_matrix(image_transform, image_ndim), dw + 1)
     try:
         to_image = np.linalg.solve(m_image, m_layer)
     except np.linalg.LinAlgError:
-        raise RegionError("the image transform is singular (a zero scale?); it cannot map back to pixels") from None
+        raise RegionError(
+            "the image transform is singular (a zero scale?); it cannot map back to pixels"
+        ) from None
     world = _world_point(dw, image_shape, m_image, slice_point, slice_indices)
     current = np.linalg.solve(m_image, np.append(world, 1.0))[: dw - 2]
     own = np.arange(dw - 2) >= dw - image_ndim  # non-displayed axes the image itself has
@@ -198,24 +214,30 @@ def plane_map(
                 f"the current slice lies outside the image: index {int(current[axis])} on axis "
                 f"{axis - (dw - image_ndim)}, which has {size} planes"
             )
-    return PlaneMap(to_image, world, current, layer_ndim, (int(image_shape[-2]), int(image_shape[-1])))
+    return PlaneMap(
+        to_image, world, current, layer_ndim, (int(image_shape[-2]), int(image_shape[-1]))
+    )
 
 
 def _world_point(dw, image_shape, m_image, slice_point, slice_indices) -> np.ndarray:
-    """The current world position (length dw) from viewer.dims.point or the image's slice indices."""
+    """The current world position (length dw) from viewer.dims.point or image slice indices."""
     if dw == 2:
         return np.zeros(2)
     if slice_point is not None:
         point = np.asarray(slice_point, dtype=float).ravel()
         if point.size < dw:
-            raise RegionError(f"slice_point has {point.size} values but the data are {dw}-D; pass viewer.dims.point")
+            raise RegionError(
+                f"slice_point has {point.size} values but the data are {dw}-D; "
+                "pass viewer.dims.point"
+            )
         return point[point.size - dw :]
     image_ndim = len(image_shape)
     if slice_indices is not None and image_ndim == dw:
         idx = np.asarray(slice_indices, dtype=float).ravel()
         if idx.size not in (image_ndim - 2, image_ndim):
             raise RegionError(
-                f"slice_indices needs {image_ndim - 2} values (one per non-displayed image axis), got {idx.size}"
+                f"slice_indices needs {image_ndim - 2} values (one per non-displayed image "
+                f"axis), got {idx.size}"
             )
         full = np.zeros(image_ndim + 1)
         full[: image_ndim - 2] = idx[: image_ndim - 2]
