@@ -1,0 +1,61 @@
+"""Data sets on disk: a save/load round trip gives back the same arrays, texts and geometry."""
+
+import json
+
+import numpy as np
+import pytest
+
+from napari_medplib.train.conversations import make_conversations
+from napari_medplib.train.data import DatasetFormatError, load_dataset, save_dataset
+from napari_medplib.train.synth import make_dataset
+
+
+def items(n=6, seed=2):
+    for s in make_dataset(n, seed=seed):
+        yield s, make_conversations(s, np.random.default_rng(s.meta["seed"]), n_per_task=3)
+
+
+def test_round_trip(tmp_path):
+    original = list(items())
+    save_dataset(tmp_path / "ds", iter(original), info={"seed": 2, "split": "train"})
+    ds = load_dataset(tmp_path / "ds")
+    assert len(ds) == len(original) and ds.info == {"seed": 2, "split": "train"}
+    for (s, convs), (t, back) in zip(original, ds, strict=True):
+        assert np.array_equal(s.image, t.image) and s.image.dtype == t.image.dtype
+        assert np.array_equal(s.labels, t.labels)
+        assert s.categories == t.categories and s.style == t.style and s.meta == t.meta
+        assert len(convs) == len(back)
+        for a, b in zip(convs, back, strict=True):
+            assert (a.question, a.answer, a.task, a.kind, a.canonical, a.choices, a.meta) == (
+                b.question, b.answer, b.task, b.kind, b.canonical, b.choices, b.meta)
+            assert all(np.array_equal(m, n) for m, n in zip(a.target_masks, b.target_masks, strict=True))
+            assert [r.kind for r in a.regions] == [r.kind for r in b.regions]
+            for r, q in zip(a.regions, b.regions, strict=True):
+                assert np.array_equal(r.to_mask(s.labels.shape), q.to_mask(s.labels.shape))
+    pairs = list(ds.conversations())
+    assert len(pairs) == sum(len(c) for _, c in original)
+    lines = (tmp_path / "ds" / "conversations.jsonl").read_text().splitlines()
+    assert len(lines) == len(pairs) and "<SEG>" in json.loads(lines[0])["answer"]
+
+
+def test_refuses_to_overwrite_and_names_bad_folders(tmp_path):
+    save_dataset(tmp_path / "ds", items(1))
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        save_dataset(tmp_path / "ds", items(1))
+    save_dataset(tmp_path / "ds", items(2), overwrite=True)
+    assert len(load_dataset(tmp_path / "ds")) == 2
+    with pytest.raises(DatasetFormatError, match="dataset.json not found"):
+        load_dataset(tmp_path / "nowhere")
+    head = tmp_path / "ds" / "dataset.json"
+    head.write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(DatasetFormatError, match="something-else"):
+        load_dataset(tmp_path / "ds")
+
+
+def test_missing_sample_file_is_named(tmp_path):
+    save_dataset(tmp_path / "ds", items(2))
+    (tmp_path / "ds" / "samples" / "000001.npz").unlink()
+    ds = load_dataset(tmp_path / "ds")
+    ds[0]
+    with pytest.raises(DatasetFormatError, match="000001.npz is missing"):
+        ds[1]
