@@ -9,8 +9,11 @@ from napari_medplib.io.geojson_read import geojson_to_layers
 
 
 def feature(geometry_type, coordinates, **properties):
-    return {"type": "Feature", "geometry": {"type": geometry_type, "coordinates": coordinates},
-            "properties": properties}
+    return {
+        "type": "Feature",
+        "geometry": {"type": geometry_type, "coordinates": coordinates},
+        "properties": properties,
+    }
 
 
 # An L-shaped, clearly non-square polygon: x (columns) 10..50, y (rows) 100..130.
@@ -18,7 +21,9 @@ L_SHAPE = [[10, 100], [50, 100], [50, 110], [20, 110], [20, 130], [10, 130], [10
 
 
 def test_axis_order_xy_becomes_row_col():
-    (data, meta, kind), = geojson_to_layers({"type": "FeatureCollection", "features": [feature("Polygon", [L_SHAPE])]})
+    ((data, meta, kind),) = geojson_to_layers(
+        {"type": "FeatureCollection", "features": [feature("Polygon", [L_SHAPE])]}
+    )
     assert kind == "shapes" and meta["shape_type"] == ["polygon"]
     poly = data[0]
     assert poly.shape == (6, 2)  # closing vertex dropped
@@ -36,7 +41,7 @@ def test_accepted_layouts(layout):
         "feature": feat,
         "geometry": feat["geometry"],
     }[layout]
-    (data, _, kind), = geojson_to_layers(document)
+    ((data, _, kind),) = geojson_to_layers(document)
     assert kind == "shapes" and len(data) == 1 and len(data[0]) == 6
 
 
@@ -44,20 +49,52 @@ def test_every_geometry_type():
     features = [
         feature("Polygon", [[[0, 0], [4, 0], [4, 3], [0, 3], [0, 0]]], name="box"),
         feature("Polygon", [[[0, 0], [4, 1], [2, 5], [0, 0]]], name="triangle"),
-        feature("MultiPolygon", [[[[0, 0], [1, 0], [1, 2], [0, 0]]], [[[5, 5], [6, 5], [6, 7], [5, 5]]]], name="multi"),
+        feature(
+            "MultiPolygon",
+            [[[[0, 0], [1, 0], [1, 2], [0, 0]]], [[[5, 5], [6, 5], [6, 7], [5, 5]]]],
+            name="multi",
+        ),
         feature("LineString", [[0, 0], [3, 4]], name="line"),
         feature("LineString", [[0, 0], [3, 4], [6, 0]], name="path"),
         feature("MultiLineString", [[[0, 0], [1, 1], [2, 0]], [[5, 5], [6, 6]]], name="multiline"),
         feature("Point", [7, 8], name="pt"),
         feature("MultiPoint", [[1, 2], [3, 4]], name="mpt"),
-        {"type": "Feature", "geometry": {"type": "GeometryCollection", "geometries": [
-            {"type": "Point", "coordinates": [9, 9]}, {"type": "LineString", "coordinates": [[0, 0], [1, 1]]}]},
-         "properties": {"name": "gc"}},
+        {
+            "type": "Feature",
+            "geometry": {
+                "type": "GeometryCollection",
+                "geometries": [
+                    {"type": "Point", "coordinates": [9, 9]},
+                    {"type": "LineString", "coordinates": [[0, 0], [1, 1]]},
+                ],
+            },
+            "properties": {"name": "gc"},
+        },
     ]
     layers = by_type(geojson_to_layers(features))
     shapes, smeta = layers["shapes"]
-    assert smeta["shape_type"] == ["rectangle", "polygon", "polygon", "polygon", "line", "path", "path", "line", "line"]
-    assert smeta["features"]["name"] == ["box", "triangle", "multi", "multi", "line", "path", "multiline", "multiline", "gc"]
+    assert smeta["shape_type"] == [
+        "rectangle",
+        "polygon",
+        "polygon",
+        "polygon",
+        "line",
+        "path",
+        "path",
+        "line",
+        "line",
+    ]
+    assert smeta["features"]["name"] == [
+        "box",
+        "triangle",
+        "multi",
+        "multi",
+        "line",
+        "path",
+        "multiline",
+        "multiline",
+        "gc",
+    ]
     assert smeta["features"]["feature_index"] == [0, 1, 2, 2, 3, 4, 5, 5, 8]
     np.testing.assert_array_equal(shapes[0], [[0, 0], [0, 4], [3, 4], [3, 0]])
     points, pmeta = layers["points"]
@@ -69,9 +106,11 @@ def test_every_geometry_type():
 def test_holes_become_flagged_shapes():
     outer = [[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]
     hole = [[2, 2], [4, 2], [4, 5], [2, 2]]
-    doc = [feature("Polygon", [[[20, 20], [21, 20], [21, 22], [20, 20]]]),
-           feature("Polygon", [outer, hole], classification={"name": "Tumor", "color": [200, 0, 0]})]
-    (data, meta, _), = geojson_to_layers(doc)
+    doc = [
+        feature("Polygon", [[[20, 20], [21, 20], [21, 22], [20, 20]]]),
+        feature("Polygon", [outer, hole], classification={"name": "Tumor", "color": [200, 0, 0]}),
+    ]
+    ((data, meta, _),) = geojson_to_layers(doc)
     assert meta["features"]["hole_of"] == [-1, -1, 1]
     assert meta["features"]["class"] == ["", "Tumor", "Tumor"]
     np.testing.assert_array_equal(data[2], [[2, 2], [2, 4], [5, 4]])
@@ -81,13 +120,27 @@ def test_holes_become_flagged_shapes():
 
 def test_classification_colours_and_measurements():
     doc = [
-        feature("Point", [1, 1], classification={"name": "A", "color": [0, 255, 0]},
-                measurements={"Area": 3.5, "Count": 2}, isLocked=True, score=0.25, tags=["x", "y"]),
-        feature("Point", [2, 2], classification={"name": "B", "colorRGB": -65536},  # QuPath 0.2: packed ARGB
-                measurements=[{"name": "Area", "value": 7.0}], object_type="detection"),
-        feature("Point", [3, 3], classification={"names": ["Tumor", "Positive"], "color": [0, 0, 255]}),
+        feature(
+            "Point",
+            [1, 1],
+            classification={"name": "A", "color": [0, 255, 0]},
+            measurements={"Area": 3.5, "Count": 2},
+            isLocked=True,
+            score=0.25,
+            tags=["x", "y"],
+        ),
+        feature(
+            "Point",
+            [2, 2],
+            classification={"name": "B", "colorRGB": -65536},  # QuPath 0.2: packed ARGB
+            measurements=[{"name": "Area", "value": 7.0}],
+            object_type="detection",
+        ),
+        feature(
+            "Point", [3, 3], classification={"names": ["Tumor", "Positive"], "color": [0, 0, 255]}
+        ),
     ]
-    (_, meta, _), = geojson_to_layers(doc)
+    ((_, meta, _),) = geojson_to_layers(doc)
     f = meta["features"]
     assert f["class"] == ["A", "B", "Tumor: Positive"]
     assert f["measurements.Area"] == [3.5, 7.0, None]
@@ -99,8 +152,17 @@ def test_classification_colours_and_measurements():
 
 
 def test_qupath_plane_adds_leading_axes():
-    doc = [feature("Polygon", [[[0, 0], [2, 0], [2, 2], [0, 0]]]),
-           {**feature("Point", [5, 6]), "geometry": {"type": "Point", "coordinates": [5, 6], "plane": {"c": -1, "z": 3, "t": 0}}}]
+    doc = [
+        feature("Polygon", [[[0, 0], [2, 0], [2, 2], [0, 0]]]),
+        {
+            **feature("Point", [5, 6]),
+            "geometry": {
+                "type": "Point",
+                "coordinates": [5, 6],
+                "plane": {"c": -1, "z": 3, "t": 0},
+            },
+        },
+    ]
     layers = by_type(geojson_to_layers(doc))
     assert layers["points"][1]["metadata"]["axes"] == ("z", "y", "x")
     np.testing.assert_array_equal(layers["points"][0], [[3, 6, 5]])
@@ -129,9 +191,15 @@ def test_real_qupath_export():
         ("   \n", "empty"),
         ('{"type": "FeatureCollection", "features": [{"type": "Feature", "geom', "truncated"),
         ('{"type": "Topology", "objects": {}}', "not GeoJSON"),
-        ('[1, 2]', "not a GeoJSON Feature"),
-        ('{"type": "Feature", "geometry": {"type": "Circle", "coordinates": [1, 2]}, "properties": {}}', "Circle"),
-        ('{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[["a", "b"]]]}, "properties": {}}', "malformed"),
+        ("[1, 2]", "not a GeoJSON Feature"),
+        (
+            '{"type": "Feature", "geometry": {"type": "Circle", "coordinates": [1, 2]}, "properties": {}}',
+            "Circle",
+        ),
+        (
+            '{"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[["a", "b"]]]}, "properties": {}}',
+            "malformed",
+        ),
         ('{"type": "FeatureCollection", "features": []}', "no Polygon"),
     ],
 )

@@ -8,7 +8,11 @@ from io_testdata import REAL, by_type
 
 from napari_medplib.io import RegionFileError, read_geojson
 from napari_medplib.io.geojson_write import labels_to_geojson, points_to_geojson, shapes_to_geojson
-from napari_medplib.io.napari_io import write_labels_geojson, write_points_geojson, write_shapes_geojson
+from napari_medplib.io.napari_io import (
+    write_labels_geojson,
+    write_points_geojson,
+    write_shapes_geojson,
+)
 from napari_medplib.io.outlines import rasterize_polygons
 
 SHAPES = [
@@ -22,7 +26,17 @@ SHAPES = [
     np.array([[100.0, 0.0], [101.0, 3.0], [104.0, 1.0]]),  # part 1 of a multipolygon
     np.array([[110.0, 0.0], [111.0, 3.0], [114.0, 1.0]]),  # part 2
 ]
-TYPES = ["rectangle", "polygon", "polygon", "path", "line", "ellipse", "ellipse", "polygon", "polygon"]
+TYPES = [
+    "rectangle",
+    "polygon",
+    "polygon",
+    "path",
+    "line",
+    "ellipse",
+    "ellipse",
+    "polygon",
+    "polygon",
+]
 FEATURES = {
     "class": ["Tumor", "Stroma", "Stroma", "", "Nerve", "Tumor", "", "Immune", "Immune"],
     "score": [0.5, 1.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 6.0],
@@ -53,8 +67,16 @@ def test_shapes_output_is_qupath_shaped():
     assert features[2]["geometry"]["type"] == "LineString"
     assert "classification" not in features[2]["properties"]  # no class name: no classification
     ellipse = features[4]
-    assert ellipse["geometry"]["type"] == "Polygon" and len(ellipse["geometry"]["coordinates"][0]) == 65
-    assert ellipse["properties"]["napariEllipse"] == [[50.0, 50.0], [70.0, 50.0], [70.0, 60.0], [50.0, 60.0]]
+    assert (
+        ellipse["geometry"]["type"] == "Polygon"
+        and len(ellipse["geometry"]["coordinates"][0]) == 65
+    )
+    assert ellipse["properties"]["napariEllipse"] == [
+        [50.0, 50.0],
+        [70.0, 50.0],
+        [70.0, 60.0],
+        [50.0, 60.0],
+    ]
     assert features[6]["geometry"]["type"] == "MultiPolygon"
     json.dumps(doc, allow_nan=False)  # valid strict JSON
 
@@ -69,7 +91,7 @@ def test_ellipse_polygon_approximates_the_ellipse():
 def test_shapes_round_trip_is_exact(tmp_path):
     path = tmp_path / "regions.geojson"
     assert write_shapes_geojson(str(path), SHAPES, shapes_meta()) == [str(path)]
-    (data, meta, kind), = read_geojson(path)
+    ((data, meta, kind),) = read_geojson(path)
     assert kind == "shapes"
     assert meta["shape_type"] == TYPES
     assert len(data) == len(SHAPES)
@@ -86,8 +108,8 @@ def test_round_trip_of_a_read_qupath_file(tmp_path):
     by_kind = by_type(original)
     write_shapes_geojson(str(tmp_path / "s.geojson"), *by_kind["shapes"])
     write_points_geojson(str(tmp_path / "p.geojson"), *by_kind["points"])
-    (shapes, smeta, _), = read_geojson(tmp_path / "s.geojson")
-    (points, pmeta, _), = read_geojson(tmp_path / "p.geojson")
+    ((shapes, smeta, _),) = read_geojson(tmp_path / "s.geojson")
+    ((points, pmeta, _),) = read_geojson(tmp_path / "p.geojson")
     assert smeta["shape_type"] == by_kind["shapes"][1]["shape_type"]
     for a, b in zip(shapes, by_kind["shapes"][0], strict=True):
         np.testing.assert_array_equal(a, b)
@@ -97,15 +119,20 @@ def test_round_trip_of_a_read_qupath_file(tmp_path):
 
 def test_points_round_trip_with_features(tmp_path):
     points = np.array([[10.5, 20.25], [30.0, 40.0], [50.125, 60.0]])
-    meta = {"features": {"class": ["pos", "neg", "pos"], "label": [1, 0, 1], "note": ["x", "y", "z"]},
-            "face_color": np.array([[0, 1, 0, 1], [1, 0, 0, 1], [0, 1, 0, 1]], float)}
+    meta = {
+        "features": {"class": ["pos", "neg", "pos"], "label": [1, 0, 1], "note": ["x", "y", "z"]},
+        "face_color": np.array([[0, 1, 0, 1], [1, 0, 0, 1], [0, 1, 0, 1]], float),
+    }
     path = tmp_path / "points.geojson"
     write_points_geojson(str(path), points, meta)
     doc = json.loads(path.read_text())
     assert [f["geometry"]["type"] for f in doc["features"]] == ["Point"] * 3
     assert doc["features"][0]["geometry"]["coordinates"] == [20.25, 10.5]
-    assert doc["features"][1]["properties"]["classification"] == {"name": "neg", "color": [255, 0, 0]}
-    (data, rmeta, kind), = read_geojson(path)
+    assert doc["features"][1]["properties"]["classification"] == {
+        "name": "neg",
+        "color": [255, 0, 0],
+    }
+    ((data, rmeta, kind),) = read_geojson(path)
     assert kind == "points"
     np.testing.assert_array_equal(data, points)
     for column, values in meta["features"].items():
@@ -114,8 +141,9 @@ def test_points_round_trip_with_features(tmp_path):
 
 
 def test_points_grouped_by_feature_index_become_multipoint():
-    doc = points_to_geojson(np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
-                            {"features": {"feature_index": [0, 0, 1]}})
+    doc = points_to_geojson(
+        np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]), {"features": {"feature_index": [0, 0, 1]}}
+    )
     assert [f["geometry"]["type"] for f in doc["features"]] == ["MultiPoint", "Point"]
 
 
@@ -125,7 +153,7 @@ def test_nd_shapes_store_their_plane(tmp_path):
     assert doc["features"][0]["geometry"]["plane"] == {"c": -1, "z": 2, "t": 0}
     path = tmp_path / "z.geojson"
     write_shapes_geojson(str(path), shapes, {"shape_type": "polygon"})
-    (data, meta, _), = read_geojson(path)
+    ((data, meta, _),) = read_geojson(path)
     np.testing.assert_array_equal(data[0], shapes[0])
     assert meta["metadata"]["axes"] == ("z", "y", "x")
     with pytest.raises(RegionFileError, match="dimensions"):
@@ -134,7 +162,7 @@ def test_nd_shapes_store_their_plane(tmp_path):
 
 def test_features_as_dataframe_like_table():
     class Table:  # what napari hands writers: a pandas DataFrame (duck-typed here)
-        columns = ["class"]
+        columns = ("class",)
 
         def __getitem__(self, key):
             return ["Tumor"]
@@ -178,7 +206,12 @@ def test_labels_to_geojson_rasterises_back_exactly(tmp_path):
         rebuilt[rasterize_polygons(rings, labels.shape)] = label
     np.testing.assert_array_equal(rebuilt, labels)
     # pixel-edge outlines in QuPath's convention: label 5 is exactly the square of pixel (0, 49)
-    assert sorted(map(tuple, geometry[5]["coordinates"][0][:-1])) == [(49, 0), (49, 1), (50, 0), (50, 1)]
+    assert sorted(map(tuple, geometry[5]["coordinates"][0][:-1])) == [
+        (49, 0),
+        (49, 1),
+        (50, 0),
+        (50, 1),
+    ]
 
 
 def test_labels_features_and_errors():

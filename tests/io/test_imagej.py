@@ -19,16 +19,20 @@ def expected(name):
 
 # ----------------------------------------------------------------------------------------- real files
 def test_real_rectangle():
-    (data, meta, kind), = read_imagej(REAL / "readroi_rectangle.roi")
+    ((data, meta, kind),) = read_imagej(REAL / "readroi_rectangle.roi")
     e = expected("rectangle")
     assert kind == "shapes" and meta["shape_type"] == ["rectangle"]
     top, left, bottom, right = e["top"], e["left"], e["top"] + e["height"], e["left"] + e["width"]
-    np.testing.assert_array_equal(data[0], [[top, left], [top, right], [bottom, right], [bottom, left]])
-    assert meta["features"]["name"] == ["rectangle"] and meta["features"]["roi_type"] == ["rectangle"]
+    np.testing.assert_array_equal(
+        data[0], [[top, left], [top, right], [bottom, right], [bottom, left]]
+    )
+    assert meta["features"]["name"] == ["rectangle"] and meta["features"]["roi_type"] == [
+        "rectangle"
+    ]
 
 
 def test_real_oval_is_ellipse_on_its_bounding_box():
-    (data, meta, _), = read_imagej(REAL / "readroi_oval.roi")
+    ((data, meta, _),) = read_imagej(REAL / "readroi_oval.roi")
     e = expected("oval")
     assert meta["shape_type"] == ["ellipse"]
     assert data[0][:, 0].min() == e["top"] and data[0][:, 0].max() == e["top"] + e["height"]
@@ -36,7 +40,7 @@ def test_real_oval_is_ellipse_on_its_bounding_box():
 
 
 def test_real_polygon_vertices_in_row_col():
-    (data, meta, _), = read_imagej(REAL / "readroi_polygon.roi")
+    ((data, meta, _),) = read_imagej(REAL / "readroi_polygon.roi")
     e = expected("polygon")
     assert meta["shape_type"] == ["polygon"]
     np.testing.assert_array_equal(data[0][:, 1], e["x"])
@@ -45,7 +49,7 @@ def test_real_polygon_vertices_in_row_col():
 
 @pytest.mark.parametrize("name", ["point", "multipoint"])
 def test_real_points_subpixel(name):
-    (data, meta, kind), = read_imagej(REAL / f"readroi_{name}.roi")
+    ((data, _meta, kind),) = read_imagej(REAL / f"readroi_{name}.roi")
     e = expected(name)
     assert kind == "points" and len(data) == e["n"]
     np.testing.assert_allclose(data[:, 1], e["x"], rtol=1e-6)
@@ -55,11 +59,16 @@ def test_real_points_subpixel(name):
 
 @pytest.mark.parametrize(
     ("name", "shape_type", "roi_type"),
-    [("freehand", "polygon", "freehand"), ("freeline", "path", "freeline"), ("polyline", "path", "polyline"),
-     ("line1", "line", "line"), ("ellipse", "polygon", "ellipse")],
+    [
+        ("freehand", "polygon", "freehand"),
+        ("freeline", "path", "freeline"),
+        ("polyline", "path", "polyline"),
+        ("line1", "line", "line"),
+        ("ellipse", "polygon", "ellipse"),
+    ],
 )
 def test_real_other_types(name, shape_type, roi_type):
-    (data, meta, _), = read_imagej(REAL / f"readroi_{name}.roi")
+    ((data, meta, _),) = read_imagej(REAL / f"readroi_{name}.roi")
     assert meta["shape_type"] == [shape_type]
     assert meta["features"]["roi_type"] == [roi_type]
     roi = ImagejRoi.fromfile(REAL / f"readroi_{name}.roi")
@@ -67,16 +76,17 @@ def test_real_other_types(name, shape_type, roi_type):
 
 
 def test_real_freehand_stroke_colour():
-    (_, meta, _), = read_imagej(REAL / "readroi_freehand.roi")
+    ((_, meta, _),) = read_imagej(REAL / "readroi_freehand.roi")
     assert meta["features"]["stroke_color"] == ["#ffff00"]
     np.testing.assert_allclose(meta["edge_color"][0], [1, 1, 0, 1])
 
 
 def test_real_composite_keeps_the_hole():
-    (data, meta, _), = read_imagej(REAL / "readroi_composite-rect-in-rect.roi")
+    ((data, meta, _),) = read_imagej(REAL / "readroi_composite-rect-in-rect.roi")
     assert meta["features"]["roi_type"] == ["composite", "composite"]
     hole_of = meta["features"]["hole_of"]
-    assert sorted(hole_of) == [-1, hole_of.index(-1)]  # one outer rectangle, one hole pointing at it
+    # one outer rectangle, one hole pointing at it
+    assert sorted(hole_of) == [-1, hole_of.index(-1)]
     outer, inner = data[hole_of.index(-1)], data[1 - hole_of.index(-1)]
     assert outer[:, 0].min() < inner[:, 0].min() and inner[:, 0].max() < outer[:, 0].max()
 
@@ -86,7 +96,7 @@ def test_real_roiset_zip_with_stack_positions():
     path = REAL / "bactunet_RoiSet_subset.zip"
     reader = get_imagej_reader(str(path))
     assert reader is not None
-    (data, meta, kind), = reader(str(path))
+    ((data, meta, kind),) = reader(str(path))
     assert kind == "shapes" and len(data) == 12
     assert set(meta["shape_type"]) == {"polygon"}
     assert meta["metadata"]["axes"] == ("position", "y", "x")
@@ -112,10 +122,20 @@ def save_zip(path, rois):
 
 
 def test_subpixel_and_rounded_rectangle(tmp_path):
-    roi = ImagejRoi(roitype=ROI_TYPE.RECT, options=ROI_OPTIONS.SUB_PIXEL_RESOLUTION, left=3, top=4,
-                    right=14, bottom=10, xd=3.25, yd=4.5, widthd=10.5, heightd=5.25)
+    roi = ImagejRoi(
+        roitype=ROI_TYPE.RECT,
+        options=ROI_OPTIONS.SUB_PIXEL_RESOLUTION,
+        left=3,
+        top=4,
+        right=14,
+        bottom=10,
+        xd=3.25,
+        yd=4.5,
+        widthd=10.5,
+        heightd=5.25,
+    )
     rounded = rect(rounded_rect_arc_size=6)
-    (data, meta, _), = read_imagej(save_zip(tmp_path / "r.zip", [roi, rounded]))
+    ((data, meta, _),) = read_imagej(save_zip(tmp_path / "r.zip", [roi, rounded]))
     np.testing.assert_array_equal(data[0], [[4.5, 3.25], [4.5, 13.75], [9.75, 13.75], [9.75, 3.25]])
     assert meta["shape_type"] == ["rectangle", "rectangle"]
     assert meta["features"]["arc_size"] == [0, 6]
@@ -129,7 +149,9 @@ def test_each_roi_type_in_one_zip(tmp_path):
     traced.roitype = ROI_TYPE.TRACED
     points = ImagejRoi.frompoints(pts)
     points.roitype = ROI_TYPE.POINT
-    line = ImagejRoi(roitype=ROI_TYPE.LINE, x1=1.0, y1=2.0, x2=30.5, y2=4.0, left=1, top=2, right=31, bottom=4)
+    line = ImagejRoi(
+        roitype=ROI_TYPE.LINE, x1=1.0, y1=2.0, x2=30.5, y2=4.0, left=1, top=2, right=31, bottom=4
+    )
     oval = ImagejRoi(roitype=ROI_TYPE.OVAL, left=0, top=10, right=20, bottom=15)
     text = rect(subtype=ROI_SUBTYPE.TEXT)
     rois = [rect(name="box"), oval, line, polyline, traced, points, text]
@@ -146,9 +168,10 @@ def test_each_roi_type_in_one_zip(tmp_path):
 
 
 def test_hyperstack_positions_prepend_t_z_axes(tmp_path):
-    a = ImagejRoi.frompoints([[1, 1], [5, 1], [5, 5]], z=2, t=0)  # 0-based arguments -> stored 1-based
+    # frompoints takes 0-based positions and stores them 1-based, as ImageJ does
+    a = ImagejRoi.frompoints([[1, 1], [5, 1], [5, 5]], z=2, t=0)
     b = ImagejRoi.frompoints([[2, 2], [6, 2], [6, 6]], z=0, t=3)
-    (data, meta, _), = read_imagej(save_zip(tmp_path / "stack.zip", [a, b]))
+    ((data, meta, _),) = read_imagej(save_zip(tmp_path / "stack.zip", [a, b]))
     assert meta["metadata"]["axes"] == ("t", "z", "y", "x")
     np.testing.assert_array_equal(data[0][0], [0, 2, 1, 1])
     np.testing.assert_array_equal(data[1][0], [3, 0, 2, 2])
@@ -159,7 +182,7 @@ def test_single_roi_file_and_reader_contract(tmp_path):
     path = tmp_path / "one.roi"
     rect(name="cell").tofile(path)
     reader = get_imagej_reader(str(path))
-    (data, meta, _), = reader(str(path))
+    ((_data, meta, _),) = reader(str(path))
     assert meta["name"] == "one" and meta["features"]["name"] == ["cell"]
 
 
@@ -175,8 +198,11 @@ def test_zip_without_rois_is_declined(tmp_path):
 
 @pytest.mark.parametrize(
     ("content", "message"),
-    [(b"", "empty"), (b"not an roi file at all" * 4, "not an ImageJ ROI"),
-     (b"Iout" + b"\x00\xe3\x00" + b"\xff" * 60, "corrupt|no region")],
+    [
+        (b"", "empty"),
+        (b"not an roi file at all" * 4, "not an ImageJ ROI"),
+        (b"Iout" + b"\x00\xe3\x00" + b"\xff" * 60, r"corrupt|no region"),
+    ],
 )
 def test_bad_roi_files_raise_clear_errors(tmp_path, content, message):
     path = tmp_path / "bad.roi"
@@ -193,5 +219,5 @@ def test_bad_member_in_zip_is_named(tmp_path):
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("good.roi", rect().tobytes())
         archive.writestr("bad.roi", b"garbage" * 20)
-    with pytest.raises(RegionFileError, match="bad.roi"):
+    with pytest.raises(RegionFileError, match=r"bad\.roi"):
         read_imagej(path)

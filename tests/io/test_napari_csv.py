@@ -27,7 +27,7 @@ def test_builtin_shapes_csv_is_plain_layer_data(tmp_path):
     # ... and it converts to GeoJSON and back unchanged
     out = tmp_path / "shapes.geojson"
     write_shapes_geojson(str(out), data, meta)
-    (again, again_meta, _), = read_geojson(out)
+    ((again, again_meta, _),) = read_geojson(out)
     assert again_meta["shape_type"] == TYPES
     for read, original in zip(again, SHAPES, strict=True):
         np.testing.assert_array_equal(read, original)
@@ -43,6 +43,6 @@ def test_builtin_points_csv_with_properties(tmp_path):
     assert list(meta["properties"]["label"]) == [1, 0]
     out = tmp_path / "points.geojson"
     write_points_geojson(str(out), data, meta)
-    (again, again_meta, _), = read_geojson(out)
+    ((again, again_meta, _),) = read_geojson(out)
     np.testing.assert_array_equal(again, points)
     assert again_meta["features"]["label"] == [1, 0]

@@ -17,12 +17,17 @@ from napari_medplib.io.napari_io import (
 )
 
 GET_READERS = [get_geojson_reader, get_imagej_reader, get_coco_reader]
-POLYGON = {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [4, 0], [2, 3], [0, 0]]]},
-           "properties": {}}
+POLYGON = {
+    "type": "Feature",
+    "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [4, 0], [2, 3], [0, 0]]]},
+    "properties": {},
+}
 
 
 @pytest.mark.parametrize("get_reader", GET_READERS)
-@pytest.mark.parametrize("odd", ["missing.geojson", "missing.roi", "missing.json", "", ".", [], None, 42, [None]])
+@pytest.mark.parametrize(
+    "odd", ["missing.geojson", "missing.roi", "missing.json", "", ".", [], None, 42, [None]]
+)
 def test_get_reader_never_raises(tmp_path, get_reader, odd):
     path = str(tmp_path / odd) if isinstance(odd, str) and odd else odd
     assert get_reader(path) is None
@@ -74,7 +79,7 @@ def test_zip_with_rois_among_other_files(tmp_path):
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("notes.txt", "x")
         archive.writestr("cell.roi", (REAL / "readroi_rectangle.roi").read_bytes())
-    (data, meta, _), = get_imagej_reader(str(path))(str(path))
+    ((_data, meta, _),) = get_imagej_reader(str(path))(str(path))
     assert meta["shape_type"] == ["rectangle"]
 
 
@@ -82,9 +87,13 @@ def test_writers_return_the_written_path(tmp_path):
     shapes = [np.array([[0.0, 0.0], [0.0, 5.0], [5.0, 5.0]])]
     out = write_shapes_geojson(str(tmp_path / "s.geojson"), shapes, {"shape_type": ["polygon"]})
     assert out == [str(tmp_path / "s.geojson")]
-    assert write_points_geojson(str(tmp_path / "p.geojson"), np.array([[1.0, 2.0]]), {}) == [str(tmp_path / "p.geojson")]
+    assert write_points_geojson(str(tmp_path / "p.geojson"), np.array([[1.0, 2.0]]), {}) == [
+        str(tmp_path / "p.geojson")
+    ]
     labels = np.zeros((4, 4), int)
     labels[1, 1] = 1
-    assert write_labels_geojson(str(tmp_path / "l.geojson"), labels, {}) == [str(tmp_path / "l.geojson")]
+    assert write_labels_geojson(str(tmp_path / "l.geojson"), labels, {}) == [
+        str(tmp_path / "l.geojson")
+    ]
     for name in ("s", "p", "l"):
         assert json.loads((tmp_path / f"{name}.geojson").read_text())["type"] == "FeatureCollection"

@@ -42,8 +42,13 @@ def test_open_coco_json(make_napari_viewer):
 def test_save_shapes_with_our_writer_and_reopen(make_napari_viewer, tmp_path):
     viewer = make_napari_viewer()
     layer = viewer.add_shapes(
-        [np.array([[1.0, 2.0], [1.0, 8.0], [5.0, 8.0], [5.0, 2.0]]), np.array([[10.0, 10.0], [20.0, 12.0], [15.0, 30.0]])],
-        shape_type=["rectangle", "polygon"], features={"class": ["Tumor", "Stroma"]}, name="regions",
+        [
+            np.array([[1.0, 2.0], [1.0, 8.0], [5.0, 8.0], [5.0, 2.0]]),
+            np.array([[10.0, 10.0], [20.0, 12.0], [15.0, 30.0]]),
+        ],
+        shape_type=["rectangle", "polygon"],
+        features={"class": ["Tumor", "Stroma"]},
+        name="regions",
     )
     path = tmp_path / "regions.geojson"
     written = layer.save(str(path), plugin="napari-medplib")

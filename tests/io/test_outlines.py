@@ -17,15 +17,16 @@ def test_random_masks_round_trip(seed):
 def test_square_outline_vertices_are_pixel_corners():
     mask = np.zeros((6, 8), bool)
     mask[1:3, 2:5] = True  # rows 1-2, cols 2-4
-    (exterior, holes), = mask_to_polygons(mask)
+    ((exterior, holes),) = mask_to_polygons(mask)
     assert holes == []
-    assert sorted(map(tuple, exterior)) == [(2, 1), (2, 3), (5, 1), (5, 3)]  # (x, y), collinear points dropped
+    # (x, y) pixel corners, collinear points dropped
+    assert sorted(map(tuple, exterior)) == [(2, 1), (2, 3), (5, 1), (5, 3)]
 
 
 def test_ring_has_a_hole_and_empty_mask_has_nothing():
     mask = np.ones((5, 5), bool)
     mask[2, 2] = False
-    (exterior, holes), = mask_to_polygons(mask)
+    ((_exterior, holes),) = mask_to_polygons(mask)
     assert len(holes) == 1 and sorted(map(tuple, holes[0])) == [(2, 2), (2, 3), (3, 2), (3, 3)]
     assert mask_to_polygons(np.zeros((3, 3), bool)) == []
     with pytest.raises(ValueError, match="2-D"):

@@ -168,4 +168,6 @@ def uniform_width(rows: Iterable[np.ndarray]) -> list[np.ndarray]:
     """Pad coordinate arrays with leading zeros so that all have the same number of columns."""
     rows = list(rows)
     width = max((r.shape[1] for r in rows), default=2)
-    return [prepend_axes(r, [0.0] * (width - r.shape[1])) if r.shape[1] < width else r for r in rows]
+    return [
+        prepend_axes(r, [0.0] * (width - r.shape[1])) if r.shape[1] < width else r for r in rows
+    ]

@@ -48,7 +48,9 @@ REQUIRED_KEYS = ("images", "annotations", "categories")
 
 def is_coco(document: Any) -> bool:
     """True for a parsed JSON document with the three COCO lists."""
-    return isinstance(document, Mapping) and all(isinstance(document.get(k), list) for k in REQUIRED_KEYS)
+    return isinstance(document, Mapping) and all(
+        isinstance(document.get(k), list) for k in REQUIRED_KEYS
+    )
 
 
 def load_json(path: str | Path) -> Any:
@@ -56,14 +58,17 @@ def load_json(path: str | Path) -> Any:
     try:
         text = Path(path).read_text(encoding="utf-8-sig")
     except OSError as exc:
-        raise file_error(path, f"cannot be read ({exc.strerror})", "Check the path and permissions") from exc
+        raise file_error(
+            path, f"cannot be read ({exc.strerror})", "Check the path and permissions"
+        ) from exc
     if not text.strip():
         raise file_error(path, "the file is empty", "Export the COCO annotations again")
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
         raise file_error(
-            path, f"is not valid JSON ({exc.msg} at line {exc.lineno}); the file may be truncated",
+            path,
+            f"is not valid JSON ({exc.msg} at line {exc.lineno}); the file may be truncated",
             "Export the COCO annotations again",
         ) from exc
 
@@ -73,13 +78,17 @@ def read_coco(path: str | Path) -> list[LayerData]:
     document = load_json(path)
     if not is_coco(document):
         raise file_error(
-            path, "is JSON but not a COCO annotation file (needs 'images', 'annotations' and "
-            "'categories' lists)", "Open a COCO instances/keypoints file",
+            path,
+            "is JSON but not a COCO annotation file (needs 'images', 'annotations' and "
+            "'categories' lists)",
+            "Open a COCO instances/keypoints file",
         )
     return coco_to_layers(document, path)
 
 
-def coco_to_layers(document: Mapping[str, Any], path: str | Path = "annotations.json") -> list[LayerData]:
+def coco_to_layers(
+    document: Mapping[str, Any], path: str | Path = "annotations.json"
+) -> list[LayerData]:
     """Convert a parsed COCO document (see module docs) into napari layer data."""
     categories = {c.get("id"): c for c in document["categories"] if isinstance(c, Mapping)}
     colours = {cid: palette_rgb(i) for i, cid in enumerate(categories)}
@@ -94,8 +103,10 @@ def coco_to_layers(document: Mapping[str, Any], path: str | Path = "annotations.
         image_id = ann.get("image_id")
         if images and image_id not in images:
             raise file_error(
-                path, f"annotation {ann.get('id', index)} refers to image_id {image_id!r}, which is not "
-                "in 'images'", "Export the file again with its image list",
+                path,
+                f"annotation {ann.get('id', index)} refers to image_id {image_id!r}, which is not "
+                "in 'images'",
+                "Export the file again with its image list",
             )
         category = categories.get(ann.get("category_id"), {})
         row = {
@@ -115,13 +126,16 @@ def coco_to_layers(document: Mapping[str, Any], path: str | Path = "annotations.
             _add_annotation(ann, category, row, rgb, leading, boxes, segs, kps)
         except (ValueError, TypeError, KeyError, IndexError) as exc:
             raise file_error(
-                path, f"annotation {ann.get('id', index)} is malformed ({exc})",
+                path,
+                f"annotation {ann.get('id', index)} is malformed ({exc})",
                 "bbox must be [x, y, w, h]; segmentation a list of [x, y, ...] lists or an RLE "
                 "{'size', 'counts'}; keypoints [x, y, v] triples",
             ) from exc
 
     metadata = {
-        "source": str(path), "format": "coco", "axes": ("image", "y", "x") if plane else ("y", "x"),
+        "source": str(path),
+        "format": "coco",
+        "axes": ("image", "y", "x") if plane else ("y", "x"),
         "images": [images[i].get("file_name", "") for i in order],
         "categories": [c.get("name", "") for c in categories.values()],
     }
@@ -132,7 +146,11 @@ def coco_to_layers(document: Mapping[str, Any], path: str | Path = "annotations.
     if segs.shapes:
         out.append(segs.layer(f"{name} segmentation", metadata))
     if kps.points:
-        out.append(points_layer(f"{name} keypoints", np.asarray(kps.points, float), kps.rows, kps.rgb, metadata))
+        out.append(
+            points_layer(
+                f"{name} keypoints", np.asarray(kps.points, float), kps.rows, kps.rgb, metadata
+            )
+        )
     return out
 
 
@@ -156,8 +174,15 @@ def _add_annotation(ann, category, row, rgb, leading, boxes, segs, kps) -> None:
         triples = np.asarray(keypoints, dtype=float).reshape(-1, 3)
         for k, (x, y, v) in enumerate(triples):
             if v > 0:
-                kps.add(prepend_axes(np.array([[y, x]]), leading)[0],
-                        {**row, "keypoint": names[k] if k < len(names) else str(k), "visibility": int(v)}, rgb)
+                kps.add(
+                    prepend_axes(np.array([[y, x]]), leading)[0],
+                    {
+                        **row,
+                        "keypoint": names[k] if k < len(names) else str(k),
+                        "visibility": int(v),
+                    },
+                    rgb,
+                )
 
 
 def _add_rle(seg, row, rgb, leading, segs) -> None:
@@ -167,7 +192,12 @@ def _add_rle(seg, row, rgb, leading, segs) -> None:
     for exterior, holes in mask_to_polygons(mask):
         parent = segs.add(prepend_axes(exterior[:, ::-1].copy(), leading), "polygon", row, rgb)
         for hole in holes:
-            segs.add(prepend_axes(hole[:, ::-1].copy(), leading), "polygon", {**row, "hole_of": parent}, rgb)
+            segs.add(
+                prepend_axes(hole[:, ::-1].copy(), leading),
+                "polygon",
+                {**row, "hole_of": parent},
+                rgb,
+            )
 
 
 class _Shapes:

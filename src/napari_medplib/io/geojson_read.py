@@ -63,7 +63,9 @@ def read_geojson(path: str | Path) -> list[LayerData]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
-        raise file_error(path, f"cannot be read ({exc.strerror})", "Check the path and permissions") from exc
+        raise file_error(
+            path, f"cannot be read ({exc.strerror})", "Check the path and permissions"
+        ) from exc
     if not text.strip():
         raise file_error(path, "the file is empty", "Export the annotations again from QuPath")
     try:
@@ -109,7 +111,9 @@ def _features_of(document: Any, path: str | Path) -> list[Mapping[str, Any]]:
     elif isinstance(document, Mapping) and document.get("type") == "FeatureCollection":
         items = document.get("features")
         if not isinstance(items, list):
-            raise file_error(path, "the FeatureCollection has no 'features' list", "Export the file again")
+            raise file_error(
+                path, "the FeatureCollection has no 'features' list", "Export the file again"
+            )
     elif isinstance(document, Mapping) and document.get("type") == "Feature":
         items = [document]
     elif isinstance(document, Mapping) and document.get("type") in ALL_GEOMETRIES:
@@ -125,7 +129,8 @@ def _features_of(document: Any, path: str | Path) -> list[Mapping[str, Any]]:
     bad = [i for i, f in enumerate(items) if not isinstance(f, Mapping) or "geometry" not in f]
     if bad:
         raise file_error(
-            path, f"item {bad[0]} of the feature list is not a GeoJSON Feature (no 'geometry')",
+            path,
+            f"item {bad[0]} of the feature list is not a GeoJSON Feature (no 'geometry')",
             "Each entry must be {'type': 'Feature', 'geometry': ..., 'properties': ...}",
         )
     return items
@@ -140,7 +145,9 @@ def _plane(feature: Mapping[str, Any]) -> dict[str, int]:
     return {k: int(v) for k, v in plane.items() if k in ("z", "t") and isinstance(v, int | float)}
 
 
-def _properties_row(props: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[float, float, float] | None]:
+def _properties_row(
+    props: Mapping[str, Any],
+) -> tuple[dict[str, Any], tuple[float, float, float] | None]:
     """Flatten QuPath properties into one feature row, plus the classification colour."""
     row: dict[str, Any] = {}
     rgb = None
@@ -158,7 +165,11 @@ def _properties_row(props: Mapping[str, Any]) -> tuple[dict[str, Any], tuple[flo
             row.update({f"measurements.{k}": v for k, v in value.items()})
         elif key == "measurements" and isinstance(value, list):
             row.update(
-                {f"measurements.{m.get('name')}": m.get("value") for m in value if isinstance(m, Mapping)}
+                {
+                    f"measurements.{m.get('name')}": m.get("value")
+                    for m in value
+                    if isinstance(m, Mapping)
+                }
             )
         elif key in (ELLIPSE_PROPERTY, SHAPE_TYPE_PROPERTY):
             row[key] = value
@@ -199,8 +210,14 @@ def is_axis_aligned_box(rowcol: np.ndarray) -> bool:
     if rowcol.shape != (4, 2):
         return False
     nxt = np.roll(rowcol, -1, axis=0)
-    edges_axis_parallel = all((a[0] == b[0]) != (a[1] == b[1]) for a, b in zip(rowcol, nxt, strict=True))
-    return edges_axis_parallel and len(np.unique(rowcol[:, 0])) == 2 and len(np.unique(rowcol[:, 1])) == 2
+    edges_axis_parallel = all(
+        (a[0] == b[0]) != (a[1] == b[1]) for a, b in zip(rowcol, nxt, strict=True)
+    )
+    return (
+        edges_axis_parallel
+        and len(np.unique(rowcol[:, 0])) == 2
+        and len(np.unique(rowcol[:, 1])) == 2
+    )
 
 
 class _Collector:
@@ -274,7 +291,8 @@ class _Collector:
                     self.point_rows.add(row)
         except (ValueError, TypeError, IndexError) as exc:
             raise file_error(
-                path, f"feature {index} ({kind}) has malformed coordinates ({exc})",
+                path,
+                f"feature {index} ({kind}) has malformed coordinates ({exc})",
                 "Each vertex must be an [x, y] pair of numbers",
             ) from exc
 
@@ -284,12 +302,24 @@ class _Collector:
             alpha = [0.0 if h >= 0 else FACE_ALPHA for h in self.shape_rows.columns["hole_of"]]
             out.append(
                 shapes_layer(
-                    name, self.shapes, self.shape_types, self.shape_rows, self.shape_rgb, metadata,
+                    name,
+                    self.shapes,
+                    self.shape_types,
+                    self.shape_rows,
+                    self.shape_rgb,
+                    metadata,
                     face_alpha=alpha,
                 )
             )
         if self.points:
             data = np.asarray(self.points, dtype=float).reshape(len(self.points), -1)
-            out.append(points_layer(f"{name} points" if self.shapes else name, data,
-                                    self.point_rows, self.point_rgb, metadata))
+            out.append(
+                points_layer(
+                    f"{name} points" if self.shapes else name,
+                    data,
+                    self.point_rows,
+                    self.point_rgb,
+                    metadata,
+                )
+            )
         return out

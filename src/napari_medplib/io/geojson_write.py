@@ -38,7 +38,15 @@ from ._common import RegionFileError, rgb255
 from .geojson_read import ELLIPSE_PROPERTY, SHAPE_TYPE_PROPERTY, is_axis_aligned_box
 
 ELLIPSE_VERTICES = 64
-_INTERNAL = {"feature_index", "hole_of", "class", "objectType", "id", ELLIPSE_PROPERTY, SHAPE_TYPE_PROPERTY}
+_INTERNAL = {
+    "feature_index",
+    "hole_of",
+    "class",
+    "objectType",
+    "id",
+    ELLIPSE_PROPERTY,
+    SHAPE_TYPE_PROPERTY,
+}
 _AREA_TYPES = {"polygon", "rectangle", "ellipse"}
 
 
@@ -79,7 +87,11 @@ def shapes_to_geojson(data: Sequence[Any], meta: Mapping[str, Any] | None = None
         props = _properties(rows[first], colours[first])
         if len(members) == 1 and types[first] == "ellipse":
             props[ELLIPSE_PROPERTY] = _xy(shapes[first]).tolist()
-        if len(members) == 1 and types[first] == "polygon" and is_axis_aligned_box(shapes[first][:, -2:]):
+        if (
+            len(members) == 1
+            and types[first] == "polygon"
+            and is_axis_aligned_box(shapes[first][:, -2:])
+        ):
             props[SHAPE_TYPE_PROPERTY] = "polygon"  # else it would come back as a rectangle
         geometry = _merge(parts)
         _set_plane(geometry, shapes[first])
@@ -100,10 +112,15 @@ def points_to_geojson(data: Any, meta: Mapping[str, Any] | None = None) -> dict[
     features = []
     for members in _groups(rows, list(range(len(points)))):
         coords = [[float(points[i, -1]), float(points[i, -2])] for i in members]
-        geometry = {"type": "Point", "coordinates": coords[0]} if len(coords) == 1 else {
-            "type": "MultiPoint", "coordinates": coords}
+        geometry = (
+            {"type": "Point", "coordinates": coords[0]}
+            if len(coords) == 1
+            else {"type": "MultiPoint", "coordinates": coords}
+        )
         _set_plane(geometry, points[members[0]][None, :])
-        features.append(_feature(geometry, _properties(rows[members[0]], colours[members[0]]), rows[members[0]]))
+        features.append(
+            _feature(geometry, _properties(rows[members[0]], colours[members[0]]), rows[members[0]])
+        )
     return {"type": "FeatureCollection", "features": features}
 
 
@@ -131,15 +148,23 @@ def labels_to_geojson(data: Any, meta: Mapping[str, Any] | None = None) -> dict[
     features = []
     ids = np.unique(labels)
     ids = ids[ids > 0]
-    boxes = ndimage.find_objects(np.where(labels > 0, labels, 0).astype(np.int64)) if len(ids) else []
+    boxes = (
+        ndimage.find_objects(np.where(labels > 0, labels, 0).astype(np.int64)) if len(ids) else []
+    )
     for label in ids:
         box = boxes[int(label) - 1]
         crop = labels[box] == label
         offset = np.array([box[1].start, box[0].start], dtype=float)
         polygons = mask_to_polygons(crop)
-        parts = [[_closed(ext + offset)] + [_closed(h + offset) for h in holes] for ext, holes in polygons]
-        geometry = ({"type": "Polygon", "coordinates": parts[0]} if len(parts) == 1
-                    else {"type": "MultiPolygon", "coordinates": parts})
+        parts = [
+            [_closed(ext + offset)] + [_closed(h + offset) for h in holes]
+            for ext, holes in polygons
+        ]
+        geometry = (
+            {"type": "Polygon", "coordinates": parts[0]}
+            if len(parts) == 1
+            else {"type": "MultiPolygon", "coordinates": parts}
+        )
         row = {"name": f"{name} {int(label)}", "label": int(label), **table.get(int(label), {})}
         features.append(_feature(geometry, _properties(row, None), row))
     return {"type": "FeatureCollection", "features": features}
@@ -163,7 +188,8 @@ def feature_rows(meta: Mapping[str, Any], n: int) -> list[dict[str, Any]]:
 
 
 def _columns(table: Any) -> dict[str, Any]:
-    if hasattr(table, "to_dict") and hasattr(table, "columns"):  # pandas DataFrame, no import needed
+    # a pandas DataFrame (what napari hands writers), recognised without importing pandas
+    if hasattr(table, "to_dict") and hasattr(table, "columns"):
         return {str(c): list(table[c]) for c in table.columns}
     if isinstance(table, Mapping):
         return {str(k): v for k, v in table.items()}
@@ -204,7 +230,9 @@ def _properties(row: Mapping[str, Any], rgb: Sequence[float] | None) -> dict[str
     return props
 
 
-def _feature(geometry: dict[str, Any], props: dict[str, Any], row: Mapping[str, Any]) -> dict[str, Any]:
+def _feature(
+    geometry: dict[str, Any], props: dict[str, Any], row: Mapping[str, Any]
+) -> dict[str, Any]:
     feature: dict[str, Any] = {"type": "Feature"}
     ident = _plain(row.get("id"))
     if ident not in (None, ""):
@@ -286,8 +314,10 @@ def _merge(parts: list[tuple[str, Any]]) -> dict[str, Any]:
         return {"type": "MultiPolygon", "coordinates": [coords for _, coords in parts]}
     if kinds == {"LineString"}:
         return {"type": "MultiLineString", "coordinates": [coords for _, coords in parts]}
-    return {"type": "GeometryCollection",
-            "geometries": [{"type": kind, "coordinates": coords} for kind, coords in parts]}
+    return {
+        "type": "GeometryCollection",
+        "geometries": [{"type": kind, "coordinates": coords} for kind, coords in parts],
+    }
 
 
 def _set_plane(geometry: dict[str, Any], coords: np.ndarray) -> None:
@@ -300,7 +330,7 @@ def _set_plane(geometry: dict[str, Any], coords: np.ndarray) -> None:
             f"GeoJSON planes hold at most t and z, but the data has {coords.shape[1]} dimensions; "
             "project the layer to (t,) z, y, x first"
         )
-    values = [int(round(v)) for v in coords[0, :lead]]
+    values = [round(float(v)) for v in coords[0, :lead]]
     plane = {"c": -1, "z": values[-1], "t": values[0] if lead == 2 else 0}
     geometry["plane"] = plane
 

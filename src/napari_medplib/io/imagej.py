@@ -72,13 +72,19 @@ def load_rois(path: str | Path) -> list[Any]:
     try:
         if path.suffix.lower() == ".zip":
             with zipfile.ZipFile(path) as archive:
-                blobs = [(n, archive.read(n)) for n in archive.namelist() if n.lower().endswith(".roi")]
+                blobs = [
+                    (n, archive.read(n)) for n in archive.namelist() if n.lower().endswith(".roi")
+                ]
         else:
             blobs = [(path.name, path.read_bytes())]
     except (OSError, zipfile.BadZipFile) as exc:
-        raise file_error(path, f"cannot be read ({exc})", "Save the ROIs again from the ROI Manager") from exc
+        raise file_error(
+            path, f"cannot be read ({exc})", "Save the ROIs again from the ROI Manager"
+        ) from exc
     if not blobs:
-        raise file_error(path, "contains no .roi files", "Save a RoiSet from ImageJ's ROI Manager (More > Save)")
+        raise file_error(
+            path, "contains no .roi files", "Save a RoiSet from ImageJ's ROI Manager (More > Save)"
+        )
     rois = []
     for member, blob in blobs:
         if len(blob) < 64 or not blob.startswith(ROI_MAGIC):
@@ -89,7 +95,8 @@ def load_rois(path: str | Path) -> list[Any]:
             rois.append(ImagejRoi.frombytes(blob))
         except Exception as exc:  # roifile raises assorted struct/value errors on corrupt data
             raise file_error(
-                path, f"ROI {member!r} is corrupt ({type(exc).__name__}: {exc})",
+                path,
+                f"ROI {member!r} is corrupt ({type(exc).__name__}: {exc})",
                 "Save the ROI again from ImageJ/Fiji",
             ) from exc
     return rois
@@ -131,12 +138,17 @@ def rois_to_layers(rois: list[Any], path: str | Path = "RoiSet.zip") -> list[Lay
             shape_rows.add({**row, "hole_of": parent + first if parent >= 0 else -1})
     if not shapes and not points:
         raise file_error(
-            path, f"holds {len(rois)} ROI(s) but none with a region (text/image/empty ROIs only)",
+            path,
+            f"holds {len(rois)} ROI(s) but none with a region (text/image/empty ROIs only)",
             "Add area, line or point ROIs in ImageJ and save again",
         )
     axis_names = tuple(a.removesuffix("_position") for a in axes)
-    metadata = {"source": str(path), "format": "imagej-roi", "axes": (*axis_names, "y", "x"),
-                "skipped_rois": skipped}
+    metadata = {
+        "source": str(path),
+        "format": "imagej-roi",
+        "axes": (*axis_names, "y", "x"),
+        "skipped_rois": skipped,
+    }
     name = layer_name(path)
     out: list[LayerData] = []
     if shapes:
@@ -144,7 +156,11 @@ def rois_to_layers(rois: list[Any], path: str | Path = "RoiSet.zip") -> list[Lay
         out.append(shapes_layer(name, shapes, shape_types, shape_rows, shape_rgb, metadata, alpha))
     if points:
         data = np.asarray(points, dtype=float).reshape(len(points), -1)
-        out.append(points_layer(f"{name} points" if shapes else name, data, point_rows, point_rgb, metadata))
+        out.append(
+            points_layer(
+                f"{name} points" if shapes else name, data, point_rows, point_rgb, metadata
+            )
+        )
     return out
 
 
@@ -193,7 +209,10 @@ def _roi_geometry(roi: Any) -> tuple[str, list[np.ndarray]] | None:
     from roifile import ROI_SUBTYPE, ROI_TYPE
 
     kind = roi.roitype
-    if roi.subtype in (ROI_SUBTYPE.TEXT, ROI_SUBTYPE.IMAGE) or kind in (ROI_TYPE.NOROI, ROI_TYPE.UNKNOWN):
+    if roi.subtype in (ROI_SUBTYPE.TEXT, ROI_SUBTYPE.IMAGE) or kind in (
+        ROI_TYPE.NOROI,
+        ROI_TYPE.UNKNOWN,
+    ):
         return None
     if roi.composite:
         parts = [_rowcol(c) for c in roi.coordinates(multi=True) if len(c) >= 3]
@@ -223,8 +242,11 @@ def _hole_parents(parts: list[np.ndarray]) -> list[int]:
     polygons = [Polygon(p[:, ::-1]).buffer(0) for p in parts]
     parents = []
     for i, poly in enumerate(polygons):
-        inside = [j for j, other in enumerate(polygons)
-                  if j != i and other.area > poly.area and other.contains(poly.representative_point())]
+        inside = [
+            j
+            for j, other in enumerate(polygons)
+            if j != i and other.area > poly.area and other.contains(poly.representative_point())
+        ]
         if len(inside) % 2 == 1:
             parents.append(min(inside, key=lambda j: polygons[j].area))
         else:
@@ -256,7 +278,11 @@ def _point_positions(roi: Any, n: int) -> list[tuple[int, int | None]]:
     """(counter, stack position) per point of a multi-point ROI."""
     counters = roi.counters if roi.counters is not None and len(roi.counters) == n else [0] * n
     positions = (
-        roi.counter_positions if roi.counter_positions is not None and len(roi.counter_positions) == n
+        roi.counter_positions
+        if roi.counter_positions is not None and len(roi.counter_positions) == n
         else [None] * n
     )
-    return [(int(c), int(p) if p is not None else None) for c, p in zip(counters, positions, strict=True)]
+    return [
+        (int(c), int(p) if p is not None else None)
+        for c, p in zip(counters, positions, strict=True)
+    ]

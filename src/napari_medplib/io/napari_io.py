@@ -64,7 +64,9 @@ def get_coco_reader(path: str | Sequence[str]) -> ReaderFunction | None:
 
 
 def _reader_for(
-    path: str | Sequence[str], accepts: Callable[[Path], bool], read: Callable[[Path], list[LayerData]]
+    path: str | Sequence[str],
+    accepts: Callable[[Path], bool],
+    read: Callable[[Path], list[LayerData]],
 ) -> ReaderFunction | None:
     try:
         paths = [Path(path)] if isinstance(path, str | Path) else [Path(p) for p in path]
