@@ -124,6 +124,9 @@ def test_3d_image_current_slice_only_and_2d_shapes_on_any_slice():
         assert len(flat) == 1 and flat[0].bbox == (10, 20, 30, 40)
     with pytest.raises(RegionError, match="slice"):
         regions_from_shapes([on], "rectangle", image_shape=(5, 64, 64))
+    tilted = np.c_[[1.0, 1.0, 3.0, 3.0], RECT]  # a plane across slices 1..3
+    across = regions_from_shapes([tilted], "rectangle", image_shape=(5, 64, 64), slice_indices=(2,))
+    assert _reasons(across) == [(0, "invalid")] and "several slices" in across.summary()
 
 
 def test_slice_from_world_point_with_anisotropic_image(napari_layers):
@@ -336,6 +339,38 @@ def test_rotated_labels_take_the_general_resampling_path():
     assert {r.index for r in result} == {3, 5}
     for region in result:
         assert np.array_equal(region.to_mask(), rotated == region.index)
+
+
+class _LazyLabels:
+    """Array-like that only allows basic slicing (like dask / zarr) and records what was read."""
+
+    def __init__(self, array):
+        self.array, self.shape, self.dtype, self.reads = array, array.shape, array.dtype, []
+
+    def __getitem__(self, key):
+        assert all(isinstance(k, (int, slice)) for k in key), "only basic slicing"
+        self.reads.append(key)
+        return self.array[key]
+
+    def __array__(self, *args, **kwargs):
+        raise AssertionError("the whole labels volume was loaded")
+
+
+@pytest.mark.parametrize("angle", [0.0, 90.0])
+def test_3d_labels_read_only_the_current_plane(angle):
+    volume = np.zeros((4, 12, 16), np.int32)
+    volume[2, 1:4, 2:11] = 3
+    volume[1, 6:12, 12:15] = 5
+    lazy = _LazyLabels(volume)
+    transform = world_matrix(rotate=angle, translate=(0.0, 15.0 if angle else 0.0, 0.0))
+    shape = (4, 16, 12) if angle else (4, 12, 16)
+    result = regions_from_labels(
+        lazy, image_shape=shape, layer_transform=transform, slice_indices=(2,)
+    )
+    assert [r.index for r in result] == [3]
+    picture = np.rot90(volume[2]) if angle else volume[2]
+    assert np.array_equal(result[0].to_mask(), picture == 3)
+    assert all(read[0] in (2, slice(2, 3)) for read in lazy.reads)  # only plane 2 was touched
 
 
 def test_labels_partly_outside_are_clipped():

@@ -373,6 +373,9 @@ def regions_from_shapes(
         v, off_i = img[bounds[i] : bounds[i + 1]], off[bounds[i] : bounds[i + 1]]
         if kind is None:
             skipped.append(Skipped(i, "unsupported", f"{who} has unsupported type {types[i]!r}"))
+        elif off_i.any() and pmap.crosses_plane(v):
+            msg = f"{who} spans several slices; only shapes drawn in one plane are used"
+            skipped.append(Skipped(i, "invalid", msg))
         elif off_i.any():
             skipped.append(Skipped(i, "other_slice", f"{who} lies on another slice"))
         else:
@@ -415,15 +418,20 @@ def _labels_plane(data: np.ndarray, pmap, plane: tuple[int, int]) -> np.ndarray:
         sub = np.asarray(data[window])  # basic slicing: fine for dask / zarr arrays too
         out[np.ix_(rok, cok)] = sub[np.ix_(ri - ri.min(), ci - ci.min())]
         return out
-    step = max(1, 2_000_000 // max(plane[1], 1))  # general affine: chunks of rows
+    # general affine: read the window the plane's corners span, then gather in chunks of rows
+    corners = np.array([[0, 0], [0, plane[1] - 1], [plane[0] - 1, 0], [plane[0] - 1, plane[1] - 1]])
+    reach = np.floor(corners @ a.T + b + 0.5).astype(np.int64)
+    lo, hi = np.maximum(reach.min(axis=0), 0), np.minimum(reach.max(axis=0), size - 1)
+    if np.any(lo > hi):
+        return out
+    sub = np.asarray(data[tuple(slice(int(i), int(j) + 1) for i, j in zip(lo, hi, strict=True))])
+    step = max(1, 2_000_000 // max(plane[1], 1))
     for r_start in range(0, plane[0], step):
         rr, cc = np.meshgrid(rows[r_start : r_start + step], cols, indexing="ij")
-        idx = np.floor(
-            np.einsum("dk,kn->nd", a, np.stack([rr.ravel(), cc.ravel()])) + b + 0.5
-        ).astype(np.int64)
-        ok = np.all((idx >= 0) & (idx < size), axis=1)
+        idx = np.floor(np.stack([rr.ravel(), cc.ravel()], axis=1) @ a.T + b + 0.5).astype(np.int64)
+        ok = np.all((idx >= lo) & (idx <= hi), axis=1)
         vals = np.zeros(idx.shape[0], dtype=data.dtype)
-        vals[ok] = np.asarray(data)[tuple(idx[ok].T)]
+        vals[ok] = sub[tuple((idx[ok] - lo).T)]
         out[r_start : r_start + step] = vals.reshape(rr.shape)
     return out
 

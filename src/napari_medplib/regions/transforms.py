@@ -171,6 +171,12 @@ class PlaneMap:
             return np.zeros(image_coords.shape[0], dtype=bool)
         return np.any(np.abs(image_coords[:, :-2] - self.current) > _SLICE_TOL, axis=1)
 
+    def crosses_plane(self, image_coords: np.ndarray) -> bool:
+        """Do these points (one shape's vertices) lie on both sides of, or around, the plane?"""
+        lead = image_coords[:, :-2]
+        lo, hi = lead.min(axis=0), lead.max(axis=0)
+        return bool(np.all((lo <= self.current + _SLICE_TOL) & (hi >= self.current - _SLICE_TOL)))
+
     def plane_to_layer(self) -> tuple[np.ndarray, np.ndarray]:
         """(A, b) with layer coords = A @ (row, col) + b for pixels of the current image plane."""
         inv = np.linalg.inv(self.layer_to_image)
@@ -206,7 +212,7 @@ def plane_map(
     world = _world_point(dw, image_shape, m_image, slice_point, slice_indices)
     current = np.linalg.solve(m_image, np.append(world, 1.0))[: dw - 2]
     own = np.arange(dw - 2) >= dw - image_ndim  # non-displayed axes the image itself has
-    current[own] = np.floor(current[own] + 0.5)
+    current[own] = np.round(current[own])  # the plane napari shows (np.round, as its slicer)
     for axis in np.nonzero(own)[0]:
         size = image_shape[axis - (dw - image_ndim)]
         if not 0 <= current[axis] < size:
