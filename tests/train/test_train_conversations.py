@@ -140,6 +140,7 @@ def test_image_vqa_answers(corpus):
                 assert c.answer == STYLES[sample.style].description
             elif c.kind == "count":
                 assert c.answer == str(sum(n == c.meta["category"] for n in sample.categories.values()))
+                assert int(c.answer) <= 25, "counts beyond max_count are not asked"
             elif c.kind == "presence":
                 assert c.answer == ("yes" if c.meta["category"] in sample.categories.values() else "no")
                 assert c.meta["category"] in ALL_CATEGORIES
@@ -205,3 +206,13 @@ def test_conversation_checks_its_placeholders():
 def test_unknown_task_is_named():
     with pytest.raises(ValueError, match="unknown task 'caption'"):
         make_conversations(make_sample("nuclei", 0), 0, tasks=["caption"])
+
+
+def test_max_count_skips_crowded_counts():
+    s = make_sample("he", 1)  # 25-60 nuclei, 0-2 lumina
+    n_nuclei = len(s.instances_of("nucleus"))
+    assert n_nuclei > 10
+    convs = make_conversations(s, 0, n_per_task=12, tasks=["vqa", "region_vqa"], max_count=10)
+    counts = [c for c in convs if c.kind == "count"]
+    assert counts and all(int(c.answer) <= 10 for c in counts)
+    assert all(c.meta["category"] != "nucleus" for c in counts if c.task == "vqa")

@@ -19,7 +19,9 @@ Attribute definitions (what the answers mean; the thresholds leave a gap, and ob
 are never asked about, so no answer is a coin toss):
 
 * count inside a box: instances with >= 50 % of their pixels in the box; boxes that cut an instance
-  between 20 % and 80 % are redrawn (up to 30 times) so the count is unambiguous;
+  between 20 % and 80 % are redrawn (up to 30 times) so the count is unambiguous; counts (in a box
+  or in the image) above ``max_count`` (default 25) are not asked: exact counts of 50 small H&E
+  nuclei are beyond what 24x24 image tokens can resolve, and would only teach guessing;
 * size: area vs the sample's ``meta["size_thresholds"][category]`` (small < t1 <= medium < t2 <= large),
   skipped within +-8 % of a threshold;
 * shape: eccentricity of the pixel moments; round < 0.6, elongated > 0.8;
@@ -235,6 +237,7 @@ class _Ctx:
     stats: InstanceStats
     rng: np.random.Generator
     vocabulary: tuple[str, ...]
+    max_count: int
 
     def pick(self, seq: Sequence[Any]) -> Any:
         return seq[int(self.rng.integers(len(seq)))]
@@ -323,7 +326,7 @@ def _count_box(ctx: _Ctx, cat: str) -> tuple[tuple[int, int, int, int], int] | N
             box = (max(int(b[:, 0].min()) - 2, 0), max(int(b[:, 1].min()) - 2, 0),
                    min(int(b[:, 2].max()) + 2, h - 1), min(int(b[:, 3].max()) + 2, w - 1))
         count, clean = box_count(ctx.sample.labels, ids, box)
-        if clean:
+        if clean and count <= ctx.max_count:
             return box, count
     return None
 
@@ -394,9 +397,10 @@ def _vqa(ctx: _Ctx, kind: str) -> Conversation | None:
         return Conversation(ctx.pick(templates), answer, "vqa", kind, canonical=answer,
                             choices=tuple(sorted(known | {answer})))
     if kind == "count":
-        if not ctx.categories():
+        countable = [c for c in ctx.categories() if len(ctx.sample.instances_of(c)) <= ctx.max_count]
+        if not countable:
             return None
-        cat = ctx.pick(ctx.categories())
+        cat = ctx.pick(countable)
         n = str(len(ctx.sample.instances_of(cat)))
         return Conversation(ctx.pick(_V_COUNT).format(cnoun=_count_noun(cat)), n, "vqa", kind,
                             canonical=n, meta={"category": cat})
@@ -421,18 +425,18 @@ _BUILDERS = {"grounding": _grounding, "region_vqa": _region_vqa, "vqa": _vqa}
 
 def make_conversations(sample: Sample, rng: np.random.Generator | int, n_per_task: int | dict[str, int] = 3,
                        tasks: Sequence[str] = TASKS, kinds: dict[str, Sequence[str]] | None = None,
-                       vocabulary: Sequence[str] | None = None) -> list[Conversation]:
+                       vocabulary: Sequence[str] | None = None, max_count: int = 25) -> list[Conversation]:
     """`n_per_task` conversations for each task, cycling through its kinds in a shuffled order.
 
     A kind that cannot be asked about this sample (no unambiguous instance, one category for
     ``multi``, no modality for user data) is replaced by another kind of the same task, so every task
     gets its share while any is possible. `vocabulary` supplies the categories "is there ...?" may
-    ask about as negatives (default: every synthetic category).
+    ask about as negatives (default: every synthetic category); counts above `max_count` are not asked.
     """
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     kinds = {**DEFAULT_KINDS, **(kinds or {})}
     vocab = tuple(sorted(set(ALL_CATEGORIES if vocabulary is None else vocabulary)))
-    ctx = _Ctx(sample, InstanceStats.of(sample), rng, vocab)
+    ctx = _Ctx(sample, InstanceStats.of(sample), rng, vocab, max_count)
     out: list[Conversation] = []
     seen: set[tuple[str, str]] = set()  # region-free turns asked already: never repeat one verbatim
     for task in tasks:
