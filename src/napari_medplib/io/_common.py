@@ -20,7 +20,7 @@ turns them into its ``features`` table. Two columns are shared by all readers an
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +49,7 @@ def file_error(path: str | Path, problem: str, fix: str) -> RegionFileError:
 
 def layer_name(path: str | Path, suffix: str = "") -> str:
     """Layer name from the file stem (``cells.geojson`` -> ``cells``)."""
-    stem = Path(path).name.split(".")[0] or Path(path).stem
-    return f"{stem} {suffix}".strip()
+    return f"{Path(path).stem} {suffix}".strip()
 
 
 # ----------------------------------------------------------------------------------------- colours
@@ -162,12 +161,3 @@ def points_layer(
         "metadata": dict(metadata),
     }
     return np.asarray(points, dtype=float), meta, "points"
-
-
-def uniform_width(rows: Iterable[np.ndarray]) -> list[np.ndarray]:
-    """Pad coordinate arrays with leading zeros so that all have the same number of columns."""
-    rows = list(rows)
-    width = max((r.shape[1] for r in rows), default=2)
-    return [
-        prepend_axes(r, [0.0] * (width - r.shape[1])) if r.shape[1] < width else r for r in rows
-    ]

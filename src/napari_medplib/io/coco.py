@@ -139,6 +139,12 @@ def coco_to_layers(
         "images": [images[i].get("file_name", "") for i in order],
         "categories": [c.get("name", "") for c in categories.values()],
     }
+    if not (boxes.shapes or segs.shapes or kps.points):
+        raise file_error(
+            path,
+            f"has {len(document['annotations'])} annotation(s) but no box, segmentation or keypoint",
+            "Open a COCO instances or keypoints file that has annotations",
+        )
     name = layer_name(path)
     out = []
     if boxes.shapes:
@@ -156,7 +162,7 @@ def coco_to_layers(
 
 def _add_annotation(ann, category, row, rgb, leading, boxes, segs, kps) -> None:
     bbox = ann.get("bbox")
-    if bbox is not None and len(bbox) == 4:
+    if bbox is not None and len(bbox) == 4 and float(bbox[2]) > 0 and float(bbox[3]) > 0:
         x, y, w, h = (float(v) for v in bbox)
         corners = np.array([[y, x], [y, x + w], [y + h, x + w], [y + h, x]], float)
         boxes.add(prepend_axes(corners, leading), "rectangle", row, rgb)

@@ -146,14 +146,16 @@ def labels_to_geojson(data: Any, meta: Mapping[str, Any] | None = None) -> dict[
     table = _label_table(meta)
     name = meta.get("name") or "label"
     features = []
-    ids = np.unique(labels)
-    ids = ids[ids > 0]
-    boxes = (
-        ndimage.find_objects(np.where(labels > 0, labels, 0).astype(np.int64)) if len(ids) else []
-    )
-    for label in ids:
-        box = boxes[int(label) - 1]
-        crop = labels[box] == label
+    # Compact ids first: find_objects allocates one slot per id up to the largest one.
+    ids, compact = np.unique(np.where(labels > 0, labels, 0), return_inverse=True)
+    compact = compact.reshape(labels.shape)
+    if ids[0] != 0:  # no background pixel: keep index 0 for background all the same
+        ids, compact = np.concatenate([[0], ids]), compact + 1
+    boxes = ndimage.find_objects(compact)
+    for index in range(1, len(ids)):
+        label = ids[index]
+        box = boxes[index - 1]
+        crop = compact[box] == index
         offset = np.array([box[1].start, box[0].start], dtype=float)
         polygons = mask_to_polygons(crop)
         parts = [
