@@ -140,8 +140,8 @@ class PlaneMap:
 
     ``layer_to_image`` works in ``ndim_world`` dimensions, where a layer with fewer dimensions takes
     the current world position on its missing leading axes (so 2-D layers apply to every slice).
-    ``current`` is the current position in image coordinates on the non-displayed axes (rounded to
-    the shown plane on the image's own axes).
+    ``current`` is the current position in image coordinates on the non-displayed axes: the shown
+    plane's index on the image's own axes, world coordinates on leading axes the image lacks.
     """
 
     layer_to_image: np.ndarray  # (Dw+1, Dw+1)
@@ -179,7 +179,10 @@ class PlaneMap:
 
     def plane_to_layer(self) -> tuple[np.ndarray, np.ndarray]:
         """(A, b) with layer coords = A @ (row, col) + b for pixels of the current image plane."""
-        inv = np.linalg.inv(self.layer_to_image)
+        try:
+            inv = np.linalg.inv(self.layer_to_image)
+        except np.linalg.LinAlgError:
+            raise RegionError("the layer transform is singular (a zero scale?)") from None
         lead = np.concatenate([self.current, [0.0, 0.0, 1.0]])
         rows = inv[self.ndim_world - self.layer_ndim : self.ndim_world]
         return rows[:, -3:-1], rows @ lead
