@@ -215,23 +215,13 @@ def test_labels_to_geojson_rasterises_back_exactly(tmp_path):
 
 
 def test_labels_without_background_and_with_huge_ids():
-    labels = np.full(
-        (4, 6), 2**40, dtype=np.int64
-    )  # find_objects on raw ids would need 2**40 slots
+    # find_objects on the raw ids would need 2**40 slots
+    labels = np.full((4, 6), 2**40, dtype=np.int64)
     labels[:, 3:] = 9
     doc = labels_to_geojson(labels, {})
     assert [f["properties"]["label"] for f in doc["features"]] == [9, 2**40]
-    assert doc["features"][0]["geometry"]["coordinates"][0][:-1] == [
-        [6, 0],
-        [6, 4],
-        [3, 4],
-        [3, 0],
-    ] or sorted(map(tuple, doc["features"][0]["geometry"]["coordinates"][0][:-1])) == [
-        (3, 0),
-        (3, 4),
-        (6, 0),
-        (6, 4),
-    ]
+    ring = doc["features"][0]["geometry"]["coordinates"][0][:-1]
+    assert sorted(map(tuple, ring)) == [(3, 0), (3, 4), (6, 0), (6, 4)]  # columns 3-5, all rows
 
 
 def test_labels_features_and_errors():
