@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from skimage.measure import regionprops
 
 from .region import POINT_SPAN, Region, RegionError
 from .transforms import plane_map
@@ -472,6 +471,8 @@ def regions_from_labels(
         slice_point=slice_point,
         slice_indices=slice_indices,
     )
+    from skimage.measure import regionprops  # lazy: pulls in scipy (~0.5 s) only when needed
+
     lab = _labels_plane(arr, pmap, plane).astype(np.int64)
     if lab.min(initial=0) < 0:
         lab[lab < 0] = 0
