@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -257,7 +257,8 @@ class _Ctx:
         if kind == "box":
             h, w = self.sample.labels.shape
             m = int(self.rng.integers(0, 3))
-            return RegionSpec("box", box=(max(y0 - m, 0), max(x0 - m, 0), min(y1 + m, h - 1), min(x1 + m, w - 1)))
+            box = (max(y0 - m, 0), max(x0 - m, 0), min(y1 + m, h - 1), min(x1 + m, w - 1))
+            return RegionSpec("box", box=box)
         patch = np.pad(self.sample.labels[y0 : y1 + 1, x0 : x1 + 1] == self.stats.ids[idx], 1)
         depth = ndi.distance_transform_edt(patch)[1:-1, 1:-1]
         rows, cols = np.nonzero(depth >= 0.7 * depth.max())

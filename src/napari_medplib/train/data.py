@@ -202,7 +202,8 @@ def save_dataset(folder: str | Path, items: Iterable[tuple[Sample, list[Conversa
             ids = np.array(sorted(sample.categories), dtype=np.int32)
             np.savez_compressed(
                 folder / name, image=sample.image, labels=sample.labels.astype(np.int32),
-                category_ids=ids, category_names=np.array([sample.categories[int(i)] for i in ids], dtype=str),
+                category_ids=ids,
+                category_names=np.array([sample.categories[int(i)] for i in ids], dtype=str),
                 style=np.array(sample.style), meta=np.array(json.dumps(sample.meta)), **masks.arrays,
             )
             n_samples += 1

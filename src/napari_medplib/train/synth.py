@@ -257,7 +257,7 @@ def _boundaries(labels: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- styles
 def _nuclei(rng, shape):
-    n = _count(rng, shape, 6, 24)
+    n = _count(rng, shape, 8, 30)
     r0 = rng.uniform(6.5, 12.0)
     radii = r0 * rng.lognormal(0, 0.18, n)
     centres = _place(rng, shape, radii, p_touch=0.45)
