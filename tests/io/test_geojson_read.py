@@ -209,3 +209,20 @@ def test_malformed_files_raise_clear_errors(write_json, content, message):
         read_geojson(path)
     assert "bad.geojson" in str(info.value)
     assert isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("corners", "is_box"),
+    [
+        ([[0, 0], [0, 4], [3, 4], [3, 0]], True),
+        ([[3, 0], [3, 4], [0, 4], [0, 0]], True),  # other winding
+        ([[0, 0], [0, 4], [3, 4], [3, 1]], False),  # trapezoid
+        ([[0, 2], [2, 4], [4, 2], [2, 0]], False),  # diamond (rotated square)
+        ([[0, 0], [3, 4], [0, 4], [3, 0]], False),  # self-crossing bow tie
+        ([[0, 0], [0, 0], [0, 0], [0, 0]], False),  # degenerate
+    ],
+)
+def test_rectangle_detection(corners, is_box):
+    ring = [[c, r] for r, c in corners] + [[corners[0][1], corners[0][0]]]
+    ((_, meta, _),) = geojson_to_layers([feature("Polygon", [ring])])
+    assert meta["shape_type"] == ["rectangle" if is_box else "polygon"]

@@ -209,15 +209,11 @@ def is_axis_aligned_box(rowcol: np.ndarray) -> bool:
     """Four corners going round an axis-aligned rectangle of non-zero size."""
     if rowcol.shape != (4, 2):
         return False
-    nxt = np.roll(rowcol, -1, axis=0)
-    edges_axis_parallel = all(
-        (a[0] == b[0]) != (a[1] == b[1]) for a, b in zip(rowcol, nxt, strict=True)
-    )
-    return (
-        edges_axis_parallel
-        and len(np.unique(rowcol[:, 0])) == 2
-        and len(np.unique(rowcol[:, 1])) == 2
-    )
+    corners = rowcol.tolist()  # plain floats: this runs for every 4-vertex polygon of a file
+    for (r0, c0), (r1, c1) in zip(corners, corners[1:] + corners[:1], strict=True):
+        if (r0 == r1) == (c0 == c1):  # each edge must change exactly one coordinate
+            return False
+    return len({r for r, _ in corners}) == 2 and len({c for _, c in corners}) == 2
 
 
 class _Collector:
