@@ -9,6 +9,7 @@ the same for all three tasks, because templates give answers that are exactly ri
   two ``<SEG>`` (kind ``multi``). ``<SEG>`` is written as the reference's data files write it.
 * ``region_vqa`` — about one ``<region>`` (box, point or instance mask): ``category`` (or
   "background"), ``count`` (objects inside a box), ``size``, ``shape``, ``position``, ``intensity``.
+  A box stands for an instance only when it is unambiguous (see `_Ctx.region`); else a point/mask.
 * ``vqa`` — image level: ``modality``, ``description``, ``count``, ``presence``.
 
 Questions hold ``<region>`` placeholders (one per entry of ``regions``, in order); ``<image>`` is not
@@ -248,22 +249,41 @@ class _Ctx:
     def categories(self) -> list[str]:
         return sorted(set(self.stats.categories))
 
-    def region(self, idx: int, kinds: Sequence[str] = ("box", "point", "mask")) -> RegionSpec:
-        """A box (tight, 0-2 px margin), an interior point, or the mask of instance `idx`."""
+    def region(self, idx: int, kinds: Sequence[str] = ("box", "point", "mask"),
+               clean_box: bool = True) -> RegionSpec:
+        """A box (tight, 0-2 px margin), an interior point, or the mask of instance `idx`.
+
+        With `clean_box`, a box is used only when it says unambiguously which object is meant:
+        the instance holds >= 60 % of the box's labelled pixels and no other instance lies wholly
+        inside it (a cytoplasm's box also holds its nucleus: a point or mask is drawn instead).
+        """
         kind = self.pick(kinds)
-        if kind == "mask":
-            return RegionSpec("mask", mask=self.mask(idx))
         y0, x0, y1, x1 = (int(v) for v in self.stats.bbox[idx])
         if kind == "box":
             h, w = self.sample.labels.shape
             m = int(self.rng.integers(0, 3))
             box = (max(y0 - m, 0), max(x0 - m, 0), min(y1 + m, h - 1), min(x1 + m, w - 1))
-            return RegionSpec("box", box=box)
+            if not clean_box or self._box_is_clean(idx, box):
+                return RegionSpec("box", box=box)
+            kind = self.pick([k for k in kinds if k != "box"] or ["point"])
+        if kind == "mask":
+            return RegionSpec("mask", mask=self.mask(idx))
         patch = np.pad(self.sample.labels[y0 : y1 + 1, x0 : x1 + 1] == self.stats.ids[idx], 1)
         depth = ndi.distance_transform_edt(patch)[1:-1, 1:-1]
         rows, cols = np.nonzero(depth >= 0.7 * depth.max())
         k = int(self.rng.integers(len(rows)))
         return RegionSpec("point", point=(y0 + int(rows[k]), x0 + int(cols[k])))
+
+    def _box_is_clean(self, idx: int, box: tuple[int, int, int, int]) -> bool:
+        y0, x0, y1, x1 = box
+        inside = self.sample.labels[y0 : y1 + 1, x0 : x1 + 1]
+        labelled = np.count_nonzero(inside)
+        if np.count_nonzero(inside == self.stats.ids[idx]) < 0.6 * labelled:
+            return False
+        b = self.stats.bbox
+        wholly = (b[:, 0] >= y0) & (b[:, 1] >= x0) & (b[:, 2] <= y1) & (b[:, 3] <= x1)
+        wholly[idx] = False
+        return not wholly.any()
 
     def by_class(self, classes: Sequence[str | None]) -> tuple[str, int] | None:
         """Draw an answer class uniformly among those present, then an instance having it."""
@@ -296,7 +316,7 @@ def _grounding(ctx: _Ctx, kind: str) -> Conversation | None:
         idx = ctx.pick([i for i, c in enumerate(ctx.stats.categories) if c == cat])
         question = ctx.pick(_G_INSTANCE).format(noun=cat)
         return Conversation(question, ctx.pick(_G_ANSWERS[:5]), "grounding", kind,
-                            [ctx.region(idx, ("box", "point"))], [ctx.mask(idx)],
+                            [ctx.region(idx, ("box", "point"), clean_box=False)], [ctx.mask(idx)],
                             meta={"categories": [cat], "label_ids": [[int(ctx.stats.ids[idx])]]})
     if kind == "multi" and len(cats) >= 2:
         pair = [cats[i] for i in ctx.rng.permutation(len(cats))[:2]]
