@@ -426,12 +426,14 @@ def _labels_plane(data: np.ndarray, pmap, plane: tuple[int, int]) -> np.ndarray:
     sub = np.asarray(data[tuple(slice(int(i), int(j) + 1) for i, j in zip(lo, hi, strict=True))])
     step = max(1, 2_000_000 // max(plane[1], 1))
     for r_start in range(0, plane[0], step):
-        rr, cc = np.meshgrid(rows[r_start : r_start + step], cols, indexing="ij")
-        idx = np.floor(np.stack([rr.ravel(), cc.ravel()], axis=1) @ a.T + b + 0.5).astype(np.int64)
-        ok = np.all((idx >= lo) & (idx <= hi), axis=1)
-        vals = np.zeros(idx.shape[0], dtype=data.dtype)
-        vals[ok] = sub[tuple((idx[ok] - lo).T)]
-        out[r_start : r_start + step] = vals.reshape(rr.shape)
+        r = rows[r_start : r_start + step, None]
+        ok = np.ones((r.shape[0], plane[1]), dtype=bool)
+        index = []
+        for d in range(size.size):  # per layer axis, by broadcasting (no (N, 2) @ (2, 2) products)
+            i = np.floor(a[d, 0] * r + a[d, 1] * cols[None, :] + (b[d] + 0.5)).astype(np.int64)
+            ok &= (i >= lo[d]) & (i <= hi[d])
+            index.append(i - lo[d])
+        out[r_start : r_start + step][ok] = sub[tuple(i[ok] for i in index)]
     return out
 
 

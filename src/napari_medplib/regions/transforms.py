@@ -163,7 +163,8 @@ class PlaneMap:
         ]
         full[:, self.ndim_world - self.layer_ndim : -1] = coords
         full[:, -1] = 1.0
-        return (full @ self.layer_to_image.T)[:, :-1]
+        # einsum, not @: OpenBLAS is slow (and thread-hungry) for (N, 3) x (3, 3) products
+        return np.einsum("nk,dk->nd", full, self.layer_to_image)[:, :-1]
 
     def off_plane(self, image_coords: np.ndarray) -> np.ndarray:
         """Bool per row: does this image-space point lie off the current plane?"""
