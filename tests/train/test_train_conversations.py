@@ -106,6 +106,11 @@ def test_region_answers_match_the_instance_under_the_region(corpus):
                 assert c.answer == str(inside)
                 continue
             label = instance_under(sample, region)
+            if region.kind == "box":  # a box names one object: no other lies wholly inside it
+                y0, x0, y1, x1 = region.box
+                wholly = [k for k, q in p.items() if q.bbox[0] >= y0 and q.bbox[1] >= x0
+                          and q.bbox[2] - 1 <= y1 and q.bbox[3] - 1 <= x1]
+                assert wholly == [label]
             if c.kind == "category":
                 assert c.answer == (sample.categories[label] if label else "background")
                 continue

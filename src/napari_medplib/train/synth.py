@@ -437,7 +437,7 @@ def make_sample(style: str, seed: int | Sequence[int], size: tuple[int, int] = (
     camera = _fluorescence_camera if optics == "fluorescence" else _transmitted_camera
     image = camera(rng, signal, bit_depth)
     meta = {
-        "seed": seed if isinstance(seed, int) else list(seed),
+        "seed": int(seed) if np.ndim(seed) == 0 else [int(v) for v in seed],  # type: ignore[union-attr]
         "bit_depth": bit_depth,
         "channels": ch,
         "modality": info.modality,
