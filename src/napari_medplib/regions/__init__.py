@@ -51,14 +51,13 @@ Conventions:
 """
 
 from .layers import (
-    RegionResult,
-    Skipped,
     regions_from_labels,
     regions_from_layer_data,
     regions_from_points,
     regions_from_shapes,
 )
 from .region import PATH_RADIUS, POINT_SPAN, Region, RegionError
+from .result import RegionResult, Skipped
 from .transforms import world_matrix
 
 __all__ = [
