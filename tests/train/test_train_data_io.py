@@ -59,3 +59,13 @@ def test_missing_sample_file_is_named(tmp_path):
     ds[0]
     with pytest.raises(DatasetFormatError, match="000001.npz is missing"):
         ds[1]
+
+
+def test_train_data_modules_are_light():
+    import subprocess
+    import sys
+
+    code = ("import sys, napari_medplib.train\n"
+            "print([m for m in ('torch', 'transformers', 'napari', 'qtpy', 'PyQt6') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -54,14 +54,15 @@ class Sample:
 #: The name the training issue uses; every sample, synthetic or converted, is a `Sample`.
 SyntheticSample = Sample
 
-
-
+#: The grounding token as the reference writes it in answers ("It is <SEG>."), and the region
+#: placeholder as questions carry it (the engine expands it to "<region></region>" + the feature).
 SEG_TOKEN = "<SEG>"
 REGION_TOKEN = "<region>"
 TASKS = ("grounding", "region_vqa", "vqa")
 Task = Literal["grounding", "region_vqa", "vqa"]
 
-# ----------------------------------------------------------------------------- data types
+
+# ----------------------------------------------------------------------------- conversations
 @dataclass(eq=False)
 class RegionSpec:
     """A region in napari (row, col) pixel coordinates: a box, a point, or a boolean mask.
