@@ -20,6 +20,7 @@ SHAPES = [
     np.array([[2.0, 50.0, 50.0], [2.0, 60.0, 62.0]]),
 ]
 TYPES = ["rectangle", "polygon", "ellipse", "line"]
+RECT = np.array([[10.0, 20.0], [10.0, 40.0], [30.0, 40.0], [30.0, 20.0]])
 
 
 def _same(a, b):
@@ -96,3 +97,23 @@ def test_layer_data_of_other_kinds_is_refused(layer_data, words):
     with pytest.raises(RegionError) as info:
         regions_from_layer_data(layer_data, image_shape=(8, 8))
     assert words in str(info.value)
+
+
+def test_current_slice_from_a_viewer_model_dims_point():
+    """The UI passes viewer.dims.point; with a 4-D layer around, only its trailing axes are ours."""
+    components = pytest.importorskip("napari.components")
+    viewer = components.ViewerModel()
+    image = viewer.add_image(np.zeros((5, 64, 64)), scale=(2.0, 1.0, 1.0))
+    viewer.add_image(np.zeros((3, 10, 64, 64)))  # a (T, Z, Y, X) layer makes the world 4-D
+    shapes = [np.c_[np.full(4, float(z)), RECT] for z in (4.0, 6.0)]  # world z 4 and 6
+    viewer.dims.set_point(1, 6.0)
+    result = regions_from_shapes(
+        shapes,
+        "rectangle",
+        image_shape=image.data.shape,
+        image_transform={"scale": image.scale, "translate": image.translate},
+        slice_point=viewer.dims.point,
+    )
+    assert len(viewer.dims.point) == 4
+    assert [r.index for r in result] == [1]
+    assert np.allclose(result[0].coords, [[10.0, 20.0], [30.0, 40.0]])
