@@ -221,3 +221,26 @@ def test_max_count_skips_crowded_counts():
     counts = [c for c in convs if c.kind == "count"]
     assert counts and all(int(c.answer) <= 10 for c in counts)
     assert all(c.meta["category"] != "nucleus" for c in counts if c.task == "vqa")
+
+
+def test_reproducible_across_processes_with_different_hash_seeds():
+    """Set iteration order changes with PYTHONHASHSEED; the data must not."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import hashlib\n"
+            "from napari_medplib.train import make_dataset, make_conversations\n"
+            "h = hashlib.sha1()\n"
+            "for s in make_dataset(5, seed=4):\n"
+            "    h.update(s.image.tobytes())\n"
+            "    for c in make_conversations(s, 1, 4):\n"
+            "        h.update((c.question + c.answer).encode())\n"
+            "        for m in c.target_masks: h.update(m.tobytes())\n"
+            "print(h.hexdigest())\n")
+    digests = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed}).stdout.strip()
+        for seed in ("1", "2")
+    }
+    assert len(digests) == 1
