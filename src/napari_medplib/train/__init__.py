@@ -5,7 +5,8 @@
 * `conversations` — MeCoVQA-style grounding / region-VQA / VQA turns from masks (`make_conversations`);
 * `annotations` — the same turns from a user's image + label image + class names;
 * `data` — the shared types (`Sample`, `RegionSpec`, `Conversation`), `normalise_answer` for
-  exact-match scoring, and the on-disk format (`save_dataset`, `load_dataset`).
+  exact-match scoring, the on-disk format (`save_dataset`, `load_dataset`), and a synthetic split
+  written in one call (`write_synthetic_dataset`; `synthetic_items` streams the same pairs).
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ from .data import (
     load_dataset,
     normalise_answer,
     save_dataset,
+    synthetic_items,
+    write_synthetic_dataset,
 )
 from .synth import STYLES, make_dataset, make_sample, sample_seed
 
@@ -45,4 +48,6 @@ __all__ = [
     "sample_from_annotations",
     "sample_seed",
     "save_dataset",
+    "synthetic_items",
+    "write_synthetic_dataset",
 ]

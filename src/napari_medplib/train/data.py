@@ -277,3 +277,30 @@ class TrainDataset:
 def load_dataset(folder: str | Path) -> TrainDataset:
     """Open a folder written by `save_dataset` (samples are read on access)."""
     return TrainDataset(folder)
+
+
+# ----------------------------------------------------------------------------- synthetic data sets
+def synthetic_items(n: int, seed: int = 0, split: str = "train", n_per_task: int | dict[str, int] = 3,
+                    start: int = 0, **options: Any) -> Iterator[tuple[Sample, list[Conversation]]]:
+    """(sample, conversations) pairs of a synthetic split, each fixed by (seed, index, split) alone.
+
+    The conversations of sample i use the generator ``default_rng([sample_seed, 1])``, so a data set
+    rebuilt from the same arguments (or resumed with `start`) is identical. `options` go to
+    `synth.make_dataset` (styles, size, bit_depths).
+    """
+    # imported here: synth and conversations import this module for the shared types
+    from .conversations import make_conversations
+    from .synth import make_dataset
+
+    for sample in make_dataset(n, seed=seed, split=split, start=start, **options):
+        rng = np.random.default_rng([sample.meta["seed"], 1])
+        yield sample, make_conversations(sample, rng, n_per_task=n_per_task)
+
+
+def write_synthetic_dataset(folder: str | Path, n: int, seed: int = 0, split: str = "train",
+                            n_per_task: int | dict[str, int] = 3, overwrite: bool = False,
+                            **options: Any) -> Path:
+    """Generate and save a synthetic split; `dataset.json` records the arguments that rebuild it."""
+    info = {"generator": "napari_medplib.train.synth", "n": n, "seed": seed, "split": split,
+            "n_per_task": n_per_task, **{k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}}
+    return save_dataset(folder, synthetic_items(n, seed, split, n_per_task, **options), info, overwrite)
