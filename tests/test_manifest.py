@@ -29,6 +29,6 @@ def test_entry_point_registered():
 def test_plugin_manager_lists_plugin():
     pm = npe2.PluginManager.instance()
     pm.discover()
-    assert "napari-medplib" in pm.registered_plugins
+    assert pm.get_manifest("napari-medplib").name == "napari-medplib"
     readers = {r.command for r in pm.iter_compatible_readers(["cells.geojson"])}
     assert "napari-medplib.get_geojson_reader" in readers
