@@ -44,11 +44,12 @@ def prompt_outputs(model):
     for case in CASES:
         expected = _expected(case)
         masks = [torch.from_numpy(expected["region_mask_24"])[None]] if "region_mask_24" in expected else None
-        outputs[case["name"]] = model(
-            torch.from_numpy(expected["input_ids"])[None],
-            torch.from_numpy(expected["clip_pixel_values"])[None],
-            region_masks=masks,
-        )
+        with torch.no_grad():
+            outputs[case["name"]] = model(
+                torch.from_numpy(expected["input_ids"])[None],
+                torch.from_numpy(expected["clip_pixel_values"])[None],
+                region_masks=masks,
+            )
     return outputs
 
 
@@ -122,6 +123,7 @@ GROUNDING = [c for c in CASES if "answer" in c]
 
 
 @pytest.mark.parametrize("case", GROUNDING, ids=[c["name"] for c in GROUNDING])
+@torch.no_grad()
 def test_grounding_reference_mode(model, case):
     expected = _expected(case)
     tf_ids = torch.from_numpy(expected["tf_input_ids"])[None]
@@ -144,6 +146,7 @@ def test_grounding_reference_mode(model, case):
     assert differing <= 1e-3
 
 
+@torch.no_grad()
 def test_region_features_from_precomputed_tokens_match(model, prompt_outputs):
     """Passing cached image features and region tokens gives the same logits as from pixels."""
     case = next(c for c in CASES if "region" in c)

@@ -13,6 +13,7 @@ Data flow of one question (single image):
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -58,6 +59,19 @@ class MedPLIBOutput:
     image_features: ImageFeatures | None = None
     region_features: list[torch.Tensor] | None = None  # per sequence [R_b, D]
     region_empty: list[torch.Tensor] | None = None  # per sequence [R_b] bool (region covered no cell)
+
+
+@dataclass
+class PrefixCache:
+    """KV cache of a prompt prefix (system prompt + image), reusable for every question on that image."""
+
+    input_ids: torch.Tensor  # [N_p] prefix ids (with -200), on the CPU
+    past_key_values: object  # transformers DynamicCache; copied before each use
+    image_features: ImageFeatures | None
+
+    @property
+    def length(self) -> int:
+        return self.past_key_values.get_seq_length()
 
 
 @dataclass
@@ -140,14 +154,15 @@ class MedPLIBModel(nn.Module):
         return self.language_model.embed_tokens.weight.device
 
     # ------------------------------------------------------------------ encoders
-    @torch.no_grad()
     def encode_image(self, clip_pixel_values: torch.Tensor) -> ImageFeatures:
-        """[B, 3, 336, 336] CLIP-normalised pixels -> patch features and projected image tokens."""
-        patch_features = self.vision_tower(clip_pixel_values.to(self.device))  # [B, P, Dv]
+        """[B, 3, 336, 336] CLIP-normalised pixels -> patch features and projected image tokens.
+
+        The CLIP tower is frozen (no gradients), as in the reference; the projector is not."""
+        with torch.no_grad():
+            patch_features = self.vision_tower(clip_pixel_values.to(self.device))  # [B, P, Dv]
         image_tokens = self.mm_projector(patch_features.to(self.dtype))  # [B, P, D]
         return ImageFeatures(patch_features, image_tokens)
 
-    @torch.no_grad()
     def encode_regions(
         self, patch_features: torch.Tensor, region_masks: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -223,7 +238,6 @@ class MedPLIBModel(nn.Module):
         return embeds, mask, pos
 
     # ------------------------------------------------------------------ forward
-    @torch.no_grad()
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -269,6 +283,16 @@ class MedPLIBModel(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
+    def prefill(
+        self, input_ids: torch.Tensor, clip_pixel_values: torch.Tensor | None = None,
+        image_features: ImageFeatures | None = None,
+    ) -> PrefixCache:
+        """Run a prompt prefix once (e.g. everything up to ``<im_end>``) and keep its KV cache."""
+        out = self(input_ids, clip_pixel_values, image_features=image_features, use_cache=True,
+                   logits_positions=slice(-1, None))
+        return PrefixCache(input_ids.flatten().cpu(), out.past_key_values, out.image_features)
+
+    @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -280,9 +304,13 @@ class MedPLIBModel(nn.Module):
         stream: Callable[[str], None] | None = None,
         should_stop: Callable[[], bool] | threading.Event | None = None,
         return_step_logits: bool = False,
+        prefix: PrefixCache | None = None,
         **generation_kwargs,
     ) -> GenerationResult:
-        """Answer one prompt (batch 1). ``generation_kwargs`` fill a ``GenerationConfig``."""
+        """Answer one prompt (batch 1). ``generation_kwargs`` fill a ``GenerationConfig``.
+
+        With ``prefix`` (from ``prefill``), ``input_ids`` must start with the prefix ids; only the rest
+        is run (the prefix cache is copied, so it can be reused)."""
         if config is None:
             generation_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
             config = GenerationConfig(**generation_kwargs)
@@ -290,9 +318,17 @@ class MedPLIBModel(nn.Module):
             input_ids = input_ids[None]
         if input_ids.shape[0] != 1:
             raise ValueError(f"generate() answers one prompt at a time, got a batch of {input_ids.shape[0]}")
+        cache = None
+        if prefix is not None:
+            n_prefix = prefix.input_ids.numel()
+            if input_ids.shape[1] <= n_prefix or not torch.equal(input_ids[0, :n_prefix].cpu(), prefix.input_ids):
+                raise ValueError("the prompt does not start with the cached prefix's ids; build a new prefix")
+            input_ids, clip_pixel_values = input_ids[:, n_prefix:], None
+            image_features = image_features if image_features is not None else prefix.image_features
+            cache = copy.deepcopy(prefix.past_key_values)
         prompt = self(
             input_ids, clip_pixel_values, region_masks, image_features, region_features,
-            use_cache=True, logits_positions=slice(-1, None),
+            past_key_values=cache, use_cache=True, logits_positions=slice(-1, None),
         )
         cache = prompt.past_key_values
         moe_layers = self.language_model.moe_layers()
