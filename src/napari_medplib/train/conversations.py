@@ -28,6 +28,8 @@ are never asked about, so no answer is a coin toss):
 * shape: eccentricity of the pixel moments; round < 0.6, elongated > 0.8;
 * position: the centroid's cell in a 3x3 grid ("top left", "top", ..., "centre", ..., "bottom right"),
   skipped within 3 % of the image size from a grid line;
+* presence: "no" only for vocabulary categories absent from the labels and not implied by the
+  style (``meta["implied"]``: an image of nuclei shows cells, unannotated);
 * intensity: mean of the image scaled per channel to its 1-99.5 percentiles (channels averaged);
   "bright" >= 0.08 above the median of the same category's instances, "dim" <= 0.08 below; needs >= 3.
 
@@ -195,7 +197,7 @@ _G_SEMANTIC = ("Please segment the {noun}.", "Please segment the {noun} in this 
                "Please generate a mask that segments the {noun} in this image.",
                "Can you segment the {noun}?", "Where {be} the {noun}? Please output the mask.",
                "Segment the {noun}.", "Show me the {noun} in this image.")
-_G_ANSWERS = ("It is <SEG>.", "Sure, it is <SEG>.", "Sure, <SEG>.", "<SEG>.",
+_G_ANSWERS = ("It is <SEG>.", "Sure, it is <SEG>.", "Sure, <SEG>.", "<SEG>",
               "Here is the segmentation: <SEG>.", "The {noun} {be} <SEG>.")
 _G_INSTANCE = ("Please segment the {noun} in <region>.", "Segment the {noun} at <region>.",
                "Can you outline the {noun} in <region>?", "Please generate a mask of the {noun} in <region>.")
@@ -427,7 +429,7 @@ def _vqa(ctx: _Ctx, kind: str) -> Conversation | None:
                             canonical=n, meta={"category": cat})
     if kind == "presence":
         present = ctx.categories()
-        absent = sorted(set(ctx.vocabulary) - set(present))
+        absent = sorted(set(ctx.vocabulary) - set(present) - set(meta.get("implied", ())))
         answer = "yes" if not absent or (present and ctx.rng.random() < 0.5) else "no"
         if answer == "no" and not absent:
             return None

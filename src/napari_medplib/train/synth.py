@@ -48,28 +48,31 @@ class StyleInfo:
     #: areas over 300-400 generated 256x256 samples (measured, rounded). Objects keep their pixel size
     #: whatever the image size, so the thresholds do not scale with it.
     size_thresholds: dict[str, tuple[float, float]] = field(default_factory=dict)
+    #: Categories really there though not annotated (nuclei lie in cells): never asked as "is there
+    #: a ...?" negatives, so no answer says "no cell" about an image of nuclei.
+    implied: tuple[str, ...] = ()
 
 
 STYLES: dict[str, StyleInfo] = {
     "nuclei": StyleInfo(
         "fluorescence microscopy", "fluorescence microscopy of nuclei", ("nucleus",), 1,
-        {"nucleus": (195.0, 300.0)},
+        {"nucleus": (195.0, 300.0)}, implied=("cell", "cytoplasm"),
     ),
     "cells": StyleInfo(
         "fluorescence microscopy", "fluorescence microscopy of cells", ("cytoplasm", "nucleus"), 2,
-        {"cytoplasm": (550.0, 790.0), "nucleus": (160.0, 245.0)},
+        {"cytoplasm": (550.0, 790.0), "nucleus": (160.0, 245.0)}, implied=("cell",),
     ),
     "organelles": StyleInfo(
         "fluorescence microscopy", "fluorescence microscopy of mitochondria", ("mitochondrion",), 1,
-        {"mitochondrion": (48.0, 105.0)},
+        {"mitochondrion": (48.0, 105.0)}, implied=("cell", "cytoplasm"),
     ),
     "brightfield": StyleInfo(
         "brightfield microscopy", "brightfield microscopy of cells", ("cell",), 1,
-        {"cell": (420.0, 640.0)},
+        {"cell": (420.0, 640.0)}, implied=("cytoplasm", "nucleus"),
     ),
     "he": StyleInfo(
         "H&E histology", "H&E-stained tissue section", ("nucleus", "lumen"), 3,
-        {"nucleus": (36.0, 56.0), "lumen": (1550.0, 2350.0)},
+        {"nucleus": (36.0, 56.0), "lumen": (1550.0, 2350.0)}, implied=("cell", "cytoplasm"),
     ),
 }
 
@@ -443,6 +446,7 @@ def make_sample(style: str, seed: int | Sequence[int], size: tuple[int, int] = (
         "modality": info.modality,
         "description": info.description,
         "size_thresholds": {c: list(t) for c, t in info.size_thresholds.items()},
+        "implied": list(info.implied),
     }
     return Sample(image, labels.astype(np.int32), cats, style, meta)
 
