@@ -159,3 +159,51 @@ def test_region_features_from_precomputed_tokens_match(model, prompt_outputs):
         logits_positions=slice(-1, None),
     )
     assert _max_diff(again.logits[0, -1], reference.logits[0, -1].numpy()) <= 1e-5
+
+
+@torch.no_grad()
+def test_bf16_on_cpu_stays_close(prompt_outputs):
+    """bf16 is not bit-comparable (see the fixture README); check it loosely."""
+    from napari_medplib.model.medplib import MedPLIBModel
+
+    model16 = MedPLIBModel.from_pretrained(FIXTURE, dtype="bfloat16", load_sam=False)
+    case = CASES[0]
+    expected = _expected(case)
+    out = model16(torch.from_numpy(expected["input_ids"])[None], torch.from_numpy(expected["clip_pixel_values"])[None])
+    reference = prompt_outputs[case["name"]]
+    assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
+    cosine = torch.nn.functional.cosine_similarity(out.logits[0, -1], reference.logits[0, -1], dim=0)
+    assert cosine > 0.98
+    agree = torch.stack([(a.expert_ids == b.expert_ids).float().mean() for a, b in zip(out.routing, reference.routing)])
+    assert agree.mean() > 0.9
+
+
+@pytest.mark.gpu
+@torch.no_grad()
+def test_cuda_reproduces_the_reference():
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from napari_medplib.model.medplib import MedPLIBModel
+
+    model = MedPLIBModel.from_pretrained(FIXTURE, device="cuda")
+    for case in CASES:
+        expected = _expected(case)
+        masks = [torch.from_numpy(expected["region_mask_24"])[None]] if "region_mask_24" in expected else None
+        pixels = torch.from_numpy(expected["clip_pixel_values"])[None].cuda()
+        out = model(torch.from_numpy(expected["input_ids"])[None], pixels, region_masks=masks)
+        positions = torch.from_numpy(expected["logits_positions"]).long()
+        assert _max_diff(out.logits[0, positions], expected["logits"]) <= 2e-3
+        experts = torch.stack([r.expert_ids[:, 0] for r in out.routing]).cpu()
+        assert (experts.numpy() == expected["moe_expert"]).mean() > 0.999
+        result = model.generate(torch.from_numpy(expected["input_ids"]), pixels, region_masks=masks, max_new_tokens=16)
+        assert result.ids == expected["generated_ids"].tolist()
+        if "tf_input_ids" in expected:
+            tf_ids = torch.from_numpy(expected["tf_input_ids"])[None]
+            tf_out = model(tf_ids, pixels)
+            seg = tf_out.hidden_states[0, model.seg_hidden_positions(tf_ids, tf_out.position_map, model.tokenizer.seg_token_id)]
+            grounding = model.ground(
+                seg, torch.from_numpy(expected["sam_pixel_values"])[None].cuda(), tuple(expected["sam_resize_hw"]),
+                tuple(expected["original_hw"]), mode="reference",
+            )
+            differing = (grounding.masks[0].cpu().numpy() != expected["pred_mask"].astype(bool)).mean()
+            assert differing <= 1e-3
