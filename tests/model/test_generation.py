@@ -170,3 +170,23 @@ def test_prefix_cache_reuse_gives_the_same_answer(model):
         torch.testing.assert_close(reused.step_logits, plain.step_logits, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="cached prefix"):
         model.generate(torch.cat([ids[:3], ids[4:]]), prefix=prefix, max_new_tokens=2)
+
+
+def test_seg_hidden_positions_rules(model):
+    seg = model.tokenizer.seg_token_id
+    ids = torch.tensor([1, 5, -200, 7, seg, 8, seg, 9])
+    pmap = torch.tensor([0, 1, 2, 578, 579, 580, 581, 582])
+    assert model.seg_hidden_positions(ids, pmap, seg) == [578, 580]
+    assert model.seg_hidden_positions(ids, pmap, seg, rule="reference") == [578]
+    one = torch.tensor([1, 5, -200, 7, seg, 8, 9])
+    assert model.seg_hidden_positions(one, pmap[:7], seg, rule="reference") == [580]  # the reference's hidden[-2]
+    assert model.seg_hidden_positions(one, pmap[:7], seg) == [578]
+
+
+def test_answer_seg_hidden_picks_the_predicting_states(model):
+    from napari_medplib.model.generation import GenerationResult
+
+    seg = model.tokenizer.seg_token_id
+    hidden = torch.arange(4.0)[:, None].expand(4, 3)
+    result = GenerationResult(ids=[5, seg, 6, seg], text="", finish_reason="eos", step_hidden=hidden)
+    assert model.answer_seg_hidden(result)[:, 0].tolist() == [1.0, 3.0]

@@ -128,8 +128,10 @@ def test_grounding_reference_mode(model, case):
     expected = _expected(case)
     tf_ids = torch.from_numpy(expected["tf_input_ids"])[None]
     out = model(tf_ids, torch.from_numpy(expected["clip_pixel_values"])[None])
-    positions = model.seg_hidden_positions(tf_ids, out.position_map, model.tokenizer.seg_token_id)
+    seg_id = model.tokenizer.seg_token_id
+    positions = model.seg_hidden_positions(tf_ids, out.position_map, seg_id, rule="reference")
     assert positions == [int(expected["seg_hidden_position"])]
+    assert model.seg_hidden_positions(tf_ids, out.position_map, seg_id) == positions  # the answer ends with <SEG>
     seg_hidden = out.hidden_states[0, positions]
     assert _max_diff(seg_hidden[0], expected["seg_hidden_state"]) <= TOL
 

@@ -355,10 +355,29 @@ class MedPLIBModel(nn.Module):
 
     # ------------------------------------------------------------------ grounding
     @staticmethod
-    def seg_hidden_positions(input_ids: torch.Tensor, position_map: torch.Tensor, seg_token_id: int) -> list[int]:
-        """Expanded positions of the hidden states that predict each ``<SEG>`` in ``input_ids`` [N]."""
-        ids = input_ids.flatten()
-        return [int(position_map.flatten()[i]) - 1 for i in (ids == seg_token_id).nonzero().flatten().tolist()]
+    def seg_hidden_positions(
+        input_ids: torch.Tensor, position_map: torch.Tensor, seg_token_id: int, rule: str = "each"
+    ) -> list[int]:
+        """Expanded positions of the hidden states used for the ``<SEG>`` tokens in ``input_ids`` [N].
+
+        ``rule="each"``: the state just before every ``<SEG>`` (the one that predicts it; one mask per
+        ``<SEG>``). ``rule="reference"``: MedPLIB ``evaluate()`` at 9c3efe9 on a teacher-forced
+        sequence: exactly one ``<SEG>`` -> the second-to-last position; several -> before the first.
+        """
+        ids, pmap = input_ids.flatten(), position_map.flatten()
+        positions = [int(pmap[i]) - 1 for i in (ids == seg_token_id).nonzero().flatten().tolist()]
+        if rule == "each":
+            return positions
+        if rule != "reference":
+            raise ValueError(f"rule must be 'each' or 'reference', got {rule!r}")
+        if len(positions) == 1:
+            return [int(pmap[pmap >= 0].max()) - 1]
+        return positions[:1]
+
+    def answer_seg_hidden(self, result: GenerationResult) -> torch.Tensor:
+        """[n_seg, D] hidden states that predicted each ``<SEG>`` of a generated answer."""
+        indices = result.seg_indices(self.tokenizer.seg_token_id)
+        return result.step_hidden[indices]
 
     @torch.no_grad()
     def ground(
