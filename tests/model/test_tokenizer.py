@@ -108,3 +108,17 @@ def test_templates_and_multi_turn(tok):
 def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
     with pytest.raises(CheckpointError, match="tokenizer.model"):
         MedPLIBTokenizer.from_pretrained(tmp_path)
+
+
+def test_encode_question_matches_the_fixture_and_handles_history(tok, cases):
+    from napari_medplib.model.tokenizer import encode_question
+
+    case = next(c for c in cases if "region" in c)
+    ids, order = encode_question(tok, case["question"], num_regions=1, template=case["template"])
+    assert ids == case["input_ids"] and order == [0]
+    history = [("What is <region1>?", "A cell.")]
+    ids2, order2 = encode_question(tok, "And <region2>?", num_regions=3, history=history)
+    # earlier turns keep their slots; region 3, never named, is appended to the current question
+    assert ids2.count(-200) == 1 and ids2.count(-300) == 3 and order2 == [0, 1, 2]
+    assert ids2.index(-200) < ids2.index(-300)
+    assert ids2.count(2) == 1  # the finished turn ends with </s>

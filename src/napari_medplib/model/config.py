@@ -234,6 +234,23 @@ class MedPLIBConfig:
         return out
 
 
+def tiny_config(**overrides: Any) -> MedPLIBConfig:
+    """A few-hundred-kilobyte MedPLIB (random weights in tests; CPU, fp32 or bf16, milliseconds).
+
+    Vocabulary 907 = the fixture tokenizer's 640 pieces + the 267 MedPLIB tokens, so it pairs with
+    ``shared/fixtures/medplib-tiny-ref``'s tokenizer. CLIP keeps 336 px / patch 14 (576 image tokens).
+    """
+    values: dict[str, Any] = dict(
+        vocab_size=907, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, moe=MoEConfig(num_experts=2, top_k=1), mm_vision_tower="clip", mm_hidden_size=16,
+        vision_config={**CLIP_VIT_L14_336, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                       "num_attention_heads": 2, "projection_dim": 8},
+        out_dim=256,
+    )
+    values.update(overrides)
+    return MedPLIBConfig(**values)
+
+
 def resolve_vision_config(tower: str, folder: str | Path | None) -> dict[str, Any]:
     """The CLIP vision config named by ``mm_vision_tower``: a folder (relative to the checkpoint
     folder, or absolute) holding a CLIP ``config.json``. The CLIP weights come from the checkpoint."""

@@ -237,12 +237,16 @@ def get_template(name: str) -> ConversationTemplate:
 _REGION_TAG = re.compile(r"<region(\d*)>(?:\s*</region>)?")
 
 
-def format_question(question: str, num_regions: int = 0, with_image: bool = True) -> tuple[str, list[int]]:
+def format_question(
+    question: str, num_regions: int = 0, with_image: bool = True, append_missing: bool = True,
+    mentioned: Sequence[int] = (),
+) -> tuple[str, list[int]]:
     """Turn a user question into the reference's first-turn text, and say which region goes where.
 
     ``<region>`` takes the next region in order; ``<regionK>`` (1-based) names region K. Each tag
-    becomes ``<region></region>`` (one -300 slot). Regions the question does not mention are
-    appended at its end, as the demo does. Returns (text, region index per slot, in order).
+    becomes ``<region></region>`` (one -300 slot). With ``append_missing``, regions neither in the
+    question nor in ``mentioned`` (earlier turns) are appended at its end, as the demo does.
+    Returns (text, region index per slot, in order).
     """
     order: list[int] = []
     next_bare = 0
@@ -264,10 +268,32 @@ def format_question(question: str, num_regions: int = 0, with_image: bool = True
         return "<region></region>"
 
     text = _REGION_TAG.sub(repl, question.strip())
-    missing = [k for k in range(num_regions) if k not in order]
+    missing = [k for k in range(num_regions) if k not in order and k not in mentioned] if append_missing else []
     if missing:
         text += "".join(" <region></region>" for _ in missing)
         order.extend(missing)
     if with_image:
         text = "<im_start><image><im_end>\n" + text
     return text, order
+
+
+def encode_question(
+    tokenizer: MedPLIBTokenizer,
+    question: str,
+    num_regions: int = 0,
+    template: str = "medplib_v1",
+    history: Sequence[tuple[str, str]] = (),
+) -> tuple[list[int], list[int]]:
+    """Prompt ids (with -200 / -300) for a question on one image, after earlier (question, answer)
+    turns, and the region index of every -300 slot in order (earlier turns' slots included; pass
+    ``region_tokens[order]`` to the model). The image goes in the first turn."""
+    turns: list[tuple[str, str | None]] = []
+    order: list[int] = []
+    for i, (past_question, past_answer) in enumerate(history):
+        text, slots = format_question(past_question, num_regions, with_image=i == 0, append_missing=False)
+        turns.append((text, past_answer))
+        order.extend(slots)
+    text, slots = format_question(question, num_regions, with_image=not history, mentioned=order)
+    turns.append((text, None))
+    order.extend(slots)
+    return tokenize_prompt(get_template(template).build_prompt(turns), tokenizer), order
