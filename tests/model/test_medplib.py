@@ -108,3 +108,18 @@ def test_our_layout_round_trip_with_sam(model, tmp_path):
     assert torch.equal(a, b)
     sam_pixels = torch.randn(1, 3, 256, 256)
     np.testing.assert_array_equal(model.sam.encode_image(sam_pixels).numpy(), loaded.sam.encode_image(sam_pixels).numpy())
+
+
+def test_bad_sam_weights_raise_checkpoint_error(model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from napari_medplib.model.config import CheckpointError
+    from napari_medplib.model.convert import save_pretrained
+
+    folder = save_pretrained(model, tmp_path / "released", layout="released")
+    tensors = load_file(str(folder / "model.safetensors"))
+    del tensors["model.visual_model.mask_decoder.iou_token.weight"]
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match="visual_model.*iou_token"):
+        MedPLIBModel.from_pretrained(folder)
+    assert MedPLIBModel.from_pretrained(folder, load_sam=False).sam is None

@@ -133,10 +133,11 @@ def map_released_key(key: str) -> str | None:
 
 
 def load_checkpoint_state(
-    folder: str | Path, config: MedPLIBConfig, dtype: torch.dtype | None = None
+    folder: str | Path, config: MedPLIBConfig, dtype: torch.dtype | None = None, device: str | torch.device | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, str], dict[str, str] | None]:
     """Read every weight file: (our state dict, SAM state dict without prefix, our key -> file name,
-    index weight map). Tensors are cast to ``dtype`` (routers stay float32)."""
+    index weight map). Tensors are cast to ``dtype`` (routers stay float32) and moved to ``device``
+    one by one, so a 7B model never sits in host memory twice."""
     files, weight_map = weight_files(folder)
     state: dict[str, torch.Tensor] = {}
     sam_state: dict[str, torch.Tensor] = {}
@@ -154,6 +155,8 @@ def load_checkpoint_state(
             if dtype is not None and tensor.is_floating_point():
                 keep_fp32 = ".mlp.router." in new_key
                 tensor = tensor.to(torch.float32 if keep_fp32 else dtype)
+            if device is not None:
+                tensor = tensor.to(device)
             if new_key.startswith(SAM_PREFIX):
                 sam_state[new_key[len(SAM_PREFIX) :]] = tensor
             else:

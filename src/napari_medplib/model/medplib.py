@@ -127,14 +127,18 @@ class MedPLIBModel(nn.Module):
                 f"the tokenizer in {folder} has {len(tokenizer)} tokens but config.json says vocab_size="
                 f"{config.vocab_size}; tokenizer files and weights come from different models"
             )
-        state, sam_state, origin, weight_map = load_checkpoint_state(folder, config, dtype)
+        state, sam_state, origin, weight_map = load_checkpoint_state(folder, config, dtype, device)
         with empty_parameters():
             model = cls(config, tokenizer)
         load_into(model, state, origin, weight_map)
         if load_sam and sam_state:
-            from .sam import load_sam_med2d
+            from .config import CheckpointError
+            from .sam import SamCheckpointError, load_sam_med2d
 
-            model.sam = load_sam_med2d(sam_state, dtype=dtype)
+            try:
+                model.sam = load_sam_med2d(sam_state, dtype=dtype, device=device)
+            except SamCheckpointError as err:
+                raise CheckpointError(f"{folder}: the model.visual_model.* (SAM-Med2D) weights: {err}") from None
         return model.to(device).eval()
 
     def cast(self, dtype: torch.dtype | str) -> MedPLIBModel:
