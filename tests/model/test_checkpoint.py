@@ -200,3 +200,21 @@ def test_7b_config_builds_the_released_names_and_shapes():
     assert {_pattern(k) for k in shapes} == expected
     params = sum(v.numel() for v in big.state_dict().values())
     assert 11.3e9 < params < 11.5e9  # ≈ 11.07 B LLM + 0.30 B CLIP + 0.04 B projectors (SAM not included)
+
+
+def test_empty_parameters_only_touches_the_calling_thread():
+    import threading
+
+    built = {}
+
+    def other() -> None:
+        built["other"] = torch.nn.Linear(2, 2)
+
+    with empty_parameters():
+        here = torch.nn.Linear(2, 2)
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert here.weight.is_meta
+    assert not built["other"].weight.is_meta
+    assert not torch.nn.Linear(2, 2).weight.is_meta  # restored afterwards

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -240,12 +241,14 @@ def _report(missing: list[str], unexpected: list[str], misshaped: list[str], ori
 @contextmanager
 def empty_parameters() -> Iterator[None]:
     """Build modules with their parameters on the meta device (no memory, no init cost); buffers
-    stay real. The parameters are replaced by ``load_into`` (``assign=True``)."""
+    stay real. The parameters are replaced by ``load_into`` (``assign=True``). Only modules built by
+    the calling thread are affected (napari builds widgets on other threads meanwhile)."""
     original = nn.Module.register_parameter
+    owner = threading.get_ident()
 
     def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         original(module, name, param)
-        if param is not None:
+        if param is not None and threading.get_ident() == owner:
             meta = module._parameters[name].to("meta")
             module._parameters[name] = nn.Parameter(meta, requires_grad=param.requires_grad)
 
