@@ -44,7 +44,7 @@ class GenerationResult:
     finish_reason: str  # "eos" | "stop_string" | "max_new_tokens" | "cancelled"
     step_hidden: torch.Tensor  # [n, D] hidden state that predicted each new id (incl. a final eos)
     step_logits: torch.Tensor | None = None  # [n, V] float32 logits that produced each id
-    expert_counts: torch.Tensor | None = None  # [layers, E] tokens per expert over the answer
+    expert_counts: torch.Tensor | None = None  # [MoE layers, E] tokens per expert over the answer
     all_ids: list[int] = field(default_factory=list)  # every sampled id, eos included
 
     def seg_indices(self, seg_token_id: int) -> list[int]:

@@ -335,7 +335,7 @@ class MedPLIBModel(nn.Module):
             past_key_values=cache, use_cache=True, logits_positions=slice(-1, None),
         )
         cache = prompt.past_key_values
-        moe_layers = self.language_model.moe_layers()
+        moe_layers = [m for m in self.language_model.moe_layers() if m is not None]
 
         def step(token: int) -> tuple[torch.Tensor, torch.Tensor]:
             embeds = self.language_model.embed_tokens(torch.tensor([[token]], device=self.device))
@@ -343,12 +343,12 @@ class MedPLIBModel(nn.Module):
             return out.logits[0, -1], out.hidden_states[0, -1]
 
         def last_position_counts() -> torch.Tensor | None:
-            rows = []
-            for moe in moe_layers:
-                if moe is None or moe.last_routing is None:
-                    return None
-                rows.append(torch.bincount(moe.last_routing.expert_ids[-1].cpu(), minlength=moe.num_experts))
-            return torch.stack(rows) if rows else None
+            """[MoE layers, E] experts chosen for the position just computed (one device sync)."""
+            if not moe_layers or any(m.last_routing is None for m in moe_layers):
+                return None
+            chosen = torch.stack([m.last_routing.expert_ids[-1] for m in moe_layers]).cpu()  # [layers, k]
+            counts = torch.zeros(len(moe_layers), moe_layers[0].num_experts, dtype=torch.long)
+            return counts.scatter_add_(1, chosen, torch.ones_like(chosen))
 
         decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: " ".join(map(str, ids)))
         return generate_tokens(
