@@ -1,0 +1,195 @@
+"""The chat pane: transcript (questions, streamed answers, region swatches, notes) and input.
+
+The transcript is a list of `ChatEntry` rendered to HTML in a QTextBrowser. Streamed pieces are
+appended to the last answer and the view is re-rendered at most every 50 ms, so a fast token stream
+costs the Qt thread almost nothing.
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from qtpy.QtCore import Qt, QTimer, Signal
+from qtpy.QtWidgets import (
+    QHBoxLayout,
+    QLineEdit,
+    QPushButton,
+    QTextBrowser,
+    QVBoxLayout,
+    QWidget,
+)
+
+DESCRIBE = "Describe this image."
+GROUND_PREFIX = "Please segment the "
+ASK_REGION = "What is in <region>?"
+
+
+@dataclass
+class ChatEntry:
+    """One transcript item: role "user" | "assistant" | "note"."""
+
+    role: str
+    text: str
+    swatches: list[tuple[str, str]] = field(default_factory=list)  # (label, "#rrggbb")
+    footer: str = ""
+    done: bool = True
+
+
+def _swatch(label: str, colour: str) -> str:
+    return (
+        f'<span style="color:{colour}; font-size:large">&#9632;</span>'
+        f'<span style="color:gray">{html.escape(label)}</span>'
+    )
+
+
+def render_entry(entry: ChatEntry) -> str:
+    """HTML for one entry (plain text escaped; newlines kept)."""
+    body = html.escape(entry.text).replace("\n", "<br>")
+    if entry.role == "user":
+        head = "<b>You</b>"
+        if entry.swatches:
+            head += " &nbsp;" + " ".join(_swatch(label, c) for label, c in entry.swatches)
+        return f"<p>{head}<br>{body}</p>"
+    if entry.role == "assistant":
+        cursor = "" if entry.done else " <span style='color:gray'>&#9646;</span>"
+        foot = (
+            f"<br><span style='color:gray; font-size:small'>{html.escape(entry.footer)}</span>"
+            if entry.footer
+            else ""
+        )
+        return f"<p><b>MedPLIB</b><br>{body}{cursor}{foot}</p>"
+    return f"<p style='color:gray'><i>{body}</i></p>"
+
+
+class ChatPane(QWidget):
+    """Transcript + input line + Send / Stop / Clear + quick actions.
+
+    Signals: ``asked(str)`` when the user sends a question; ``stopped`` and ``cleared``.
+    """
+
+    asked = Signal(str)
+    stopped = Signal()
+    cleared = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.entries: list[ChatEntry] = []
+        self.transcript = QTextBrowser()
+        self.transcript.setOpenExternalLinks(False)
+        self.transcript.setMinimumHeight(160)
+        self.transcript.setPlaceholderText(
+            "Ask about the image. Draw a box or points and refer to it as <region>."
+        )
+        self.input = QLineEdit()
+        self.input.setPlaceholderText("Question (Enter to send), e.g. What is in <region>?")
+        self.input.setClearButtonEnabled(True)
+        self.input.returnPressed.connect(self.send)
+        self.send_button = QPushButton("Send")
+        self.send_button.setToolTip("Ask the question (Enter)")
+        self.send_button.clicked.connect(self.send)
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setToolTip("Stop the answer being written")
+        self.stop_button.setEnabled(False)
+        self.stop_button.clicked.connect(self.stopped.emit)
+        self.clear_button = QPushButton("Clear")
+        self.clear_button.setToolTip("Clear the transcript (labels and their log stay)")
+        self.clear_button.clicked.connect(self.clear)
+
+        self.describe_button = QPushButton("Describe")
+        self.describe_button.setToolTip("Ask for a description of the shown image plane")
+        self.describe_button.clicked.connect(lambda: self.ask(DESCRIBE))
+        self.ground_button = QPushButton("Ground…")
+        self.ground_button.setToolTip("Start a question that asks for a mask: name the structure")
+        self.ground_button.clicked.connect(self.start_grounding)
+        self.region_button = QPushButton("What is in the region?")
+        self.region_button.setToolTip("Ask about the selected (or all) shapes/points: <region>")
+        self.region_button.clicked.connect(lambda: self.ask(ASK_REGION))
+
+        quick = QHBoxLayout()
+        for b in (self.describe_button, self.ground_button, self.region_button):
+            quick.addWidget(b)
+        row = QHBoxLayout()
+        row.addWidget(self.input, 1)
+        for b in (self.send_button, self.stop_button, self.clear_button):
+            row.addWidget(b)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.transcript, 1)
+        layout.addLayout(quick)
+        layout.addLayout(row)
+
+        self._render_timer = QTimer(self)
+        self._render_timer.setSingleShot(True)
+        self._render_timer.setInterval(50)
+        self._render_timer.timeout.connect(self.render)
+
+    # ---- input ---------------------------------------------------------------------------------
+    def send(self) -> None:
+        text = self.input.text().strip()
+        if text and self.send_button.isEnabled():
+            self.input.clear()
+            self.asked.emit(text)
+
+    def ask(self, question: str) -> None:
+        """Send ``question`` as if typed (quick actions)."""
+        if self.send_button.isEnabled():
+            self.asked.emit(question)
+
+    def start_grounding(self) -> None:
+        self.input.setText(GROUND_PREFIX)
+        self.input.setFocus(Qt.FocusReason.OtherFocusReason)
+        self.input.end(False)
+
+    def set_busy(self, busy: bool) -> None:
+        """While busy, sending is off and Stop is on."""
+        for b in (self.send_button, self.describe_button, self.ground_button, self.region_button):
+            b.setEnabled(not busy)
+        self.stop_button.setEnabled(busy)
+
+    # ---- transcript ----------------------------------------------------------------------------
+    def add_question(self, text: str, swatches: Sequence[tuple[str, str]] = ()) -> ChatEntry:
+        return self._add(ChatEntry("user", text, list(swatches)))
+
+    def start_answer(self) -> ChatEntry:
+        return self._add(ChatEntry("assistant", "", done=False))
+
+    def append_text(self, piece: str) -> None:
+        """Add a streamed piece to the answer being written (re-rendered at most every 50 ms)."""
+        if not self.entries or self.entries[-1].role != "assistant":
+            self.start_answer()
+        self.entries[-1].text += piece
+        if not self._render_timer.isActive():
+            self._render_timer.start()
+
+    def finish_answer(self, text: str | None = None, footer: str = "") -> None:
+        entry = next((e for e in reversed(self.entries) if e.role == "assistant"), None)
+        if entry is None:
+            entry = self.start_answer()
+        if text is not None:
+            entry.text = text
+        entry.footer, entry.done = footer, True
+        self.render()
+
+    def add_note(self, text: str) -> ChatEntry:
+        return self._add(ChatEntry("note", text))
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.render()
+        self.cleared.emit()
+
+    def _add(self, entry: ChatEntry) -> ChatEntry:
+        self.entries.append(entry)
+        self.render()
+        return entry
+
+    def render(self) -> None:
+        self._render_timer.stop()
+        self.transcript.setHtml("".join(render_entry(e) for e in self.entries))
+        bar = self.transcript.verticalScrollBar()
+        bar.setValue(bar.maximum())
+
+    def plain_text(self) -> str:
+        return self.transcript.toPlainText()

@@ -1,0 +1,291 @@
+"""napari layers -> what the engine takes: the image plane on screen, and regions with their colours.
+
+The only place that reads napari layer *objects* for the model: it turns an Image layer plus the
+viewer's current position into an `ImagePlane` (level 0 of multiscale data, RGB kept, the slice of
+nD data that is shown) and Points / Shapes / Labels layers into `Region`s via
+`napari_medplib.regions`, with napari's data -> world transforms rebuilt by `regions.world_matrix`.
+Shapes read from files may carry ``hole_of`` (a hole cut from another shape) and ``feature_index``
+(parts of one annotation); those become one mask region per annotation here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ..imaging import ImageInputError
+from ..regions import (
+    Region,
+    RegionError,
+    RegionResult,
+    regions_from_labels,
+    regions_from_points,
+    regions_from_shapes,
+    world_matrix,
+)
+from ..regions.transforms import plane_map
+
+REGION_LAYER_TYPES = ("points", "shapes", "labels")
+
+
+def layer_kind(layer: Any) -> str:
+    """napari's lower-case layer type name ("image", "points", ...) from the public class name."""
+    return type(layer).__name__.lower()
+
+
+def layer_transform(layer: Any) -> np.ndarray:
+    """The layer's data -> world matrix, as napari composes it."""
+    return world_matrix(
+        scale=layer.scale,
+        translate=layer.translate,
+        rotate=layer.rotate,
+        shear=layer.shear,
+        affine=layer.affine.affine_matrix,
+    )
+
+
+@dataclass(frozen=True)
+class ImagePlane:
+    """One 2-D plane of an image layer, ready to be read in a worker thread.
+
+    ``index`` holds the image indices of the non-displayed spatial axes (empty for 2-D data); the
+    plane is ``data[index]``, (H, W) or (H, W, C) for RGB.
+    """
+
+    name: str
+    data: Any  # level-0 array (numpy, dask, zarr ...); read lazily by `read`
+    spatial_shape: tuple[int, ...]
+    rgb: bool
+    index: tuple[int, ...]
+    transform: np.ndarray
+    contrast_limits: tuple[float, float] | None
+
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        return (int(self.spatial_shape[-2]), int(self.spatial_shape[-1]))
+
+    @property
+    def ndim(self) -> int:
+        return len(self.spatial_shape)
+
+    def read(self) -> np.ndarray:
+        """The plane as a numpy array (computes dask/zarr slices: call it off the Qt thread)."""
+        return np.asarray(self.data[self.index])
+
+    def with_index(self, index: Sequence[int]) -> ImagePlane:
+        return replace(self, index=tuple(int(i) for i in index))
+
+
+def _check_displayed(dims: Any, world_ndim: int) -> None:
+    if dims is None:
+        return
+    if int(dims.ndisplay) != 2:
+        raise ImageInputError(
+            "the viewer shows 3-D; switch to 2-D (the 2D/3D button) to ask about the shown plane"
+        )
+    displayed = tuple(int(d) for d in dims.displayed)
+    if displayed != (world_ndim - 2, world_ndim - 1):
+        raise ImageInputError(
+            "the viewer shows a transposed plane; restore the axis order (right-click the "
+            "transpose button) so the last two axes are on screen"
+        )
+
+
+def image_plane(layer: Any, dims: Any = None) -> ImagePlane:
+    """The plane of an Image layer shown at the viewer's current position (``viewer.dims``).
+
+    Multiscale data is read at level 0 (full resolution) so masks match the layer's pixels. With
+    ``dims=None`` the first plane of nD data is used.
+    """
+    if layer is None or layer_kind(layer) != "image":
+        raise ImageInputError("pick an image layer first (the 'image' list at the top)")
+    data = layer.data[0] if layer.multiscale else layer.data
+    rgb = bool(layer.rgb)
+    spatial = tuple(int(s) for s in (data.shape[:-1] if rgb else data.shape))
+    if len(spatial) < 2:
+        raise ImageInputError(f"image layer {layer.name!r} has fewer than 2 spatial axes")
+    transform = layer_transform(layer)
+    index: tuple[int, ...] = ()
+    if len(spatial) > 2:
+        if dims is None:
+            index = (0,) * (len(spatial) - 2)
+        else:
+            _check_displayed(dims, len(dims.point))
+            current = plane_map(
+                len(spatial),
+                spatial,
+                layer_transform=transform,
+                image_transform=transform,
+                slice_point=dims.point,
+            ).current
+            index = tuple(int(i) for i in current[len(current) - (len(spatial) - 2) :])
+    elif dims is not None:
+        _check_displayed(dims, len(dims.point))
+    limits = None
+    if not (rgb and np.dtype(data.dtype) == np.uint8):
+        limits = tuple(float(v) for v in layer.contrast_limits)
+    return ImagePlane(layer.name, data, spatial, rgb, index, transform, limits)
+
+
+# ---- regions -------------------------------------------------------------------------------------
+def _feature(layer: Any, name: str, n: int) -> np.ndarray | None:
+    features = getattr(layer, "features", None)
+    if features is None or name not in getattr(features, "columns", ()):
+        return None
+    values = np.asarray(features[name], dtype=float)
+    return values if values.size == n else None
+
+
+def _union(regions: Sequence[Region], plane: tuple[int, int], minus: Sequence[Region] = ()):
+    """Mask region of the union of ``regions`` minus ``minus``, carrying the first one's info."""
+    mask = np.zeros(plane, dtype=bool)
+    for region in regions:
+        crop, (r0, c0) = region.crop(plane)
+        mask[r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]] |= crop
+    for hole in minus:
+        crop, (r0, c0) = hole.crop(plane)
+        mask[r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]] &= ~crop
+    first = regions[0]
+    return Region.mask(
+        mask, label=first.label, source=first.source, index=first.index, image_shape=plane
+    )
+
+
+def merge_annotations(result: RegionResult, hole_of: Any, feature_index: Any = None) -> RegionResult:
+    """Shapes read from annotation files -> one region per annotation.
+
+    A shape with ``hole_of[i] >= 0`` is a hole cut out of shape row ``hole_of[i]``; shapes sharing a
+    ``feature_index >= 0`` are parts of one annotation (a MultiPolygon). Holes whose polygon is not
+    on this plane are dropped; an annotation whose pixels all fall in holes is skipped.
+    """
+    if hole_of is None and feature_index is None:
+        return result
+    plane = tuple(result.image_shape)
+    n = 1 + max((r.index for r in result.regions if r.index is not None), default=-1)
+    size = max(n, len(hole_of) if hole_of is not None else 0)
+    holes_of = np.full(size, -1.0) if hole_of is None else np.asarray(hole_of, dtype=float)
+    parts_of = (
+        np.full(size, -1.0) if feature_index is None else np.asarray(feature_index, dtype=float)
+    )
+    holes: dict[int, list[Region]] = {}
+    groups: dict[Any, list[Region]] = {}
+    for region in result.regions:
+        i = region.index
+        if i is not None and i < holes_of.size and holes_of[i] >= 0:
+            holes.setdefault(int(holes_of[i]), []).append(region)
+            continue
+        part = i is not None and i < parts_of.size and parts_of[i] >= 0
+        key = ("feature", int(parts_of[i])) if part else ("row", i, id(region))
+        groups.setdefault(key, []).append(region)
+    if not holes and all(len(g) == 1 for g in groups.values()):
+        return result
+    merged = []
+    for parts in groups.values():
+        cut = [h for p in parts for h in holes.get(p.index, [])]
+        if len(parts) == 1 and not cut:
+            merged.append(parts[0])
+            continue
+        region = _union(parts, plane, cut)
+        if region.area:
+            merged.append(region)
+    return RegionResult(tuple(merged), result.skipped, result.image_shape)
+
+
+def _selected(layer: Any) -> set[int]:
+    return {int(i) for i in getattr(layer, "selected_data", ()) or ()}
+
+
+def layer_regions(
+    layer: Any,
+    plane: ImagePlane,
+    dims: Any = None,
+    *,
+    only_selected: bool = True,
+) -> RegionResult:
+    """Regions of one Points / Shapes / Labels layer on ``plane``.
+
+    With ``only_selected`` and a non-empty selection in a Points or Shapes layer, only the
+    selected items are used (so "What is in the selected region?" means what it says).
+    """
+    kind = layer_kind(layer)
+    common = {
+        "image_shape": plane.spatial_shape,
+        "layer_transform": layer_transform(layer),
+        "image_transform": plane.transform,
+        "name": layer.name,
+    }
+    if dims is not None and plane.ndim > 2:
+        common["slice_point"] = dims.point
+    elif plane.ndim > 2:
+        common["slice_indices"] = plane.index
+    if kind == "points":
+        result = regions_from_points(layer.data, layer.features, **common)
+    elif kind == "shapes":
+        result = regions_from_shapes(layer.data, layer.shape_type, layer.features, **common)
+        n = len(layer.data)
+        result = merge_annotations(
+            result, _feature(layer, "hole_of", n), _feature(layer, "feature_index", n)
+        )
+    elif kind == "labels":
+        data = layer.data[0] if layer.multiscale else layer.data
+        result = regions_from_labels(data, layer.features, **common)
+    else:
+        raise RegionError(f"layer {layer.name!r} is a {kind} layer; pick Points, Shapes or Labels")
+    chosen = _selected(layer) if only_selected and kind in ("points", "shapes") else set()
+    if chosen:
+        kept = tuple(r for r in result.regions if r.index in chosen)
+        result = RegionResult(kept, result.skipped, result.image_shape)
+    return result
+
+
+def _hex(rgba: Any) -> str:
+    rgb = np.clip(np.asarray(rgba, dtype=float).ravel()[:3], 0, 1)
+    return "#" + "".join(f"{int(round(v * 255)):02x}" for v in rgb)
+
+
+def region_colour(layer: Any, region: Region) -> str:
+    """The colour the user sees for a region: shape edge (else face), point face, label colour."""
+    kind, i = layer_kind(layer), region.index
+    try:
+        if kind == "shapes":
+            edge = np.asarray(layer.edge_color)[i]
+            face = np.asarray(layer.face_color)[i]
+            return _hex(edge if edge[3] > 0 else face)
+        if kind == "points":
+            return _hex(np.asarray(layer.face_color)[i])
+        if kind == "labels":
+            return _hex(layer.get_color(i))
+    except (IndexError, TypeError, ValueError):
+        pass
+    return "#ffaa00"
+
+
+@dataclass(frozen=True)
+class RegionSet:
+    """Regions of several layers, in order, with one display colour each."""
+
+    result: RegionResult
+    colours: tuple[str, ...]
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return self.result.regions
+
+    def __len__(self) -> int:
+        return len(self.result.regions)
+
+
+def collect_regions(
+    layers: Sequence[Any], plane: ImagePlane, dims: Any = None, *, only_selected: bool = True
+) -> RegionSet:
+    """Regions of all ``layers`` on ``plane`` (empty layers just add a skipped note)."""
+    result = RegionResult((), (), plane.plane_shape)
+    colours: list[str] = []
+    for layer in layers:
+        part = layer_regions(layer, plane, dims, only_selected=only_selected)
+        result = result + part
+        colours += [region_colour(layer, r) for r in part.regions]
+    return RegionSet(result, tuple(colours))

@@ -1,0 +1,108 @@
+"""The collapsible "Model" section: source (bundled / folder), device, generation settings."""
+
+from __future__ import annotations
+
+from qtpy.QtCore import Signal
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QPushButton,
+    QSpinBox,
+    QWidget,
+)
+from superqt import QCollapsible
+
+from .settings import DEVICES, WidgetSettings
+
+
+class ModelPanel(QCollapsible):
+    """Model source, device, max tokens and temperature; ``changed`` fires on every edit.
+
+    ``load_requested`` asks the dock to (re)load the model with the current choice.
+    """
+
+    changed = Signal()
+    load_requested = Signal()
+
+    def __init__(self, settings: WidgetSettings, parent: QWidget | None = None) -> None:
+        super().__init__("Model settings", parent)
+        body = QWidget()
+        form = QFormLayout(body)
+        self.source = QComboBox()
+        self.source.addItem("Bundled default model", "bundled")
+        self.source.addItem("Model folder…", "folder")
+        self.source.setToolTip("Which MedPLIB model to use; a folder holds a released or own model")
+        self.folder = QLineEdit(settings.folder)
+        self.folder.setPlaceholderText("path/to/model folder")
+        self.browse = QPushButton("Browse…")
+        self.browse.clicked.connect(self._browse)
+        folder_row = QHBoxLayout()
+        folder_row.addWidget(self.folder, 1)
+        folder_row.addWidget(self.browse)
+        self.device = QComboBox()
+        self.device.addItems(list(DEVICES))
+        self.device.setToolTip("auto: a GPU when there is one, else the CPU")
+        self.max_tokens = QSpinBox()
+        self.max_tokens.setRange(1, 4096)
+        self.max_tokens.setToolTip("Longest answer, in tokens")
+        self.temperature = QDoubleSpinBox()
+        self.temperature.setRange(0.0, 2.0)
+        self.temperature.setSingleStep(0.1)
+        self.temperature.setToolTip("0 = always the most likely answer (reproducible)")
+        self.load_button = QPushButton("Load model")
+        self.load_button.setToolTip("Load now (otherwise it loads on the first question)")
+        self.load_button.clicked.connect(self.load_requested.emit)
+        self.status = QLabel("not loaded")
+        self.status.setWordWrap(True)
+        form.addRow("Source", self.source)
+        form.addRow("Folder", folder_row)
+        form.addRow("Device", self.device)
+        form.addRow("Max tokens", self.max_tokens)
+        form.addRow("Temperature", self.temperature)
+        form.addRow(self.load_button, self.status)
+        self.addWidget(body)
+        self.set_settings(settings)
+        for signal in (
+            self.source.currentIndexChanged,
+            self.folder.editingFinished,
+            self.device.currentIndexChanged,
+            self.max_tokens.valueChanged,
+            self.temperature.valueChanged,
+        ):
+            signal.connect(self._on_edit)
+
+    def set_settings(self, s: WidgetSettings) -> None:
+        self.source.setCurrentIndex(max(self.source.findData(s.source), 0))
+        self.folder.setText(s.folder)
+        self.device.setCurrentText(s.device)
+        self.max_tokens.setValue(int(s.max_new_tokens))
+        self.temperature.setValue(float(s.temperature))
+        self._sync()
+
+    def apply_to(self, s: WidgetSettings) -> WidgetSettings:
+        s.source = self.source.currentData()
+        s.folder = self.folder.text().strip()
+        s.device = self.device.currentText()
+        s.max_new_tokens = int(self.max_tokens.value())
+        s.temperature = float(self.temperature.value())
+        return s
+
+    def _sync(self) -> None:
+        use_folder = self.source.currentData() == "folder"
+        self.folder.setEnabled(use_folder)
+        self.browse.setEnabled(use_folder)
+
+    def _on_edit(self, *_: object) -> None:
+        self._sync()
+        self.changed.emit()
+
+    def _browse(self) -> None:  # a file dialog: only on a click, never in tested paths
+        folder = QFileDialog.getExistingDirectory(self, "MedPLIB model folder", self.folder.text())
+        if folder:
+            self.folder.setText(folder)
+            self._on_edit()

@@ -1,0 +1,188 @@
+"""Direct segmentation: point / box prompts -> a preview mask via `Session.segment`, then Commit.
+
+"Segment" (Shift-S) turns the prompts of the ticked Points/Shapes layers on the shown plane into
+masks in a preview Labels layer named after the image; "Live" re-segments (debounced) whenever a
+prompt layer's data change; "Commit" (Shift-C) writes the preview masks into the output Labels layer
+with the next free ids, as one undo step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from qtpy.QtCore import QTimer
+from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QPushButton, QWidget
+
+from .layers import collect_regions, image_plane, layer_kind
+from .output import provenance_entry, record_provenance, write_planes
+from .workers import mask_summary, report_error, report_warning, segment_job, segment_prompts, start
+
+if TYPE_CHECKING:
+    from .widget import MedplibWidget
+
+SEGMENT_KEY = "Shift-S"
+COMMIT_KEY = "Shift-C"
+
+
+def _segment_all(session: Any, plane: Any, prompts: list[dict[str, Any]]) -> list[np.ndarray]:
+    return [np.asarray(segment_job(session, plane, p).mask, dtype=bool) for p in prompts]
+
+
+class SegmentPanel(QWidget):
+    """Segment / Live / Commit controls bound to a `MedplibWidget`."""
+
+    def __init__(self, dock: MedplibWidget) -> None:
+        super().__init__(dock)
+        self.dock = dock
+        self.preview: Any | None = None  # the preview Labels layer we own
+        self.masks: list[np.ndarray] = []
+        self._plane = None
+        self._worker = None
+        self._dirty = False
+        self._watched: list[Any] = []
+
+        self.segment_button = QPushButton(f"Segment [{SEGMENT_KEY}]")
+        self.segment_button.setToolTip("Mask from the points/boxes on this plane (no question)")
+        self.segment_button.clicked.connect(self.segment)
+        self.live = QCheckBox("Live")
+        self.live.setToolTip("Segment again whenever points or shapes change")
+        self.live.setChecked(dock.settings.live)
+        self.live.toggled.connect(self._on_live)
+        self.commit_button = QPushButton(f"Commit [{COMMIT_KEY}]")
+        self.commit_button.setToolTip("Write the preview mask to the output layer with a new id")
+        self.commit_button.clicked.connect(self.commit)
+        row = QHBoxLayout(self)
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(self.segment_button)
+        row.addWidget(self.live)
+        row.addWidget(self.commit_button)
+
+        self._debounce = QTimer(self)
+        self._debounce.setSingleShot(True)
+        self._debounce.setInterval(200)
+        self._debounce.timeout.connect(self.segment)
+        dock.pickers.changed.connect(self._rewatch)
+        viewer = dock.viewer
+        viewer.bind_key(SEGMENT_KEY, lambda _v: self.segment(), overwrite=True)
+        viewer.bind_key(COMMIT_KEY, lambda _v: self.commit(), overwrite=True)
+        self._rewatch()
+
+    # ---- live mode -----------------------------------------------------------------------------
+    def _prompt_layers(self) -> list[Any]:
+        return [ly for ly in self.dock.pickers.region_layers if layer_kind(ly) in ("points", "shapes")]
+
+    def _rewatch(self) -> None:
+        for layer in self._watched:
+            layer.events.data.disconnect(self._on_data)
+        self._watched = self._prompt_layers() if self.live.isChecked() else []
+        for layer in self._watched:
+            layer.events.data.connect(self._on_data)
+
+    def _on_live(self, on: bool) -> None:
+        self.dock.settings.live = bool(on)
+        self.dock.save_settings()
+        self._rewatch()
+
+    def _on_data(self, *_: Any) -> None:
+        self._debounce.start()
+
+    # ---- segment -------------------------------------------------------------------------------
+    def segment(self) -> None:
+        if self._worker is not None:
+            self._dirty = True
+            return
+        dock = self.dock
+        try:
+            plane = image_plane(dock.pickers.image_layer, dock.viewer.dims)
+            regions = collect_regions(self._prompt_layers(), plane, dock.viewer.dims).regions
+        except ValueError as exc:
+            report_error(exc)
+            return
+        prompts = segment_prompts(regions)
+        if not prompts:
+            report_warning(
+                "no prompt on this plane: click '+ Points' or '+ Box / Shapes' and add one"
+            )
+            return
+        dock.with_session(lambda: self._run(plane, prompts))
+
+    def _run(self, plane: Any, prompts: list[dict[str, Any]]) -> None:
+        self._plane = plane
+        self._worker = start(
+            _segment_all,
+            self.dock.session,
+            plane,
+            prompts,
+            desc="MedPLIB: segmenting",
+            on_return=self._show,
+            on_finish=self._done,
+        )
+
+    def _done(self) -> None:
+        self._worker = None
+        if self._dirty:
+            self._dirty = False
+            self.segment()
+
+    def _preview_layer(self, plane: Any) -> Any:
+        layer = self.preview
+        if layer is None or layer not in self.dock.viewer.layers or layer.data.shape != plane.spatial_shape:
+            image = self.dock.pickers.image_layer
+            layer = self.dock.viewer.add_labels(
+                np.zeros(plane.spatial_shape, dtype=np.int32),
+                name=f"{plane.name} prompt mask",
+                scale=image.scale,
+                translate=image.translate,
+                rotate=image.rotate,
+                shear=image.shear,
+                affine=image.affine,
+                opacity=0.5,
+            )
+            self.preview = layer
+            self.dock.pickers.refresh()
+        return layer
+
+    def _show(self, masks: list[np.ndarray]) -> None:
+        self.masks = masks
+        layer = self._preview_layer(self._plane)
+        data = np.array(layer.data, copy=True)
+        view = np.zeros(self._plane.plane_shape, dtype=data.dtype)
+        for k, mask in enumerate(masks):
+            view[mask & (view == 0)] = k + 1
+        data[self._plane.index] = view
+        layer.data = data
+
+    # ---- commit --------------------------------------------------------------------------------
+    def commit(self) -> None:
+        if not self.masks or not any(m.any() for m in self.masks):
+            report_warning("nothing to commit: press Segment first")
+            return
+        dock = self.dock
+        try:
+            layer = dock.output_for(self._plane)
+            ids, written = write_planes(
+                layer, [(self._plane.index, self.masks)], replace=dock.pickers.replace.isChecked()
+            )
+        except ValueError as exc:
+            report_error(exc)
+            return
+        record_provenance(
+            layer,
+            provenance_entry(
+                question="(direct segmentation)",
+                answer=mask_summary(self.masks),
+                model=getattr(dock.session, "model_name", "?"),
+                image=self._plane.name,
+                label_ids=ids,
+                plane=self._plane.index,
+                mode="segment",
+            ),
+        )
+        dock.chat.add_note(
+            f"Committed {mask_summary(self.masks)} as label {', '.join(map(str, ids))} "
+            f"in '{layer.name}' ({written:,} px)"
+        )
+        self.masks = []
+        if self.preview is not None and self.preview in dock.viewer.layers:
+            self.preview.data = np.zeros_like(self.preview.data)

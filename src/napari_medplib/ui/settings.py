@@ -1,0 +1,82 @@
+"""Widget settings remembered between napari sessions: a small JSON file in the user config dir.
+
+``NAPARI_MEDPLIB_SETTINGS`` names another file (tests, shared machines). A missing, unreadable or
+partly wrong file falls back to defaults key by key: settings never stop the widget from opening.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+SETTINGS_ENV = "NAPARI_MEDPLIB_SETTINGS"
+DEVICES = ("auto", "cpu", "cuda", "mps")
+SOURCES = ("bundled", "folder")
+
+
+@dataclass
+class WidgetSettings:
+    """What the dock widget remembers."""
+
+    source: str = "bundled"  # "bundled" | "folder"
+    folder: str = ""  # model folder when source == "folder"
+    device: str = "auto"
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    replace: bool = False  # overwrite existing labels
+    live: bool = False  # live direct segmentation
+
+    @property
+    def model_source(self) -> str | None:
+        """What `Session.load` takes: None for the bundled model, else the folder."""
+        return self.folder if self.source == "folder" and self.folder else None
+
+
+def settings_path() -> Path:
+    env = os.environ.get(SETTINGS_ENV)
+    if env:
+        return Path(env)
+    from platformdirs import user_config_dir
+
+    return Path(user_config_dir("napari-medplib", appauthor=False)) / "widget.json"
+
+
+def _valid(name: str, value: object) -> bool:
+    if name == "source":
+        return value in SOURCES
+    if name == "device":
+        return value in DEVICES
+    if name == "folder":
+        return isinstance(value, str)
+    if name == "max_new_tokens":
+        return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096
+    if name == "temperature":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 2
+    return isinstance(value, bool)
+
+
+def load_settings(path: Path | None = None) -> WidgetSettings:
+    """Read the settings; unknown keys and invalid values are ignored."""
+    path = settings_path() if path is None else Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return WidgetSettings()
+    if not isinstance(raw, dict):
+        return WidgetSettings()
+    known = {f.name for f in fields(WidgetSettings)}
+    good = {k: v for k, v in raw.items() if k in known and _valid(k, v)}
+    return WidgetSettings(**good)
+
+
+def save_settings(settings: WidgetSettings, path: Path | None = None) -> Path | None:
+    """Write the settings; returns the path, or None when the folder is not writable."""
+    path = settings_path() if path is None else Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(settings), indent=2))
+    except OSError:
+        return None
+    return path

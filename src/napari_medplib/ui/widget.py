@@ -1,0 +1,386 @@
+"""The MedPLIB dock widget: layer pickers, chat, direct segmentation, model settings.
+
+Wiring only: geometry lives in `layers`, label writing in `output`, threads in `workers`, the chat
+view in `chat`. The Qt thread gathers inputs (cheap), hands them to a thread worker, and applies
+the results when they come back; a session is loaded on first use.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QHBoxLayout,
+    QLabel,
+    QPushButton,
+    QSpinBox,
+    QVBoxLayout,
+    QWidget,
+)
+
+from .chat import ChatPane
+from .layers import ImagePlane, RegionSet, collect_regions, image_plane
+from .model_panel import ModelPanel
+from .output import (
+    default_export_path,
+    export_provenance,
+    new_output_layer,
+    output_index,
+    provenance_entry,
+    record_provenance,
+    write_planes,
+)
+from .pickers import LayerPickers
+from .segment import SegmentPanel
+from .settings import load_settings, save_settings
+from .workers import (
+    StackResult,
+    ask_job,
+    describe_error,
+    load_job,
+    mask_summary,
+    report_error,
+    report_info,
+    report_warning,
+    stack_job,
+    start,
+)
+
+
+@dataclass
+class _Question:
+    """Everything one question needs, captured on the Qt thread when it is asked."""
+
+    text: str
+    plane: ImagePlane
+    regions: RegionSet
+    image_layer: Any
+    output: Any | None
+    replace: bool
+    started: float
+
+
+def expert_note(reply: Any) -> str:
+    """'experts 62/38%' from reply.expert_share_mean, '' when the model has no MoE."""
+    share = getattr(reply, "expert_share_mean", None)
+    if not share:
+        return ""
+    return "experts " + "/".join(f"{100 * float(s):.0f}" for s in share) + "%"
+
+
+def answer_footer(reply: Any) -> str:
+    parts = [str(getattr(reply, "model", "") or "")]
+    total = (getattr(reply, "timings", None) or {}).get("total")
+    if total is not None:
+        parts.append(f"{float(total):.1f} s")
+    parts.append(expert_note(reply))
+    reason = getattr(reply, "finish_reason", "")
+    if reason in ("cancelled", "max_new_tokens"):
+        parts.append("stopped" if reason == "cancelled" else "cut at max tokens")
+    return " · ".join(p for p in parts if p)
+
+
+class MedplibWidget(QWidget):
+    """Dock widget. ``session`` / ``session_factory`` let scripts and tests bring their own model."""
+
+    def __init__(
+        self,
+        napari_viewer: Any,
+        *,
+        session: Any | None = None,
+        session_factory: Callable[..., Any] | None = None,
+    ) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self.settings = load_settings()
+        self.session: Any | None = None
+        self._session_key: tuple | None = None
+        self._factory = session_factory
+        self._loader = None
+        self._after_load: list[Callable[[], None]] = []
+        self._worker = None
+        self._cancel = threading.Event()
+
+        self.pickers = LayerPickers(napari_viewer)
+        self.pickers.replace.setChecked(self.settings.replace)
+        self.pickers.replace.toggled.connect(self._on_replace)
+        self.model_panel = ModelPanel(self.settings)
+        self.model_panel.changed.connect(self._on_model_edit)
+        self.model_panel.load_requested.connect(lambda: self.with_session(lambda: None, True))
+        self.chat = ChatPane()
+        self.chat.asked.connect(self.ask)
+        self.chat.stopped.connect(self.stop)
+        self.stack = QCheckBox("Whole stack along axis")
+        self.stack.setToolTip("Ask on every plane along the axis and write a 3-D labels volume")
+        self.stack_axis = QSpinBox()
+        self.stack_axis.setRange(0, 0)
+        self.export_button = QPushButton("Export log…")
+        self.export_button.setToolTip("Save the output layer's question/answer log as JSON + Markdown")
+        self.export_button.clicked.connect(self.export_log)
+        self.segment_panel = SegmentPanel(self)
+
+        stack_row = QHBoxLayout()
+        stack_row.addWidget(self.stack)
+        stack_row.addWidget(self.stack_axis)
+        stack_row.addStretch(1)
+        stack_row.addWidget(self.export_button)
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.pickers)
+        layout.addWidget(self.model_panel)
+        layout.addWidget(QLabel("<b>Ask</b>"))
+        layout.addWidget(self.chat, 1)
+        layout.addLayout(stack_row)
+        layout.addWidget(QLabel("<b>Segment from prompts</b>"))
+        layout.addWidget(self.segment_panel)
+        self.pickers.changed.connect(self._sync_stack)
+        self._sync_stack()
+        if session is not None:
+            self.set_session(session)
+
+    # ---- settings ------------------------------------------------------------------------------
+    def save_settings(self) -> None:
+        save_settings(self.settings)
+
+    def _on_model_edit(self) -> None:
+        self.model_panel.apply_to(self.settings)
+        self.save_settings()
+
+    def _on_replace(self, on: bool) -> None:
+        self.settings.replace = bool(on)
+        self.save_settings()
+
+    def _sync_stack(self) -> None:
+        image = self.pickers.image_layer
+        lead = 0 if image is None else image.ndim - (1 if image.rgb else 0) - 2
+        self.stack.setEnabled(lead > 0)
+        self.stack_axis.setEnabled(lead > 0)
+        self.stack_axis.setRange(0, max(lead - 1, 0))
+        if lead == 0:
+            self.stack.setChecked(False)
+
+    # ---- session -------------------------------------------------------------------------------
+    def _wanted_key(self) -> tuple:
+        return (self.settings.model_source, self.settings.device)
+
+    def set_session(self, session: Any) -> None:
+        """Use an already loaded session (scripts, tests)."""
+        self.session = session
+        self._session_key = self._wanted_key()
+        self.model_panel.status.setText(self._session_text(session))
+
+    @staticmethod
+    def _session_text(session: Any) -> str:
+        return f"{getattr(session, 'model_name', 'model')} on {getattr(session, 'device', '?')}"
+
+    def with_session(self, then: Callable[[], None], reload: bool = False) -> None:
+        """Run ``then`` with a loaded session, loading it in a worker first if needed."""
+        if self.session is not None and self._session_key == self._wanted_key() and not reload:
+            then()
+            return
+        self._after_load.append(then)
+        if self._loader is not None:
+            return
+        source, device = self._wanted_key()
+        self.model_panel.status.setText("loading…")
+        self.chat.set_busy(True)
+        self._loader = start(
+            load_job,
+            source,
+            device,
+            self._factory,
+            desc="MedPLIB: loading model",
+            on_return=self._on_loaded,
+            on_error=self._on_load_error,
+            on_finish=self._on_load_finished,
+        )
+
+    def _on_loaded(self, session: Any) -> None:
+        old = self.session
+        self.set_session(session)
+        if old is not None and old is not session and hasattr(old, "close"):
+            old.close()
+
+    def _on_load_error(self, exc: BaseException) -> None:
+        self._after_load.clear()
+        self.model_panel.status.setText("not loaded: " + describe_error(exc))
+        self.model_panel.expand(animate=False)
+        report_error(exc)
+
+    def _on_load_finished(self) -> None:
+        self._loader = None
+        self.chat.set_busy(self._worker is not None)
+        pending, self._after_load = self._after_load, []
+        if self.session is not None:
+            for then in pending:
+                then()
+
+    # ---- asking --------------------------------------------------------------------------------
+    def _gather(self, text: str) -> _Question | None:
+        """Read the layers on the Qt thread; errors become notifications and return None."""
+        try:
+            plane = image_plane(self.pickers.image_layer, self.viewer.dims)
+            uses_regions = "<region" in text
+            layers = self.pickers.region_layers if uses_regions else []
+            regions = collect_regions(layers, plane, self.viewer.dims)
+            output = self.pickers.output_layer
+            if output is not None:
+                output_index(output, plane.index, plane.plane_shape)
+        except ValueError as exc:
+            report_error(exc)
+            return None
+        if uses_regions and not regions.regions:
+            report_warning(
+                "the question names <region>, but no region is on this plane: tick a "
+                "Points/Shapes layer under Regions or click '+ Box / Shapes' and draw one"
+            )
+            return None
+        if regions.result.problems:
+            report_warning("regions: " + regions.result.summary())
+        return _Question(
+            text, plane, regions, self.pickers.image_layer, output,
+            self.pickers.replace.isChecked(), time.perf_counter(),
+        )
+
+    def ask(self, text: str) -> None:
+        """Ask ``text`` about the shown plane (or the whole stack) in a worker thread."""
+        if self._worker is not None:
+            report_warning("MedPLIB is still answering; press Stop first")
+            return
+        question = self._gather(text)
+        if question is None:
+            return
+        swatches = [
+            (f"{r.describe()}", c)
+            for r, c in zip(question.regions.regions, question.regions.colours, strict=True)
+        ]
+        self.chat.add_question(text, swatches)
+        self.with_session(lambda: self._run(question))
+
+    def _run(self, q: _Question) -> None:
+        self._cancel = threading.Event()
+        self.chat.set_busy(True)
+        options = {
+            "max_new_tokens": self.settings.max_new_tokens,
+            "temperature": self.settings.temperature,
+        }
+        common = {
+            "on_error": self._on_ask_error,
+            "on_finish": self._on_ask_finished,
+        }
+        if self.stack.isChecked() and self.stack.isEnabled():
+            axis = int(self.stack_axis.value())
+            self.chat.add_note(f"Asking on every plane along axis {axis}…")
+            self._worker = start(
+                stack_job, self.session, q.plane, axis, q.text, q.regions.regions, self._cancel,
+                options, desc="MedPLIB: whole stack", total=q.plane.spatial_shape[axis],
+                on_return=lambda result: self._on_stack(q, result), **common,
+            )
+        else:
+            self.chat.start_answer()
+            self._worker = start(
+                ask_job, self.session, q.plane, q.text, q.regions.regions, self._cancel, options,
+                desc="MedPLIB: answering", on_yield=self.chat.append_text,
+                on_return=lambda reply: self._on_answer(q, reply), **common,
+            )
+
+    def stop(self) -> None:
+        self._cancel.set()
+        if self.session is not None and hasattr(self.session, "cancel"):
+            self.session.cancel()
+
+    def _on_ask_error(self, exc: BaseException) -> None:
+        self.chat.finish_answer(footer="error")
+        self.chat.add_note(describe_error(exc))
+        report_error(exc)
+
+    def _on_ask_finished(self) -> None:
+        self._worker = None
+        self.chat.set_busy(self._loader is not None)
+
+    def output_for(self, plane: ImagePlane, chosen: Any | None = None) -> Any:
+        """The output Labels layer (made on first use and then kept as the choice)."""
+        layer = chosen if chosen is not None else self.pickers.output_layer
+        if layer is None or layer not in self.viewer.layers:
+            layer = new_output_layer(self.viewer, self.pickers.image_layer, plane)
+            self.pickers.set_output(layer)
+        return layer
+
+    def _write(self, q: _Question, planes: list, reply: Any) -> str:
+        """Write masks + provenance; return the transcript note."""
+        masks = [m for _, ms in planes for m in ms]
+        if not masks:
+            return ""
+        layer = self.output_for(q.plane, q.output)
+        ids, written = write_planes(layer, planes, replace=q.replace)
+        record_provenance(
+            layer,
+            provenance_entry(
+                question=q.text,
+                answer=getattr(reply, "text", ""),
+                model=getattr(reply, "model", "") or getattr(self.session, "model_name", ""),
+                image=q.plane.name,
+                regions=[r.describe() for r in q.regions.regions],
+                label_ids=ids,
+                plane=q.plane.index if len(planes) == 1 else (),
+                planes=len(planes),
+                finish_reason=getattr(reply, "finish_reason", ""),
+                expert_share_mean=getattr(reply, "expert_share_mean", None),
+            ),
+        )
+        if not ids:
+            return "the masks were empty; nothing written"
+        return (
+            f"wrote label{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} to "
+            f"'{layer.name}' ({written:,} px)"
+        )
+
+    def _on_answer(self, q: _Question, reply: Any) -> None:
+        try:
+            note = self._write(q, [(q.plane.index, list(reply.masks))], reply)
+        except ValueError as exc:
+            report_error(exc)
+            note = describe_error(exc)
+        footer = " · ".join(p for p in (answer_footer(reply), note) if p)
+        self.chat.finish_answer(reply.text, footer)
+
+    def _on_stack(self, q: _Question, result: StackResult) -> None:
+        planes = [(index, list(reply.masks)) for index, reply in result.planes]
+        current = next((r for i, r in result.planes if i == q.plane.index), None)
+        shown = current or (result.planes[0][1] if result.planes else None)
+        try:
+            note = self._write(q, planes, shown)
+        except ValueError as exc:
+            report_error(exc)
+            note = describe_error(exc)
+        done = f"{len(result.planes)} planes along axis {result.axis}"
+        done += " (stopped)" if result.cancelled else ""
+        text = shown.text if shown is not None else ""
+        masks = [m for _, ms in planes for m in ms]
+        self.chat.finish_answer(text, " · ".join(p for p in (done, mask_summary(masks), note) if p))
+
+    # ---- export --------------------------------------------------------------------------------
+    def export_log(self, path: str | None = None) -> list:
+        layer = self.pickers.output_layer
+        if layer is None or not layer.metadata.get("medplib"):
+            report_warning("no MedPLIB log yet: pick the output Labels layer that has answers")
+            return []
+        if path is None:
+            from qtpy.QtWidgets import QFileDialog
+
+            path, _ = QFileDialog.getSaveFileName(
+                self, "Export MedPLIB log", str(default_export_path(layer)), "JSON (*.json)"
+            )
+            if not path:
+                return []
+        try:
+            paths = export_provenance(layer.metadata["medplib"], path)
+        except OSError as exc:
+            report_error(exc)
+            return []
+        report_info("saved " + " and ".join(str(p) for p in paths))
+        return paths

@@ -1,0 +1,216 @@
+"""Everything slow runs here, in napari thread workers; the Qt thread only applies the results.
+
+Each job is a plain function or generator (testable without Qt) wrapped by `start` in a napari
+``create_worker`` with a progress bar in napari's activity dock. Errors never reach the user as a
+traceback: `describe_error` turns them into one line with the fix and `report_error` shows it as a
+napari notification.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+from collections.abc import Callable, Generator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .layers import ImagePlane
+
+
+# ---- jobs (run in the worker thread) -------------------------------------------------------------
+def load_job(
+    source: str | None, device: str, factory: Callable[..., Any] | None = None
+) -> Generator[str, None, Any]:
+    """Load a `Session` (the bundled model for ``source=None``); a generator for the progress bar."""
+    yield "loading"
+    if factory is None:
+        from ..engine import Session
+
+        factory = Session.load
+    return factory(source, device=device)
+
+
+def _plane_kwargs(plane: ImagePlane) -> dict[str, Any]:
+    return {"contrast_limits": plane.contrast_limits, "rgb": plane.rgb}
+
+
+def ask_job(
+    session: Any,
+    plane: ImagePlane,
+    question: str,
+    regions: Sequence[Any],
+    cancel: threading.Event,
+    options: dict[str, Any] | None = None,
+) -> Generator[str, None, Any]:
+    """Stream the answer to ``question`` piece by piece; return the engine's Reply."""
+    image = plane.read()
+    stream = session.ask_stream(
+        image, question, list(regions), cancel=cancel, **_plane_kwargs(plane), **(options or {})
+    )
+    for piece in stream:
+        yield piece
+    return stream.reply
+
+
+@dataclass
+class StackResult:
+    """Answers of a whole-stack question: one Reply per plane index, in order."""
+
+    axis: int
+    planes: list[tuple[tuple[int, ...], Any]]
+    cancelled: bool = False
+
+
+def stack_job(
+    session: Any,
+    plane: ImagePlane,
+    axis: int,
+    question: str,
+    regions: Sequence[Any],
+    cancel: threading.Event,
+    options: dict[str, Any] | None = None,
+) -> Generator[int, None, StackResult]:
+    """Ask ``question`` on every plane along spatial ``axis`` (others stay at the current plane).
+
+    Yields the number of planes done (drives the progress bar); returns a `StackResult`.
+    """
+    lead = plane.ndim - 2
+    if not 0 <= axis < lead:
+        raise ValueError(
+            f"whole-stack axis must be one of the image's non-displayed axes 0..{lead - 1}, "
+            f"got {axis}"
+        )
+    out = StackResult(axis, [])
+    for i in range(plane.spatial_shape[axis]):
+        if cancel.is_set():
+            out.cancelled = True
+            break
+        index = list(plane.index)
+        index[axis] = i
+        this = plane.with_index(index)
+        reply = session.ask(
+            this.read(), question, list(regions), cancel=cancel, **_plane_kwargs(this),
+            **(options or {}),
+        )
+        out.planes.append((this.index, reply))
+        yield i + 1
+    return out
+
+
+def segment_job(session: Any, plane: ImagePlane, prompts: dict[str, Any]) -> Any:
+    """Direct prompt -> mask with `Session.segment` (no LLM)."""
+    return session.segment(plane.read(), **prompts, **_plane_kwargs(plane))
+
+
+# ---- prompts for direct segmentation -------------------------------------------------------------
+def segment_prompts(regions: Sequence[Any]) -> list[dict[str, Any]]:
+    """Regions -> `Session.segment` keyword sets: one per box/polygon/mask, points shared.
+
+    Points (positive and negative) go with every box; with no box they make one prompt alone.
+    Polygons and masks give their bounding box plus the mask itself as prior.
+    """
+    points = [r for r in regions if r.kind == "point"]
+    shaped = [r for r in regions if r.kind != "point"]
+    common: dict[str, Any] = {}
+    if points:
+        common["points"] = [tuple(float(v) for v in r.coords[0]) for r in points]
+        common["point_labels"] = [int(r.positive) for r in points]
+    prompts = []
+    for region in shaped:
+        box = region.bbox
+        if box is None:
+            continue
+        prompt = dict(common, box=tuple(float(v) for v in box))
+        if region.kind in ("polygon", "mask"):
+            prompt["mask"] = region.to_mask()
+        prompts.append(prompt)
+    if not prompts and points:
+        prompts.append(common)
+    return prompts
+
+
+# ---- errors --------------------------------------------------------------------------------------
+def describe_error(exc: BaseException) -> str:
+    """One line for a notification: the engine's own message for input errors, else a hint."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, MemoryError) or "out of memory" in text.lower():
+        return (
+            "MedPLIB ran out of memory: pick device 'cpu' or a smaller model in Model settings, "
+            "or ask about a smaller image"
+        )
+    if isinstance(exc, (ValueError, FileNotFoundError, KeyError)):
+        return f"MedPLIB: {text}"
+    if isinstance(exc, ImportError):
+        return f"MedPLIB cannot import {getattr(exc, 'name', None) or text}; reinstall napari-medplib"
+    return f"MedPLIB failed ({type(exc).__name__}: {text}); see the log for details"
+
+
+def report_error(exc: BaseException) -> None:
+    """Show ``exc`` as a napari error notification (never a traceback dialog)."""
+    from napari.utils.notifications import show_error
+
+    show_error(describe_error(exc))
+
+
+def report_warning(message: str) -> None:
+    from napari.utils.notifications import show_warning
+
+    show_warning(message)
+
+
+def report_info(message: str) -> None:
+    from napari.utils.notifications import show_info
+
+    show_info(message)
+
+
+# ---- napari workers ------------------------------------------------------------------------------
+def start(
+    func: Callable[..., Any],
+    *args: Any,
+    desc: str,
+    total: int = 0,
+    on_yield: Callable[[Any], None] | None = None,
+    on_return: Callable[[Any], None] | None = None,
+    on_error: Callable[[BaseException], None] | None = None,
+    on_finish: Callable[[], None] | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Run ``func(*args, **kwargs)`` in a napari thread worker with an activity-dock progress bar.
+
+    Errors go to ``on_error`` (default: `report_error`), never to napari's traceback handler.
+    """
+    from napari.qt.threading import create_worker
+
+    progress: dict[str, Any] = {"desc": desc}
+    if total:
+        progress["total"] = int(total)
+    worker = create_worker(
+        func,
+        *args,
+        _progress=progress if inspect.isgeneratorfunction(func) else False,
+        _ignore_errors=True,
+        _start_thread=False,
+        **kwargs,
+    )
+    if on_yield is not None and hasattr(worker, "yielded"):
+        worker.yielded.connect(on_yield)
+    if on_return is not None:
+        worker.returned.connect(on_return)
+    worker.errored.connect(on_error or report_error)
+    if on_finish is not None:
+        worker.finished.connect(on_finish)
+    worker.start()
+    return worker
+
+
+def mask_summary(masks: Sequence[np.ndarray]) -> str:
+    """'2 masks (1,204 and 88 px)' for the transcript."""
+    areas = [int(np.count_nonzero(m)) for m in masks]
+    if not areas:
+        return "no mask"
+    return f"{len(areas)} mask{'s' if len(areas) > 1 else ''} (" + " and ".join(
+        f"{a:,} px" for a in areas
+    ) + ")"
