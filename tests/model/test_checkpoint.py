@@ -218,3 +218,20 @@ def test_empty_parameters_only_touches_the_calling_thread():
     assert here.weight.is_meta
     assert not built["other"].weight.is_meta
     assert not torch.nn.Linear(2, 2).weight.is_meta  # restored afterwards
+
+
+def test_converter_command_writes_a_loadable_clean_folder(tmp_path, capsys):
+    from napari_medplib.model import convert
+
+    assert convert.main([str(FIXTURE), str(tmp_path / "clean"), "--dtype", "float32"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    config = json.loads((tmp_path / "clean" / "config.json").read_text())
+    assert config["vision_config"]["hidden_size"] == 64  # no CLIP folder needed any more
+    assert not (tmp_path / "clean" / "clip").exists()
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "clean" / "model.safetensors"), "pt") as handle:
+        keys = set(handle.keys())
+    assert "language_model.layers.0.mlp.router.weight" in keys and any(k.startswith("sam.") for k in keys)
+    original, clean = MedPLIBModel.from_pretrained(FIXTURE), MedPLIBModel.from_pretrained(tmp_path / "clean")
+    assert _same_weights(original, clean)

@@ -11,10 +11,12 @@ _EXPORTS = {
     "MedPLIBConfig": "config",
     "MoEConfig": "config",
     "CheckpointError": "config",
+    "tiny_config": "config",
     "MedPLIBTokenizer": "tokenizer",
     "get_template": "tokenizer",
     "format_question": "tokenizer",
     "tokenize_prompt": "tokenizer",
+    "encode_question": "tokenizer",
     "MoEFeedForward": "moe",
     "RoutingRecord": "moe",
     "moe_forward_reference": "moe",
@@ -24,6 +26,8 @@ _EXPORTS = {
     "MedPLIBModel": "medplib",
     "ImageFeatures": "medplib",
     "GroundingResult": "medplib",
+    "PrefixCache": "medplib",
+    "save_pretrained": "convert",
 }
 
 __all__ = sorted(_EXPORTS)
