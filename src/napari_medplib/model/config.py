@@ -76,6 +76,8 @@ class MoEConfig:
                 f"MoE needs 1 <= top_k <= num_experts, got top_k={self.top_k}, "
                 f"num_experts={self.num_experts}"
             )
+        if self.router_dtype not in ("float32", "float64", "bfloat16", "float16"):
+            raise ValueError(f"router_dtype must be a float dtype name such as 'float32', got {self.router_dtype!r}")
         if self.second_expert_policy not in ("argmax", "gumbel"):
             raise ValueError(f"second_expert_policy must be 'argmax' or 'gumbel', got {self.second_expert_policy!r}")
 

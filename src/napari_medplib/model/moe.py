@@ -183,9 +183,10 @@ class MoEFeedForward(nn.Module):
         self.generator: torch.Generator | None = None  # for RTS / Gumbel; None = global RNG
 
     def router_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[S, D] -> [S, E] in fp32, whatever the weights' dtype (the reference casts ``wg`` to fp32)."""
-        bias = self.router.bias.float() if self.router.bias is not None else None
-        return F.linear(tokens.float(), self.router.weight.float(), bias)
+        """[S, D] -> [S, E] in ``router_dtype`` (fp32: the reference casts ``wg`` and x to fp32)."""
+        dtype = getattr(torch, self.config.router_dtype)
+        bias = self.router.bias.to(dtype) if self.router.bias is not None else None
+        return F.linear(tokens.to(dtype), self.router.weight.to(dtype), bias)
 
     def capacity(self, num_tokens: int) -> int:
         cfg = self.config
