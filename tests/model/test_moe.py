@@ -148,3 +148,18 @@ def test_gumbel_second_choice_is_stochastic_but_first_is_argmax():
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="top_k"):
         MoEConfig(num_experts=2, top_k=3)
+
+
+def test_deepspeed_style_eval_drops_are_opt_in():
+    moe = _moe(num_experts=4, top_k=1, eval_capacity_factor=2.0)
+    with torch.no_grad():
+        moe.router.weight.zero_()
+        moe.router.weight[0, 0] = 1.0
+    x = torch.randn(16, HIDDEN)
+    x[:, 0] = x[:, 0].abs() + 1  # every token wants expert 0; DeepSpeed's eval capacity is 16/4*2 = 8
+    moe(x)
+    assert moe.last_routing.dropped is None
+    moe.config.eval_drop_tokens = True
+    moe.generator = torch.Generator().manual_seed(0)
+    moe(x)
+    assert int(moe.last_routing.dropped.sum()) == 8 and moe.capacity(16) == 8

@@ -53,8 +53,10 @@ class MoEConfig:
     moe_layers: list[int] | None = None
     #: Training capacity factor: capacity = max(ceil(k * tokens / experts * factor), min_capacity).
     capacity_factor: float = 1.5
-    #: Kept for the record only: at inference no token is ever dropped (see moe.py).
+    #: Used at inference only with ``eval_drop_tokens`` (DeepSpeed behaviour); by default no token is
+    #: dropped at inference (see moe.py).
     eval_capacity_factor: float = 2.0
+    eval_drop_tokens: bool = False
     min_capacity: int = 0
     #: Random token selection when an expert overflows in training (DeepSpeed ``use_rts``).
     use_rts: bool = True

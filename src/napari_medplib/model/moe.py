@@ -11,8 +11,9 @@ Semantics (DeepSpeed ``TopKGate`` as MedPLIB and Med-MoE use it, run locally wit
 * optional always-on shared ("meta") expert added unweighted (Med-MoE: y = sum_k g_k E_k(x) + E_meta(x));
 * capacity: in training, ``ceil(k * S / E * capacity_factor)`` (at least ``min_capacity``) tokens per
   expert; overflowing assignments are dropped (random token selection, first choices before second
-  choices) and contribute nothing. In eval mode nothing is ever dropped (for MedPLIB's E=2, cf=2 this
-  is also what DeepSpeed does, since capacity = S).
+  choices) and contribute nothing. In eval mode nothing is dropped (for MedPLIB's E=2, cf=2 this is
+  also what DeepSpeed does, since capacity = S). ``MoEConfig.eval_drop_tokens`` restores DeepSpeed's
+  eval-time dropping with ``eval_capacity_factor`` (it matters when E > k * eval_capacity_factor).
 
 Only the chosen experts run, each on the tokens routed to it (gather -> expert -> scale -> index_add).
 ``moe_forward_reference`` is the functional twin a Triton kernel can be tested against.
@@ -39,7 +40,7 @@ class RoutingRecord:
     expert_ids: torch.Tensor  # [S, k] int64, first column = argmax
     gate_probs: torch.Tensor  # [S, k] float32, softmax probability of each chosen expert
     combine_weights: torch.Tensor  # [S, k] float32, factor applied to each expert output (0 if dropped)
-    dropped: torch.Tensor | None = None  # [S, k] bool, training-time capacity drops
+    dropped: torch.Tensor | None = None  # [S, k] bool, capacity drops (training, or eval_drop_tokens)
     aux_loss: torch.Tensor | None = None  # GShard load-balancing loss (training, coef > 0)
 
     def expert_counts(self, num_experts: int) -> torch.Tensor:
@@ -190,7 +191,8 @@ class MoEFeedForward(nn.Module):
 
     def capacity(self, num_tokens: int) -> int:
         cfg = self.config
-        return max(math.ceil(cfg.top_k * num_tokens / cfg.num_experts * cfg.capacity_factor), cfg.min_capacity)
+        factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        return max(math.ceil(cfg.top_k * num_tokens / cfg.num_experts * factor), cfg.min_capacity)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -200,10 +202,10 @@ class MoEFeedForward(nn.Module):
         policy = cfg.second_expert_policy
         expert_ids, gate_probs, combine = route_tokens(logits, cfg.top_k, cfg.renormalize, policy, self.generator)
         dropped = aux_loss = None
-        if self.training:
+        if self.training or cfg.eval_drop_tokens:
             dropped = capacity_drops(expert_ids, self.num_experts, self.capacity(tokens.shape[0]), cfg.use_rts, self.generator)
             combine = combine.masked_fill(dropped, 0.0)
-            if cfg.router_aux_loss_coef > 0:
+            if self.training and cfg.router_aux_loss_coef > 0:
                 probs = torch.softmax(logits, dim=-1)
                 top1 = F.one_hot(expert_ids[:, 0], self.num_experts).float()
                 aux_loss = self.num_experts * (probs.mean(0) * top1.mean(0)).sum()
