@@ -26,3 +26,19 @@ def blobs():
     img[10:20, 10:22] = 3000
     img[40:50, 50:70] = 2500
     return img
+
+
+@pytest.fixture
+def notes():
+    """Messages napari notifications show during the test: list of (severity, message)."""
+    from napari.utils.notifications import notification_manager
+
+    seen = []
+
+    def _on(event):
+        n = event if hasattr(event, "message") else event.value
+        seen.append((str(n.severity), n.message))
+
+    notification_manager.notification_ready.connect(_on)
+    yield seen
+    notification_manager.notification_ready.disconnect(_on)

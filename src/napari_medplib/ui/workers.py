@@ -167,6 +167,40 @@ def report_info(message: str) -> None:
 
 
 # ---- napari workers ------------------------------------------------------------------------------
+class JobError(Exception):
+    """Carries a RuntimeError out of a worker: superqt drops RuntimeErrors as 'aborted thread'
+    without emitting ``errored`` or ``finished``, and torch reports most failures as one."""
+
+    def __init__(self, original: BaseException) -> None:
+        super().__init__(str(original))
+        self.original = original
+
+
+def _guarded(func: Callable[..., Any]) -> Callable[..., Any]:
+    """``func`` with RuntimeErrors wrapped in `JobError` (generators stay generators)."""
+    if inspect.isgeneratorfunction(func):
+
+        def gen(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return (yield from func(*args, **kwargs))
+            except RuntimeError as exc:
+                raise JobError(exc) from exc
+
+        return gen
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except RuntimeError as exc:
+            raise JobError(exc) from exc
+
+    return call
+
+
+def _unwrap(handler: Callable[[BaseException], None]) -> Callable[[BaseException], None]:
+    return lambda exc: handler(exc.original if isinstance(exc, JobError) else exc)
+
+
 def start(
     func: Callable[..., Any],
     *args: Any,
@@ -188,7 +222,7 @@ def start(
     if total:
         progress["total"] = int(total)
     worker = create_worker(
-        func,
+        _guarded(func),
         *args,
         _progress=progress if inspect.isgeneratorfunction(func) else False,
         _ignore_errors=True,
@@ -199,7 +233,7 @@ def start(
         worker.yielded.connect(on_yield)
     if on_return is not None:
         worker.returned.connect(on_return)
-    worker.errored.connect(on_error or report_error)
+    worker.errored.connect(_unwrap(on_error or report_error))
     if on_finish is not None:
         worker.finished.connect(on_finish)
     worker.start()
