@@ -123,3 +123,14 @@ def test_bad_sam_weights_raise_checkpoint_error(model, tmp_path):
     with pytest.raises(CheckpointError, match="visual_model.*iou_token"):
         MedPLIBModel.from_pretrained(folder)
     assert MedPLIBModel.from_pretrained(folder, load_sam=False).sam is None
+
+
+@torch.no_grad()
+def test_empty_region_is_reported_by_generate(model):
+    from napari_medplib.model.region_encoder import EmptyRegionWarning
+
+    ids, masks, pixels = _inputs(model, "What are <region1> and <region2>?", 2)
+    masks[1] = 0
+    with pytest.warns(EmptyRegionWarning, match="region 2"):
+        result = model.generate(ids, pixels, region_masks=[masks], max_new_tokens=1)
+    assert result.region_empty == [False, True]

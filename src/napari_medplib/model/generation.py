@@ -46,6 +46,7 @@ class GenerationResult:
     step_logits: torch.Tensor | None = None  # [n, V] float32 logits that produced each id
     expert_counts: torch.Tensor | None = None  # [MoE layers, E] tokens per expert over the answer
     all_ids: list[int] = field(default_factory=list)  # every sampled id, eos included
+    region_empty: list[bool] | None = None  # per region slot: True when the region covered no grid cell
 
     def seg_indices(self, seg_token_id: int) -> list[int]:
         """Indices (into ``ids``/``step_hidden``) of every ``<SEG>`` in the answer."""

@@ -351,11 +351,14 @@ class MedPLIBModel(nn.Module):
             return counts.scatter_add_(1, chosen, torch.ones_like(chosen))
 
         decode = self.tokenizer.decode if self.tokenizer is not None else (lambda ids: " ".join(map(str, ids)))
-        return generate_tokens(
+        result = generate_tokens(
             step, prompt.logits[0, -1], prompt.hidden_states[0, -1], decode, config,
             stream=stream, should_stop=should_stop, routing_counts=last_position_counts,
             return_step_logits=return_step_logits,
         )
+        if prompt.region_empty is not None:
+            result.region_empty = prompt.region_empty[0].tolist()
+        return result
 
     # ------------------------------------------------------------------ grounding
     @staticmethod
