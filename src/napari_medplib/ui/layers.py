@@ -10,6 +10,7 @@ Shapes read from files may carry ``hole_of`` (a hole cut from another shape) and
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -289,3 +290,29 @@ def collect_regions(
         result = result + part
         colours += [region_colour(layer, r) for r in part.regions]
     return RegionSet(result, tuple(colours))
+
+
+def region_tags(question: str) -> int:
+    """How many regions a question names: bare ``<region>`` tags, or the largest ``<regionN>``."""
+    bare = len(re.findall(r"<region>", question))
+    numbered = [int(n) for n in re.findall(r"<region(\d+)>", question)]
+    return max(bare, max(numbered, default=0))
+
+
+def fit_to_question(regions: RegionSet, question: str) -> tuple[RegionSet, str]:
+    """Keep as many regions as the question names: the most recently drawn ones.
+
+    Returns the regions and a note for the transcript when some were left out ('' otherwise).
+    Selecting shapes first (see `layer_regions`) is how a user picks other ones.
+    """
+    wanted, have = region_tags(question), len(regions)
+    if wanted == 0 or have <= wanted:
+        return regions, ""
+    kept = RegionResult(
+        regions.result.regions[-wanted:], regions.result.skipped, regions.result.image_shape
+    )
+    note = (
+        f"{have} regions on this plane, the question names {wanted}: using the last drawn "
+        f"{'one' if wanted == 1 else wanted}; select shapes to choose others"
+    )
+    return RegionSet(kept, regions.colours[-wanted:]), note

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (
 )
 
 from .chat import ChatPane
-from .layers import ImagePlane, RegionSet, collect_regions, image_plane
+from .layers import ImagePlane, RegionSet, collect_regions, fit_to_question, image_plane
 from .model_panel import ModelPanel
 from .output import (
     default_export_path,
@@ -63,6 +63,7 @@ class _Question:
     output: Any | None
     replace: bool
     started: float
+    note: str = ""
 
 
 def expert_note(reply: Any) -> str:
@@ -226,7 +227,7 @@ class MedplibWidget(QWidget):
             plane = image_plane(self.pickers.image_layer, self.viewer.dims)
             uses_regions = "<region" in text
             layers = self.pickers.region_layers if uses_regions else []
-            regions = collect_regions(layers, plane, self.viewer.dims)
+            regions, note = fit_to_question(collect_regions(layers, plane, self.viewer.dims), text)
             output = self.pickers.output_layer
             if output is not None:
                 output_index(output, plane.index, plane.plane_shape)
@@ -243,7 +244,7 @@ class MedplibWidget(QWidget):
             report_warning("regions: " + regions.result.summary())
         return _Question(
             text, plane, regions, self.pickers.image_layer, output,
-            self.pickers.replace.isChecked(), time.perf_counter(),
+            self.pickers.replace.isChecked(), time.perf_counter(), note,
         )
 
     def ask(self, text: str) -> None:
@@ -259,6 +260,8 @@ class MedplibWidget(QWidget):
             for r, c in zip(question.regions.regions, question.regions.colours, strict=True)
         ]
         self.chat.add_question(text, swatches)
+        if question.note:
+            self.chat.add_note(question.note)
         self.with_session(lambda: self._run(question))
 
     def _run(self, q: _Question) -> None:
