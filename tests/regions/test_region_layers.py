@@ -1,6 +1,5 @@
 """Layer data -> regions: transforms, nD slicing, clipping and the skipped-item report."""
 
-import time
 
 import numpy as np
 import pytest
@@ -379,22 +378,19 @@ def test_labels_partly_outside_are_clipped():
     assert result[0].bbox == (4, 0, 7, 6)
 
 
-# ---- speed ---------------------------------------------------------------------------------------
-def test_a_thousand_polygons_on_a_2048_image_convert_fast():
+# ---- scale (speed is measured by benchmarks/regions_convert.py, not here) ------------------------
+def test_a_thousand_polygons_on_a_2048_image():
     rng = np.random.default_rng(0)
     t = np.linspace(0, 2 * np.pi, 24, endpoint=False)
     shapes = [
         c + r * np.c_[np.sin(t), np.cos(t)]
         for c, r in zip(rng.uniform(0, 2048, (1000, 2)), rng.uniform(5, 40, 1000), strict=True)
     ]
-    start = time.perf_counter()
     result = regions_from_shapes(
         shapes, "polygon", image_shape=(2048, 2048), layer_transform={"scale": (1, 1)}
     )
     labels = result.to_labels()
-    elapsed = time.perf_counter() - start
     assert len(result) + len(result.skipped) == 1000 and labels.max() == len(result)
-    assert elapsed < 1.5, f"1,000 polygons took {elapsed:.2f} s"
 
 
 # ---- helpers -------------------------------------------------------------------------------------
