@@ -128,10 +128,10 @@ class FakeSession:
         grey = to_model_rgb(np.asarray(image), contrast_limits, rgb=rgb).mean(axis=-1)
         area = np.zeros(grey.shape, bool)
         if box is not None:
-            y0, x0, y1, x1 = (int(round(v)) for v in box)
+            y0, x0, y1, x1 = (round(v) for v in box)
             area[y0 : y1 + 1, x0 : x1 + 1] = True
         for (y, x), lab in zip(points or [], point_labels or [], strict=True):
-            y, x = int(round(y)), int(round(x))
+            y, x = round(y), round(x)
             if lab:
                 area[max(y - 5, 0) : y + 6, max(x - 5, 0) : x + 6] = True
         out = area & (grey >= grey[area].mean()) if area.any() else area

@@ -244,7 +244,7 @@ def layer_regions(
 
 def _hex(rgba: Any) -> str:
     rgb = np.clip(np.asarray(rgba, dtype=float).ravel()[:3], 0, 1)
-    return "#" + "".join(f"{int(round(v * 255)):02x}" for v in rgb)
+    return "#" + "".join(f"{round(v * 255):02x}" for v in rgb)
 
 
 def region_colour(layer: Any, region: Region) -> str:

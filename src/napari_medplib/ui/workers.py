@@ -49,8 +49,7 @@ def ask_job(
     stream = session.ask_stream(
         image, question, list(regions), cancel=cancel, **_plane_kwargs(plane), **(options or {})
     )
-    for piece in stream:
-        yield piece
+    yield from stream
     return stream.reply
 
 
