@@ -20,7 +20,8 @@ def _wait_idle(qtbot, widget, timeout=10_000):
     qtbot.waitUntil(lambda: widget._worker is None and widget._loader is None, timeout=timeout)
 
 
-def test_ground_writes_labels_with_image_scale(make_napari_viewer, qtbot, blobs, fake_session):
+def test_ground_writes_labels_with_image_scale(make_napari_viewer, qtbot, blobs, fake_session,
+                                              tmp_path):
     viewer = make_napari_viewer()
     viewer.add_image(blobs, name="cells", scale=(0.5, 0.25), translate=(3, 4))
     viewer.add_shapes([[[8, 8], [22, 24]]], shape_type="rectangle", name="boxes",
@@ -51,6 +52,9 @@ def test_ground_writes_labels_with_image_scale(make_napari_viewer, qtbot, blobs,
     log = labels.metadata["medplib"]
     assert log[-1]["question"].startswith("Please segment") and log[-1]["label_ids"] == [1]
     assert "box" in log[-1]["regions"][0]
+    paths = widget.export_log(str(tmp_path / "answers"))
+    assert [p.name for p in paths] == ["answers.json", "answers.md"]
+    assert "Please segment the cell" in paths[1].read_text()
 
 
 def test_second_answer_gets_next_id_and_never_overwrites(make_napari_viewer, qtbot, blobs):

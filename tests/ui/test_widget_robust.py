@@ -169,10 +169,11 @@ def test_direct_segment_and_commit(make_napari_viewer, qtbot, blobs):
     assert points.mode == "add" and points in widget.pickers.region_layers
     points.add([15, 15])
     panel = widget.segment_panel
-    panel.segment()
+    keys = {str(k): func for k, func in viewer.keymap.items()}
+    keys["Shift+S"](viewer)  # the key binding segments
     qtbot.waitUntil(lambda: panel._worker is None and len(panel.masks) == 1)
     assert viewer.layers["cells prompt mask"].data[15, 15] == 1
-    panel.commit()
+    keys["Shift+C"](viewer)  # and commits
     out = viewer.layers["cells MedPLIB"]
     assert out.data[15, 15] == 1 and out.metadata["medplib"][-1]["question"] == "(direct segmentation)"
     assert not viewer.layers["cells prompt mask"].data.any()

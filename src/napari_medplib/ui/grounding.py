@@ -5,8 +5,8 @@ scripts: it takes layer *data* (image pixels = data coordinates, no transforms) 
 image. In the viewer the work runs in a thread worker (the widget returns a ``FunctionWorker``), so
 napari stays responsive. nD images are answered plane by plane over the leading axes.
 
-The session is shared per (model source, device) from the dock's saved settings; `use_session`
-plugs in another one (scripts, tests).
+The session is the one the dock loaded for the saved (model source, device) settings, or loaded
+here and then shared with the dock (`sessions`); `use_session` plugs in another (scripts, tests).
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from ..regions import Region, RegionError
 if TYPE_CHECKING:
     import napari.types
 
-_SESSIONS: dict[tuple, Any] = {}
 _OVERRIDE: list[Any] = []
 
 
@@ -33,15 +32,18 @@ def use_session(session: Any | None) -> None:
 def _session() -> Any:
     if _OVERRIDE:
         return _OVERRIDE[0]
+    from .sessions import remember, shared
     from .settings import load_settings
 
     settings = load_settings()
     key = (settings.model_source, settings.device)
-    if key not in _SESSIONS:
+    session = shared(key)
+    if session is None:
         from ..engine import Session
 
-        _SESSIONS[key] = Session.load(key[0], device=key[1])
-    return _SESSIONS[key]
+        session = Session.load(key[0], device=key[1])
+        remember(key, session)
+    return session
 
 
 def regions_from_data(
@@ -88,9 +90,12 @@ def ground_data(
     regions = regions_from_data(shapes, points, plane) if "<region" in question else []
     if "<region" in question and not regions:
         raise RegionError("the question names <region> but no shape or point was given")
+    from .sessions import lock_for
+
     out = np.zeros(spatial, dtype=np.int32)
     for index in np.ndindex(*spatial[:-2]):
-        reply = session.ask(image[index], question, regions, rgb=rgb)
+        with lock_for(session):
+            reply = session.ask(image[index], question, regions, rgb=rgb)
         view = out[index]
         for k, mask in enumerate(reply.masks):
             view[np.asarray(mask, bool) & (view == 0)] = k + 1

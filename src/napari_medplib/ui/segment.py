@@ -93,6 +93,9 @@ class SegmentPanel(QWidget):
             self._dirty = True
             return
         dock = self.dock
+        if dock._worker is not None:
+            report_warning("MedPLIB is answering a question; segment when it is done")
+            return
         try:
             plane = image_plane(dock.pickers.image_layer, dock.viewer.dims)
             regions = collect_regions(self._prompt_layers(), plane, dock.viewer.dims).regions

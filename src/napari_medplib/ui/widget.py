@@ -37,6 +37,7 @@ from .output import (
 )
 from .pickers import LayerPickers
 from .segment import SegmentPanel
+from .sessions import forget
 from .settings import load_settings, save_settings
 from .workers import (
     StackResult,
@@ -203,8 +204,10 @@ class MedplibWidget(QWidget):
     def _on_loaded(self, session: Any) -> None:
         old = self.session
         self.set_session(session)
-        if old is not None and old is not session and hasattr(old, "close"):
-            old.close()
+        if old is not None and old is not session:
+            forget(old)  # free the old model (the function widget then loads the new choice)
+            if hasattr(old, "close"):
+                old.close()
 
     def _on_load_error(self, exc: BaseException) -> None:
         self._after_load.clear()
@@ -247,10 +250,15 @@ class MedplibWidget(QWidget):
             self.pickers.replace.isChecked(), time.perf_counter(), note,
         )
 
+    @property
+    def busy(self) -> bool:
+        """A question or a direct segmentation is running."""
+        return self._worker is not None or self.segment_panel._worker is not None
+
     def ask(self, text: str) -> None:
         """Ask ``text`` about the shown plane (or the whole stack) in a worker thread."""
-        if self._worker is not None:
-            report_warning("MedPLIB is still answering; press Stop first")
+        if self.busy:
+            report_warning("MedPLIB is still working; wait for it or press Stop")
             return
         question = self._gather(text)
         if question is None:

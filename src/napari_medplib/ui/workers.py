@@ -17,18 +17,25 @@ from typing import Any
 import numpy as np
 
 from .layers import ImagePlane
+from .sessions import lock_for, remember, shared
 
 
 # ---- jobs (run in the worker thread) -------------------------------------------------------------
 def load_job(
     source: str | None, device: str, factory: Callable[..., Any] | None = None
 ) -> Generator[str, None, Any]:
-    """Load a `Session` (the bundled model for ``source=None``); a generator for the progress bar."""
+    """Load a `Session` (the bundled model for ``source=None``), or reuse the one already loaded
+    for (source, device) by another widget; a generator for the progress bar."""
     yield "loading"
     if factory is None:
+        loaded = shared((source, device))
+        if loaded is not None:
+            return loaded
         from ..engine import Session
 
-        factory = Session.load
+        session = Session.load(source, device=device)
+        remember((source, device), session)
+        return session
     return factory(source, device=device)
 
 
@@ -46,10 +53,12 @@ def ask_job(
 ) -> Generator[str, None, Any]:
     """Stream the answer to ``question`` piece by piece; return the engine's Reply."""
     image = plane.read()
-    stream = session.ask_stream(
-        image, question, list(regions), cancel=cancel, **_plane_kwargs(plane), **(options or {})
-    )
-    yield from stream
+    with lock_for(session):
+        stream = session.ask_stream(
+            image, question, list(regions), cancel=cancel, **_plane_kwargs(plane),
+            **(options or {}),
+        )
+        yield from stream
     return stream.reply
 
 
@@ -89,10 +98,12 @@ def stack_job(
         index = list(plane.index)
         index[axis] = i
         this = plane.with_index(index)
-        reply = session.ask(
-            this.read(), question, list(regions), cancel=cancel, **_plane_kwargs(this),
-            **(options or {}),
-        )
+        image = this.read()
+        with lock_for(session):
+            reply = session.ask(
+                image, question, list(regions), cancel=cancel, **_plane_kwargs(this),
+                **(options or {}),
+            )
         out.planes.append((this.index, reply))
         yield i + 1
     return out
@@ -100,7 +111,9 @@ def stack_job(
 
 def segment_job(session: Any, plane: ImagePlane, prompts: dict[str, Any]) -> Any:
     """Direct prompt -> mask with `Session.segment` (no LLM)."""
-    return session.segment(plane.read(), **prompts, **_plane_kwargs(plane))
+    image = plane.read()
+    with lock_for(session):
+        return session.segment(image, **prompts, **_plane_kwargs(plane))
 
 
 # ---- prompts for direct segmentation -------------------------------------------------------------

@@ -1,0 +1,50 @@
+"""Sessions shared between the dock and the function widget, and serialised across threads."""
+
+import threading
+import time
+
+from ui_fakes import FakeSession
+
+from napari_medplib.ui import sessions
+from napari_medplib.ui.workers import load_job
+
+
+def _run(gen):
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        return stop.value
+
+
+def test_load_reuses_the_shared_session():
+    fake = FakeSession()
+    sessions.remember((None, "auto"), fake)
+    try:
+        assert _run(load_job(None, "auto")) is fake  # no engine import needed
+        assert sessions.shared((None, "cpu")) is None
+        fake.close()
+        assert sessions.shared((None, "auto")) is None  # closed sessions are dropped
+    finally:
+        sessions.forget(fake)
+
+
+def test_lock_serialises_two_threads():
+    fake = FakeSession()
+    inside, overlap = [], []
+
+    def use():
+        with sessions.lock_for(fake):
+            inside.append(1)
+            overlap.append(len(inside))
+            time.sleep(0.05)
+            inside.pop()
+
+    threads = [threading.Thread(target=use) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert overlap == [1, 1, 1]
+    assert sessions.lock_for(fake) is sessions.lock_for(fake)
+    sessions.forget(fake)
