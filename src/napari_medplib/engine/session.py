@@ -1,0 +1,535 @@
+"""`Session`: one resident MedPLIB model, its caches, and ``ask`` / ``ask_stream`` / ``segment``.
+
+Contract (shared with the napari widget and the CLI; see ``notes/session_contract.md``)::
+
+    session = Session.load(source=None, device="auto", dtype=None, on_progress=None)
+    reply = session.ask(image, question, regions=(), *, max_new_tokens=256, temperature=0.0, top_p=1.0,
+                        contrast_limits=None, rgb=None, mask_mode="corrected", on_text=None,
+                        on_progress=None, cancel=None)
+    stream = session.ask_stream(image, question, regions, **same_kwargs); for piece in stream: ...
+    result = session.segment(image, points=None, point_labels=None, box=None, mask=None,
+                             multimask=False, contrast_limits=None, rgb=None)
+    session.cancel(); session.clear_cache(); session.close()
+
+What is cached (keyed by the content hash of the RGB plane the model sees, see ``image.py``):
+CLIP features, SAM embeddings (both optionally on disk too), and the LLM's KV cache of the prompt
+prefix (system prompt + image) per template, so a new question on the same image runs neither
+vision encoder nor the prefix prefill, and a new click runs only SAM's mask decoder.
+Every model call holds one re-entrant lock, so a session can be shared between threads.
+"""
+
+from __future__ import annotations
+
+import gc
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..cache import LRUCache
+from ..regions import Region, RegionError
+from .disk_cache import DiskEmbeddingCache, Signature
+from .errors import SessionClosedError, SessionInputError
+from .image import ModelView, low_res_to_masks, make_view, mask_to_low_res, region_grid_mask, sam_prompt_box, sam_prompt_coords
+from .loading import Progress, dtype_name, folder_fingerprint, load_model, model_fingerprint, pick_device, pick_dtype, resolve_source
+from .reply import AskStream, Reply, SegmentResult, expert_shares
+
+MASK_MODES = ("corrected", "reference")
+
+
+class Session:
+    """One model on one device, with bounded caches. Build with `Session.load` or `Session.from_model`."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        name: str = "model",
+        fingerprint: str | None = None,
+        template: str = "medplib_v1",
+        feature_cache_bytes: int = 512 * 2**20,
+        prefix_cache_bytes: int = 2 * 2**30,
+        prefix_cache_items: int = 4,
+        embedding_cache_dir: str | Path | None = None,
+        folder: Path | None = None,
+    ) -> None:
+        from ..model.tokenizer import get_template
+
+        get_template(template)  # fail early on an unknown template name
+        self._model = model
+        if getattr(model, "region_encoder", None) is not None:
+            model.region_encoder.on_empty = "zero"  # reported in Reply.warnings instead
+        self.model_name = name
+        self.folder = folder
+        self.device = str(model.device)
+        self.dtype = dtype_name(model.dtype)
+        self.template = template
+        self.fingerprint = fingerprint or model_fingerprint(model)
+        self._lock = threading.RLock()
+        self._cancel = threading.Event()
+        self._features = LRUCache(feature_cache_bytes)
+        self._prefixes = LRUCache(prefix_cache_bytes, max_items=prefix_cache_items)
+        self._clip = self._clip_settings()
+        self._disk = (
+            DiskEmbeddingCache(embedding_cache_dir, Signature(name, self.fingerprint, self.dtype))
+            if embedding_cache_dir is not None else None
+        )
+
+    # ------------------------------------------------------------------------------ construction
+    @classmethod
+    def load(
+        cls,
+        source: str | Path | None = None,
+        device: str = "auto",
+        dtype: Any = None,
+        on_progress: Progress | None = None,
+        **options: Any,
+    ) -> Session:
+        """Load a model: None = the bundled default; a folder (released layout or ours); a model name
+        in the search paths; or a hub id already in the local Hugging Face cache (never downloads).
+
+        Device "auto" picks CUDA, then Apple MPS, then the CPU; dtype None is bfloat16 on a GPU and
+        float32 on the CPU. ``options`` go to the constructor (cache sizes, ``embedding_cache_dir``,
+        ``template``). Raises `ModelLoadError` subclasses with one-line messages.
+        """
+        folder, name = resolve_source(source)
+        device = pick_device(device)
+        torch_dtype = pick_dtype(device, dtype)
+        model = load_model(folder, device, torch_dtype, on_progress)
+        options.setdefault("name", name)
+        return cls(model, fingerprint=folder_fingerprint(folder), folder=folder, **options)
+
+    @classmethod
+    def from_model(cls, model, name: str = "in-memory", **options: Any) -> Session:
+        """Wrap an already built ``MedPLIBModel`` (tests, training loops, custom loading)."""
+        if model.sam is None:
+            raise SessionInputError("the model has no SAM-Med2D; build it with a sam= module")
+        return cls(model.eval(), name=name, **options)
+
+    def _clip_settings(self):
+        from ..model.preprocess import ClipSettings, read_clip_settings
+
+        vision = self._model.config.vision_config
+        folder = self._model.config.folder
+        if folder:
+            for candidate in (Path(folder), Path(folder) / self._model.config.mm_vision_tower):
+                if (candidate / "preprocessor_config.json").is_file():
+                    try:
+                        return read_clip_settings(candidate)
+                    except ValueError:
+                        break
+        return ClipSettings(size=int(vision.get("image_size", 336)))
+
+    # ------------------------------------------------------------------------------ state
+    @property
+    def model(self):
+        if self._model is None:
+            raise SessionClosedError("this session is closed; load a new one with Session.load()")
+        return self._model
+
+    @property
+    def closed(self) -> bool:
+        return self._model is None
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.device}, {self.dtype}"
+        return f"Session({self.model_name!r}, {state})"
+
+    def cancel(self) -> None:
+        """Stop the running ``ask`` at its next token (from any thread)."""
+        self._cancel.set()
+
+    def clear_cache(self) -> None:
+        """Drop cached image features, SAM embeddings and prefix KV caches (files on disk stay)."""
+        self._features.clear()
+        self._prefixes.clear()
+
+    def cache_info(self) -> dict[str, Any]:
+        """Entries, bytes and hit/miss counts of the in-memory caches."""
+        return {
+            name: {"entries": len(c), "bytes": c.nbytes, "hits": c.stats.hits, "misses": c.stats.misses,
+                   "evictions": c.stats.evictions}
+            for name, c in (("features", self._features), ("prefixes", self._prefixes))
+        }
+
+    def close(self) -> None:
+        """Free the model and caches; later calls raise `SessionClosedError`."""
+        with self._lock:
+            model, self._model = self._model, None
+            self.clear_cache()
+            if model is not None and str(model.device).startswith("cuda"):
+                import torch
+
+                del model
+                gc.collect()
+                torch.cuda.empty_cache()
+            gc.collect()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------------------ features
+    def _view(self, image, contrast_limits, rgb) -> ModelView:
+        if image is None:
+            raise SessionInputError("no image given; pass one 2-D plane as a numpy array")
+        return make_view(image, contrast_limits, rgb)
+
+    def _clip_features(self, view: ModelView, on_progress: Progress | None):
+        """CLIP patch features + projected image tokens for the plane (memory, disk, or computed)."""
+        from ..model.medplib import ImageFeatures
+        from ..model.preprocess import prepare_clip_image
+
+        key = ("clip", view.key)
+        features = self._features.get(key)
+        if features is not None:
+            return features
+        stored = self._disk.read(view.key) if self._disk is not None else None
+        if stored is not None and "clip_patch" in stored:
+            device = self.model.device
+            features = ImageFeatures(stored["clip_patch"].to(device), stored["clip_tokens"].to(device))
+        else:
+            if on_progress:
+                on_progress("embedding image (CLIP)", 0, 1)
+            clip = prepare_clip_image(view.rgb, self._clip.size, self._clip.mean, self._clip.std)
+            features = self.model.encode_image(clip.pixel_values.to(self.model.device))
+            if self._disk is not None:
+                self._disk.write(view.key, {"clip_patch": features.patch_features, "clip_tokens": features.image_tokens}, {})
+            if on_progress:
+                on_progress("embedding image (CLIP)", 1, 1)
+        self._features.put(key, features)
+        return features
+
+    def _sam_embedding(self, view: ModelView, on_progress: Progress | None):
+        """(SAM image embeddings (1, 256, 16, 16), resize_hw, pad) for the plane."""
+        from ..model.preprocess import centre_pad_offsets, prepare_sam_image, resize_longest_side_hw
+
+        key = ("sam", view.key)
+        entry = self._features.get(key)
+        if entry is not None:
+            return entry
+        size = self.model.sam.config.image_size
+        stored = self._disk.read(view.key) if self._disk is not None else None
+        if stored is not None and "sam" in stored:
+            resize_hw = resize_longest_side_hw(view.rgb.shape[0], view.rgb.shape[1], size)
+            entry = (stored["sam"].to(self.model.device), resize_hw, centre_pad_offsets(resize_hw, size))
+        else:
+            if on_progress:
+                on_progress("embedding image (SAM)", 0, 1)
+            sam_input = prepare_sam_image(view.rgb, size)
+            embeddings = self.model.sam.encode_image(sam_input.pixel_values)
+            entry = (embeddings, sam_input.resize_hw, sam_input.pad)
+            if self._disk is not None:
+                self._disk.write(view.key, {"sam": embeddings}, {})
+            if on_progress:
+                on_progress("embedding image (SAM)", 1, 1)
+        self._features.put(key, entry)
+        return entry
+
+    def embed(self, image, contrast_limits=None, rgb=None, on_progress: Progress | None = None) -> str:
+        """Compute (or load) both embeddings of a plane ahead of time; returns its content key."""
+        import torch
+
+        with self._lock, torch.inference_mode():
+            view = self._view(image, contrast_limits, rgb)
+            self._clip_features(view, on_progress)
+            self._sam_embedding(view, on_progress)
+            return view.key
+
+    def _prefix(self, view: ModelView, template: str, ids: list[int], features):
+        """The KV cache of the prompt up to ``<im_end>`` on this image (cached per image + template)."""
+        end = self.model.tokenizer.token_to_id("<im_end>")
+        if end not in ids:
+            return None, 0.0
+        prefix_ids = ids[: ids.index(end) + 1]
+        key = (view.key, template, tuple(prefix_ids))
+        prefix = self._prefixes.get(key)
+        if prefix is not None:
+            return prefix, 0.0
+        import torch
+
+        start = time.perf_counter()
+        prefix = self.model.prefill(torch.tensor(prefix_ids), image_features=features)
+        self._prefixes.put(key, prefix)
+        return prefix, time.perf_counter() - start
+
+    # ------------------------------------------------------------------------------ regions
+    def _regions(self, regions, image_hw: tuple[int, int]) -> list[Region]:
+        if regions is None:
+            return []
+        if isinstance(regions, (Region, np.ndarray)):
+            regions = [regions]
+        out = []
+        for i, region in enumerate(regions):
+            if isinstance(region, np.ndarray):
+                region = Region.mask(region)
+            if not isinstance(region, Region):
+                raise SessionInputError(
+                    f"region {i + 1} is a {type(region).__name__}; give napari_medplib.Region objects "
+                    "(Region.box, Region.point, Region.polygon, Region.mask)"
+                )
+            if region.image_shape is not None and tuple(region.image_shape) != tuple(image_hw):
+                raise SessionInputError(
+                    f"region {i + 1} ({region.describe()}) belongs to an image of shape {region.image_shape}, "
+                    f"but this image is {image_hw}; convert the regions for this plane"
+                )
+            region = region.with_image_shape(image_hw)
+            if region.area == 0:
+                raise SessionInputError(
+                    f"region {i + 1} ({region.describe()}) lies outside the image of shape {image_hw}; "
+                    "draw it on the image"
+                )
+            out.append(region)
+        return out
+
+    def _region_grids(self, regions: list[Region], view: ModelView):
+        """(R, g, g) uint8 patch grids (the reference's region masks) and the indices that came out empty."""
+        import torch
+
+        from ..model.preprocess import region_mask_to_grid
+
+        vision = self.model.config.vision_config
+        size, patch = int(vision["image_size"]), int(vision["patch_size"])
+        grids = [region_mask_to_grid(region_grid_mask(r, view), size, patch) for r in regions]
+        empty = [i for i, g in enumerate(grids) if g.n_cells == 0]
+        stacked = torch.from_numpy(np.stack([g.mask_24 for g in grids])) if grids else None
+        return stacked, empty
+
+    # ------------------------------------------------------------------------------ ask
+    def ask(
+        self,
+        image,
+        question: str,
+        regions: Sequence[Region] = (),
+        *,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        contrast_limits=None,
+        rgb: bool | None = None,
+        mask_mode: str = "corrected",
+        on_text: Callable[[str], None] | None = None,
+        on_progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        history: Sequence[tuple[str, str]] = (),
+        seed: int | None = None,
+        template: str | None = None,
+    ) -> Reply:
+        """Answer ``question`` about one plane; one mask per ``<SEG>`` in the answer.
+
+        ``question`` may name regions with ``<region>`` (next in order) or ``<regionK>``; regions not
+        named are appended at its end. ``on_text(piece)`` gets the streamed text (calling thread);
+        ``cancel`` (an Event) or `cancel()` stops at the next token (``finish_reason == "cancelled"``,
+        no masks). ``history``: earlier (question, answer) turns on the same image.
+        """
+        import torch
+
+        from ..model.generation import GenerationConfig
+        from ..model.tokenizer import encode_question, get_template
+
+        if not isinstance(question, str) or not question.strip():
+            raise SessionInputError("the question is empty; type a question about the image")
+        if mask_mode not in MASK_MODES:
+            raise SessionInputError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        template = template or self.template
+        try:
+            config = GenerationConfig(
+                max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                stop_strings=get_template(template).stop_strings, eos_token_id=self.model.config.eos_token_id, seed=seed,
+            )
+        except ValueError as err:
+            raise SessionInputError(str(err)) from None
+        with self._lock, torch.inference_mode():
+            model = self.model
+            self._cancel.clear()
+            timings: dict[str, float] = {}
+            start = time.perf_counter()
+            view = self._view(image, contrast_limits, rgb)
+            used = self._regions(regions, view.image_hw)
+            try:
+                ids, order = encode_question(model.tokenizer, question, len(used), template, history)
+            except ValueError as err:
+                raise SessionInputError(str(err).splitlines()[0]) from None
+            grids, empty = self._region_grids(used, view)
+            timings["preprocess"] = time.perf_counter() - start
+
+            mark = time.perf_counter()
+            features = self._clip_features(view, on_progress)
+            timings["vision"] = time.perf_counter() - mark
+
+            prefix, timings["prefill"] = self._prefix(view, template, ids, features)
+            if on_progress:
+                on_progress("generating", 0, config.max_new_tokens)
+            mark = time.perf_counter()
+            region_masks = [grids[order]] if order else None
+
+            def stop() -> bool:
+                return self._cancel.is_set() or (cancel is not None and cancel.is_set())
+
+            result = model.generate(
+                torch.tensor(ids), region_masks=region_masks, image_features=features, config=config,
+                stream=on_text, should_stop=stop, prefix=prefix,
+            )
+            timings["generate"] = time.perf_counter() - mark
+            if on_progress:
+                on_progress("generating", len(result.all_ids), config.max_new_tokens)
+            if result.region_empty is not None:
+                empty = sorted(set(empty) | {order[j] for j, e in enumerate(result.region_empty) if e})
+
+            mark = time.perf_counter()
+            masks, scores = [], []
+            seg_indices = result.seg_indices(model.tokenizer.seg_token_id)
+            if seg_indices and result.finish_reason != "cancelled":
+                masks, scores = self._ground(model.answer_seg_hidden(result), view, mask_mode, on_progress)
+            timings["masks"] = time.perf_counter() - mark
+            timings["total"] = time.perf_counter() - start
+
+            share, share_mean = expert_shares(result.expert_counts)
+            warnings = [self._empty_region_warning(i, used[i], view) for i in empty]
+            if seg_indices and result.finish_reason == "cancelled":
+                warnings.append("the answer was cancelled before its masks were made")
+            return Reply(
+                text=result.text, masks=masks, regions=used, question=question, model=self.model_name,
+                finish_reason=result.finish_reason, timings=timings, expert_share=share,
+                expert_share_mean=share_mean, warnings=warnings, empty_regions=empty, mask_scores=scores,
+                token_ids=list(result.ids), image_key=view.key,
+            )
+
+    def _empty_region_warning(self, index: int, region: Region, view: ModelView) -> str:
+        vision = self.model.config.vision_config
+        grid = int(vision["image_size"]) // int(vision["patch_size"])
+        cell = max(view.frame_hw) / grid
+        return (
+            f"region {index + 1} ({region.describe()}) is too small for the model's {grid}x{grid} grid "
+            f"(one cell is about {cell:.0f} image pixels); it was given as an empty region - draw it larger"
+        )
+
+    def _ground(self, seg_hidden, view: ModelView, mask_mode: str, on_progress: Progress | None):
+        model = self.model
+        embeddings, resize_hw, pad = self._sam_embedding(view, on_progress)
+        prompts = model.seg_prompt_embeddings(seg_hidden)  # [N, 256]
+        low_res, iou = model.sam.decode_with_text_prompt(embeddings, prompts)  # [N, 1, 64, 64], [N, 1]
+        masks = low_res_to_masks(low_res, view, resize_hw, pad, mask_mode)
+        return masks, [float(v) for v in iou.float().flatten().tolist()]
+
+    def ask_stream(self, image, question: str, regions: Sequence[Region] = (), **kwargs: Any) -> AskStream:
+        """Like `ask`, as an iterator of text pieces; ``stream.reply`` holds the Reply afterwards.
+
+        The answer runs in a helper thread; ``on_progress`` is called from there. Input errors are
+        raised here, before iteration starts.
+        """
+        if "on_text" in kwargs:
+            raise SessionInputError("ask_stream() yields the text pieces itself; do not pass on_text")
+        if not isinstance(question, str) or not question.strip():
+            raise SessionInputError("the question is empty; type a question about the image")
+        if kwargs.get("mask_mode", "corrected") not in MASK_MODES:
+            raise SessionInputError(f"mask_mode must be one of {MASK_MODES}, got {kwargs['mask_mode']!r}")
+        self.model  # noqa: B018 - raise SessionClosedError now, not inside the iteration
+        user_cancel = kwargs.pop("cancel", None)
+
+        def run(emit: Callable[[str], None], stream_cancel: threading.Event) -> Reply:
+            cancel = _AnyEvent(stream_cancel, user_cancel)
+            return self.ask(image, question, regions, on_text=emit, cancel=cancel, **kwargs)
+
+        return AskStream(run)
+
+    # ------------------------------------------------------------------------------ segment
+    def segment(
+        self,
+        image,
+        points: Sequence[Sequence[float]] | None = None,
+        point_labels: Sequence[int] | None = None,
+        box: Sequence[float] | None = None,
+        mask: np.ndarray | None = None,
+        multimask: bool = False,
+        contrast_limits=None,
+        rgb: bool | None = None,
+        *,
+        mask_mode: str = "corrected",
+        on_progress: Progress | None = None,
+    ) -> SegmentResult:
+        """Direct SAM-Med2D prompts, no LLM: points (y, x) with labels 1/0, a box (y0, x0, y1, x1)
+        inclusive, and/or a bool (H, W) mask prior. ``multimask`` returns SAM's 3 candidates."""
+        import torch
+
+        if mask_mode not in MASK_MODES:
+            raise SessionInputError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        with self._lock, torch.inference_mode():
+            model = self.model
+            start = time.perf_counter()
+            view = self._view(image, contrast_limits, rgb)
+            pts, labels, box_arr, prior = _check_prompts(points, point_labels, box, mask, view.image_hw)
+            timings = {"preprocess": time.perf_counter() - start}
+            mark = time.perf_counter()
+            embeddings, resize_hw, pad = self._sam_embedding(view, on_progress)
+            timings["vision"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            low_res, iou = model.sam.decode_with_prompts(
+                embeddings,
+                points=None if pts is None else sam_prompt_coords(pts, view, resize_hw, pad)[None],
+                point_labels=None if labels is None else labels[None],
+                boxes=None if box_arr is None else sam_prompt_box(box_arr, view, resize_hw, pad),
+                mask_inputs=None if prior is None else mask_to_low_res(prior, view, resize_hw, pad),
+                multimask_output=bool(multimask),
+            )  # (1, K, 64, 64), (1, K)
+            timings["decode"] = time.perf_counter() - mark
+            mark = time.perf_counter()
+            masks = low_res_to_masks(low_res[0][:, None], view, resize_hw, pad, mask_mode)
+            scores = [float(v) for v in iou[0].float().tolist()]
+            timings["masks"] = time.perf_counter() - mark
+            timings["total"] = time.perf_counter() - start
+            best = int(np.argmax(scores))
+            return SegmentResult(masks[best], masks, scores, timings, view.key)
+
+
+class _AnyEvent:
+    """Quacks like a threading.Event for ``is_set``: set when any of the given events is."""
+
+    def __init__(self, *events: threading.Event | None) -> None:
+        self._events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self._events)
+
+
+def _check_prompts(points, point_labels, box, mask, image_hw):
+    """Validate direct prompts against the image; return (points (P, 2), labels (P,), box (4,), mask)."""
+    h, w = image_hw
+    if points is None and box is None and mask is None:
+        raise SessionInputError("segment() needs a prompt: points=[(y, x)], box=(y0, x0, y1, x1) or mask=")
+    pts = labels = box_arr = prior = None
+    if points is not None:
+        pts = np.asarray(points, dtype=float).reshape(-1, 2) if len(points) else None
+        if pts is not None:
+            if not np.all(np.isfinite(pts)):
+                raise SessionInputError("points must be finite (y, x) numbers")
+            outside = [(float(y), float(x)) for y, x in pts if not (-0.5 <= y < h - 0.5 and -0.5 <= x < w - 0.5)]
+            if outside:
+                raise SessionInputError(f"point {outside[0]} (y, x) is outside the image of shape {image_hw}")
+            labels = np.ones(len(pts), np.int64) if point_labels is None else np.asarray(point_labels, np.int64).reshape(-1)
+            if labels.shape[0] != pts.shape[0]:
+                raise SessionInputError(f"{pts.shape[0]} points but {labels.shape[0]} point_labels; give one label (1/0) per point")
+            if not np.isin(labels, (0, 1)).all():
+                raise SessionInputError("point_labels must be 1 (foreground) or 0 (background)")
+    if box is not None:
+        box_arr = np.asarray(box, dtype=float).reshape(-1)
+        if box_arr.shape != (4,) or not np.all(np.isfinite(box_arr)):
+            raise SessionInputError(f"box must be 4 numbers (y0, x0, y1, x1), got {box!r}")
+        y0, x0, y1, x1 = min(box_arr[0], box_arr[2]), min(box_arr[1], box_arr[3]), max(box_arr[0], box_arr[2]), max(box_arr[1], box_arr[3])
+        if y1 < -0.5 or x1 < -0.5 or y0 > h - 0.5 or x0 > w - 0.5:
+            raise SessionInputError(f"box {tuple(float(v) for v in box_arr)} lies outside the image of shape {image_hw}")
+        box_arr = np.array([max(y0, 0), max(x0, 0), min(y1, h - 1), min(x1, w - 1)])
+    if mask is not None:
+        prior = np.asarray(mask)
+        if prior.shape != tuple(image_hw):
+            raise SessionInputError(f"mask prior has shape {prior.shape}; it must match the image plane {image_hw}")
+        if not prior.any():
+            raise SessionInputError("the mask prior is empty; draw something or leave mask=None")
+    if pts is None and box_arr is None and prior is None:
+        raise SessionInputError("segment() got an empty list of points; give at least one (y, x)")
+    return pts, labels, box_arr, prior
