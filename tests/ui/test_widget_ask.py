@@ -98,3 +98,16 @@ def test_describe_without_regions_adds_no_layer(make_napari_viewer, qtbot, blobs
     assert [type(ly).__name__ for ly in viewer.layers] == ["Image"]
     assert widget.chat.entries[-1].text.startswith("A 64 x 80 image")
     assert "A 64 x 80 image" in widget.chat.plain_text()
+
+
+def test_rgb_image_gives_2d_labels(make_napari_viewer, qtbot, blobs, fake_session):
+    viewer = make_napari_viewer()
+    rgb = np.stack([(blobs // 12).astype(np.uint8)] * 3, axis=-1)
+    viewer.add_image(rgb, name="he", rgb=True, scale=(2, 2))
+    widget = _dock(viewer, fake_session)
+    widget.chat.ask("Please segment the bright things")
+    _wait_idle(qtbot, widget)
+    labels = viewer.layers["he MedPLIB"]
+    assert labels.data.shape == blobs.shape
+    np.testing.assert_allclose(labels.scale, (2, 2))
+    assert fake_session.calls[-1][1] == rgb.shape and labels.data[15, 15] == 1
