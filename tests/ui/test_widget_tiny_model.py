@@ -1,0 +1,99 @@
+"""The widget with the real engine: a tiny random MedPLIB `Session` (napari_medplib.testing).
+
+Random weights rarely emit <SEG>, so the fixture nudges the language model's logits: <SEG> first,
+then end of answer. Everything else is the real path: prompt, region tokens, streaming, SEG hidden
+state -> SAM-Med2D mask at image resolution, labels written by the widget.
+"""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from napari_medplib.ui import grounding  # noqa: E402
+from napari_medplib.ui.widget import MedplibWidget  # noqa: E402
+
+pytestmark = pytest.mark.viewer
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from napari_medplib.testing import tiny_session
+
+    session = tiny_session()
+    model = session.model
+    seg, eos = model.tokenizer.seg_token_id, 2
+    last = {"id": None}
+
+    def remember_input(_module, inputs, _output):
+        last["id"] = int(inputs[0].reshape(-1)[-1])
+
+    def answer_seg_then_stop(_module, _inputs, logits):
+        logits = logits.clone()
+        logits[..., eos if last["id"] == seg else seg] += 1e4
+        return logits
+
+    model.language_model.embed_tokens.register_forward_hook(remember_input)
+    model.language_model.lm_head.register_forward_hook(answer_seg_then_stop)
+    yield session
+    session.close()
+
+
+@pytest.fixture
+def image():
+    rng = np.random.default_rng(0)
+    img = (rng.random((64, 80)) * 500).astype(np.uint16)
+    img[10:20, 10:22] += 3000
+    return img
+
+
+def _wait_idle(qtbot, widget):
+    qtbot.waitUntil(lambda: not widget.busy and widget._loader is None, timeout=20_000)
+
+
+def test_grounded_answer_with_tiny_model(make_napari_viewer, qtbot, tiny, image):
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells", scale=(0.5, 0.5))
+    viewer.add_shapes([[[8, 8], [22, 24]]], shape_type="rectangle", name="boxes", scale=(0.5, 0.5))
+    widget = MedplibWidget(viewer, session=tiny)
+    viewer.window.add_dock_widget(widget)
+    widget.chat.ask("Please segment the cell in <region>.")
+    _wait_idle(qtbot, widget)
+    labels = viewer.layers["cells MedPLIB"]
+    assert labels.data.shape == image.shape
+    np.testing.assert_allclose(labels.scale, (0.5, 0.5))
+    assert labels.data.max() == 1 and labels.data.any()
+    answer = widget.chat.entries[-1]
+    assert answer.role == "assistant" and "<SEG>" in answer.text
+    assert "tiny-random-0" in answer.footer and "experts" in answer.footer
+    assert "label 1" in answer.footer
+    entry = labels.metadata["medplib"][-1]
+    assert entry["model"] == "tiny-random-0" and entry["finish_reason"] == "eos"
+
+
+def test_engine_input_errors_become_notifications(make_napari_viewer, qtbot, tiny, image, notes):
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells")
+    widget = MedplibWidget(viewer, session=tiny)
+    viewer.window.add_dock_widget(widget)
+    widget.chat.ask("   ")  # the engine refuses an empty question
+    _wait_idle(qtbot, widget)
+    assert any("question is empty" in m for _, m in notes)
+    assert widget.chat.send_button.isEnabled()
+
+
+def test_direct_segment_and_function_widget_with_tiny_model(make_napari_viewer, qtbot, tiny,
+                                                            image):
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells")
+    widget = MedplibWidget(viewer, session=tiny)
+    viewer.window.add_dock_widget(widget)
+    points = widget.pickers.add_points_layer()
+    points.add([15, 15])
+    widget.segment_panel.segment()
+    qtbot.waitUntil(lambda: len(widget.segment_panel.masks) == 1, timeout=20_000)
+    preview = viewer.layers["cells prompt mask"]
+    assert preview.data.shape == image.shape and preview.data.any()
+    labels = grounding.ground_data(image, "Please segment <region>",
+                                   shapes=[np.array([[8.0, 8.0], [22.0, 24.0]])], session=tiny)
+    assert labels.shape == image.shape and labels.max() == 1
