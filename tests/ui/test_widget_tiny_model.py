@@ -8,10 +8,8 @@ state -> SAM-Med2D mask at image resolution, labels written by the widget.
 import numpy as np
 import pytest
 
-pytest.importorskip("torch")
-
-from napari_medplib.ui import grounding  # noqa: E402
-from napari_medplib.ui.widget import MedplibWidget  # noqa: E402
+from napari_medplib.ui import grounding
+from napari_medplib.ui.widget import MedplibWidget
 
 pytestmark = pytest.mark.viewer
 
