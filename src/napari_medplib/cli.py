@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from ._version import __version__
 
@@ -37,15 +41,252 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error message (no usage block) and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message}\n")
+
+
+class BadInput(ValueError):
+    """Bad command-line input found by the CLI itself."""
+
+
+# ---------------------------------------------------------------------------------- helpers
+class _Progress:
+    """A plain-text progress line on stderr, only when stderr is a terminal (pipes stay clean)."""
+
+    def __init__(self) -> None:
+        self.enabled = sys.stderr.isatty()
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        width = 20
+        filled = int(width * done / total) if total else width
+        end = "\n" if total and done >= total else ""
+        sys.stderr.write(f"\r{stage:<24} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}{end}")
+        sys.stderr.flush()
+
+
+def _read_image(args: argparse.Namespace):
+    from .image_files import parse_plane_arg, read_plane
+
+    image, _info = read_plane(args.image, parse_plane_arg(args.plane), args.channel)
+    if image.ndim not in (2, 3):
+        raise BadInput(f"{args.image}: unsupported image dimensions {image.shape}; choose a 2-D plane with --plane/--channel")
+    return image
+
+
+def _read_regions(path: str, image_hw: tuple[int, int]) -> list:
+    """Regions from any file our readers read, on an image plane of ``image_hw``; strict about problems."""
+    from .io import read_coco, read_geojson, read_imagej
+    from .regions import RegionError, regions_from_layer_data
+
+    file = Path(path)
+    if not file.is_file():
+        raise BadInput(f"{path}: no such regions file")
+    suffix = file.suffix.lower()
+    readers = {".geojson": read_geojson, ".roi": read_imagej, ".zip": read_imagej, ".json": read_coco}
+    if suffix not in readers:
+        raise BadInput(f"{path}: unsupported regions file {suffix!r}; use .geojson, .roi, RoiSet .zip or COCO .json")
+    layers = readers[suffix](file)
+    results = [regions_from_layer_data(layer, image_shape=image_hw) for layer in layers]
+    if not results:
+        raise RegionError(f"{path}: holds no regions")
+    combined = results[0]
+    for more in results[1:]:
+        combined = combined + more
+    if combined.problems:
+        first = combined.problems[0]
+        more = f" (and {len(combined.problems) - 1} more)" if len(combined.problems) > 1 else ""
+        raise RegionError(f"{path}: {first.message}{more}")
+    return list(combined.raise_if_empty().regions)
+
+
+def _check_labels_out(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    out = Path(path)
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise BadInput(f"--labels-out {path}: must be a .tif or .tiff file")
+    if not out.parent.exists():
+        raise BadInput(f"--labels-out {path}: folder {out.parent} does not exist")
+    return out
+
+
+def labels_from_masks(masks: Sequence[Any], shape: tuple[int, int]):
+    """One label id per mask (1, 2, ...; later masks win where they overlap); uint16, or uint32 above 65535."""
+    import numpy as np
+
+    dtype = np.uint16 if len(masks) <= np.iinfo(np.uint16).max else np.uint32
+    labels = np.zeros(shape, dtype=dtype)
+    for label, mask in enumerate(masks, start=1):
+        labels[np.asarray(mask, bool)] = label
+    return labels
+
+
+def _write_labels(path: Path | None, masks: Sequence[Any], shape: tuple[int, int]) -> list[int]:
+    ids = list(range(1, len(masks) + 1))
+    if path is not None:
+        import tifffile
+
+        tifffile.imwrite(path, labels_from_masks(masks, shape))
+    return ids
+
+
+def _load_session(args: argparse.Namespace, progress: _Progress):
+    from .engine import Session
+
+    return Session.load(
+        args.model, device=args.device, dtype=args.dtype, on_progress=progress,
+        embedding_cache_dir=args.embedding_cache,
+    )
+
+
+def _image_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {"contrast_limits": tuple(args.contrast) if args.contrast else None}
+
+
+# ---------------------------------------------------------------------------------- commands
+def _cmd_ask(args: argparse.Namespace) -> int:
+    """Answer a question about one image plane; write masks as a label TIFF."""
+    labels_out = _check_labels_out(args.labels_out)
+    image = _read_image(args)
+    regions = _read_regions(args.regions, image.shape[:2]) if args.regions else []
+    progress = _Progress()
+    session = _load_session(args, progress)
+    streamed = not args.json
+
+    def on_text(piece: str) -> None:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+
+    reply = session.ask(
+        image, args.question, regions, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        mask_mode=args.mask_mode, on_text=on_text if streamed else None, on_progress=progress,
+        **_image_kwargs(args),
+    )
+    ids = _write_labels(labels_out, reply.masks, image.shape[:2])
+    if args.json:
+        print(json.dumps({
+            "text": reply.text, "masks": ids, "labels_out": str(labels_out) if labels_out else None,
+            "model": reply.model, "timings": reply.timings, "finish_reason": reply.finish_reason,
+            "mask_areas": [int(m.sum()) for m in reply.masks], "mask_scores": reply.mask_scores,
+            "regions": len(reply.regions), "expert_share_mean": reply.expert_share_mean,
+            "warnings": reply.warnings,
+        }))
+    else:
+        print()
+        for warning in reply.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        if reply.masks:
+            where = f"written to {labels_out}" if labels_out else "not saved (use --labels-out PATH.tif)"
+            print(f"{len(reply.masks)} mask(s) {where}", file=sys.stderr)
+    return 0
+
+
+def _segment_prompts(args: argparse.Namespace, image_hw: tuple[int, int]) -> list[dict[str, Any]]:
+    """The prompt sets to run: one from --point/--negative/--box, or one per region of --regions."""
+    points = [tuple(p) for p in args.point or []] + [tuple(p) for p in args.negative or []]
+    labels = [1] * len(args.point or []) + [0] * len(args.negative or [])
+    if args.regions:
+        if points or args.box:
+            raise BadInput("give either --regions or --point/--negative/--box, not both")
+        regions = _read_regions(args.regions, image_hw)
+        common: dict[str, Any] = {}
+        point_regions = [r for r in regions if r.kind == "point"]
+        if point_regions:
+            common = {"points": [tuple(float(v) for v in r.coords[0]) for r in point_regions],
+                      "point_labels": [int(r.positive) for r in point_regions]}
+        prompts = [dict(common, box=r.bbox) for r in regions if r.kind != "point" and r.bbox is not None]
+        return prompts or [common]
+    if not points and not args.box:
+        raise BadInput("give a prompt: --point Y X, --box Y0 X0 Y1 X1 or --regions FILE")
+    prompt: dict[str, Any] = {}
+    if points:
+        prompt.update(points=points, point_labels=labels)
+    if args.box:
+        prompt["box"] = tuple(args.box)
+    return [prompt]
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    """Direct prompts through SAM-Med2D (no LLM); one label id per prompt set."""
+    labels_out = _check_labels_out(args.labels_out)
+    image = _read_image(args)
+    prompts = _segment_prompts(args, image.shape[:2])
+    progress = _Progress()
+    session = _load_session(args, progress)
+    results = [
+        session.segment(image, **prompt, multimask=args.multimask, mask_mode=args.mask_mode,
+                        on_progress=progress, **_image_kwargs(args))
+        for prompt in prompts
+    ]
+    masks = [r.mask for r in results]
+    ids = _write_labels(labels_out, masks, image.shape[:2])
+    timings = {k: sum(r.timings.get(k, 0.0) for r in results) for k in results[0].timings}
+    if args.json:
+        print(json.dumps({
+            "masks": ids, "labels_out": str(labels_out) if labels_out else None, "model": session.model_name,
+            "scores": [max(r.scores) for r in results], "mask_areas": [int(m.sum()) for m in masks],
+            "timings": timings,
+        }))
+    else:
+        where = f"written to {labels_out}" if labels_out else "not saved (use --labels-out PATH.tif)"
+        areas = ", ".join(f"{int(m.sum())} px" for m in masks)
+        print(f"{len(masks)} mask(s) ({areas}) {where}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------- parser
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("image", help="TIFF, PNG or JPEG file")
+    parser.add_argument("--model", default=None, help="model folder, name, or cached hub id (default: bundled)")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--plane", default=None, help="plane of an nD TIFF: an index, or axes like Z=3,T=0")
+    parser.add_argument("--channel", type=int, default=None, help="one channel of a multi-channel image")
+    parser.add_argument("--contrast", type=float, nargs=2, metavar=("LOW", "HIGH"),
+                        help="contrast limits (default: robust percentiles for non-8-bit data)")
+    parser.add_argument("--labels-out", default=None, metavar="PATH.tif", help="write the masks as a label TIFF")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--mask-mode", default="corrected", choices=("corrected", "reference"))
+    parser.add_argument("--embedding-cache", default=None, metavar="DIR",
+                        help="keep image embeddings in this folder (reused by later runs)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="medplib", description="MedPLIB: ask about biomedical images, ground and segment."
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     info = sub.add_parser("info", help="versions, devices and model search paths")
     info.set_defaults(func=_cmd_info)
+
+    ask = sub.add_parser("ask", help="ask a question about an image (optionally about regions)")
+    _add_common(ask)
+    ask.add_argument("question", help='the question; name regions with <region> or <region1>, <region2> ...')
+    ask.add_argument("--regions", default=None, metavar="FILE", help="GeoJSON, ImageJ .roi/.zip or COCO .json")
+    ask.add_argument("--max-new-tokens", type=int, default=256)
+    ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ask.set_defaults(func=_cmd_ask)
+
+    seg = sub.add_parser("segment", help="segment from point/box prompts (no language model)")
+    _add_common(seg)
+    seg.add_argument("--point", type=float, nargs=2, action="append", metavar=("Y", "X"), help="positive point")
+    seg.add_argument("--negative", type=float, nargs=2, action="append", metavar=("Y", "X"), help="negative point")
+    seg.add_argument("--box", type=float, nargs=4, metavar=("Y0", "X0", "Y1", "X1"), help="inclusive box")
+    seg.add_argument("--regions", default=None, metavar="FILE", help="one mask per shape in this file")
+    seg.add_argument("--multimask", action="store_true", help="pick the best of SAM's 3 candidates")
+    seg.set_defaults(func=_cmd_segment)
     return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -54,7 +295,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return EXIT_BAD_INPUT
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as exc:
+        # our input errors are ValueErrors with one-line messages that say what to fix
+        print(f"medplib: error: {_one_line(exc)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print("medplib: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if os.environ.get("MEDPLIB_DEBUG"):
+            raise
+        print(f"medplib: internal error ({type(exc).__name__}: {_one_line(exc)}); set MEDPLIB_DEBUG=1 for details",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

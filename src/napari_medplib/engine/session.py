@@ -166,7 +166,6 @@ class Session:
                 del model
                 gc.collect()
                 torch.cuda.empty_cache()
-            gc.collect()
 
     def __enter__(self) -> Session:
         return self
