@@ -121,3 +121,11 @@ def test_region_tags_and_fitting():
     assert "last drawn" in note
     same, note = fit_to_question(found, "Compare <region1> and <region2>")
     assert len(same) == 2 and note == ""
+
+
+def test_negative_points_are_no_question_regions():
+    plane = image_plane(Image(np.zeros((50, 60))), None)
+    points = Points([[3, 4], [30, 40]], features={"positive": [True, False]})
+    assert len(collect_regions([points], plane)) == 2
+    kept = collect_regions([points], plane, positive_only=True)
+    assert [r.index for r in kept.regions] == [0]

@@ -48,3 +48,31 @@ def test_lock_serialises_two_threads():
     assert overlap == [1, 1, 1]
     assert sessions.lock_for(fake) is sessions.lock_for(fake)
     sessions.forget(fake)
+
+
+def test_progress_lines_from_a_helper_thread():
+    from napari_medplib.ui.workers import _with_progress
+
+    def load(on_progress):
+        for i in range(3):
+            on_progress("weights", i + 1, 3)
+        return "session"
+
+    gen = _with_progress(load)
+    assert list(_collect(gen)) == ["weights 1/3", "weights 2/3", "weights 3/3", ("return", "session")]
+
+    def broken(on_progress):
+        raise FileNotFoundError("no model here; pick a folder")
+
+    import pytest
+
+    with pytest.raises(FileNotFoundError, match="pick a folder"):
+        list(_collect(_with_progress(broken)))
+
+
+def _collect(gen):
+    try:
+        while True:
+            yield next(gen)
+    except StopIteration as stop:
+        yield ("return", stop.value)

@@ -28,8 +28,9 @@ def test_ground_writes_labels_with_image_scale(make_napari_viewer, qtbot, blobs,
                       scale=(0.5, 0.25), translate=(3, 4), edge_color="red")
     widget = _dock(viewer, fake_session)
     assert [ly.name for ly in widget.pickers.region_layers] == ["boxes"]
-    widget.chat.input.setText("Please segment the cell in <region>.")
-    widget.chat.send()
+    qtbot.keyClicks(widget.chat.input, "Please segment the cell in <region>.")
+    qtbot.keyPress(widget.chat.input, Qt.Key.Key_Return)  # Enter sends
+    assert widget.chat.input.text() == ""
     _wait_idle(qtbot, widget)
     out = [ly for ly in viewer.layers if type(ly).__name__ == "Labels"]
     assert len(out) == 1

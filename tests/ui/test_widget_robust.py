@@ -112,6 +112,7 @@ def test_loads_session_on_first_question_with_saved_settings(make_napari_viewer,
     widget.chat.ask("Describe this image.")
     _wait_idle(qtbot, widget)
     assert seen == [("/models/medplib-tiny", "cpu")]
+    assert "Model loaded: fake-tiny on cpu" in widget.chat.plain_text()
     assert widget.chat.entries[-1].text.startswith("A 64 x 80")
     saved = load_settings(_settings_file)
     assert (saved.source, saved.folder, saved.device, saved.max_new_tokens) == (
@@ -185,3 +186,14 @@ def test_direct_segment_and_commit(make_napari_viewer, qtbot, blobs):
     qtbot.waitUntil(lambda: panel._worker is None)
     panel.commit()
     assert out.data[45, 60] == 2  # next free id
+
+
+def test_closing_the_dock_unbinds_its_keys(make_napari_viewer, qtbot, blobs):
+    viewer = make_napari_viewer()
+    widget = MedplibWidget(viewer, session=FakeSession())
+    dock = viewer.window.add_dock_widget(widget, name="MedPLIB")
+    assert "Shift+S" in {str(k) for k in viewer.keymap}
+    viewer.window.remove_dock_widget(dock)
+    widget.deleteLater()
+    qtbot.waitUntil(lambda: "Shift+S" not in {str(k) for k in viewer.keymap}, timeout=2000)
+    viewer.add_image(blobs)  # layer events reach no deleted widget

@@ -280,13 +280,25 @@ class RegionSet:
 
 
 def collect_regions(
-    layers: Sequence[Any], plane: ImagePlane, dims: Any = None, *, only_selected: bool = True
+    layers: Sequence[Any],
+    plane: ImagePlane,
+    dims: Any = None,
+    *,
+    only_selected: bool = True,
+    positive_only: bool = False,
 ) -> RegionSet:
-    """Regions of all ``layers`` on ``plane`` (empty layers just add a skipped note)."""
+    """Regions of all ``layers`` on ``plane`` (empty layers just add a skipped note).
+
+    ``positive_only`` drops negative point prompts: they mark background for direct
+    segmentation and are no region to ask about.
+    """
     result = RegionResult((), (), plane.plane_shape)
     colours: list[str] = []
     for layer in layers:
         part = layer_regions(layer, plane, dims, only_selected=only_selected)
+        if positive_only:
+            kept = tuple(r for r in part.regions if r.kind != "point" or r.positive)
+            part = RegionResult(kept, part.skipped, part.image_shape)
         result = result + part
         colours += [region_colour(layer, r) for r in part.regions]
     return RegionSet(result, tuple(colours))

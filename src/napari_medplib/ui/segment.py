@@ -29,6 +29,14 @@ def _segment_all(session: Any, plane: Any, prompts: list[dict[str, Any]]) -> lis
     return [np.asarray(segment_job(session, plane, p).mask, dtype=bool) for p in prompts]
 
 
+def _unbind(viewer: Any, bound: dict[str, Any]) -> None:
+    """Remove our key bindings if they are still ours."""
+    current = {str(k): f for k, f in viewer.keymap.items()}
+    for key, func in bound.items():
+        if current.get(key.replace("-", "+")) is func:
+            viewer.bind_key(key, None)
+
+
 class SegmentPanel(QWidget):
     """Segment / Live / Commit controls bound to a `MedplibWidget`."""
 
@@ -64,8 +72,14 @@ class SegmentPanel(QWidget):
         self._debounce.timeout.connect(self.segment)
         dock.pickers.changed.connect(self._rewatch)
         viewer = dock.viewer
-        viewer.bind_key(SEGMENT_KEY, lambda _v: self.segment(), overwrite=True)
-        viewer.bind_key(COMMIT_KEY, lambda _v: self.commit(), overwrite=True)
+        bound = {
+            SEGMENT_KEY: lambda _v: self.segment(),
+            COMMIT_KEY: lambda _v: self.commit(),
+        }
+        for key, func in bound.items():
+            viewer.bind_key(key, func, overwrite=True)
+        # a closed dock must not leave keys that call into deleted widgets
+        self.destroyed.connect(lambda *_: _unbind(viewer, bound))
         self._rewatch()
 
     # ---- live mode -----------------------------------------------------------------------------

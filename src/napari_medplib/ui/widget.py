@@ -190,20 +190,29 @@ class MedplibWidget(QWidget):
         source, device = self._wanted_key()
         self.model_panel.status.setText("loading…")
         self.chat.set_busy(True)
+        self._load_note = self.chat.add_note("Loading the model…")
         self._loader = start(
             load_job,
             source,
             device,
             self._factory,
             desc="MedPLIB: loading model",
+            on_yield=self._on_load_progress,
             on_return=self._on_loaded,
             on_error=self._on_load_error,
             on_finish=self._on_load_finished,
         )
 
+    def _on_load_progress(self, line: str) -> None:
+        self.model_panel.status.setText(line)
+        self._load_note.text = f"Loading the model: {line}"
+        self.chat.render()
+
     def _on_loaded(self, session: Any) -> None:
         old = self.session
         self.set_session(session)
+        self._load_note.text = f"Model loaded: {self._session_text(session)}"
+        self.chat.render()
         if old is not None and old is not session:
             forget(old)  # free the old model (the function widget then loads the new choice)
             if hasattr(old, "close"):
@@ -211,6 +220,8 @@ class MedplibWidget(QWidget):
 
     def _on_load_error(self, exc: BaseException) -> None:
         self._after_load.clear()
+        self._load_note.text = "The model did not load: " + describe_error(exc)
+        self.chat.render()
         self.model_panel.status.setText("not loaded: " + describe_error(exc))
         self.model_panel.expand(animate=False)
         report_error(exc)
@@ -230,7 +241,8 @@ class MedplibWidget(QWidget):
             plane = image_plane(self.pickers.image_layer, self.viewer.dims)
             uses_regions = "<region" in text
             layers = self.pickers.region_layers if uses_regions else []
-            regions, note = fit_to_question(collect_regions(layers, plane, self.viewer.dims), text)
+            found = collect_regions(layers, plane, self.viewer.dims, positive_only=True)
+            regions, note = fit_to_question(found, text)
             output = self.pickers.output_layer
             if output is not None:
                 output_index(output, plane.index, plane.plane_shape)

@@ -25,18 +25,46 @@ def load_job(
     source: str | None, device: str, factory: Callable[..., Any] | None = None
 ) -> Generator[str, None, Any]:
     """Load a `Session` (the bundled model for ``source=None``), or reuse the one already loaded
-    for (source, device) by another widget; a generator for the progress bar."""
-    yield "loading"
-    if factory is None:
-        loaded = shared((source, device))
-        if loaded is not None:
-            return loaded
-        from ..engine import Session
+    for (source, device) by another widget. Yields progress lines ("loading weights 3/7")."""
+    yield "loading…"
+    if factory is not None:
+        return factory(source, device=device)
+    loaded = shared((source, device))
+    if loaded is not None:
+        return loaded
+    from ..engine import Session
 
-        session = Session.load(source, device=device)
-        remember((source, device), session)
-        return session
-    return factory(source, device=device)
+    def load(on_progress: Callable[[str, int, int], None]) -> Any:
+        return Session.load(source, device=device, on_progress=on_progress)
+
+    session = yield from _with_progress(load)
+    remember((source, device), session)
+    return session
+
+
+def _with_progress(func: Callable[[Callable[[str, int, int], None]], Any]) -> Generator[str, None, Any]:
+    """Run ``func(on_progress)`` in a helper thread and yield its progress as lines of text."""
+    import queue
+
+    lines: queue.Queue = queue.Queue()
+    box: dict[str, Any] = {}
+
+    def report(stage: str, done: int, total: int) -> None:
+        lines.put(f"{stage} {done}/{total}" if total else str(stage))
+
+    def run() -> None:
+        try:
+            box["value"] = func(report)
+        except BaseException as exc:  # handed to the worker thread below
+            box["error"] = exc
+        lines.put(None)
+
+    threading.Thread(target=run, name="medplib-load", daemon=True).start()
+    while (line := lines.get()) is not None:
+        yield line
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 def _plane_kwargs(plane: ImagePlane) -> dict[str, Any]:
