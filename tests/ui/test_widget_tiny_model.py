@@ -95,3 +95,27 @@ def test_direct_segment_and_function_widget_with_tiny_model(make_napari_viewer, 
     labels = grounding.ground_data(image, "Please segment <region>",
                                    shapes=[np.array([[8.0, 8.0], [22.0, 24.0]])], session=tiny)
     assert labels.shape == image.shape and labels.max() == 1
+
+
+def test_loads_a_model_folder_on_first_question(make_napari_viewer, qtbot, image, tmp_path):
+    from napari_medplib.testing import make_tiny_model_folder
+    from napari_medplib.ui import sessions
+
+    folder = make_tiny_model_folder(tmp_path / "tiny-model")
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells")
+    widget = MedplibWidget(viewer)
+    viewer.window.add_dock_widget(widget)
+    widget.model_panel.source.setCurrentIndex(1)
+    widget.model_panel.folder.setText(str(folder))
+    widget.model_panel.folder.editingFinished.emit()
+    widget.model_panel.device.setCurrentText("cpu")
+    widget.chat.ask("Describe this image.")
+    _wait_idle(qtbot, widget)
+    assert widget.session is not None and widget.session.model_name == "tiny-model"
+    assert "Model loaded: tiny-model on cpu" in widget.chat.plain_text()
+    assert widget.chat.entries[-1].role == "assistant" and widget.chat.entries[-1].done
+    # the function widget reuses the loaded session instead of loading a second copy
+    assert sessions.shared((str(folder), "cpu")) is widget.session
+    sessions.forget(widget.session)
+    widget.session.close()
