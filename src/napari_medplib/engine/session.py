@@ -336,10 +336,11 @@ class Session:
         if mask_mode not in MASK_MODES:
             raise SessionInputError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         template = template or self.template
+        eos_token_id = self.model.config.eos_token_id
         try:
             config = GenerationConfig(
                 max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
-                stop_strings=get_template(template).stop_strings, eos_token_id=self.model.config.eos_token_id, seed=seed,
+                stop_strings=get_template(template).stop_strings, eos_token_id=eos_token_id, seed=seed,
             )
         except ValueError as err:
             raise SessionInputError(str(err)) from None
