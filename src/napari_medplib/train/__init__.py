@@ -51,3 +51,9 @@ __all__ = [
     "synthetic_items",
     "write_synthetic_dataset",
 ]
+
+# Training recipes (no torch; the trainer, losses and evaluation modules import torch and are
+# imported by their full names: train.trainer, train.evaluate, train.losses, train.batches).
+from .recipe import Recipe, RecipeError, find_recipe, load_recipe, parse_recipe  # noqa: E402
+
+__all__ += ["Recipe", "RecipeError", "find_recipe", "load_recipe", "parse_recipe"]

@@ -1,0 +1,163 @@
+"""Conversations -> model inputs: teacher-forced ids and labels, region grids, SAM inputs, mask targets.
+
+The prompt is built exactly as the engine builds it at inference (``model.tokenizer.encode_question``:
+the ``medplib_v1`` template, the image in the first turn, ``<region>`` -> ``<region></region>`` with
+one -300 slot), so the model learns the format it will be asked in. Several conversations about one
+image are packed as one multi-turn sequence (LLaVA/MeCoVQA style): the 576 image tokens are then paid
+once for several supervised answers.
+
+Labels are the answer tokens and the closing ``</s>`` of every turn; the system prompt, the questions,
+the image and region slots are masked with -100. Each ``<SEG>`` in an answer gets its target mask, in
+order. Images go through ``imaging.to_model_rgb`` (the engine's 8-bit conversion), then the CLIP and
+SAM preprocessing of ``model.preprocess``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..imaging import to_model_rgb
+from ..model.config import IGNORE_INDEX
+from ..model.preprocess import prepare_clip_image, prepare_sam_image, region_mask_to_grid
+from ..model.tokenizer import format_question, get_template, tokenize_prompt
+from .data import Conversation, Sample
+
+TEMPLATE = "medplib_v1"  # what encode_question uses at inference
+
+
+class BatchError(ValueError):
+    """A conversation cannot be turned into a training sequence (the message says why)."""
+
+
+@dataclass
+class ImageInputs:
+    """One image, preprocessed once for every conversation about it."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8, what the model sees
+    clip_pixels: torch.Tensor  # [1, 3, 336, 336]
+    sam_pixels: torch.Tensor  # [1, 3, 256, 256]
+    resize_hw: tuple[int, int]  # SAM resize
+    pad: tuple[int, int]  # SAM centre padding (top, left)
+
+    @property
+    def original_hw(self) -> tuple[int, int]:
+        return self.rgb.shape[:2]
+
+
+@dataclass
+class Sequence1:
+    """One (multi-turn) training sequence about one image."""
+
+    input_ids: torch.Tensor  # [N] with -200 (image) and -300 (regions)
+    labels: torch.Tensor  # [N] answer tokens, else -100
+    region_grids: torch.Tensor  # [R, 24, 24] uint8, one per -300 slot in order
+    target_masks: list[np.ndarray]  # one (H, W) bool per <SEG> in order
+    tasks: list[str]  # task of each turn
+
+
+@dataclass
+class Batch:
+    """B sequences (right-padded) and the images they are about."""
+
+    input_ids: torch.Tensor  # [B, N]
+    labels: torch.Tensor  # [B, N]
+    attention_mask: torch.Tensor  # [B, N] bool
+    clip_pixels: torch.Tensor  # [B, 3, 336, 336]
+    sam_pixels: torch.Tensor  # [B, 3, 256, 256]
+    region_grids: list[torch.Tensor]  # per sequence [R_b, 24, 24]
+    target_masks: list[list[torch.Tensor]]  # per sequence, per <SEG>: (H, W) float 0/1
+    images: list[ImageInputs]
+
+    @property
+    def n_seg(self) -> int:
+        return sum(len(t) for t in self.target_masks)
+
+
+def prepare_image(sample: Sample) -> ImageInputs:
+    """The engine's view of a sample: 8-bit RGB, CLIP pixels, SAM pixels and geometry."""
+    rgb = to_model_rgb(sample.image)
+    clip = prepare_clip_image(rgb)
+    sam = prepare_sam_image(rgb)
+    return ImageInputs(rgb, clip.pixel_values, sam.pixel_values, sam.resize_hw, sam.pad)
+
+
+def region_grid(region, shape: tuple[int, int]) -> np.ndarray:
+    """A RegionSpec -> its (24, 24) uint8 patch grid, as the engine computes it."""
+    return region_mask_to_grid(region.to_mask(shape)).mask_24
+
+
+def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: tuple[int, int]) -> Sequence1:
+    """Ids and labels of ``conversations`` as consecutive turns about one image.
+
+    Each turn is tokenised on its own (prompt part, then answer + ``</s>``); that equals tokenising
+    the whole text because every turn boundary is an added/special token or a space, where the
+    reference tokenizer splits anyway.
+    """
+    if not conversations:
+        raise BatchError("a training sequence needs at least one conversation")
+    template = get_template(TEMPLATE)
+    ids: list[int] = []
+    labels: list[int] = []
+    grids: list[np.ndarray] = []
+    targets: list[np.ndarray] = []
+    for turn, conv in enumerate(conversations):
+        text, order = format_question(conv.question, len(conv.regions), with_image=turn == 0, append_missing=False)
+        prompt = (template.system + template.sep if turn == 0 else "") + f"{template.roles[0]}: {text}{template.sep}{template.roles[1]}:"
+        prompt_ids = tokenize_prompt(prompt, tokenizer)
+        if turn > 0:
+            prompt_ids = prompt_ids[1:]  # one BOS per sequence
+        answer_ids = tokenizer.encode(conv.answer, add_bos=False) + [tokenizer.eos_token_id]
+        n_seg = answer_ids.count(tokenizer.seg_token_id)
+        if n_seg != len(conv.target_masks):
+            raise BatchError(f"answer {conv.answer!r} has {n_seg} <SEG> token(s) but {len(conv.target_masks)} target mask(s)")
+        ids += prompt_ids + answer_ids
+        labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        grids += [region_grid(conv.regions[k], image_hw) for k in order]
+        targets += [np.asarray(m, bool) for m in conv.target_masks]
+    region_grids = torch.from_numpy(np.stack(grids)) if grids else torch.zeros((0, 24, 24), dtype=torch.uint8)
+    return Sequence1(torch.tensor(ids), torch.tensor(labels), region_grids, targets, [c.task for c in conversations])
+
+
+def pack_conversations(conversations: Sequence[Conversation], tasks: Sequence[str], turns: int,
+                       rng: np.random.Generator) -> list[list[Conversation]]:
+    """The conversations of one image whose task is in ``tasks``, shuffled, in chunks of ``turns``."""
+    keep = [c for c in conversations if c.task in tasks]
+    order = rng.permutation(len(keep)) if keep else []
+    keep = [keep[i] for i in order]
+    return [keep[i : i + turns] for i in range(0, len(keep), max(turns, 1))]
+
+
+def collate(sequences: Sequence[Sequence1], images: Sequence[ImageInputs], pad_id: int) -> Batch:
+    """Right-pad sequences into a batch (the model right-pads the expanded sequence the same way)."""
+    if len(sequences) != len(images) or not sequences:
+        raise BatchError(f"need one image per sequence, got {len(sequences)} sequences and {len(images)} images")
+    length = max(len(s.input_ids) for s in sequences)
+    input_ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(sequences), length), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(sequences), length), dtype=torch.bool)
+    for b, seq in enumerate(sequences):
+        n = len(seq.input_ids)
+        input_ids[b, :n], labels[b, :n], attention[b, :n] = seq.input_ids, seq.labels, True
+    return Batch(
+        input_ids, labels, attention,
+        torch.cat([im.clip_pixels for im in images]), torch.cat([im.sam_pixels for im in images]),
+        [s.region_grids for s in sequences],
+        [[torch.from_numpy(m).float() for m in s.target_masks] for s in sequences],
+        list(images),
+    )
+
+
+def expand_labels(labels: torch.Tensor, position_map: torch.Tensor, expanded_length: int) -> torch.Tensor:
+    """Labels [B, N] on the ids -> [B, L] on the expanded sequence (image/region slots stay -100)."""
+    out = torch.full((labels.shape[0], expanded_length), IGNORE_INDEX, dtype=torch.long, device=labels.device)
+    for b in range(labels.shape[0]):
+        valid = position_map[b] >= 0
+        positions = position_map[b][valid].to(labels.device)
+        values = labels[b, : int(valid.sum())]
+        keep = values != IGNORE_INDEX
+        out[b, positions[keep]] = values[keep]
+    return out

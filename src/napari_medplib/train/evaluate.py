@@ -1,0 +1,194 @@
+"""``medplib eval MODEL``: the issue's metrics on a held-out split, as a table and as JSON.
+
+* grounding mDice — every ``<SEG>`` target of every grounding question: the model answers greedily,
+  each ``<SEG>`` it generates is decoded to a mask (as the engine does: T-projector -> SAM-Med2D ->
+  ``postprocess_masks`` -> sigmoid > 0.1); a target without a generated ``<SEG>`` scores 0;
+* box-prompt and point-prompt mDice — SAM-Med2D alone, per instance: the tight box, and the most
+  interior pixel as one foreground click;
+* region-VQA and image-VQA accuracy — ``normalise_answer`` exact match with the canonical answer;
+* expert-routing shares — the share of answer tokens each expert took, per task (MoE models).
+
+``compare`` puts two models side by side (the paper's Table 3: dense FFN vs two-expert MoE).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..model.medplib import MedPLIBModel
+from ..model.postprocess import masks_from_logits
+from ..model.tokenizer import encode_question
+from .batches import prepare_image, region_grid
+from .data import Conversation, Sample, normalise_answer
+from .losses import dice_score
+from .steps import prompt_masks
+
+FLOORS = {"grounding_mdice": 0.80, "box_mdice": 0.90, "point_mdice": 0.80, "region_vqa_acc": 0.85, "vqa_acc": 0.90}
+
+
+def resolve_model_folder(path: str | Path) -> Path:
+    """A model folder, or a training run folder (its ``final.json`` names the model)."""
+    path = Path(path)
+    if (path / "config.json").is_file():
+        return path
+    if (path / "final.json").is_file():
+        return Path(json.loads((path / "final.json").read_text())["model"])
+    raise FileNotFoundError(f"{path} is neither a model folder (config.json) nor a training run (final.json)")
+
+
+class _Scores:
+    def __init__(self) -> None:
+        self.lists: dict[str, list[float]] = defaultdict(list)
+        self.routing: dict[str, np.ndarray] = {}
+        self.examples: list[dict[str, Any]] = []
+
+    def add(self, key: str, value: float) -> None:
+        self.lists[key].append(float(value))
+
+    def mean(self, key: str) -> float | None:
+        values = self.lists.get(key)
+        return float(np.mean(values)) if values else None
+
+
+@torch.no_grad()
+def _answer(model: MedPLIBModel, conv: Conversation, image, features, max_new_tokens: int):
+    ids, order = encode_question(model.tokenizer, conv.question, len(conv.regions))
+    grids = [torch.from_numpy(region_grid(conv.regions[k], image.original_hw)) for k in order]
+    return model.generate(torch.tensor(ids), image_features=features,
+                          region_masks=[torch.stack(grids)] if grids else None, max_new_tokens=max_new_tokens)
+
+
+@torch.no_grad()
+def evaluate_model(model: MedPLIBModel, items: Iterable[tuple[Sample, list[Conversation]]], *,
+                   max_new_tokens: int = 24, instances_per_image: int = 8, progress: bool = False,
+                   keep_examples: int = 20) -> dict[str, Any]:
+    """All metrics over ``items`` (sample, conversations) pairs; returns the JSON-ready result."""
+    model.eval()
+    if model.region_encoder is not None:
+        model.region_encoder.on_empty = "zero"
+    scores = _Scores()
+    n_samples = 0
+    start = time.perf_counter()
+    for index, (sample, convs) in enumerate(items):
+        n_samples += 1
+        image = prepare_image(sample)
+        features = model.encode_image(image.clip_pixels)
+        embedding = model.sam.encode_image(image.sam_pixels) if model.sam is not None else None
+        for conv in convs:
+            result = _answer(model, conv, image, features, max_new_tokens)
+            if result.expert_counts is not None:
+                counts = result.expert_counts.sum(0).numpy()
+                scores.routing[conv.task] = scores.routing.get(conv.task, 0) + counts
+            if conv.task == "grounding":
+                masks = []
+                seg = result.seg_indices(model.tokenizer.seg_token_id)
+                if seg and embedding is not None:
+                    masks = model.ground(model.answer_seg_hidden(result), image_embeddings=embedding,
+                                         resize_hw=image.resize_hw, original_hw=image.original_hw, pad=image.pad).masks
+                for j, target in enumerate(conv.target_masks):
+                    dice = dice_score(masks[j], torch.from_numpy(target)) if j < len(masks) else 0.0
+                    scores.add("grounding", dice)
+                    scores.add(f"grounding/{sample.style}", dice)
+                correct = None
+            else:
+                correct = normalise_answer(result.text) == normalise_answer(conv.canonical or conv.answer)
+                scores.add(conv.task, correct)
+                scores.add(f"{conv.task}/{conv.kind}", correct)
+            if len(scores.examples) < keep_examples:
+                scores.examples.append({"style": sample.style, "task": conv.task, "question": conv.question,
+                                        "expected": conv.answer, "answer": result.text, "correct": correct})
+        if embedding is not None:
+            _prompt_scores(model, sample, image, embedding, instances_per_image, index, scores)
+        if progress:
+            print(f"\reval: {n_samples} images, {time.perf_counter() - start:.0f} s", end="", file=sys.stderr, flush=True)
+    if progress:
+        print(file=sys.stderr)
+    return _summary(scores, n_samples, time.perf_counter() - start)
+
+
+def _prompt_scores(model, sample: Sample, image, embedding, k: int, index: int, scores: _Scores) -> None:
+    ids = np.unique(sample.labels)
+    ids = ids[ids > 0]
+    if not len(ids):
+        return
+    chosen = np.random.default_rng([index, 5]).choice(ids, size=min(k, len(ids)), replace=False)
+    masks = [sample.labels == i for i in chosen]
+    for prompt in ("box", "point"):
+        predicted = masks_from_logits(prompt_masks(model, embedding, image, masks, prompt))
+        for pred, target in zip(predicted, masks, strict=True):
+            dice = dice_score(pred, torch.from_numpy(target))
+            scores.add(prompt, dice)
+            scores.add(f"{prompt}/{sample.style}", dice)
+
+
+def _summary(scores: _Scores, n_samples: int, seconds: float) -> dict[str, Any]:
+    metrics = {
+        "grounding_mdice": scores.mean("grounding"),
+        "box_mdice": scores.mean("box"),
+        "point_mdice": scores.mean("point"),
+        "region_vqa_acc": scores.mean("region_vqa"),
+        "vqa_acc": scores.mean("vqa"),
+    }
+    routing = {task: (counts / max(counts.sum(), 1)).round(4).tolist() for task, counts in scores.routing.items()}
+    breakdown = {key: round(float(np.mean(v)), 4) for key, v in sorted(scores.lists.items()) if "/" in key}
+    counts = {key: len(v) for key, v in scores.lists.items() if "/" not in key}
+    return {"metrics": metrics, "floors": FLOORS, "routing_shares": routing, "breakdown": breakdown,
+            "counts": counts, "n_images": n_samples, "seconds": round(seconds, 1), "examples": scores.examples}
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """A plain-text table: one column per model, one row per metric, floors on the right."""
+    names = list(results)
+    rows = [("metric", *names, "floor")]
+    for key, floor in FLOORS.items():
+        values = [results[n]["metrics"].get(key) for n in names]
+        rows.append((key, *("-" if v is None else f"{v:.3f}" for v in values), f"{floor:.2f}"))
+    for name in names:
+        for task, shares in results[name].get("routing_shares", {}).items():
+            rows.append((f"experts/{task}", *(" ".join(f"{s:.2f}" for s in shares) if n == name else ""
+                                              for n in names), ""))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+
+
+def heldout(n: int, seed: int = 0, n_per_task: int = 4, size: int = 256,
+            styles: Sequence[str] | None = None) -> Iterable[tuple[Sample, list[Conversation]]]:
+    """The synthetic held-out split (seeds disjoint from every training sample)."""
+    from .data import synthetic_items
+
+    options: dict[str, Any] = {"size": (size, size)}
+    if styles:
+        options["styles"] = tuple(styles)
+    return synthetic_items(n, seed=seed, split="heldout", n_per_task=n_per_task, **options)
+
+
+def evaluate(model_paths: Sequence[str | Path], n: int = 100, seed: int = 0, n_per_task: int = 4,
+             data: str | Path | None = None, json_path: str | Path | None = None, progress: bool = True,
+             dtype: str = "float32") -> dict[str, dict[str, Any]]:
+    """Evaluate one or more models on the same held-out items; print the table, write the JSON."""
+    from .data import load_dataset
+
+    results = {}
+    for path in model_paths:
+        folder = resolve_model_folder(path)
+        model = MedPLIBModel.from_pretrained(folder, dtype=dtype)
+        if data is None:
+            items = heldout(n, seed=seed, n_per_task=n_per_task)
+        else:
+            dataset = load_dataset(data)
+            items = (dataset[i] for i in range(min(n, len(dataset))))
+        name = folder.parent.name if folder.name == "final" else folder.name
+        results[name] = {"model": str(folder), **evaluate_model(model, items, progress=progress)}
+    print(format_table(results))
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(results, indent=2))
+    return results

@@ -1,0 +1,250 @@
+"""Training recipes: one TOML file says what to build, what data to use, and how each stage trains.
+
+A recipe mirrors MedPLIB's training strategy (reference section 6) at any scale:
+
+* ``[model]`` — the architecture of a model trained from scratch (LLaMA, CLIP and SAM-Med2D sizes) and
+  the tokenizer folder;
+* ``[data]`` — synthetic data (an endless seeded stream, so no sample is seen twice) or a folder written
+  by ``train.save_dataset`` (e.g. converted user annotations), plus the held-out split for evaluation;
+* ``[[stages]]`` — in order. ``kind = "sam"`` warms up SAM-Med2D on box/point prompts (our stand-in
+  for the pretrained SAM-Med2D the paper starts from); ``kind = "llm"`` trains on conversations: stage
+  II (VQA, dense FFN), stage III (grounding: FFN, mask decoder, T-projector), stage IV (MoE with both
+  experts initialised from II and III, router trained). Each stage names what it starts from
+  (``init``), which parameters train (``train``, glob patterns on parameter names), optional LoRA
+  (``lora``), loss weights, learning rate, steps and batch size.
+
+Parsing is strict: an unknown key is an error naming the key, so a typo never silently trains the
+wrong thing. No torch here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: Where the recipes shipped with the package live (``medplib train tiny-cpu`` finds them by name).
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+STAGE_KINDS = ("sam", "llm")
+TASKS = ("grounding", "region_vqa", "vqa")
+
+
+class RecipeError(ValueError):
+    """A recipe file is missing, malformed or inconsistent; the message names the key and the fix."""
+
+
+@dataclass
+class ModelSpec:
+    """Architecture of a model trained from scratch (see ``model.config.MedPLIBConfig``)."""
+
+    tokenizer: str = "tokenizer"  # folder with tokenizer.model (+ added_tokens.json); relative to the recipe
+    hidden_size: int = 128
+    intermediate_size: int = 256
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 4
+    num_experts: int = 2
+    capacity_factor: float = 1.5
+    clip_hidden_size: int = 64
+    clip_intermediate_size: int = 128
+    clip_layers: int = 2
+    clip_heads: int = 2
+    sam_embed_dim: int = 64
+    sam_depth: int = 2
+    sam_heads: int = 2
+    sam_adapter_hidden: int = 16
+    sam_prompt_dim: int = 64  # = out_dim of the T-projector; a multiple of 8 (the decoder has 8 heads)
+    sam_decoder_mlp_dim: int = 256
+    sam_iou_hidden: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataSpec:
+    """Training and held-out data."""
+
+    source: str = "synthetic"  # "synthetic" or a folder written by save_dataset (relative to the recipe)
+    seed: int = 0
+    n_per_task: int = 4  # conversations per task and sample (synthetic)
+    size: int = 256  # synthetic image side
+    styles: list[str] = field(default_factory=list)  # [] = every style
+    turns_per_sequence: int = 6  # conversations of one image packed as one multi-turn sequence
+    heldout_source: str = "synthetic"  # "synthetic" (held-out split) or a folder
+    heldout_n: int = 100
+
+
+@dataclass
+class LoraSpec:
+    """LoRA adapters (peft) on ``nn.Linear`` layers whose name ends with one of ``targets``."""
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=lambda: ["gate_proj", "up_proj", "down_proj"])
+
+
+@dataclass
+class LossWeights:
+    ce: float = 1.0
+    bce: float = 1.0
+    dice: float = 1.0
+    iou: float = 0.0  # MSE between SAM's IoU head and the real IoU
+    aux: float = 0.0  # MoE load-balancing
+
+
+@dataclass
+class StageSpec:
+    """One training stage."""
+
+    name: str
+    kind: str = "llm"
+    steps: int = 100
+    batch_size: int = 2
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    grad_clip: float = 1.0
+    train: list[str] = field(default_factory=list)  # glob patterns on parameter names
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    moe: bool = False  # MoE FFN (stage IV) instead of the dense FFN (stages II, III)
+    init: str = "scratch"  # "scratch" or the name of an earlier stage whose result this one starts from
+    experts: list[str] = field(default_factory=list)  # moe: the stage each expert's FFN comes from
+    copy: dict[str, list[str]] = field(default_factory=dict)  # stage name -> parameter patterns to take from it
+    lora: LoraSpec | None = None
+    loss: LossWeights = field(default_factory=LossWeights)
+    checkpoint_every: int = 50  # steps between resumable step checkpoints
+    prompt: str = "box+point"  # sam stages: "box", "point" or "box+point"
+    instances_per_image: int = 8  # sam stages
+
+
+@dataclass
+class Recipe:
+    name: str
+    model: ModelSpec
+    data: DataSpec
+    stages: list[StageSpec]
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = leave as is
+    device: str = "cpu"
+    folder: Path | None = None  # where the recipe file is (relative paths resolve against it)
+    path: Path | None = None  # the recipe file
+    #: The stage whose result is the run's model (default: the last); later stages are comparisons
+    #: such as a dense model trained on the same budget (the paper's Table 3).
+    final: str = ""
+
+    def stage(self, name: str) -> StageSpec:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise RecipeError(f"recipe {self.name!r} has no stage {name!r} (stages: {[s.name for s in self.stages]})")
+
+    def resolve(self, path: str) -> Path:
+        """A path from the recipe, relative to the recipe file's folder."""
+        p = Path(path).expanduser()
+        return p if p.is_absolute() or self.folder is None else self.folder / p
+
+    @property
+    def final_stage(self) -> StageSpec:
+        return self.stage(self.final) if self.final else self.stages[-1]
+
+
+# ----------------------------------------------------------------------------- parsing
+def _build(cls, values: Any, where: str):
+    if not isinstance(values, dict):
+        raise RecipeError(f"[{where}] must be a table, got {type(values).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise RecipeError(f"unknown key(s) {unknown} in [{where}]; allowed: {sorted(names)}")
+    return cls(**values)
+
+
+def _stage(values: dict[str, Any], index: int) -> StageSpec:
+    where = f"stages #{index + 1}"
+    if "name" not in values:
+        raise RecipeError(f"[{where}] needs a name")
+    values = dict(values)
+    lora = values.pop("lora", None)
+    loss = values.pop("loss", {})
+    stage = _build(StageSpec, values, f"{where} ({values['name']})")
+    stage.lora = _build(LoraSpec, lora, f"{where}.lora") if lora else None
+    stage.loss = _build(LossWeights, loss, f"{where}.loss")
+    if stage.kind not in STAGE_KINDS:
+        raise RecipeError(f"stage {stage.name!r}: kind must be one of {STAGE_KINDS}, got {stage.kind!r}")
+    bad = sorted(set(stage.tasks) - set(TASKS))
+    if bad:
+        raise RecipeError(f"stage {stage.name!r}: unknown task(s) {bad}; choose from {TASKS}")
+    if stage.steps < 0 or stage.batch_size < 1 or stage.lr <= 0:
+        raise RecipeError(f"stage {stage.name!r}: need steps >= 0, batch_size >= 1 and lr > 0")
+    if not stage.train:
+        raise RecipeError(f"stage {stage.name!r}: 'train' lists no parameters; name the trainable ones "
+                          "with glob patterns such as 'sam.mask_decoder.*'")
+    if stage.prompt not in ("box", "point", "box+point"):
+        raise RecipeError(f"stage {stage.name!r}: prompt must be 'box', 'point' or 'box+point'")
+    return stage
+
+
+def parse_recipe(data: dict[str, Any], name: str = "recipe", folder: Path | None = None) -> Recipe:
+    """A recipe from an already-parsed TOML dict (checked: stage references, kinds, tasks)."""
+    data = dict(data)
+    unknown = sorted(set(data) - {"name", "seed", "threads", "device", "final", "model", "data", "stages"})
+    if unknown:
+        raise RecipeError(f"unknown top-level key(s) {unknown} in recipe {name!r}")
+    stages_raw = data.get("stages")
+    if not stages_raw:
+        raise RecipeError(f"recipe {name!r} has no [[stages]]")
+    stages = [_stage(s, i) for i, s in enumerate(stages_raw)]
+    seen: list[str] = []
+    for stage in stages:
+        if stage.name in seen:
+            raise RecipeError(f"two stages are called {stage.name!r}")
+        refs = ([stage.init] if stage.init != "scratch" else []) + stage.experts + list(stage.copy)
+        for ref in refs:
+            if ref not in seen:
+                raise RecipeError(f"stage {stage.name!r} refers to {ref!r}, which is not an earlier stage "
+                                  f"(earlier: {seen or 'none'})")
+        if stage.experts and not stage.moe:
+            raise RecipeError(f"stage {stage.name!r} lists experts but has moe = false")
+        seen.append(stage.name)
+    recipe = Recipe(
+        name=str(data.get("name", name)),
+        model=_build(ModelSpec, data.get("model", {}), "model"),
+        data=_build(DataSpec, data.get("data", {}), "data"),
+        stages=stages,
+        seed=int(data.get("seed", 0)),
+        threads=int(data.get("threads", 0)),
+        device=str(data.get("device", "cpu")),
+        folder=folder,
+        final=str(data.get("final", "")),
+    )
+    if recipe.final:
+        recipe.final_stage  # noqa: B018 - raises RecipeError naming the missing stage
+    if recipe.model.sam_prompt_dim % 8:
+        raise RecipeError(f"model.sam_prompt_dim must be a multiple of 8 (8 decoder heads), got {recipe.model.sam_prompt_dim}")
+    return recipe
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    """A recipe file by path, or by the name of a shipped recipe ("tiny-cpu", "gpu")."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = RECIPES_DIR / f"{name_or_path}.toml"
+    if shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in RECIPES_DIR.glob("*.toml"))
+    raise RecipeError(f"recipe {str(name_or_path)!r} not found: give a .toml file or one of {names}")
+
+
+def load_recipe(name_or_path: str | Path) -> Recipe:
+    """Read and check a recipe TOML file (by path or shipped name)."""
+    path = find_recipe(name_or_path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise RecipeError(f"{path} is not valid TOML: {err}") from None
+    recipe = parse_recipe(data, name=path.stem, folder=path.parent)
+    recipe.path = path
+    return recipe

@@ -1,0 +1,137 @@
+"""One training step's losses: conversations through the whole model, or prompts through SAM alone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from ..model.medplib import ImageFeatures, MedPLIBModel
+from ..model.postprocess import postprocess_masks
+from ..model.preprocess import image_to_sam_boxes, image_to_sam_coords
+from .batches import Batch, build_sequence, collate, expand_labels, prepare_image
+from .losses import iou_mse, mask_losses, token_ce
+from .recipe import LossWeights, StageSpec
+from .stream import Item
+
+
+def _grad_if(trainable: bool):
+    return nullcontext() if trainable else torch.no_grad()
+
+
+def _any_trainable(module: torch.nn.Module | None) -> bool:
+    return module is not None and any(p.requires_grad for p in module.parameters())
+
+
+def make_batch(model: MedPLIBModel, items: Sequence[Item]) -> Batch:
+    images = [prepare_image(item.sample) for item in items]
+    sequences = [build_sequence(model.tokenizer, item.conversations, im.original_hw) for item, im in zip(items, images, strict=True)]
+    return collate(sequences, images, model.tokenizer.pad_token_id)
+
+
+def encode_images(model: MedPLIBModel, clip_pixels: torch.Tensor) -> ImageFeatures:
+    """Like ``model.encode_image`` but with gradients into CLIP when the stage trains it.
+
+    The paper keeps a pretrained CLIP frozen; a model trained from scratch has no pretrained CLIP, so
+    a recipe may train it."""
+    with _grad_if(_any_trainable(model.vision_tower)):
+        patch_features = model.vision_tower(clip_pixels.to(model.device))
+    return ImageFeatures(patch_features, model.mm_projector(patch_features.to(model.dtype)))
+
+
+def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights) -> dict[str, torch.Tensor]:
+    """CE on the answers + BCE/Dice (+ IoU) on the mask of every ``<SEG>`` + the MoE aux loss."""
+    features = encode_images(model, batch.clip_pixels)
+    regions = [
+        model.encode_regions(features.patch_features[b], grids)[0] if len(grids)
+        else features.image_tokens.new_zeros((0, model.config.hidden_size))
+        for b, grids in enumerate(batch.region_grids)
+    ]  # per sequence [R_b, D] (the model's region path needs at least one region)
+    out = model(batch.input_ids, image_features=features, region_features=regions,
+                attention_mask=batch.attention_mask)
+    labels = expand_labels(batch.labels, out.position_map, out.hidden_states.shape[1])
+    losses = {"ce": token_ce(out.logits, labels)}
+    if batch.n_seg and (weights.bce or weights.dice or weights.iou):
+        with _grad_if(_any_trainable(model.sam.image_encoder)):
+            embeddings = model.sam.encode_image(batch.sam_pixels)  # [B, C, 16, 16]
+        logits, targets, ious = [], [], []
+        seg_id = model.tokenizer.seg_token_id
+        for b, image in enumerate(batch.images):
+            if not batch.target_masks[b]:
+                continue
+            positions = MedPLIBModel.seg_hidden_positions(batch.input_ids[b], out.position_map[b], seg_id, "each")
+            prompts = model.seg_prompt_embeddings(out.hidden_states[b, positions])  # [n, out_dim]
+            low_res, iou = model.sam.decode_with_text_prompt(embeddings[b : b + 1], prompts)
+            logits.append(postprocess_masks(low_res, image.resize_hw, image.original_hw, pad=image.pad))
+            targets.append(torch.stack(batch.target_masks[b]).to(logits[-1].device))
+            ious.append(iou)
+        losses["bce"], losses["dice"] = mask_losses(logits, targets)
+        if weights.iou:
+            losses["iou"] = sum(iou_mse(i, m, t) for i, m, t in zip(ious, logits, targets, strict=True)) / len(ious)
+    aux = [r.aux_loss for r in out.routing if r is not None and r.aux_loss is not None]
+    if aux:
+        losses["aux"] = torch.stack(aux).mean()
+    return losses
+
+
+# ----------------------------------------------------------------------------- SAM prompts
+def interior_point(mask: np.ndarray, rng: np.random.Generator | None = None) -> tuple[float, float]:
+    """A foreground (row, col): random inside the mask, or (rng None) its most interior pixel."""
+    if rng is None:
+        distance = ndi.distance_transform_edt(np.pad(mask, 1))[1:-1, 1:-1]
+        r, c = np.unravel_index(int(np.argmax(distance)), mask.shape)
+        return float(r), float(c)
+    rows, cols = np.nonzero(mask)
+    k = int(rng.integers(len(rows)))
+    return float(rows[k]), float(cols[k])
+
+
+def tight_box(mask: np.ndarray) -> tuple[float, float, float, float]:
+    """(y0, x0, y1, x1) pixel-centre corners, both inclusive."""
+    rows, cols = np.nonzero(mask)
+    return float(rows.min()), float(cols.min()), float(rows.max()), float(cols.max())
+
+
+def prompt_masks(model: MedPLIBModel, embedding: torch.Tensor, image, masks: Sequence[np.ndarray], prompt: str,
+                 rng: np.random.Generator | None = None, jitter: float = 0.0) -> torch.Tensor:
+    """Mask logits [N, H, W] for one image's instances from their box or point prompts."""
+    hw = image.original_hw
+    if prompt == "box":
+        boxes = []
+        for mask in masks:
+            y0, x0, y1, x1 = tight_box(mask)
+            if rng is not None and jitter:
+                h, w = y1 - y0 + 1, x1 - x0 + 1
+                y0, y1 = y0 + rng.normal(0, jitter * h), y1 + rng.normal(0, jitter * h)
+                x0, x1 = x0 + rng.normal(0, jitter * w), x1 + rng.normal(0, jitter * w)
+            boxes.append((y0, x0, y1, x1))
+        sam_boxes = image_to_sam_boxes(boxes, hw, image.resize_hw, image.pad)
+        low_res, _ = model.sam.decode_with_prompts(embedding, boxes=sam_boxes)
+    else:
+        points = np.array([[interior_point(m, rng)] for m in masks])  # [N, 1, 2] (row, col)
+        coords = image_to_sam_coords(points, hw, image.resize_hw, image.pad)
+        low_res, _ = model.sam.decode_with_prompts(embedding, points=coords, point_labels=np.ones((len(masks), 1)))
+    return postprocess_masks(low_res, image.resize_hw, hw, pad=image.pad)
+
+
+def sam_losses(model: MedPLIBModel, items: Sequence[Item], stage: StageSpec, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """SAM-Med2D warm start: instance masks from box / point prompts (BCE + Dice)."""
+    images = [prepare_image(item.sample) for item in items]
+    pixels = torch.cat([im.sam_pixels for im in images])
+    with _grad_if(_any_trainable(model.sam.image_encoder)):
+        embeddings = model.sam.encode_image(pixels)
+    prompts = ["box", "point"] if stage.prompt == "box+point" else [stage.prompt]
+    logits, targets = [], []
+    for b, (item, image) in enumerate(zip(items, images, strict=True)):
+        ids = np.unique(item.sample.labels)
+        ids = ids[ids > 0]
+        chosen = rng.choice(ids, size=min(stage.instances_per_image, len(ids)), replace=False)
+        masks = [item.sample.labels == i for i in chosen]
+        for prompt in prompts:
+            logits.append(prompt_masks(model, embeddings[b : b + 1], image, masks, prompt, rng, jitter=0.05))
+            targets.append(torch.from_numpy(np.stack(masks)).float().to(logits[-1].device))
+    bce, dice = mask_losses(logits, targets)
+    return {"bce": bce, "dice": dice}

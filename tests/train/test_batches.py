@@ -1,0 +1,108 @@
+"""Conversations -> teacher-forced ids/labels, region grids and mask targets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from napari_medplib.model.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX
+from napari_medplib.model.tokenizer import MedPLIBTokenizer, encode_question
+from napari_medplib.train import Conversation, RegionSpec
+from napari_medplib.train.batches import (
+    BatchError,
+    build_sequence,
+    collate,
+    expand_labels,
+    pack_conversations,
+    prepare_image,
+)
+from napari_medplib.train.data import synthetic_items
+from napari_medplib.train.recipe import RECIPES_DIR
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return MedPLIBTokenizer.from_pretrained(RECIPES_DIR / "tokenizer")
+
+
+def _mask(hw, rows, cols):
+    m = np.zeros(hw, bool)
+    m[rows, cols] = True
+    return m
+
+
+def test_first_turn_equals_the_inference_prompt_and_labels_are_the_answer(tokenizer):
+    conv = Conversation("What is in <region>?", "nucleus", "region_vqa", "category",
+                        [RegionSpec("box", box=(10, 10, 30, 40))], canonical="nucleus")
+    seq = build_sequence(tokenizer, [conv], (64, 64))
+    prompt, _ = encode_question(tokenizer, conv.question, 1)  # what the engine feeds at inference
+    n = len(prompt)
+    assert seq.input_ids[:n].tolist() == prompt
+    assert (seq.labels[:n] == IGNORE_INDEX).all()
+    answer = seq.labels[n:].tolist()
+    assert answer[-1] == tokenizer.eos_token_id
+    assert tokenizer.decode(answer[:-1]) == "nucleus"
+    assert seq.input_ids[n:].tolist() == answer  # teacher forcing: the labels are the inputs
+    assert seq.region_grids.shape == (1, 24, 24) and seq.region_grids.sum() > 0
+
+
+def test_multi_turn_has_one_image_one_bos_and_masks_in_seg_order(tokenizer):
+    hw = (64, 64)
+    a, b = _mask(hw, slice(0, 10), slice(0, 10)), _mask(hw, slice(30, 60), slice(5, 50))
+    convs = [
+        Conversation("Please segment the nuclei.", "It is <SEG>.", "grounding", "semantic", target_masks=[a]),
+        Conversation("How many cells are in <region>?", "3", "region_vqa", "count",
+                     [RegionSpec("point", point=(40, 20))], canonical="3"),
+        Conversation("Segment the nucleus and the cell.", "Sure, <SEG> and <SEG>.", "grounding", "multi",
+                     target_masks=[b, a]),
+    ]
+    seq = build_sequence(tokenizer, convs, hw)
+    ids = seq.input_ids.tolist()
+    assert ids.count(IMAGE_TOKEN_INDEX) == 1 and ids.count(tokenizer.bos_token_id) == 1
+    assert ids.count(REGION_TOKEN_INDEX) == 1 and seq.region_grids.shape[0] == 1
+    assert ids.count(tokenizer.seg_token_id) == 3
+    assert [m.sum() for m in seq.target_masks] == [a.sum(), b.sum(), a.sum()]
+    # every label is an answer token or </s>; three answers -> three </s>
+    labelled = seq.labels[seq.labels != IGNORE_INDEX].tolist()
+    assert labelled.count(tokenizer.eos_token_id) == 3 and labelled.count(tokenizer.seg_token_id) == 3
+    assert seq.tasks == ["grounding", "region_vqa", "grounding"]
+
+
+def test_seg_count_mismatch_is_a_clear_error(tokenizer):
+    conv = Conversation("Segment it.", "It is <SEG>.", "grounding", "semantic", target_masks=[np.zeros((4, 4), bool)])
+    conv.target_masks = []
+    with pytest.raises(BatchError, match="1 <SEG> token.*0 target mask"):
+        build_sequence(tokenizer, [conv], (4, 4))
+    with pytest.raises(BatchError, match="at least one"):
+        build_sequence(tokenizer, [], (4, 4))
+
+
+def test_pack_filters_tasks_and_chunks(tokenizer):
+    sample, convs = next(synthetic_items(1, seed=3, n_per_task=3, size=(64, 64)))
+    chunks = pack_conversations(convs, ["vqa", "region_vqa"], 2, np.random.default_rng(0))
+    flat = [c for chunk in chunks for c in chunk]
+    assert all(len(c) <= 2 for c in chunks)
+    assert sorted(id(c) for c in flat) == sorted(id(c) for c in convs if c.task != "grounding")
+
+
+def test_collate_and_expand_labels_put_labels_on_the_expanded_positions(tokenizer):
+    sample, convs = next(synthetic_items(1, seed=1, n_per_task=2, size=(64, 64)))
+    image = prepare_image(sample)
+    assert image.rgb.dtype == np.uint8 and image.clip_pixels.shape == (1, 3, 336, 336)
+    seqs = [build_sequence(tokenizer, convs[:1], image.original_hw), build_sequence(tokenizer, convs[:3], image.original_hw)]
+    batch = collate(seqs, [image, image], tokenizer.pad_token_id)
+    assert batch.input_ids.shape[1] == max(len(s.input_ids) for s in seqs)
+    assert batch.attention_mask.sum(1).tolist() == [len(s.input_ids) for s in seqs]
+    # position map by hand: every id 1 position, the image 576
+    pmap = torch.full(batch.input_ids.shape, -1)
+    for b, seq in enumerate(seqs):
+        pos, out = 0, []
+        for i in seq.input_ids.tolist():
+            out.append(pos)
+            pos += 576 if i == IMAGE_TOKEN_INDEX else 1
+        pmap[b, : len(out)] = torch.tensor(out)
+    expanded = expand_labels(batch.labels, pmap, int(pmap.max()) + 1)
+    for b, seq in enumerate(seqs):
+        kept = expanded[b][expanded[b] != IGNORE_INDEX]
+        assert kept.tolist() == seq.labels[seq.labels != IGNORE_INDEX].tolist()

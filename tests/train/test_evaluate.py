@@ -1,0 +1,127 @@
+"""Evaluation metrics on known inputs (a stand-in model with scripted answers and masks), and a
+reduced real evaluation of a micro model with sane bounds."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import napari_medplib.train.evaluate as ev
+from napari_medplib.model.generation import GenerationResult
+from napari_medplib.model.tokenizer import MedPLIBTokenizer
+from napari_medplib.train.data import synthetic_items
+from napari_medplib.train.recipe import RECIPES_DIR
+
+
+class _Ground:
+    def __init__(self, masks):
+        self.masks = masks
+
+
+class _ScriptedModel:
+    """Answers VQA right, region VQA wrong, grounding with the exact target masks."""
+
+    def __init__(self, targets):
+        self.tokenizer = MedPLIBTokenizer.from_pretrained(RECIPES_DIR / "tokenizer")
+        self.region_encoder = None
+        self.sam = self
+        self.targets = targets  # question -> list of masks
+
+    def eval(self):
+        return self
+
+    def encode_image(self, pixels):
+        return torch.zeros(1)
+
+    def answer_seg_hidden(self, result):
+        return result.step_hidden
+
+    def ground(self, seg_hidden, **kwargs):
+        return _Ground(torch.from_numpy(np.stack(self.current)))
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    items = list(synthetic_items(2, seed=2, n_per_task=3, size=(64, 64), styles=("nuclei",)))
+    model = _ScriptedModel({})
+    seg = model.tokenizer.seg_token_id
+
+    def answer(model_, conv, image, features, max_new_tokens):
+        counts = torch.tensor([[3, 1]]) if conv.task == "grounding" else torch.tensor([[1, 3]])
+        if conv.task == "grounding":
+            model.current = conv.target_masks
+            return GenerationResult([seg] * len(conv.target_masks), conv.answer, "eos",
+                                    torch.zeros(len(conv.target_masks), 4), expert_counts=counts)
+        text = conv.canonical.upper() + "." if conv.task == "vqa" else "no idea"
+        return GenerationResult([5], text, "eos", torch.zeros(1, 4), expert_counts=counts)
+
+    def prompt_masks(model_, embedding, image, masks, prompt, rng=None, jitter=0.0):
+        logits = torch.from_numpy(np.stack(masks)).float() * 20 - 10  # perfect
+        if prompt == "point":
+            logits[:, :, : logits.shape[2] // 2] = -10  # left half of the image lost
+        return logits
+
+    monkeypatch.setattr(ev, "_answer", answer)
+    monkeypatch.setattr(ev, "prompt_masks", prompt_masks)
+    return model, items
+
+
+def test_metrics_on_scripted_answers(scripted):
+    model, items = scripted
+    result = ev.evaluate_model(model, items, instances_per_image=4)
+    m = result["metrics"]
+    assert m["grounding_mdice"] == 1.0 and m["box_mdice"] == 1.0
+    assert m["vqa_acc"] == 1.0  # "YES." normalises to "yes"
+    assert m["region_vqa_acc"] == 0.0
+    point = result["breakdown"]["point/nuclei"]
+    assert 0.0 < point < 1.0 and m["point_mdice"] == pytest.approx(point, abs=1e-4)
+    assert result["routing_shares"]["grounding"] == [0.75, 0.25] and result["routing_shares"]["vqa"] == [0.25, 0.75]
+    assert result["counts"]["box"] == result["counts"]["point"] > 0
+    assert result["n_images"] == 2
+
+
+def test_point_dice_matches_a_hand_computation(scripted):
+    model, items = scripted
+    sample, convs = items[0]
+    result = ev.evaluate_model(model, [(sample, convs)], instances_per_image=1)
+    ids = np.unique(sample.labels)
+    ids = ids[ids > 0]
+    chosen = np.random.default_rng([0, 5]).choice(ids, size=1, replace=False)
+    mask = sample.labels == chosen[0]
+    right = mask.copy()
+    right[:, : mask.shape[1] // 2] = False
+    assert result["metrics"]["point_mdice"] == pytest.approx(2 * right.sum() / (right.sum() + mask.sum()))
+
+
+def test_missing_seg_scores_zero(scripted, monkeypatch):
+    model, items = scripted
+    original = ev._answer
+
+    def no_seg(model_, conv, image, features, max_new_tokens):
+        if conv.task == "grounding":
+            return GenerationResult([5], "I cannot.", "eos", torch.zeros(1, 4))
+        return original(model_, conv, image, features, max_new_tokens)
+
+    monkeypatch.setattr(ev, "_answer", no_seg)
+    assert ev.evaluate_model(model, items)["metrics"]["grounding_mdice"] == 0.0
+
+
+def test_table_lists_metrics_floors_and_models():
+    results = {name: {"metrics": {k: 0.5 for k in ev.FLOORS}, "routing_shares": {"vqa": [0.1, 0.9]}} for name in ("moe", "dense")}
+    table = ev.format_table(results)
+    lines = table.splitlines()
+    assert lines[0].split() == ["metric", "moe", "dense", "floor"]
+    assert any(line.startswith("grounding_mdice") and "0.80" in line for line in lines)
+    assert "0.10 0.90" in table
+
+
+def test_resolve_model_folder(tmp_path):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "final.json").write_text(json.dumps({"model": str(tmp_path / "m")}))
+    assert ev.resolve_model_folder(tmp_path) == tmp_path / "m"
+    with pytest.raises(FileNotFoundError, match="neither a model folder"):
+        ev.resolve_model_folder(tmp_path / "m" / "nothing")

@@ -1,0 +1,75 @@
+"""Recipe files: the shipped ones parse, mistakes are clear errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from napari_medplib.train.recipe import RECIPES_DIR, RecipeError, find_recipe, load_recipe, parse_recipe
+
+from train_micro import micro_recipe, micro_stages
+
+
+@pytest.mark.parametrize("name", ["tiny-cpu", "gpu"])
+def test_shipped_recipes_parse_with_the_paper_stages(name):
+    recipe = load_recipe(name)
+    kinds = [(s.name, s.kind, s.moe) for s in recipe.stages]
+    assert ("vl", "llm", False) in kinds and ("grounding", "llm", False) in kinds and ("moe", "llm", True) in kinds
+    moe = recipe.stage("moe")
+    assert moe.experts == ["grounding", "vl"] and moe.init == "vl"  # expert 0 grounding, expert 1 VL (reference)
+    assert recipe.final_stage.name == "moe"
+    assert (recipe.resolve(recipe.model.tokenizer) / "tokenizer.model").is_file()
+    assert recipe.path == RECIPES_DIR / f"{name}.toml"
+
+
+def test_recipe_by_path_and_unknown_name(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[[stages]]\nname = "a"\nkind = "sam"\ntrain = ["sam.*"]\n')
+    assert find_recipe(path) == path
+    assert load_recipe(path).stages[0].name == "a"
+    with pytest.raises(RecipeError, match="not found.*tiny-cpu"):
+        find_recipe("no-such-recipe")
+
+
+def test_unknown_keys_are_named():
+    stages = micro_stages()
+    stages[0]["lerning_rate"] = 1.0
+    with pytest.raises(RecipeError, match="lerning_rate"):
+        micro_recipe(stages=stages)
+    with pytest.raises(RecipeError, match="unknown key.*hidden"):
+        parse_recipe({"model": {"hidden": 3}, "stages": micro_stages()})
+    with pytest.raises(RecipeError, match="top-level.*epochs"):
+        parse_recipe({"epochs": 3, "stages": micro_stages()})
+
+
+def test_stage_references_must_be_earlier_stages():
+    stages = micro_stages()
+    stages[1]["init"] = "moe"  # later stage
+    with pytest.raises(RecipeError, match="'vl' refers to 'moe'"):
+        micro_recipe(stages=stages)
+    stages = micro_stages()
+    stages[3]["moe"] = False
+    with pytest.raises(RecipeError, match="experts but has moe = false"):
+        micro_recipe(stages=stages)
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("kind", "rl", "kind must be"), ("tasks", ["chat"], "unknown task"), ("train", [], "lists no parameters"),
+    ("lr", 0.0, "lr > 0"), ("prompt", "mask", "prompt must be"),
+])
+def test_bad_stage_values(key, value, message):
+    stages = micro_stages()
+    stages[0][key] = value
+    with pytest.raises(RecipeError, match=message):
+        micro_recipe(stages=stages)
+
+
+def test_invalid_toml_names_the_file(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("[[stages]\n")
+    with pytest.raises(RecipeError, match="broken.toml is not valid TOML"):
+        load_recipe(path)
+
+
+def test_final_stage_must_exist():
+    with pytest.raises(RecipeError, match="no stage 'best'"):
+        parse_recipe({"final": "best", "stages": micro_stages()})

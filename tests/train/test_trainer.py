@@ -1,0 +1,199 @@
+"""A few steps of every stage on a micro model: losses fall, freezing freezes, MoE experts come from
+stages II and III, an interrupted run resumes to the same weights, checkpoints load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from train_micro import micro_recipe, micro_stages
+
+from napari_medplib.model.medplib import MedPLIBModel
+from napari_medplib.train.build import set_trainable
+from napari_medplib.train.data import write_synthetic_dataset
+from napari_medplib.train.recipe import RecipeError
+from napari_medplib.train.steps import llm_losses, make_batch
+from napari_medplib.train.stream import StageStream
+from napari_medplib.train.trainer import Interrupted, Trainer, learning_rate
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def one_sample(tmp_path_factory):
+    """One image, so a few steps can visibly fit it."""
+    folder = tmp_path_factory.mktemp("data") / "one"
+    return write_synthetic_dataset(folder, n=1, seed=4, n_per_task=3, size=(64, 64), styles=("nuclei",))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, one_sample):
+    run_dir = tmp_path_factory.mktemp("run")
+    trainer = Trainer(micro_recipe(STEPS, one_sample), run_dir, progress=False, log=lambda _: None)
+    final = trainer.run()
+    return trainer, final
+
+
+def _log(run_dir):
+    return [json.loads(line) for line in (run_dir / "log.jsonl").read_text().splitlines()]
+
+
+def _state(folder):
+    return MedPLIBModel.from_pretrained(folder).state_dict()
+
+
+def test_every_stage_runs_and_its_loss_falls(run):
+    trainer, final = run
+    records = _log(trainer.run_dir)
+    for stage in ("sam", "vl", "grounding", "moe"):
+        losses = [r["loss"] for r in records if r["stage"] == stage]
+        assert len(losses) == STEPS
+        assert np.mean(losses[-2:]) < losses[0], (stage, losses)
+    assert any("dice" in r for r in records if r["stage"] == "grounding")
+    assert json.loads((trainer.run_dir / "final.json").read_text())["model"] == str(final)
+
+
+def test_checkpoints_load_and_answer(run):
+    trainer, final = run
+    model = MedPLIBModel.from_pretrained(final)
+    assert model.config.moe is not None and model.sam is not None
+    from napari_medplib.model.tokenizer import encode_question
+
+    ids, _ = encode_question(model.tokenizer, "What kind of image is this?")
+    result = model.generate(torch.tensor(ids), torch.zeros(1, 3, 336, 336), max_new_tokens=3)
+    assert len(result.all_ids) >= 1 and result.expert_counts is not None
+    dense = MedPLIBModel.from_pretrained(trainer.final_dir(trainer.recipe.stage("vl")))
+    assert dense.config.moe is None
+
+
+def test_frozen_parameters_do_not_change(run):
+    trainer, _ = run
+    sam = _state(trainer.final_dir(trainer.recipe.stage("sam")))
+    vl = _state(trainer.final_dir(trainer.recipe.stage("vl")))
+    grounding = _state(trainer.final_dir(trainer.recipe.stage("grounding")))
+    # stage II trains the language side only: SAM is the sam stage's, copied
+    for key in sam:
+        if key.startswith("sam."):
+            assert torch.equal(sam[key], vl[key]), key
+    # stage III trains FFN, T-projector, mask decoder: attention, embeddings, CLIP, SAM encoder unchanged
+    changed = {k for k in vl if not torch.equal(vl[k], grounding[k])}
+    assert changed, "stage III changed nothing"
+    for key in changed:
+        assert ".mlp." in key or key.startswith(("text_hidden_fcs.", "sam.mask_decoder.")), key
+    assert any(".mlp." in k for k in changed) and any(k.startswith("sam.mask_decoder.") for k in changed)
+
+
+def test_frozen_parameters_get_no_gradient(run):
+    trainer, _ = run
+    stage = trainer.recipe.stage("grounding")
+    model = trainer.initial_model(stage)
+    trainable = set(set_trainable(model, stage.train))
+    items = StageStream(trainer.recipe, stage, 2).batch(0)
+    losses = llm_losses(model.train(), make_batch(model, items), stage.loss)
+    assert "dice" in losses
+    sum(losses.values()).backward()
+    for name, param in model.named_parameters():
+        if name in trainable:
+            continue
+        assert param.grad is None, name
+    assert any(model.get_parameter(n).grad is not None for n in trainable if n.startswith("sam.mask_decoder."))
+    assert any(model.get_parameter(n).grad is not None for n in trainable if ".mlp." in n)
+
+
+def test_moe_stage_starts_from_stages_two_and_three(run):
+    trainer, _ = run
+    vl = _state(trainer.final_dir(trainer.recipe.stage("vl")))
+    grounding = _state(trainer.final_dir(trainer.recipe.stage("grounding")))
+    model = trainer.initial_model(trainer.recipe.stage("moe"))
+    state = model.state_dict()
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        key = f"language_model.layers.1.mlp.{proj}.weight"
+        assert torch.equal(state[f"language_model.layers.1.mlp.experts.0.{proj}.weight"], grounding[key])
+        assert torch.equal(state[f"language_model.layers.1.mlp.experts.1.{proj}.weight"], vl[key])
+    assert torch.equal(state["language_model.layers.0.self_attn.q_proj.weight"], vl["language_model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(state["text_hidden_fcs.0.weight"], grounding["text_hidden_fcs.0.weight"])
+    mask_key = next(k for k in grounding if k.startswith("sam.mask_decoder."))
+    assert torch.equal(state[mask_key], grounding[mask_key])
+
+
+def test_interrupted_run_resumes_to_the_same_weights(run, one_sample, tmp_path):
+    trainer, final = run
+    messages = []
+    interrupted = Trainer(micro_recipe(STEPS, one_sample), tmp_path, progress=False, log=messages.append)
+    with pytest.raises(Interrupted):
+        interrupted.run(stop_after_steps=STEPS + 3)  # sam done, vl stopped at step 3
+    assert (tmp_path / "stages" / "vl" / "resume.pt").is_file()
+    assert (tmp_path / "stages" / "sam" / "final" / "DONE").is_file()
+    resumed = Trainer(micro_recipe(STEPS, one_sample), tmp_path, progress=False, log=messages.append).run()
+    assert any("sam: done already" in m for m in messages) and any("resuming at step 3" in m for m in messages)
+    a, b = _state(final), _state(resumed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["step"] for r in _log(tmp_path) if r["stage"] == "vl"] == list(range(1, STEPS + 1))
+
+
+def test_lora_stage_is_merged_into_plain_weights(one_sample, tmp_path):
+    stages = micro_stages(2)[:2]
+    stages[1]["lora"] = {"r": 2, "alpha": 4, "dropout": 0.0, "targets": ["q_proj", "v_proj"]}
+    stages[1]["train"] = ["text_hidden_fcs.*"]
+    trainer = Trainer(micro_recipe(2, one_sample, stages=stages), tmp_path, progress=False, log=lambda _: None)
+    final = trainer.run()
+    init = trainer.initial_model(trainer.recipe.stage("sam"))  # the scratch weights (same seed)
+    trained = _state(final)
+    assert not any("lora" in k for k in trained)
+    q = "language_model.layers.0.self_attn.q_proj.weight"
+    k = "language_model.layers.0.self_attn.k_proj.weight"
+    assert not torch.equal(trained[q], init.state_dict()[q])  # LoRA merged in
+    assert torch.equal(trained[k], init.state_dict()[k])  # not a LoRA target, frozen
+
+
+def test_missing_earlier_stage_is_a_clear_error(one_sample, tmp_path):
+    trainer = Trainer(micro_recipe(1, one_sample), tmp_path, progress=False, log=lambda _: None)
+    with pytest.raises(RecipeError, match="needs stage 'vl', which has not finished"):
+        trainer.initial_model(trainer.recipe.stage("grounding"))
+
+
+def test_learning_rate_warms_up_then_decays():
+    stage = micro_recipe(10).stages[0]
+    stage.warmup_steps, stage.steps, stage.lr = 2, 10, 1.0
+    lrs = [learning_rate(stage, s) for s in range(10)]
+    assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[2] == 1.0
+    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] < 0.2
+
+
+@torch.no_grad()
+def test_labels_sit_on_the_expanded_answer_positions(run):
+    """Teacher forcing on the real model: the embedding at every labelled position is that label's."""
+    from napari_medplib.model.config import IGNORE_INDEX
+    from napari_medplib.train.batches import expand_labels
+    from napari_medplib.train.steps import encode_images
+
+    trainer, _ = run
+    stage = trainer.recipe.stage("moe")
+    model = trainer.initial_model(stage)
+    batch = make_batch(model, StageStream(trainer.recipe, stage, 3).batch(1))
+    features = encode_images(model, batch.clip_pixels)
+    regions = [model.encode_regions(features.patch_features[b], g)[0] if len(g) else torch.zeros(0, 32)
+               for b, g in enumerate(batch.region_grids)]
+    embeds, _, pmap = model.build_inputs_embeds(batch.input_ids, features.image_tokens, regions, batch.attention_mask)
+    labels = expand_labels(batch.labels, pmap, embeds.shape[1])
+    where = (labels != IGNORE_INDEX).nonzero()
+    assert len(where) > 0
+    expected = model.language_model.embed_tokens(labels[where[:, 0], where[:, 1]])
+    torch.testing.assert_close(embeds[where[:, 0], where[:, 1]], expected)
+
+
+def test_reduced_real_evaluation_has_sane_bounds(run):
+    from napari_medplib.train.evaluate import evaluate_model, heldout
+
+    trainer, final = run
+    model = MedPLIBModel.from_pretrained(final)
+    result = evaluate_model(model, heldout(1, n_per_task=1, size=64, styles=["nuclei"]), max_new_tokens=4,
+                            instances_per_image=2)
+    for key, value in result["metrics"].items():
+        assert value is None or 0.0 <= value <= 1.0, key
+    assert result["counts"]["box"] == 2 and result["counts"]["grounding"] >= 1
+    assert all(abs(sum(shares) - 1) < 1e-3 for shares in result["routing_shares"].values())
