@@ -108,3 +108,31 @@ def test_segment_prompts_and_error_lines():
     assert describe_error(ValueError("bad image; convert it")) == "MedPLIB: bad image; convert it"
     assert "cpu" in describe_error(MemoryError())
     assert "RuntimeError: CUDA out of memory" not in describe_error(RuntimeError("CUDA out of memory"))
+
+
+def test_chat_stream_finish_and_abort(qtbot):
+    from napari_medplib.ui.chat import ChatPane
+
+    chat = ChatPane()
+    qtbot.addWidget(chat)
+    sent = []
+    chat.asked.connect(sent.append)
+    chat.input.setText("  hello <region>  ")
+    chat.send()
+    assert sent == ["hello <region>"] and chat.input.text() == ""
+    chat.add_question("hello <region>", [("box 0", "#00ff00")])
+    for piece in ("Sure", ", ", "done"):
+        chat.append_text(piece)
+    chat.finish_answer(footer="tiny · 0.1 s")
+    assert chat.entries[-1].text == "Sure, done" and chat.entries[-1].done
+    chat.abort_answer("error")  # nothing open: the finished answer keeps its footer
+    assert chat.entries[-1].footer == "tiny · 0.1 s"
+    chat.start_answer()
+    chat.abort_answer("error")
+    assert chat.entries[-1].footer == "error" and chat.entries[-1].done
+    chat.set_busy(True)
+    chat.input.setText("ignored while busy")
+    chat.send()
+    assert sent == ["hello <region>"] and chat.stop_button.isEnabled()
+    chat.clear()
+    assert chat.entries == [] and chat.plain_text() == ""

@@ -47,6 +47,7 @@ def test_qt_thread_never_blocked_while_slow_model_streams(make_napari_viewer, qt
     _wait_idle(qtbot, widget)
     timer.stop()
     assert len(gaps) > 50  # the event loop kept ticking during the ~1.4 s answer
+    print(f"max event-loop gap while streaming: {max(gaps) * 1000:.1f} ms over {len(gaps)} ticks")
     assert max(gaps) < 0.1, f"Qt thread blocked for {max(gaps) * 1000:.0f} ms"
     assert widget.chat.entries[-1].text.endswith(".")
     assert "cells MedPLIB" in viewer.layers

@@ -157,20 +157,28 @@ class ChatPane(QWidget):
 
     def append_text(self, piece: str) -> None:
         """Add a streamed piece to the answer being written (re-rendered at most every 50 ms)."""
-        if not self.entries or self.entries[-1].role != "assistant":
-            self.start_answer()
-        self.entries[-1].text += piece
+        entry = self._open_answer() or self.start_answer()
+        entry.text += piece
         if not self._render_timer.isActive():
             self._render_timer.start()
 
+    def _open_answer(self) -> ChatEntry | None:
+        return next((e for e in reversed(self.entries) if e.role == "assistant" and not e.done), None)
+
     def finish_answer(self, text: str | None = None, footer: str = "") -> None:
-        entry = next((e for e in reversed(self.entries) if e.role == "assistant"), None)
-        if entry is None:
-            entry = self.start_answer()
+        """Complete the answer being written (or add one, for answers that were not streamed)."""
+        entry = self._open_answer() or self.start_answer()
         if text is not None:
             entry.text = text
         entry.footer, entry.done = footer, True
         self.render()
+
+    def abort_answer(self, footer: str) -> None:
+        """Close the answer being written, if any, with ``footer`` (errors)."""
+        entry = self._open_answer()
+        if entry is not None:
+            entry.footer, entry.done = footer, True
+            self.render()
 
     def add_note(self, text: str) -> ChatEntry:
         return self._add(ChatEntry("note", text))

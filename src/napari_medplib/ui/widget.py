@@ -317,7 +317,7 @@ class MedplibWidget(QWidget):
             self.session.cancel()
 
     def _on_ask_error(self, exc: BaseException) -> None:
-        self.chat.finish_answer(footer="error")
+        self.chat.abort_answer("error")
         self.chat.add_note(describe_error(exc))
         report_error(exc)
 
