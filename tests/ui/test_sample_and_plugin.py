@@ -41,6 +41,7 @@ def test_new_user_flow_through_the_plugin(make_napari_viewer, qtbot):
     qtbot.waitUntil(lambda: widget._worker is None, timeout=10_000)
     assert "using the last drawn one" in widget.chat.plain_text()
     out = viewer.layers["nuclei (synthetic) MedPLIB"]
+    assert widget.pickers.output_layer == out  # the next answer goes to the same layer
     assert out.data.shape == (256, 256)
     ys, xs = np.nonzero(out.data)
     assert ys.min() >= 20 and ys.max() <= 70 and xs.min() >= 120 and xs.max() <= 165

@@ -20,9 +20,9 @@ def _wait_idle(qtbot, widget, timeout=10_000):
     qtbot.waitUntil(lambda: widget._worker is None and widget._loader is None, timeout=timeout)
 
 
-def test_ground_writes_labels_with_image_scale(make_napari_viewer, qtbot, blobs, fake_session,
-                                              tmp_path):
-    viewer = make_napari_viewer()
+def test_ground_writes_labels_with_image_scale(make_napari_viewer_proxy, qtbot, blobs,
+                                              fake_session, tmp_path):
+    viewer = make_napari_viewer_proxy()  # what plugins get: layers behind PublicOnlyProxy
     viewer.add_image(blobs, name="cells", scale=(0.5, 0.25), translate=(3, 4))
     viewer.add_shapes([[[8, 8], [22, 24]]], shape_type="rectangle", name="boxes",
                       scale=(0.5, 0.25), translate=(3, 4), edge_color="red")
@@ -36,6 +36,7 @@ def test_ground_writes_labels_with_image_scale(make_napari_viewer, qtbot, blobs,
     assert len(out) == 1
     labels = out[0]
     assert labels.name.startswith("cells")
+    assert widget.pickers.output_layer is labels  # later answers go to the same layer
     assert labels.data.shape == blobs.shape
     np.testing.assert_allclose(labels.scale, (0.5, 0.25))
     np.testing.assert_allclose(labels.translate, (3, 4))

@@ -33,8 +33,16 @@ REGION_LAYER_TYPES = ("points", "shapes", "labels")
 
 
 def layer_kind(layer: Any) -> str:
-    """napari's lower-case layer type name ("image", "points", ...) from the public class name."""
-    return type(layer).__name__.lower()
+    """napari's lower-case layer type name ("image", "points", ...) from the public class name.
+
+    ``__class__``, not ``type()``: plugins get layers wrapped in napari's PublicOnlyProxy.
+    """
+    return layer.__class__.__name__.lower()
+
+
+def layer_key(layer: Any) -> Any:
+    """A stable identity for a layer, also through napari's proxies (``unique_id``)."""
+    return getattr(layer, "unique_id", None) or id(layer)
 
 
 def layer_transform(layer: Any) -> np.ndarray:

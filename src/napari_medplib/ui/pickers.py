@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .layers import REGION_LAYER_TYPES, layer_kind
+from .layers import REGION_LAYER_TYPES, layer_key, layer_kind
 
 NEW_LAYER = "New layer"
 
@@ -37,7 +37,7 @@ class LayerPickers(QWidget):
         self._images: list[Any] = []
         self._outputs: list[Any] = []
         self._regions: list[Any] = []
-        self._checked: set[int] = set()  # id() of checked region layers
+        self._checked: set = set()  # layer_key() of checked region layers
 
         self.image = QComboBox()
         self.image.setToolTip("The image the questions are about (the shown plane of nD data)")
@@ -76,7 +76,7 @@ class LayerPickers(QWidget):
         for layer in viewer.layers:
             self._watch(layer)
             if layer_kind(layer) in ("points", "shapes"):
-                self._checked.add(id(layer))
+                self._checked.add(layer_key(layer))
         self.refresh()
         self.image.currentIndexChanged.connect(lambda *_: self.changed.emit())
 
@@ -88,7 +88,7 @@ class LayerPickers(QWidget):
 
     @property
     def region_layers(self) -> list[Any]:
-        return [layer for layer in self._regions if id(layer) in self._checked]
+        return [layer for layer in self._regions if layer_key(layer) in self._checked]
 
     @property
     def output_layer(self) -> Any | None:
@@ -99,12 +99,12 @@ class LayerPickers(QWidget):
     def set_output(self, layer: Any | None) -> None:
         self.refresh()
         idx = 0 if layer is None else 1 + next(
-            (i for i, o in enumerate(self._outputs) if o is layer), -1
+            (i for i, o in enumerate(self._outputs) if o == layer), -1
         )
         self.output.setCurrentIndex(max(idx, 0))
 
     def set_region_layers(self, layers: list[Any]) -> None:
-        self._checked = {id(layer) for layer in layers}
+        self._checked = {layer_key(layer) for layer in layers}
         self.refresh()
 
     # ---- sync with the viewer ------------------------------------------------------------------
@@ -115,7 +115,7 @@ class LayerPickers(QWidget):
         layer = event.value
         self._watch(layer)
         if layer_kind(layer) in ("points", "shapes"):
-            self._checked.add(id(layer))
+            self._checked.add(layer_key(layer))
         self.refresh()
         if layer_kind(layer) == "image" and self.image_layer is not layer:
             self.image.setCurrentIndex(self._images.index(layer))
@@ -126,7 +126,7 @@ class LayerPickers(QWidget):
         self._images = [ly for ly in layers if layer_kind(ly) == "image"]
         self._outputs = [ly for ly in layers if layer_kind(ly) == "labels"]
         self._regions = [ly for ly in layers if layer_kind(ly) in REGION_LAYER_TYPES]
-        self._checked &= {id(ly) for ly in self._regions}
+        self._checked &= {layer_key(ly) for ly in self._regions}
 
         self.image.blockSignals(True)
         self.image.clear()
@@ -150,7 +150,7 @@ class LayerPickers(QWidget):
         for layer in self._regions:
             item = QListWidgetItem(f"{layer.name}  ({layer_kind(layer)})")
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsUserCheckable)
-            checked = id(layer) in self._checked
+            checked = layer_key(layer) in self._checked
             item.setCheckState(Qt.CheckState.Checked if checked else Qt.CheckState.Unchecked)
             self.region_list.addItem(item)
         self.region_list.blockSignals(False)
@@ -159,9 +159,9 @@ class LayerPickers(QWidget):
     def _on_item_changed(self, item: QListWidgetItem) -> None:
         layer = self._regions[self.region_list.row(item)]
         if item.checkState() == Qt.CheckState.Checked:
-            self._checked.add(id(layer))
+            self._checked.add(layer_key(layer))
         else:
-            self._checked.discard(id(layer))
+            self._checked.discard(layer_key(layer))
         self.changed.emit()
 
     # ---- new prompt layers ---------------------------------------------------------------------
