@@ -195,7 +195,7 @@ def test_bad_input_exits_2_with_one_line(case, model_dir, image_file, tmp_path, 
         rc = main(argv)
     except SystemExit as exit_:  # argparse errors
         rc = exit_.code
-    out, err = capsys.readouterr()
+    _out, err = capsys.readouterr()
     assert rc == EXIT_BAD_INPUT, (case, err)
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("medplib"), (case, err)

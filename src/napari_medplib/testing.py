@@ -28,10 +28,10 @@ from typing import Any
 __all__ = ["TINY_SAM", "make_tiny_model_folder", "tiny_model", "tiny_session", "tiny_tokenizer_folder"]
 
 #: SAM-Med2D dimensions of the tiny models (256 px input, 16x16 embeddings, one block).
-TINY_SAM = dict(
-    embed_dim=32, depth=1, num_heads=2, global_attn_indexes=(0,), adapter_hidden=8, decoder_depth=1,
-    decoder_mlp_dim=64, iou_head_hidden_dim=32,
-)
+TINY_SAM = {
+    "embed_dim": 32, "depth": 1, "num_heads": 2, "global_attn_indexes": (0,), "adapter_hidden": 8,
+    "decoder_depth": 1, "decoder_mlp_dim": 64, "iou_head_hidden_dim": 32,
+}
 
 _WORDS = """the a an of in on at is are was be it this that there these what where which how many
 cell cells nucleus nuclei membrane cytoplasm tissue image region regions segment segmentation mask

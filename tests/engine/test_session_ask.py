@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from engine_helpers import force_seg
 
 from napari_medplib import Region
 from napari_medplib.engine import Reply, SessionInputError
-
-from engine_helpers import force_seg
 
 
 def test_vqa_reply_fields(tiny_session, image16):
@@ -151,7 +150,7 @@ def test_multichannel_and_float_planes(tiny_session):
     two = rng.random((40, 60, 2)).astype(np.float32)
     reply = tiny_session.ask(two, "What is it?", max_new_tokens=1, contrast_limits=[(0, 1), (0, 0.5)])
     assert reply.finish_reason
-    with pytest.raises(ValueError, match="one 2-D plane|choose"):
+    with pytest.raises(ValueError, match=r"one 2-D plane|choose"):
         tiny_session.ask(rng.random((3, 4, 40, 60)), "What is it?", max_new_tokens=1)
 
 

@@ -142,3 +142,19 @@ def test_disk_cache_is_reused_and_a_mismatch_is_refused(tmp_path, image16, count
     (folder / f"{key}.safetensors").write_bytes(b"garbage")
     with pytest.raises(EmbeddingCacheMismatchError, match="not a readable"):
         second.clear_cache() or second.segment(image16, points=[(40, 60)])
+
+
+def test_repeated_clicks_on_a_plane_skip_the_contrast_mapping(tiny_session, image16, monkeypatch):
+    from napari_medplib.engine import session as session_module
+
+    calls = []
+    original = session_module.make_view
+    monkeypatch.setattr(session_module, "make_view", lambda *a, **k: calls.append(1) or original(*a, **k))
+    a = tiny_session.segment(image16, points=[(10, 10)])
+    b = tiny_session.segment(image16.copy(), points=[(20, 20)])
+    assert len(calls) == 1 and a.image_key == b.image_key
+    tiny_session.segment(image16, points=[(10, 10)], contrast_limits=(0, 4000))  # other contrast: new view
+    edited = image16.copy()
+    edited[0, 0] += 1
+    tiny_session.segment(edited, points=[(10, 10)])  # other content: new view
+    assert len(calls) == 3

@@ -14,8 +14,8 @@ from napari_medplib.engine import (
     ModelLoadError,
     ModelNotFoundError,
     Session,
+    loading,
 )
-from napari_medplib.engine import loading
 
 
 def test_load_a_folder_and_answer(tiny_model_folder, image16):
@@ -64,7 +64,7 @@ def test_missing_folder_and_not_a_model_folder(tmp_path):
     with pytest.raises(ModelNotFoundError, match="no such model folder"):
         Session.load(tmp_path / "missing" / "model")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InvalidModelError, match="not a MedPLIB model folder.*config.json"):
+    with pytest.raises(InvalidModelError, match=r"not a MedPLIB model folder.*config.json"):
         Session.load(tmp_path / "empty")
     (tmp_path / "file.txt").write_text("x")
     with pytest.raises(InvalidModelError, match="not a model folder"):
@@ -82,7 +82,7 @@ def test_broken_model_folders(tmp_path, tiny_model_folder):
         Session.load(no_weights, device="cpu")
     no_tokenizer = shutil.copytree(tiny_model_folder, tmp_path / "no_tokenizer")
     (no_tokenizer / "tokenizer.model").unlink()
-    with pytest.raises(InvalidModelError, match="tokenizer.model"):
+    with pytest.raises(InvalidModelError, match=r"tokenizer.model"):
         Session.load(no_tokenizer, device="cpu")
 
 
@@ -92,7 +92,7 @@ def test_hub_id_only_from_the_local_cache(monkeypatch, tmp_path, tiny_model_fold
     cache = tmp_path / "hf"
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotFoundError, match="not in the local Hugging Face cache.*huggingface-cli download"):
+    with pytest.raises(ModelNotFoundError, match=r"not in the local Hugging Face cache.*huggingface-cli download"):
         Session.load("acme/tiny-medplib", device="cpu")
     repo = cache / "models--acme--tiny-medplib"
     (repo / "refs").mkdir(parents=True)

@@ -72,7 +72,7 @@ class DiskEmbeddingCache:
         from safetensors.torch import save_file
 
         existing = self.read(image_key) or {}
-        meta = {k: v for k, v in existing.pop("meta", {}).items()}
+        meta = dict(existing.pop("meta", {}))
         merged = {**existing, **{k: v.detach().contiguous().cpu() for k, v in tensors.items()}}
         meta.update(geometry)
         meta.update(self.signature.metadata(image_key))

@@ -47,7 +47,7 @@ def _block_reduce(image: np.ndarray, k: int) -> np.ndarray:
     hp, wp = math.ceil(h / k) * k, math.ceil(w / k) * k
     rows = np.minimum(np.arange(hp), h - 1)
     cols = np.minimum(np.arange(wp), w - 1)
-    out = np.zeros((hp // k, wp // k) + image.shape[2:], np.float32)
+    out = np.zeros((hp // k, wp // k, *image.shape[2:]), np.float32)
     for dr in range(k):  # strided gathers: memory of one reduced plane at a time
         for dc in range(k):
             out += image[rows[dr::k]][:, cols[dc::k]].astype(np.float32)

@@ -29,12 +29,29 @@ from typing import Any
 
 import numpy as np
 
-from ..cache import LRUCache
-from ..regions import Region, RegionError
+from ..cache import LRUCache, content_key
+from ..regions import Region
 from .disk_cache import DiskEmbeddingCache, Signature
 from .errors import SessionClosedError, SessionInputError
-from .image import ModelView, low_res_to_masks, make_view, mask_to_low_res, region_grid_mask, sam_prompt_box, sam_prompt_coords
-from .loading import Progress, dtype_name, folder_fingerprint, load_model, model_fingerprint, pick_device, pick_dtype, resolve_source
+from .image import (
+    ModelView,
+    low_res_to_masks,
+    make_view,
+    mask_to_low_res,
+    region_grid_mask,
+    sam_prompt_box,
+    sam_prompt_coords,
+)
+from .loading import (
+    Progress,
+    dtype_name,
+    folder_fingerprint,
+    load_model,
+    model_fingerprint,
+    pick_device,
+    pick_dtype,
+    resolve_source,
+)
 from .reply import AskStream, Reply, SegmentResult, expert_shares
 
 MASK_MODES = ("corrected", "reference")
@@ -72,6 +89,9 @@ class Session:
         self._cancel = threading.Event()
         self._features = LRUCache(feature_cache_bytes)
         self._prefixes = LRUCache(prefix_cache_bytes, max_items=prefix_cache_items)
+        # input plane (content + contrast settings) -> ModelView: repeated clicks on the same plane skip
+        # the percentile contrast and colour mapping (a hash of the raw data is much cheaper)
+        self._views = LRUCache(256 * 2**20, max_items=4)
         self._clip = self._clip_settings()
         self._disk = (
             DiskEmbeddingCache(embedding_cache_dir, Signature(name, self.fingerprint, self.dtype))
@@ -146,6 +166,7 @@ class Session:
         """Drop cached image features, SAM embeddings and prefix KV caches (files on disk stay)."""
         self._features.clear()
         self._prefixes.clear()
+        self._views.clear()
 
     def cache_info(self) -> dict[str, Any]:
         """Entries, bytes and hit/miss counts of the in-memory caches."""
@@ -177,7 +198,16 @@ class Session:
     def _view(self, image, contrast_limits, rgb) -> ModelView:
         if image is None:
             raise SessionInputError("no image given; pass one 2-D plane as a numpy array")
-        return make_view(image, contrast_limits, rgb)
+        array = np.asarray(image)
+        if array.dtype == object or array.ndim not in (2, 3):
+            return make_view(array, contrast_limits, rgb)  # raises the readable error
+        limits = None if contrast_limits is None else np.asarray(contrast_limits, dtype=float).tolist()
+        key = content_key(array, limits, rgb)
+        view = self._views.get(key)
+        if view is None:
+            view = make_view(array, contrast_limits, rgb)
+            self._views.put(key, view)
+        return view
 
     def _clip_features(self, view: ModelView, on_progress: Progress | None):
         """CLIP patch features + projected image tokens for the plane (memory, disk, or computed)."""
