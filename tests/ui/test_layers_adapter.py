@@ -129,3 +129,17 @@ def test_negative_points_are_no_question_regions():
     assert len(collect_regions([points], plane)) == 2
     kept = collect_regions([points], plane, positive_only=True)
     assert [r.index for r in kept.regions] == [0]
+
+
+def test_large_multiscale_planes_use_a_coarser_level():
+    pyramid = [np.zeros((64, 80), np.uint8), np.zeros((32, 40), np.uint8)]
+    layer = Image(pyramid, multiscale=True, scale=(0.5, 0.5), translate=(1, 2))
+    full = image_plane(layer, None)
+    assert (full.level, full.plane_shape, full.scale) == (0, (64, 80), (0.5, 0.5))
+    coarse = image_plane(layer, None, max_pixels=2000)
+    assert (coarse.level, coarse.plane_shape, coarse.scale) == (1, (32, 40), (1.0, 1.0))
+    # world (5..13.5, 6..14.5) -> level-1 pixels ((y - 1) / 1, (x - 2) / 1) = 4..12.5
+    shapes = Shapes([np.array([[5.0, 6.0], [13.5, 14.5]])], shape_type="rectangle")
+    (region,) = layer_regions(shapes, coarse).regions
+    assert region.bbox == (4, 4, 12, 12)
+    assert layer_regions(shapes, full).regions[0].bbox == (8, 8, 25, 25)  # level 0: twice as fine

@@ -113,3 +113,19 @@ def test_rgb_image_gives_2d_labels(make_napari_viewer, qtbot, blobs, fake_sessio
     assert labels.data.shape == blobs.shape
     np.testing.assert_allclose(labels.scale, (2, 2))
     assert fake_session.calls[-1][1] == rgb.shape and labels.data[15, 15] == 1
+
+
+def test_huge_multiscale_answers_at_a_coarser_level(make_napari_viewer, qtbot, blobs, monkeypatch):
+    from napari_medplib.ui import layers
+
+    monkeypatch.setattr(layers, "MAX_PLANE_PIXELS", 2000)
+    viewer = make_napari_viewer()
+    viewer.add_image([blobs, blobs[::2, ::2]], multiscale=True, name="slide", scale=(0.5, 0.5))
+    session = FakeSession()
+    widget = _dock(viewer, session)
+    widget.chat.ask("Please segment the bright things")
+    _wait_idle(qtbot, widget)
+    labels = viewer.layers["slide MedPLIB"]
+    assert session.calls[-1][1] == (32, 40) and labels.data.shape == (32, 40)
+    np.testing.assert_allclose(labels.scale, (1.0, 1.0))  # level-1 pixels are twice as large
+    assert labels.data[7, 7] == 1 and labels.data[22, 30] == 1 and labels.data[0, 0] == 0

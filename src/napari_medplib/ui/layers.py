@@ -30,6 +30,8 @@ from ..regions import (
 from ..regions.transforms import plane_map
 
 REGION_LAYER_TYPES = ("points", "shapes", "labels")
+#: Largest plane (pixels) read from a multiscale image; larger level-0 planes use a coarser level.
+MAX_PLANE_PIXELS = 32_000_000
 
 
 def layer_kind(layer: Any) -> str:
@@ -45,10 +47,17 @@ def layer_key(layer: Any) -> Any:
     return getattr(layer, "unique_id", None) or id(layer)
 
 
-def layer_transform(layer: Any) -> np.ndarray:
-    """The layer's data -> world matrix, as napari composes it."""
+def layer_transform(layer: Any, factors: Any = None) -> np.ndarray:
+    """The layer's data -> world matrix, as napari composes it.
+
+    ``factors`` are a multiscale level's downsample factors: napari maps level pixels to level-0
+    pixels by scaling alone, so the level's transform is the layer's with scale times factors.
+    """
+    scale = np.asarray(layer.scale, dtype=float)
+    if factors is not None:
+        scale = scale * np.asarray(factors, dtype=float)[-scale.size :]
     return world_matrix(
-        scale=layer.scale,
+        scale=scale,
         translate=layer.translate,
         rotate=layer.rotate,
         shear=layer.shear,
@@ -61,16 +70,19 @@ class ImagePlane:
     """One 2-D plane of an image layer, ready to be read in a worker thread.
 
     ``index`` holds the image indices of the non-displayed spatial axes (empty for 2-D data); the
-    plane is ``data[index]``, (H, W) or (H, W, C) for RGB.
+    plane is ``data[index]``, (H, W) or (H, W, C) for RGB. ``scale`` is the world size of one
+    pixel of ``data`` (the layer's scale, times the downsample factors of a multiscale level).
     """
 
     name: str
-    data: Any  # level-0 array (numpy, dask, zarr ...); read lazily by `read`
+    data: Any  # one level's array (numpy, dask, zarr ...); read lazily by `read`
     spatial_shape: tuple[int, ...]
     rgb: bool
     index: tuple[int, ...]
     transform: np.ndarray
     contrast_limits: tuple[float, float] | None
+    scale: tuple[float, ...] = ()
+    level: int = 0
 
     @property
     def plane_shape(self) -> tuple[int, int]:
@@ -103,20 +115,37 @@ def _check_displayed(dims: Any, world_ndim: int) -> None:
         )
 
 
-def image_plane(layer: Any, dims: Any = None) -> ImagePlane:
+def _level(layer: Any, max_pixels: int) -> int:
+    """The finest multiscale level whose plane has at most ``max_pixels`` (else the coarsest)."""
+    rgb = bool(layer.rgb)
+    for i, array in enumerate(layer.data):
+        shape = array.shape[:-1] if rgb else array.shape
+        if int(shape[-2]) * int(shape[-1]) <= max_pixels:
+            return i
+    return len(layer.data) - 1
+
+
+def image_plane(layer: Any, dims: Any = None, *, max_pixels: int | None = None) -> ImagePlane:
     """The plane of an Image layer shown at the viewer's current position (``viewer.dims``).
 
-    Multiscale data is read at level 0 (full resolution) so masks match the layer's pixels. With
-    ``dims=None`` the first plane of nD data is used.
+    Multiscale data is read at full resolution (level 0) unless its plane has more than
+    ``max_pixels`` (default `MAX_PLANE_PIXELS`); then at the finest level that fits, and masks come out at that level's
+    resolution (with its scale). With ``dims=None`` the first plane of nD data is used.
     """
     if layer is None or layer_kind(layer) != "image":
         raise ImageInputError("pick an image layer first (the 'image' list at the top)")
-    data = layer.data[0] if layer.multiscale else layer.data
+    limit = MAX_PLANE_PIXELS if max_pixels is None else int(max_pixels)
+    level = _level(layer, limit) if layer.multiscale else 0
+    data = layer.data[level] if layer.multiscale else layer.data
     rgb = bool(layer.rgb)
     spatial = tuple(int(s) for s in (data.shape[:-1] if rgb else data.shape))
     if len(spatial) < 2:
         raise ImageInputError(f"image layer {layer.name!r} has fewer than 2 spatial axes")
-    transform = layer_transform(layer)
+    factors = np.asarray(layer.downsample_factors[level]) if layer.multiscale else None
+    transform = layer_transform(layer, factors)
+    scale = np.asarray(layer.scale, dtype=float)
+    if factors is not None:
+        scale = scale * factors[-scale.size :]
     index: tuple[int, ...] = ()
     if len(spatial) > 2:
         if dims is None:
@@ -136,7 +165,9 @@ def image_plane(layer: Any, dims: Any = None) -> ImagePlane:
     limits = None
     if not (rgb and np.dtype(data.dtype) == np.uint8):
         limits = tuple(float(v) for v in layer.contrast_limits)
-    return ImagePlane(layer.name, data, spatial, rgb, index, transform, limits)
+    return ImagePlane(
+        layer.name, data, spatial, rgb, index, transform, limits, tuple(scale.tolist()), level
+    )
 
 
 # ---- regions -------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ def new_output_layer(viewer: Any, image_layer: Any, plane: ImagePlane) -> Any:
     return viewer.add_labels(
         np.zeros(plane.spatial_shape, dtype=np.int32),
         name=output_name(image_layer.name),
-        scale=image_layer.scale,
+        scale=plane.scale or image_layer.scale,
         translate=image_layer.translate,
         rotate=image_layer.rotate,
         shear=image_layer.shear,

@@ -149,7 +149,7 @@ class SegmentPanel(QWidget):
             layer = self.dock.viewer.add_labels(
                 np.zeros(plane.spatial_shape, dtype=np.int32),
                 name=f"{plane.name} prompt mask",
-                scale=image.scale,
+                scale=plane.scale or image.scale,
                 translate=image.translate,
                 rotate=image.rotate,
                 shear=image.shear,
