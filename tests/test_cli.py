@@ -218,3 +218,34 @@ def test_cli_subprocess_bad_input_has_no_traceback(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == EXIT_BAD_INPUT
     assert out.stderr.strip().count("\n") == 0 and "no such file" in out.stderr
+
+
+def test_plane_of_a_stack_and_png_input(model_dir, tmp_path, capsys):
+    from PIL import Image
+
+    stack = np.zeros((3, 30, 40), np.uint16)
+    stack[1, 5:20, 5:30] = 1000
+    path = tmp_path / "stack.tif"
+    tifffile.imwrite(path, stack, photometric="minisblack", metadata={"axes": "ZYX"})
+    out_path = tmp_path / "z1.tif"
+    assert main(["segment", str(path), "--plane", "Z=1", "--box", "5", "5", "19", "29", "--model", str(model_dir),
+                 "--labels-out", str(out_path)]) == 0
+    assert tifffile.imread(out_path).shape == (30, 40)
+    png = tmp_path / "rgb.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (32, 48, 3), dtype=np.uint8)).save(png)
+    assert main(["ask", str(png), "What is it?", "--model", str(model_dir), "--max-new-tokens", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["model"] == "tiny-medplib"
+
+
+def test_progress_line_only_on_a_terminal(capsys):
+    from napari_medplib.cli import _Progress
+
+    progress = _Progress()
+    progress.enabled = False
+    progress("loading", 1, 2)
+    assert capsys.readouterr().err == ""
+    progress.enabled = True
+    progress("loading", 1, 2)
+    progress("loading", 2, 2)
+    err = capsys.readouterr().err
+    assert "loading" in err and "2/2" in err and err.endswith("\n")
