@@ -17,9 +17,11 @@ torch is imported inside the functions, so importing this module is cheap.
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
 import random
+import shutil
 import tempfile
 import threading
 from pathlib import Path
@@ -82,6 +84,7 @@ def tiny_tokenizer_folder() -> Path:
     with _lock:
         if _tokenizer_folder is None or not (_tokenizer_folder / "tokenizer.model").is_file():
             _tokenizer_folder = write_tiny_tokenizer(tempfile.mkdtemp(prefix="medplib-tiny-tokenizer-"))
+            atexit.register(shutil.rmtree, _tokenizer_folder, True)
         return _tokenizer_folder
 
 
