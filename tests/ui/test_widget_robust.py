@@ -187,6 +187,14 @@ def test_direct_segment_and_commit(make_napari_viewer, qtbot, blobs):
     qtbot.waitUntil(lambda: panel._worker is None)
     panel.commit()
     assert out.data[45, 60] == 2  # next free id
+    panel.commit()  # nothing to commit: a warning, no exception
+    # removing every prompt in live mode clears the preview without nagging
+    points.add([15, 15])
+    qtbot.waitUntil(lambda: len(panel.masks) == 1, timeout=3000)
+    assert viewer.layers["cells prompt mask"].data.any()
+    points.data = np.zeros((0, 2))
+    qtbot.waitUntil(lambda: panel.masks == [], timeout=3000)
+    assert not viewer.layers["cells prompt mask"].data.any()
 
 
 def test_closing_the_dock_unbinds_its_keys(make_napari_viewer, qtbot, blobs):

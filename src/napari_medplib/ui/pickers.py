@@ -188,7 +188,7 @@ class LayerPickers(QWidget):
             features={"positive": np.zeros(0, dtype=bool)},
             feature_defaults={"positive": True},
             face_color="#ffcc00",
-            size=8 * float(np.min(kwargs.get("scale", [1.0]))),
+            size=8,  # data pixels: the layer carries the image's scale
             **kwargs,
         )
         layer.mode = "add"
@@ -202,7 +202,7 @@ class LayerPickers(QWidget):
             name=f"{self._base_name()} regions",
             edge_color="#ffcc00",
             face_color="transparent",
-            edge_width=2 * float(np.min(kwargs.get("scale", [1.0]))),
+            edge_width=2,
             **kwargs,
         )
         layer.mode = "add_rectangle"

@@ -69,7 +69,7 @@ class SegmentPanel(QWidget):
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
         self._debounce.setInterval(200)
-        self._debounce.timeout.connect(self.segment)
+        self._debounce.timeout.connect(lambda: self.segment(quiet=True))
         dock.pickers.changed.connect(self._rewatch)
         viewer = dock.viewer
         bound = {
@@ -102,7 +102,9 @@ class SegmentPanel(QWidget):
         self._debounce.start()
 
     # ---- segment -------------------------------------------------------------------------------
-    def segment(self) -> None:
+    def segment(self, quiet: bool = False) -> None:
+        """Segment the prompts on the shown plane; ``quiet`` (live mode) skips "no prompt" warnings
+        and clears the preview instead."""
         if self._worker is not None:
             self._dirty = True
             return
@@ -117,6 +119,11 @@ class SegmentPanel(QWidget):
             report_error(exc)
             return
         prompts = segment_prompts(regions)
+        if not prompts and quiet:
+            self.masks = []
+            if self.preview is not None and self.preview in dock.viewer.layers:
+                self.preview.data = np.zeros_like(self.preview.data)
+            return
         if not prompts:
             report_warning(
                 "no prompt on this plane: click '+ Points' or '+ Box / Shapes' and add one"
@@ -140,7 +147,7 @@ class SegmentPanel(QWidget):
         self._worker = None
         if self._dirty:
             self._dirty = False
-            self.segment()
+            self.segment(quiet=True)
 
     def _preview_layer(self, plane: Any) -> Any:
         layer = self.preview
