@@ -136,3 +136,10 @@ def test_chat_stream_finish_and_abort(qtbot):
     assert sent == ["hello <region>"] and chat.stop_button.isEnabled()
     chat.clear()
     assert chat.entries == [] and chat.plain_text() == ""
+
+
+def test_model_load_errors_name_the_widget_fix():
+    from napari_medplib.engine import ModelNotFoundError
+
+    line = describe_error(ModelNotFoundError("no model given and the bundled model is not installed"))
+    assert line.startswith("MedPLIB: no model given") and "Model settings" in line

@@ -180,6 +180,11 @@ def describe_error(exc: BaseException) -> str:
             "MedPLIB ran out of memory: pick device 'cpu' or a smaller model in Model settings, "
             "or ask about a smaller image"
         )
+    if any(k.__name__ == "ModelLoadError" for k in type(exc).__mro__):
+        return (
+            f"MedPLIB: {text}. In the widget: open 'Model settings', choose 'Model folder…' "
+            "and pick the folder, then ask again"
+        )
     if isinstance(exc, (ValueError, FileNotFoundError, KeyError)):
         return f"MedPLIB: {text}"
     if isinstance(exc, ImportError):
