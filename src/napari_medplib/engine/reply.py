@@ -57,6 +57,17 @@ def expert_shares(counts) -> tuple[list[list[float]] | None, list[float] | None]
 _DONE = object()
 
 
+class AnyEvent:
+    """Quacks like a threading.Event for ``is_set``: set when any of the given events is."""
+
+    def __init__(self, *events: threading.Event | None) -> None:
+        self._events = [e for e in events if e is not None]
+
+    def is_set(self) -> bool:
+        return any(e.is_set() for e in self._events)
+
+
+
 class AskStream:
     """Iterator of text pieces of one answer; ``reply`` is set once it is exhausted.
 

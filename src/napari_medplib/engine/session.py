@@ -52,7 +52,8 @@ from .loading import (
     pick_dtype,
     resolve_source,
 )
-from .reply import AskStream, Reply, SegmentResult, expert_shares
+from .prompts import bind_regions, check_prompts
+from .reply import AnyEvent, AskStream, Reply, SegmentResult, expert_shares
 
 MASK_MODES = ("corrected", "reference")
 
@@ -289,32 +290,7 @@ class Session:
 
     # ------------------------------------------------------------------------------ regions
     def _regions(self, regions, image_hw: tuple[int, int]) -> list[Region]:
-        if regions is None:
-            return []
-        if isinstance(regions, (Region, np.ndarray)):
-            regions = [regions]
-        out = []
-        for i, region in enumerate(regions):
-            if isinstance(region, np.ndarray):
-                region = Region.mask(region)
-            if not isinstance(region, Region):
-                raise SessionInputError(
-                    f"region {i + 1} is a {type(region).__name__}; give napari_medplib.Region objects "
-                    "(Region.box, Region.point, Region.polygon, Region.mask)"
-                )
-            if region.image_shape is not None and tuple(region.image_shape) != tuple(image_hw):
-                raise SessionInputError(
-                    f"region {i + 1} ({region.describe()}) belongs to an image of shape {region.image_shape}, "
-                    f"but this image is {image_hw}; convert the regions for this plane"
-                )
-            region = region.with_image_shape(image_hw)
-            if region.area == 0:
-                raise SessionInputError(
-                    f"region {i + 1} ({region.describe()}) lies outside the image of shape {image_hw}; "
-                    "draw it on the image"
-                )
-            out.append(region)
-        return out
+        return bind_regions(regions, image_hw)
 
     def _region_grids(self, regions: list[Region], view: ModelView):
         """(R, g, g) uint8 patch grids (the reference's region masks) and the indices that came out empty."""
@@ -463,7 +439,7 @@ class Session:
         user_cancel = kwargs.pop("cancel", None)
 
         def run(emit: Callable[[str], None], stream_cancel: threading.Event) -> Reply:
-            cancel = _AnyEvent(stream_cancel, user_cancel)
+            cancel = AnyEvent(stream_cancel, user_cancel)
             return self.ask(image, question, regions, on_text=emit, cancel=cancel, **kwargs)
 
         return AskStream(run)
@@ -493,7 +469,7 @@ class Session:
             model = self.model
             start = time.perf_counter()
             view = self._view(image, contrast_limits, rgb)
-            pts, labels, box_arr, prior = _check_prompts(points, point_labels, box, mask, view.image_hw)
+            pts, labels, box_arr, prior = check_prompts(points, point_labels, box, mask, view.image_hw)
             timings = {"preprocess": time.perf_counter() - start}
             mark = time.perf_counter()
             embeddings, resize_hw, pad = self._sam_embedding(view, on_progress)
@@ -515,51 +491,3 @@ class Session:
             timings["total"] = time.perf_counter() - start
             best = int(np.argmax(scores))
             return SegmentResult(masks[best], masks, scores, timings, view.key)
-
-
-class _AnyEvent:
-    """Quacks like a threading.Event for ``is_set``: set when any of the given events is."""
-
-    def __init__(self, *events: threading.Event | None) -> None:
-        self._events = [e for e in events if e is not None]
-
-    def is_set(self) -> bool:
-        return any(e.is_set() for e in self._events)
-
-
-def _check_prompts(points, point_labels, box, mask, image_hw):
-    """Validate direct prompts against the image; return (points (P, 2), labels (P,), box (4,), mask)."""
-    h, w = image_hw
-    if points is None and box is None and mask is None:
-        raise SessionInputError("segment() needs a prompt: points=[(y, x)], box=(y0, x0, y1, x1) or mask=")
-    pts = labels = box_arr = prior = None
-    if points is not None:
-        pts = np.asarray(points, dtype=float).reshape(-1, 2) if len(points) else None
-        if pts is not None:
-            if not np.all(np.isfinite(pts)):
-                raise SessionInputError("points must be finite (y, x) numbers")
-            outside = [(float(y), float(x)) for y, x in pts if not (-0.5 <= y < h - 0.5 and -0.5 <= x < w - 0.5)]
-            if outside:
-                raise SessionInputError(f"point {outside[0]} (y, x) is outside the image of shape {image_hw}")
-            labels = np.ones(len(pts), np.int64) if point_labels is None else np.asarray(point_labels, np.int64).reshape(-1)
-            if labels.shape[0] != pts.shape[0]:
-                raise SessionInputError(f"{pts.shape[0]} points but {labels.shape[0]} point_labels; give one label (1/0) per point")
-            if not np.isin(labels, (0, 1)).all():
-                raise SessionInputError("point_labels must be 1 (foreground) or 0 (background)")
-    if box is not None:
-        box_arr = np.asarray(box, dtype=float).reshape(-1)
-        if box_arr.shape != (4,) or not np.all(np.isfinite(box_arr)):
-            raise SessionInputError(f"box must be 4 numbers (y0, x0, y1, x1), got {box!r}")
-        y0, x0, y1, x1 = min(box_arr[0], box_arr[2]), min(box_arr[1], box_arr[3]), max(box_arr[0], box_arr[2]), max(box_arr[1], box_arr[3])
-        if y1 < -0.5 or x1 < -0.5 or y0 > h - 0.5 or x0 > w - 0.5:
-            raise SessionInputError(f"box {tuple(float(v) for v in box_arr)} lies outside the image of shape {image_hw}")
-        box_arr = np.array([max(y0, 0), max(x0, 0), min(y1, h - 1), min(x1, w - 1)])
-    if mask is not None:
-        prior = np.asarray(mask)
-        if prior.shape != tuple(image_hw):
-            raise SessionInputError(f"mask prior has shape {prior.shape}; it must match the image plane {image_hw}")
-        if not prior.any():
-            raise SessionInputError("the mask prior is empty; draw something or leave mask=None")
-    if pts is None and box_arr is None and prior is None:
-        raise SessionInputError("segment() got an empty list of points; give at least one (y, x)")
-    return pts, labels, box_arr, prior

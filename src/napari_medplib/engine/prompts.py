@@ -1,0 +1,76 @@
+"""Input checks for ``ask``/``segment``: regions bound to the plane, and direct SAM prompts."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..regions import Region
+from .errors import SessionInputError
+
+
+def bind_regions(regions, image_hw: tuple[int, int]) -> list[Region]:
+    """Regions (or bool masks) -> Regions bound to the plane; refuses ones outside it or made for another."""
+    if regions is None:
+        return []
+    if isinstance(regions, (Region, np.ndarray)):
+        regions = [regions]
+    out = []
+    for i, region in enumerate(regions):
+        if isinstance(region, np.ndarray):
+            region = Region.mask(region)
+        if not isinstance(region, Region):
+            raise SessionInputError(
+                f"region {i + 1} is a {type(region).__name__}; give napari_medplib.Region objects "
+                "(Region.box, Region.point, Region.polygon, Region.mask)"
+            )
+        if region.image_shape is not None and tuple(region.image_shape) != tuple(image_hw):
+            raise SessionInputError(
+                f"region {i + 1} ({region.describe()}) belongs to an image of shape {region.image_shape}, "
+                f"but this image is {image_hw}; convert the regions for this plane"
+            )
+        region = region.with_image_shape(image_hw)
+        if region.area == 0:
+            raise SessionInputError(
+                f"region {i + 1} ({region.describe()}) lies outside the image of shape {image_hw}; "
+                "draw it on the image"
+            )
+        out.append(region)
+    return out
+
+
+def check_prompts(points, point_labels, box, mask, image_hw):
+    """Validate direct prompts against the image; return (points (P, 2), labels (P,), box (4,), mask)."""
+    h, w = image_hw
+    if points is None and box is None and mask is None:
+        raise SessionInputError("segment() needs a prompt: points=[(y, x)], box=(y0, x0, y1, x1) or mask=")
+    pts = labels = box_arr = prior = None
+    if points is not None:
+        pts = np.asarray(points, dtype=float).reshape(-1, 2) if len(points) else None
+        if pts is not None:
+            if not np.all(np.isfinite(pts)):
+                raise SessionInputError("points must be finite (y, x) numbers")
+            outside = [(float(y), float(x)) for y, x in pts if not (-0.5 <= y < h - 0.5 and -0.5 <= x < w - 0.5)]
+            if outside:
+                raise SessionInputError(f"point {outside[0]} (y, x) is outside the image of shape {image_hw}")
+            labels = np.ones(len(pts), np.int64) if point_labels is None else np.asarray(point_labels, np.int64).reshape(-1)
+            if labels.shape[0] != pts.shape[0]:
+                raise SessionInputError(f"{pts.shape[0]} points but {labels.shape[0]} point_labels; give one label (1/0) per point")
+            if not np.isin(labels, (0, 1)).all():
+                raise SessionInputError("point_labels must be 1 (foreground) or 0 (background)")
+    if box is not None:
+        box_arr = np.asarray(box, dtype=float).reshape(-1)
+        if box_arr.shape != (4,) or not np.all(np.isfinite(box_arr)):
+            raise SessionInputError(f"box must be 4 numbers (y0, x0, y1, x1), got {box!r}")
+        y0, x0, y1, x1 = min(box_arr[0], box_arr[2]), min(box_arr[1], box_arr[3]), max(box_arr[0], box_arr[2]), max(box_arr[1], box_arr[3])
+        if y1 < -0.5 or x1 < -0.5 or y0 > h - 0.5 or x0 > w - 0.5:
+            raise SessionInputError(f"box {tuple(float(v) for v in box_arr)} lies outside the image of shape {image_hw}")
+        box_arr = np.array([max(y0, 0), max(x0, 0), min(y1, h - 1), min(x1, w - 1)])
+    if mask is not None:
+        prior = np.asarray(mask)
+        if prior.shape != tuple(image_hw):
+            raise SessionInputError(f"mask prior has shape {prior.shape}; it must match the image plane {image_hw}")
+        if not prior.any():
+            raise SessionInputError("the mask prior is empty; draw something or leave mask=None")
+    if pts is None and box_arr is None and prior is None:
+        raise SessionInputError("segment() got an empty list of points; give at least one (y, x)")
+    return pts, labels, box_arr, prior
