@@ -91,7 +91,8 @@ def test_replace_overwrites(make_napari_viewer, qtbot, blobs):
     assert (viewer.layers["mine"].data[10:20, 10:22] == 8).all()
 
 
-def test_describe_without_regions_adds_no_layer(make_napari_viewer, qtbot, blobs, fake_session):
+def test_describe_without_regions_adds_no_layer(make_napari_viewer, qtbot, blobs, fake_session,
+                                               tmp_path):
     viewer = make_napari_viewer()
     viewer.add_image(blobs, name="cells")
     widget = _dock(viewer, fake_session)
@@ -100,6 +101,10 @@ def test_describe_without_regions_adds_no_layer(make_napari_viewer, qtbot, blobs
     assert [type(ly).__name__ for ly in viewer.layers] == ["Image"]
     assert widget.chat.entries[-1].text.startswith("A 64 x 80 image")
     assert "A 64 x 80 image" in widget.chat.plain_text()
+    # text-only answers are logged by the widget and exportable too
+    assert widget.history[-1]["question"] == "Describe this image."
+    paths = widget.export_log(str(tmp_path / "log"))
+    assert "Describe this image." in paths[1].read_text()
 
 
 def test_rgb_image_gives_2d_labels(make_napari_viewer, qtbot, blobs, fake_session):

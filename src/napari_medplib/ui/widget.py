@@ -107,6 +107,7 @@ class MedplibWidget(QWidget):
         self._after_load: list[Callable[[], None]] = []
         self._worker = None
         self._cancel = threading.Event()
+        self.history: list[dict] = []  # every answer, text-only ones too (exported without labels)
 
         self.pickers = LayerPickers(napari_viewer)
         self.pickers.replace.setChecked(self.settings.replace)
@@ -336,25 +337,25 @@ class MedplibWidget(QWidget):
     def _write(self, q: _Question, planes: list, reply: Any) -> str:
         """Write masks + provenance; return the transcript note."""
         masks = [m for _, ms in planes for m in ms]
+        entry = provenance_entry(
+            question=q.text,
+            answer=getattr(reply, "text", ""),
+            model=getattr(reply, "model", "") or getattr(self.session, "model_name", ""),
+            image=q.plane.name,
+            regions=[r.describe() for r in q.regions.regions],
+            plane=q.plane.index if len(planes) == 1 else (),
+            planes=len(planes),
+            finish_reason=getattr(reply, "finish_reason", ""),
+            expert_share_mean=getattr(reply, "expert_share_mean", None),
+        )
+        self.history.append(entry)
         if not masks:
             return ""
         layer = self.output_for(q.plane, q.output)
         ids, written = write_planes(layer, planes, replace=q.replace)
-        record_provenance(
-            layer,
-            provenance_entry(
-                question=q.text,
-                answer=getattr(reply, "text", ""),
-                model=getattr(reply, "model", "") or getattr(self.session, "model_name", ""),
-                image=q.plane.name,
-                regions=[r.describe() for r in q.regions.regions],
-                label_ids=ids,
-                plane=q.plane.index if len(planes) == 1 else (),
-                planes=len(planes),
-                finish_reason=getattr(reply, "finish_reason", ""),
-                expert_share_mean=getattr(reply, "expert_share_mean", None),
-            ),
-        )
+        entry["label_ids"] = ids
+        entry["labels_layer"] = layer.name
+        record_provenance(layer, entry)
         if not ids:
             return "the masks were empty; nothing written"
         return (
@@ -388,20 +389,27 @@ class MedplibWidget(QWidget):
 
     # ---- export --------------------------------------------------------------------------------
     def export_log(self, path: str | None = None) -> list:
+        """Save the output layer's log (else this widget's answers) as JSON + Markdown."""
         layer = self.pickers.output_layer
-        if layer is None or not layer.metadata.get("medplib"):
-            report_warning("no MedPLIB log yet: pick the output Labels layer that has answers")
+        entries = layer.metadata.get("medplib") if layer is not None else None
+        if not entries:
+            entries, layer = self.history, None
+        if not entries:
+            report_warning("no MedPLIB answers to export yet")
             return []
         if path is None:
+            from pathlib import Path
+
             from qtpy.QtWidgets import QFileDialog
 
+            start = default_export_path(layer) if layer is not None else Path.cwd() / "medplib"
             path, _ = QFileDialog.getSaveFileName(
-                self, "Export MedPLIB log", str(default_export_path(layer)), "JSON (*.json)"
+                self, "Export MedPLIB log", str(start), "JSON (*.json)"
             )
             if not path:
                 return []
         try:
-            paths = export_provenance(layer.metadata["medplib"], path)
+            paths = export_provenance(entries, path)
         except OSError as exc:
             report_error(exc)
             return []
