@@ -39,8 +39,10 @@ class DemoSession:
         if "segment" in question.lower():
             mask = area & (grey > np.percentile(grey[area], 60))
             return "Sure, the nucleus is [SEG].", [mask]
-        return ("A fluorescence microscopy image of round nuclei on a dark background; "
-                "several nuclei touch each other."), []
+        return (
+            "A fluorescence microscopy image of round nuclei on a dark background; "
+            "several nuclei touch each other."
+        ), []
 
     def ask_stream(self, image, question, regions=(), **_):
         text, masks = self._answer(image, question, list(regions))
@@ -53,11 +55,19 @@ class DemoSession:
                 for word in text.split(" "):
                     time.sleep(0.01)
                     yield word + " "
-                self.reply = type("Reply", (), {
-                    "text": text, "masks": masks, "model": outer.model_name,
-                    "finish_reason": "eos", "timings": {"total": 0.4},
-                    "expert_share_mean": [0.62, 0.38], "regions": list(regions),
-                })()
+                self.reply = type(
+                    "Reply",
+                    (),
+                    {
+                        "text": text,
+                        "masks": masks,
+                        "model": outer.model_name,
+                        "finish_reason": "eos",
+                        "timings": {"total": 0.4},
+                        "expert_share_mean": [0.62, 0.38],
+                        "regions": list(regions),
+                    },
+                )()
 
         return Stream()
 

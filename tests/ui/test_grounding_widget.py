@@ -48,7 +48,8 @@ def test_function_widget_adds_labels_layer(make_napari_viewer, qtbot, session, b
     widget.question.value = "Please segment <region>"
     widget.shapes.native.setCurrentIndex(widget.shapes.native.findText("boxes (data)"))
     widget()
-    qtbot.waitUntil(lambda: any(type(ly).__name__ == "Labels" for ly in viewer.layers),
-                    timeout=5000)
+    qtbot.waitUntil(
+        lambda: any(type(ly).__name__ == "Labels" for ly in viewer.layers), timeout=5000
+    )
     labels = viewer.layers["cells grounded"]
     assert labels.data.shape == blobs.shape and labels.data[15, 15] == 1

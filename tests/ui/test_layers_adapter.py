@@ -52,7 +52,7 @@ def test_bad_view_states_are_clear_errors():
 def test_shapes_with_world_transform_land_in_image_pixels():
     image = Image(np.zeros((50, 60)), scale=(2, 2), translate=(10, 0))
     plane = image_plane(image, _dims((0, 0)))
-    # a box drawn in world units on a layer with scale 1: world (20..40, 10..30) -> px (5..15, 5..15)
+    # a box in world units on a layer with scale 1: world (20..40, 10..30) -> px (5..15, 5..15)
     shapes = Shapes([np.array([[20, 10], [40, 30]])], shape_type="rectangle")
     (region,) = layer_regions(shapes, plane).regions
     assert region.bbox == (5, 5, 15, 15)
@@ -61,8 +61,9 @@ def test_shapes_with_world_transform_land_in_image_pixels():
 def test_selection_limits_regions_and_points_keep_polarity():
     image = Image(np.zeros((50, 60)))
     plane = image_plane(image, None)
-    shapes = Shapes([np.array([[1, 1], [5, 5]]), np.array([[10, 10], [20, 20]])],
-                    shape_type="rectangle")
+    shapes = Shapes(
+        [np.array([[1, 1], [5, 5]]), np.array([[10, 10], [20, 20]])], shape_type="rectangle"
+    )
     shapes.selected_data = {1}
     assert [r.index for r in layer_regions(shapes, plane).regions] == [1]
     assert len(layer_regions(shapes, plane, only_selected=False)) == 2
@@ -85,10 +86,11 @@ def test_polygon_with_hole_from_geojson_is_one_region_minus_hole(tmp_path):
     outer = np.array([[0, 0], [0, 20], [20, 20], [20, 0]], float)
     hole = np.array([[5, 5], [5, 15], [15, 15], [15, 5]], float)
     path = tmp_path / "donut.geojson"
-    doc = shapes_to_geojson([outer, hole], {"shape_type": ["polygon", "polygon"],
-                                            "features": {"hole_of": [-1, 0]}})
+    doc = shapes_to_geojson(
+        [outer, hole], {"shape_type": ["polygon", "polygon"], "features": {"hole_of": [-1, 0]}}
+    )
     write_geojson(path, doc)
-    (data, meta, _kind), = [ld for ld in read_geojson(path) if ld[2] == "shapes"]
+    ((data, meta, _kind),) = [ld for ld in read_geojson(path) if ld[2] == "shapes"]
     assert list(meta["features"]["hole_of"]) == [-1, 0]
     shapes = Shapes(data, shape_type=meta["shape_type"], features=meta["features"])
     plane = image_plane(Image(np.zeros((30, 30))), None)
@@ -99,10 +101,13 @@ def test_polygon_with_hole_from_geojson_is_one_region_minus_hole(tmp_path):
 
 
 def test_multipolygon_parts_are_one_region():
-    parts = [np.array([[0, 0], [0, 4], [4, 4], [4, 0]], float),
-             np.array([[10, 10], [10, 14], [14, 14], [14, 10]], float)]
-    shapes = Shapes(parts, shape_type="polygon",
-                    features={"feature_index": [0, 0], "hole_of": [-1, -1]})
+    parts = [
+        np.array([[0, 0], [0, 4], [4, 4], [4, 0]], float),
+        np.array([[10, 10], [10, 14], [14, 14], [14, 10]], float),
+    ]
+    shapes = Shapes(
+        parts, shape_type="polygon", features={"feature_index": [0, 0], "hole_of": [-1, -1]}
+    )
     plane = image_plane(Image(np.zeros((20, 20))), None)
     (region,) = layer_regions(shapes, plane).regions
     assert region.area == 2 * 25
@@ -113,8 +118,11 @@ def test_region_tags_and_fitting():
     assert region_tags("Compare <region1> and <region2>") == 2
     assert region_tags("Describe this image.") == 0
     image = Image(np.zeros((50, 60)))
-    shapes = Shapes([np.array([[1, 1], [5, 5]]), np.array([[10, 10], [20, 20]])],
-                    shape_type="rectangle", edge_color=["red", "blue"])
+    shapes = Shapes(
+        [np.array([[1, 1], [5, 5]]), np.array([[10, 10], [20, 20]])],
+        shape_type="rectangle",
+        edge_color=["red", "blue"],
+    )
     found = collect_regions([shapes], image_plane(image, None))
     kept, note = fit_to_question(found, "What is in <region>?")
     assert [r.index for r in kept.regions] == [1] and kept.colours == ("#0000ff",)

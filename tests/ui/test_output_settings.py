@@ -64,8 +64,15 @@ def test_stack_planes_share_ids_and_bad_output_layer_is_named():
 
 def test_provenance_record_and_export(tmp_path):
     layer = Labels(np.zeros((4, 4), np.int32))
-    entry = provenance_entry(question="Q?", answer="A [SEG].", model="tiny", image="img",
-                             regions=["box 0 of 'boxes'"], label_ids=[1], plane=(2,))
+    entry = provenance_entry(
+        question="Q?",
+        answer="A [SEG].",
+        model="tiny",
+        image="img",
+        regions=["box 0 of 'boxes'"],
+        label_ids=[1],
+        plane=(2,),
+    )
     record_provenance(layer, entry)
     record_provenance(layer, dict(entry, question="Q2?"))
     assert [e["question"] for e in layer.metadata["medplib"]] == ["Q?", "Q2?"]
@@ -97,17 +104,22 @@ def test_chat_rendering_escapes_and_shows_swatches():
 
 
 def test_segment_prompts_and_error_lines():
-    pos, neg = Region.point(5, 5, image_shape=(20, 20)), Region.point(9, 9, positive=False,
-                                                                       image_shape=(20, 20))
+    pos, neg = (
+        Region.point(5, 5, image_shape=(20, 20)),
+        Region.point(9, 9, positive=False, image_shape=(20, 20)),
+    )
     box = Region.box(2, 2, 10, 12, image_shape=(20, 20))
-    assert segment_prompts([pos, neg]) == [{"points": [(5.0, 5.0), (9.0, 9.0)],
-                                           "point_labels": [1, 0]}]
+    assert segment_prompts([pos, neg]) == [
+        {"points": [(5.0, 5.0), (9.0, 9.0)], "point_labels": [1, 0]}
+    ]
     (prompt,) = segment_prompts([box, pos])
     assert prompt["box"] == (2.0, 2.0, 10.0, 12.0) and prompt["point_labels"] == [1]
     assert segment_prompts([]) == []
     assert describe_error(ValueError("bad image; convert it")) == "MedPLIB: bad image; convert it"
     assert "cpu" in describe_error(MemoryError())
-    assert "RuntimeError: CUDA out of memory" not in describe_error(RuntimeError("CUDA out of memory"))
+    assert "RuntimeError: CUDA out of memory" not in describe_error(
+        RuntimeError("CUDA out of memory")
+    )
 
 
 def test_chat_stream_finish_and_abort(qtbot):
@@ -141,5 +153,7 @@ def test_chat_stream_finish_and_abort(qtbot):
 def test_model_load_errors_name_the_widget_fix():
     from napari_medplib.engine import ModelNotFoundError
 
-    line = describe_error(ModelNotFoundError("no model given and the bundled model is not installed"))
+    line = describe_error(
+        ModelNotFoundError("no model given and the bundled model is not installed")
+    )
     assert line.startswith("MedPLIB: no model given") and "Model settings" in line

@@ -59,7 +59,12 @@ def test_progress_lines_from_a_helper_thread():
         return "session"
 
     gen = _with_progress(load)
-    assert list(_collect(gen)) == ["weights 1/3", "weights 2/3", "weights 3/3", ("return", "session")]
+    assert list(_collect(gen)) == [
+        "weights 1/3",
+        "weights 2/3",
+        "weights 3/3",
+        ("return", "session"),
+    ]
 
     def broken(on_progress):
         raise FileNotFoundError("no model here; pick a folder")

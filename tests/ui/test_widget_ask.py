@@ -20,12 +20,19 @@ def _wait_idle(qtbot, widget, timeout=10_000):
     qtbot.waitUntil(lambda: widget._worker is None and widget._loader is None, timeout=timeout)
 
 
-def test_ground_writes_labels_with_image_scale(make_napari_viewer_proxy, qtbot, blobs,
-                                              fake_session, tmp_path):
+def test_ground_writes_labels_with_image_scale(
+    make_napari_viewer_proxy, qtbot, blobs, fake_session, tmp_path
+):
     viewer = make_napari_viewer_proxy()  # what plugins get: layers behind PublicOnlyProxy
     viewer.add_image(blobs, name="cells", scale=(0.5, 0.25), translate=(3, 4))
-    viewer.add_shapes([[[8, 8], [22, 24]]], shape_type="rectangle", name="boxes",
-                      scale=(0.5, 0.25), translate=(3, 4), edge_color="red")
+    viewer.add_shapes(
+        [[[8, 8], [22, 24]]],
+        shape_type="rectangle",
+        name="boxes",
+        scale=(0.5, 0.25),
+        translate=(3, 4),
+        edge_color="red",
+    )
     widget = _dock(viewer, fake_session)
     assert [ly.name for ly in widget.pickers.region_layers] == ["boxes"]
     qtbot.keyClicks(widget.chat.input, "Please segment the cell in <region>.")
@@ -91,8 +98,9 @@ def test_replace_overwrites(make_napari_viewer, qtbot, blobs):
     assert (viewer.layers["mine"].data[10:20, 10:22] == 8).all()
 
 
-def test_describe_without_regions_adds_no_layer(make_napari_viewer, qtbot, blobs, fake_session,
-                                               tmp_path):
+def test_describe_without_regions_adds_no_layer(
+    make_napari_viewer, qtbot, blobs, fake_session, tmp_path
+):
     viewer = make_napari_viewer()
     viewer.add_image(blobs, name="cells")
     widget = _dock(viewer, fake_session)

@@ -1,4 +1,4 @@
-"""Responsiveness, errors as notifications, nD slices and whole stacks, settings, direct segmentation."""
+"""Responsiveness, errors as notifications, nD and whole stacks, settings, direct segmentation."""
 
 import time
 
@@ -94,8 +94,9 @@ def test_load_error_is_reported_with_fix(make_napari_viewer, qtbot, blobs, notes
     assert widget.session is None and widget.chat.send_button.isEnabled()
 
 
-def test_loads_session_on_first_question_with_saved_settings(make_napari_viewer, qtbot, blobs,
-                                                             _settings_file):
+def test_loads_session_on_first_question_with_saved_settings(
+    make_napari_viewer, qtbot, blobs, _settings_file
+):
     seen = []
 
     def factory(source, device="auto"):
@@ -117,7 +118,10 @@ def test_loads_session_on_first_question_with_saved_settings(make_napari_viewer,
     assert widget.chat.entries[-1].text.startswith("A 64 x 80")
     saved = load_settings(_settings_file)
     assert (saved.source, saved.folder, saved.device, saved.max_new_tokens) == (
-        "folder", "/models/medplib-tiny", "cpu", 32,
+        "folder",
+        "/models/medplib-tiny",
+        "cpu",
+        32,
     )
     # a new widget (next napari session) starts from the saved settings
     again = MedplibWidget(viewer, session_factory=factory)
@@ -177,7 +181,9 @@ def test_direct_segment_and_commit(make_napari_viewer, qtbot, blobs):
     assert viewer.layers["cells prompt mask"].data[15, 15] == 1
     keys["Shift+C"](viewer)  # and commits
     out = viewer.layers["cells MedPLIB"]
-    assert out.data[15, 15] == 1 and out.metadata["medplib"][-1]["question"] == "(direct segmentation)"
+    assert (
+        out.data[15, 15] == 1 and out.metadata["medplib"][-1]["question"] == "(direct segmentation)"
+    )
     assert not viewer.layers["cells prompt mask"].data.any()
     # live mode: adding a point segments again by itself
     panel.live.setChecked(True)

@@ -80,8 +80,7 @@ def test_engine_input_errors_become_notifications(make_napari_viewer, qtbot, tin
     assert widget.chat.send_button.isEnabled()
 
 
-def test_direct_segment_and_function_widget_with_tiny_model(make_napari_viewer, qtbot, tiny,
-                                                            image):
+def test_direct_segment_and_function_widget_with_tiny_model(make_napari_viewer, qtbot, tiny, image):
     viewer = make_napari_viewer()
     viewer.add_image(image, name="cells")
     widget = MedplibWidget(viewer, session=tiny)
@@ -92,8 +91,12 @@ def test_direct_segment_and_function_widget_with_tiny_model(make_napari_viewer, 
     qtbot.waitUntil(lambda: len(widget.segment_panel.masks) == 1, timeout=20_000)
     preview = viewer.layers["cells prompt mask"]
     assert preview.data.shape == image.shape and preview.data.any()
-    labels = grounding.ground_data(image, "Please segment <region>",
-                                   shapes=[np.array([[8.0, 8.0], [22.0, 24.0]])], session=tiny)
+    labels = grounding.ground_data(
+        image,
+        "Please segment <region>",
+        shapes=[np.array([[8.0, 8.0], [22.0, 24.0]])],
+        session=tiny,
+    )
     assert labels.shape == image.shape and labels.max() == 1
 
 

@@ -92,8 +92,9 @@ class FakeSession:
         pieces = [w + " " for w in words.split()] + ["."] * self.tokens
         return pieces, masks
 
-    def ask_stream(self, image, question, regions=(), *, cancel=None, contrast_limits=None,
-                   rgb=None, **_):
+    def ask_stream(
+        self, image, question, regions=(), *, cancel=None, contrast_limits=None, rgb=None, **_
+    ):
         self.calls.append(("ask", np.shape(image), question, len(regions)))
         self._cancel.clear()
         pieces, masks = self._answer(image, question, list(regions), contrast_limits, rgb)
@@ -109,8 +110,14 @@ class FakeSession:
                 text += piece
                 yield piece
             return FakeReply(
-                text.strip(), masks if reason == "eos" else [], list(regions), question,
-                self.model_name, reason, {"total": time.perf_counter() - t0}, [[0.75, 0.25]],
+                text.strip(),
+                masks if reason == "eos" else [],
+                list(regions),
+                question,
+                self.model_name,
+                reason,
+                {"total": time.perf_counter() - t0},
+                [[0.75, 0.25]],
                 [0.75, 0.25],
             )
 
@@ -122,8 +129,17 @@ class FakeSession:
             pass
         return stream.reply
 
-    def segment(self, image, points=None, point_labels=None, box=None, mask=None,
-                multimask=False, contrast_limits=None, rgb=None):
+    def segment(
+        self,
+        image,
+        points=None,
+        point_labels=None,
+        box=None,
+        mask=None,
+        multimask=False,
+        contrast_limits=None,
+        rgb=None,
+    ):
         self.calls.append(("segment", np.shape(image), box, points))
         grey = to_model_rgb(np.asarray(image), contrast_limits, rgb=rgb).mean(axis=-1)
         area = np.zeros(grey.shape, bool)

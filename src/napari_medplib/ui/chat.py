@@ -163,7 +163,9 @@ class ChatPane(QWidget):
             self._render_timer.start()
 
     def _open_answer(self) -> ChatEntry | None:
-        return next((e for e in reversed(self.entries) if e.role == "assistant" and not e.done), None)
+        return next(
+            (e for e in reversed(self.entries) if e.role == "assistant" and not e.done), None
+        )
 
     def finish_answer(self, text: str | None = None, footer: str = "") -> None:
         """Complete the answer being written (or add one, for answers that were not streamed)."""

@@ -126,10 +126,16 @@ def make_ground_widget() -> Any:
 
         def work():
             labels = ground_data(image, question, shapes, points)
-            return (labels, {"name": f"{name} grounded", "metadata": {"question": question}}, "labels")
+            return (
+                labels,
+                {"name": f"{name} grounded", "metadata": {"question": question}},
+                "labels",
+            )
 
         worker = create_worker(
-            _guarded(work), _ignore_errors=True, _start_thread=False,
+            _guarded(work),
+            _ignore_errors=True,
+            _start_thread=False,
         )
         worker.errored.connect(_unwrap(report_error))
         # start after napari has connected its result handler to `returned`

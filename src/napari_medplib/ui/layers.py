@@ -1,4 +1,4 @@
-"""napari layers -> what the engine takes: the image plane on screen, and regions with their colours.
+"""napari layers -> what the engine takes: the image plane on screen, regions with colours.
 
 The only place that reads napari layer *objects* for the model: it turns an Image layer plus the
 viewer's current position into an `ImagePlane` (level 0 of multiscale data, RGB kept, the slice of
@@ -129,8 +129,9 @@ def image_plane(layer: Any, dims: Any = None, *, max_pixels: int | None = None) 
     """The plane of an Image layer shown at the viewer's current position (``viewer.dims``).
 
     Multiscale data is read at full resolution (level 0) unless its plane has more than
-    ``max_pixels`` (default `MAX_PLANE_PIXELS`); then at the finest level that fits, and masks come out at that level's
-    resolution (with its scale). With ``dims=None`` the first plane of nD data is used.
+    ``max_pixels`` (default `MAX_PLANE_PIXELS`); then at the finest level that fits, and masks
+    come out at that level's resolution (with its scale). With ``dims=None`` the first plane of
+    nD data is used.
     """
     if layer is None or layer_kind(layer) != "image":
         raise ImageInputError("pick an image layer first (the 'image' list at the top)")
@@ -194,7 +195,9 @@ def _union(regions: Sequence[Region], plane: tuple[int, int], minus: Sequence[Re
     )
 
 
-def merge_annotations(result: RegionResult, hole_of: Any, feature_index: Any = None) -> RegionResult:
+def merge_annotations(
+    result: RegionResult, hole_of: Any, feature_index: Any = None
+) -> RegionResult:
     """Shapes read from annotation files -> one region per annotation.
 
     A shape with ``hole_of[i] >= 0`` is a hole cut out of shape row ``hole_of[i]``; shapes sharing a

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,39 @@ PROVENANCE_KEY = "medplib"
 
 class OutputLayerError(ValueError):
     """The chosen output Labels layer cannot hold masks of this image; the message says why."""
+
+
+@dataclass(frozen=True)
+class MaskPixels:
+    """The pixels of one mask: ``rows``, ``cols`` on a plane of ``shape``.
+
+    Made in the worker thread (`mask_pixels`), so the Qt thread does not scan full-size masks.
+    """
+
+    shape: tuple[int, int]
+    rows: np.ndarray
+    cols: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.size)
+
+
+def mask_pixels(mask: np.ndarray | MaskPixels) -> MaskPixels:
+    """Bool (H, W) mask -> `MaskPixels` (scans only the rows and columns the mask touches)."""
+    if isinstance(mask, MaskPixels):
+        return mask
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise OutputLayerError(f"a mask must be 2-D (H, W), got shape {mask.shape}")
+    rows_any = np.flatnonzero(mask.any(axis=1))
+    if rows_any.size == 0:
+        empty = np.zeros(0, dtype=np.intp)
+        return MaskPixels(mask.shape, empty, empty)
+    cols_any = np.flatnonzero(mask.any(axis=0))
+    r0, c0 = int(rows_any[0]), int(cols_any[0])
+    rows, cols = np.nonzero(mask[r0 : rows_any[-1] + 1, c0 : cols_any[-1] + 1])
+    return MaskPixels(mask.shape, rows + r0, cols + c0)
 
 
 def output_name(image_name: str) -> str:
@@ -77,49 +111,43 @@ def output_index(layer: Any, index: Sequence[int], plane_shape: tuple[int, int])
 
 def write_planes(
     layer: Any,
-    planes: Sequence[tuple[Sequence[int], Sequence[np.ndarray]]],
+    planes: Sequence[tuple[Sequence[int], Sequence[np.ndarray | MaskPixels]]],
     *,
     replace: bool = False,
 ) -> tuple[list[int], int]:
     """Write masks on one or more image planes as one undoable step; return (ids, pixels written).
 
-    ``planes`` is ``[(plane index, [mask, ...]), ...]``; the k-th mask of every plane gets the same
-    new id (so a whole-stack answer gives 3-D objects). Empty masks get no id.
+    ``planes`` is ``[(plane index, [mask, ...]), ...]`` with bool masks or `MaskPixels`; the k-th
+    mask of every plane gets the same new id (so a whole-stack answer gives 3-D objects). Empty
+    masks get no id. Without ``replace`` only unlabelled pixels are written, so later masks of the
+    same answer keep the earlier ones too.
     """
-    if not planes:
-        return [], 0
-    count = max(len(masks) for _, masks in planes)
-    present = [any(k < len(m) and np.any(m[k]) for _, m in planes) for k in range(count)]
-    first = next_free_id(layer)
-    ids, k_to_id = [], {}
-    for k in range(count):
-        if present[k]:
-            k_to_id[k] = first + len(ids)
-            ids.append(first + len(ids))
-    if not ids:
+    pixels = [(index, [mask_pixels(m) for m in masks]) for index, masks in planes]
+    count = max((len(p) for _, p in pixels), default=0)
+    present = [any(k < len(p) and p[k].size for _, p in pixels) for k in range(count)]
+    first = next_free_id(layer) if any(present) else 0
+    k_to_id = {k: first + n for n, k in enumerate(k for k in range(count) if present[k])}
+    if not k_to_id:
         return [], 0
     written = 0
     with layer.block_history():
-        for index, masks in planes:
-            if not masks:
+        for index, plane_pixels in pixels:
+            if not plane_pixels:
                 continue
-            plane_shape = tuple(np.shape(masks[0]))
-            lead = output_index(layer, index, plane_shape)
-            current = np.array(layer.data[lead], copy=True)
-            free = np.ones(plane_shape, dtype=bool) if replace else current == 0
-            for k, mask in enumerate(masks):
-                if k not in k_to_id:
+            lead = output_index(layer, index, plane_pixels[0].shape)
+            for k, pix in enumerate(plane_pixels):
+                if k not in k_to_id or not pix.size:
                     continue
-                target = np.asarray(mask, dtype=bool) & free
-                rows, cols = np.nonzero(target)
+                rows, cols = pix.rows, pix.cols
+                if not replace:
+                    free = np.asarray(layer.data[(*lead, rows, cols)]) == 0
+                    rows, cols = rows[free], cols[free]
                 if rows.size == 0:
                     continue
-                if not replace:
-                    free &= ~target  # later masks of this answer keep earlier ones
                 where = (*[np.full(rows.size, i, dtype=np.intp) for i in lead], rows, cols)
                 layer.data_setitem(where, k_to_id[k])
                 written += int(rows.size)
-    return ids, written
+    return list(k_to_id.values()), written
 
 
 def provenance_entry(

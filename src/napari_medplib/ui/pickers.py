@@ -98,8 +98,10 @@ class LayerPickers(QWidget):
 
     def set_output(self, layer: Any | None) -> None:
         self.refresh()
-        idx = 0 if layer is None else 1 + next(
-            (i for i, o in enumerate(self._outputs) if o == layer), -1
+        idx = (
+            0
+            if layer is None
+            else 1 + next((i for i, o in enumerate(self._outputs) if o == layer), -1)
         )
         self.output.setCurrentIndex(max(idx, 0))
 

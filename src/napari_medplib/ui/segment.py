@@ -84,7 +84,9 @@ class SegmentPanel(QWidget):
 
     # ---- live mode -----------------------------------------------------------------------------
     def _prompt_layers(self) -> list[Any]:
-        return [ly for ly in self.dock.pickers.region_layers if layer_kind(ly) in ("points", "shapes")]
+        return [
+            ly for ly in self.dock.pickers.region_layers if layer_kind(ly) in ("points", "shapes")
+        ]
 
     def _rewatch(self) -> None:
         for layer in self._watched:
@@ -151,7 +153,11 @@ class SegmentPanel(QWidget):
 
     def _preview_layer(self, plane: Any) -> Any:
         layer = self.preview
-        if layer is None or layer not in self.dock.viewer.layers or layer.data.shape != plane.spatial_shape:
+        if (
+            layer is None
+            or layer not in self.dock.viewer.layers
+            or layer.data.shape != plane.spatial_shape
+        ):
             image = self.dock.pickers.image_layer
             layer = self.dock.viewer.add_labels(
                 np.zeros(plane.spatial_shape, dtype=np.int32),

@@ -40,11 +40,11 @@ from .segment import SegmentPanel
 from .sessions import forget
 from .settings import load_settings, save_settings
 from .workers import (
+    Answer,
     StackResult,
     ask_job,
     describe_error,
     load_job,
-    mask_summary,
     report_error,
     report_info,
     report_warning,
@@ -88,7 +88,7 @@ def answer_footer(reply: Any) -> str:
 
 
 class MedplibWidget(QWidget):
-    """Dock widget. ``session`` / ``session_factory`` let scripts and tests bring their own model."""
+    """Dock widget. ``session`` / ``session_factory`` let scripts and tests bring a model."""
 
     def __init__(
         self,
@@ -123,7 +123,9 @@ class MedplibWidget(QWidget):
         self.stack_axis = QSpinBox()
         self.stack_axis.setRange(0, 0)
         self.export_button = QPushButton("Export log…")
-        self.export_button.setToolTip("Save the output layer's question/answer log as JSON + Markdown")
+        self.export_button.setToolTip(
+            "Save the output layer's question/answer log as JSON + Markdown"
+        )
         self.export_button.clicked.connect(self.export_log)
         self.segment_panel = SegmentPanel(self)
 
@@ -259,8 +261,14 @@ class MedplibWidget(QWidget):
         if regions.result.problems:
             report_warning("regions: " + regions.result.summary())
         return _Question(
-            text, plane, regions, self.pickers.image_layer, output,
-            self.pickers.replace.isChecked(), time.perf_counter(), note,
+            text,
+            plane,
+            regions,
+            self.pickers.image_layer,
+            output,
+            self.pickers.replace.isChecked(),
+            time.perf_counter(),
+            note,
         )
 
     @property
@@ -300,16 +308,33 @@ class MedplibWidget(QWidget):
             axis = int(self.stack_axis.value())
             self.chat.add_note(f"Asking on every plane along axis {axis}…")
             self._worker = start(
-                stack_job, self.session, q.plane, axis, q.text, q.regions.regions, self._cancel,
-                options, desc="MedPLIB: whole stack", total=q.plane.spatial_shape[axis],
-                on_return=lambda result: self._on_stack(q, result), **common,
+                stack_job,
+                self.session,
+                q.plane,
+                axis,
+                q.text,
+                q.regions.regions,
+                self._cancel,
+                options,
+                desc="MedPLIB: whole stack",
+                total=q.plane.spatial_shape[axis],
+                on_return=lambda result: self._on_stack(q, result),
+                **common,
             )
         else:
             self.chat.start_answer()
             self._worker = start(
-                ask_job, self.session, q.plane, q.text, q.regions.regions, self._cancel, options,
-                desc="MedPLIB: answering", on_yield=self.chat.append_text,
-                on_return=lambda reply: self._on_answer(q, reply), **common,
+                ask_job,
+                self.session,
+                q.plane,
+                q.text,
+                q.regions.regions,
+                self._cancel,
+                options,
+                desc="MedPLIB: answering",
+                on_yield=self.chat.append_text,
+                on_return=lambda answer: self._on_answer(q, answer),
+                **common,
             )
 
     def stop(self) -> None:
@@ -336,7 +361,7 @@ class MedplibWidget(QWidget):
 
     def _write(self, q: _Question, planes: list, reply: Any) -> str:
         """Write masks + provenance; return the transcript note."""
-        masks = [m for _, ms in planes for m in ms]
+        masks = [m for _, ms in planes for m in ms if m.size]
         entry = provenance_entry(
             question=q.text,
             answer=getattr(reply, "text", ""),
@@ -363,9 +388,10 @@ class MedplibWidget(QWidget):
             f"'{layer.name}' ({written:,} px)"
         )
 
-    def _on_answer(self, q: _Question, reply: Any) -> None:
+    def _on_answer(self, q: _Question, answer: Answer) -> None:
+        reply = answer.reply
         try:
-            note = self._write(q, [(q.plane.index, list(reply.masks))], reply)
+            note = self._write(q, [(q.plane.index, answer.pixels)], reply)
         except ValueError as exc:
             report_error(exc)
             note = describe_error(exc)
@@ -373,9 +399,9 @@ class MedplibWidget(QWidget):
         self.chat.finish_answer(reply.text, footer)
 
     def _on_stack(self, q: _Question, result: StackResult) -> None:
-        planes = [(index, list(reply.masks)) for index, reply in result.planes]
-        current = next((r for i, r in result.planes if i == q.plane.index), None)
-        shown = current or (result.planes[0][1] if result.planes else None)
+        planes = [(index, answer.pixels) for index, answer in result.planes]
+        current = next((a.reply for i, a in result.planes if i == q.plane.index), None)
+        shown = current or (result.planes[0][1].reply if result.planes else None)
         try:
             note = self._write(q, planes, shown)
         except ValueError as exc:
@@ -384,8 +410,11 @@ class MedplibWidget(QWidget):
         done = f"{len(result.planes)} planes along axis {result.axis}"
         done += " (stopped)" if result.cancelled else ""
         text = shown.text if shown is not None else ""
-        masks = [m for _, ms in planes for m in ms]
-        self.chat.finish_answer(text, " · ".join(p for p in (done, mask_summary(masks), note) if p))
+        count = sum(1 for _, ms in planes for m in ms if m.size)
+        found = f"masks on {sum(1 for _, ms in planes if any(m.size for m in ms))} planes"
+        self.chat.finish_answer(
+            text, " · ".join(p for p in (done, found if count else "no mask", note) if p)
+        )
 
     # ---- export --------------------------------------------------------------------------------
     def export_log(self, path: str | None = None) -> list:

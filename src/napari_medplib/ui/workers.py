@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .layers import ImagePlane
+from .output import MaskPixels, mask_pixels
 from .sessions import lock_for, remember, shared
 
 
@@ -42,7 +43,9 @@ def load_job(
     return session
 
 
-def _with_progress(func: Callable[[Callable[[str, int, int], None]], Any]) -> Generator[str, None, Any]:
+def _with_progress(
+    func: Callable[[Callable[[str, int, int], None]], Any],
+) -> Generator[str, None, Any]:
     """Run ``func(on_progress)`` in a helper thread and yield its progress as lines of text."""
     import queue
 
@@ -71,6 +74,18 @@ def _plane_kwargs(plane: ImagePlane) -> dict[str, Any]:
     return {"contrast_limits": plane.contrast_limits, "rgb": plane.rgb}
 
 
+@dataclass
+class Answer:
+    """The engine's Reply plus its masks as pixel lists (scanned here, not on the Qt thread)."""
+
+    reply: Any
+    pixels: list[MaskPixels]
+
+
+def _answer(reply: Any) -> Answer:
+    return Answer(reply, [mask_pixels(m) for m in getattr(reply, "masks", None) or []])
+
+
 def ask_job(
     session: Any,
     plane: ImagePlane,
@@ -78,24 +93,28 @@ def ask_job(
     regions: Sequence[Any],
     cancel: threading.Event,
     options: dict[str, Any] | None = None,
-) -> Generator[str, None, Any]:
-    """Stream the answer to ``question`` piece by piece; return the engine's Reply."""
+) -> Generator[str, None, Answer]:
+    """Stream the answer to ``question`` piece by piece; return it as an `Answer`."""
     image = plane.read()
     with lock_for(session):
         stream = session.ask_stream(
-            image, question, list(regions), cancel=cancel, **_plane_kwargs(plane),
+            image,
+            question,
+            list(regions),
+            cancel=cancel,
+            **_plane_kwargs(plane),
             **(options or {}),
         )
         yield from stream
-    return stream.reply
+    return _answer(stream.reply)
 
 
 @dataclass
 class StackResult:
-    """Answers of a whole-stack question: one Reply per plane index, in order."""
+    """Answers of a whole-stack question: one `Answer` per plane index, in order."""
 
     axis: int
-    planes: list[tuple[tuple[int, ...], Any]]
+    planes: list[tuple[tuple[int, ...], Answer]]
     cancelled: bool = False
 
 
@@ -129,10 +148,14 @@ def stack_job(
         image = this.read()
         with lock_for(session):
             reply = session.ask(
-                image, question, list(regions), cancel=cancel, **_plane_kwargs(this),
+                image,
+                question,
+                list(regions),
+                cancel=cancel,
+                **_plane_kwargs(this),
                 **(options or {}),
             )
-        out.planes.append((this.index, reply))
+        out.planes.append((this.index, _answer(reply)))
         yield i + 1
     return out
 
@@ -188,7 +211,9 @@ def describe_error(exc: BaseException) -> str:
     if isinstance(exc, (ValueError, FileNotFoundError, KeyError)):
         return f"MedPLIB: {text}"
     if isinstance(exc, ImportError):
-        return f"MedPLIB cannot import {getattr(exc, 'name', None) or text}; reinstall napari-medplib"
+        return (
+            f"MedPLIB cannot import {getattr(exc, 'name', None) or text}; reinstall napari-medplib"
+        )
     return f"MedPLIB failed ({type(exc).__name__}: {text}); see the log for details"
 
 
@@ -290,6 +315,8 @@ def mask_summary(masks: Sequence[np.ndarray]) -> str:
     areas = [int(np.count_nonzero(m)) for m in masks]
     if not areas:
         return "no mask"
-    return f"{len(areas)} mask{'s' if len(areas) > 1 else ''} (" + " and ".join(
-        f"{a:,} px" for a in areas
-    ) + ")"
+    return (
+        f"{len(areas)} mask{'s' if len(areas) > 1 else ''} ("
+        + " and ".join(f"{a:,} px" for a in areas)
+        + ")"
+    )
