@@ -157,3 +157,20 @@ def test_model_load_errors_name_the_widget_fix():
         ModelNotFoundError("no model given and the bundled model is not installed")
     )
     assert line.startswith("MedPLIB: no model given") and "Model settings" in line
+
+
+def test_mask_pixels_match_nonzero_and_write_the_same():
+    from napari_medplib.ui.output import mask_pixels
+
+    rng = np.random.default_rng(1)
+    mask = np.zeros((40, 50), bool)
+    mask[5:30, 12:44] = rng.random((25, 32)) > 0.5
+    pix = mask_pixels(mask)
+    rows, cols = np.nonzero(mask)
+    np.testing.assert_array_equal(pix.rows, rows)
+    np.testing.assert_array_equal(pix.cols, cols)
+    assert mask_pixels(np.zeros((4, 4), bool)).size == 0
+    a, b = Labels(np.zeros((40, 50), np.int32)), Labels(np.zeros((40, 50), np.int32))
+    write_planes(a, [((), [mask])])
+    write_planes(b, [((), [pix])])
+    np.testing.assert_array_equal(a.data, b.data)
