@@ -212,3 +212,16 @@ def test_closing_the_dock_unbinds_its_keys(make_napari_viewer, qtbot, blobs):
     widget.deleteLater()
     qtbot.waitUntil(lambda: "Shift+S" not in {str(k) for k in viewer.keymap}, timeout=2000)
     viewer.add_image(blobs)  # layer events reach no deleted widget
+
+
+def test_image_removed_while_answering(make_napari_viewer, qtbot, blobs):
+    viewer = make_napari_viewer()
+    viewer.add_image(blobs, name="cells", scale=(2, 2))
+    widget = _dock(viewer, FakeSession(delay=0.02, tokens=20))
+    widget.chat.ask("Please segment the bright things")
+    qtbot.waitUntil(lambda: len(widget.chat.entries[-1].text) > 0)
+    viewer.layers.remove("cells")  # the user deletes the image meanwhile
+    _wait_idle(qtbot, widget)
+    labels = viewer.layers["cells MedPLIB"]  # masks still land, with the image's scale
+    assert labels.data.shape == blobs.shape
+    np.testing.assert_allclose(labels.scale, (2, 2))

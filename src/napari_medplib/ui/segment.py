@@ -46,6 +46,7 @@ class SegmentPanel(QWidget):
         self.preview: Any | None = None  # the preview Labels layer we own
         self.masks: list[np.ndarray] = []
         self._plane = None
+        self._image = None  # the image layer the preview belongs to
         self._worker = None
         self._dirty = False
         self._watched: list[Any] = []
@@ -131,10 +132,11 @@ class SegmentPanel(QWidget):
                 "no prompt on this plane: click '+ Points' or '+ Box / Shapes' and add one"
             )
             return
-        dock.with_session(lambda: self._run(plane, prompts))
+        image = dock.pickers.image_layer
+        dock.with_session(lambda: self._run(plane, image, prompts))
 
-    def _run(self, plane: Any, prompts: list[dict[str, Any]]) -> None:
-        self._plane = plane
+    def _run(self, plane: Any, image: Any, prompts: list[dict[str, Any]]) -> None:
+        self._plane, self._image = plane, image
         self._worker = start(
             _segment_all,
             self.dock.session,
@@ -158,7 +160,7 @@ class SegmentPanel(QWidget):
             or layer not in self.dock.viewer.layers
             or layer.data.shape != plane.spatial_shape
         ):
-            image = self.dock.pickers.image_layer
+            image = self._image
             layer = self.dock.viewer.add_labels(
                 np.zeros(plane.spatial_shape, dtype=np.int32),
                 name=f"{plane.name} prompt mask",
@@ -176,12 +178,11 @@ class SegmentPanel(QWidget):
     def _show(self, masks: list[np.ndarray]) -> None:
         self.masks = masks
         layer = self._preview_layer(self._plane)
-        data = np.array(layer.data, copy=True)
-        view = np.zeros(self._plane.plane_shape, dtype=data.dtype)
+        view = np.zeros(self._plane.plane_shape, dtype=layer.data.dtype)
         for k, mask in enumerate(masks):
             view[mask & (view == 0)] = k + 1
-        data[self._plane.index] = view
-        layer.data = data
+        layer.data[self._plane.index] = view  # our own preview: no undo history needed
+        layer.refresh()
 
     # ---- commit --------------------------------------------------------------------------------
     def commit(self) -> None:
@@ -190,7 +191,7 @@ class SegmentPanel(QWidget):
             return
         dock = self.dock
         try:
-            layer = dock.output_for(self._plane)
+            layer = dock.output_for(self._plane, image_layer=self._image)
             ids, written = write_planes(
                 layer, [(self._plane.index, self.masks)], replace=dock.pickers.replace.isChecked()
             )

@@ -351,11 +351,17 @@ class MedplibWidget(QWidget):
         self._worker = None
         self.chat.set_busy(self._loader is not None)
 
-    def output_for(self, plane: ImagePlane, chosen: Any | None = None) -> Any:
-        """The output Labels layer (made on first use and then kept as the choice)."""
+    def output_for(
+        self, plane: ImagePlane, chosen: Any | None = None, image_layer: Any | None = None
+    ) -> Any:
+        """The output Labels layer (made on first use and then kept as the choice).
+
+        ``image_layer`` is the layer the masks came from (it may have left the viewer meanwhile).
+        """
         layer = chosen if chosen is not None else self.pickers.output_layer
         if layer is None or layer not in self.viewer.layers:
-            layer = new_output_layer(self.viewer, self.pickers.image_layer, plane)
+            image = image_layer if image_layer is not None else self.pickers.image_layer
+            layer = new_output_layer(self.viewer, image, plane)
             self.pickers.set_output(layer)
         return layer
 
@@ -376,7 +382,7 @@ class MedplibWidget(QWidget):
         self.history.append(entry)
         if not masks:
             return ""
-        layer = self.output_for(q.plane, q.output)
+        layer = self.output_for(q.plane, q.output, q.image_layer)
         ids, written = write_planes(layer, planes, replace=q.replace)
         entry["label_ids"] = ids
         entry["labels_layer"] = layer.name
