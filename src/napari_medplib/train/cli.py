@@ -73,3 +73,17 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=_cmd_eval)
     return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m napari_medplib.train.cli train|eval ...`` (the same commands without the main CLI)."""
+    parser = argparse.ArgumentParser(prog="python -m napari_medplib.train.cli")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_eval_parser(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
