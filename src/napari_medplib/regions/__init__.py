@@ -50,6 +50,7 @@ Conventions:
   image plane.
 """
 
+from .annotations import merge_annotations
 from .layers import (
     regions_from_labels,
     regions_from_layer_data,
@@ -67,6 +68,7 @@ __all__ = [
     "RegionError",
     "RegionResult",
     "Skipped",
+    "merge_annotations",
     "regions_from_labels",
     "regions_from_layer_data",
     "regions_from_points",

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from .annotations import annotation_columns, merge_annotations
 from .region import POINT_SPAN, Region, RegionError
 from .result import RegionResult, Skipped
 from .transforms import plane_map
@@ -255,6 +256,8 @@ def regions_from_shapes(
     and lines become 3-px strokes. Class names come from the first of CLASS_COLUMNS found in
     ``features``. A shape is on the current plane when all its vertices are within half a pixel of
     it on every non-displayed axis; shapes of a layer with fewer axes than the image apply to any.
+    Shapes read from annotation files come back as one region per annotation: ``hole_of`` rows are
+    cut out of their polygon and ``feature_index`` parts merged (see `annotations`).
     """
     spatial = _plane_shape(image_shape, rgb)
     plane = spatial[-2:]
@@ -314,7 +317,8 @@ def regions_from_shapes(
             kept = _check(region, who, i, skipped)
             if kept is not None:
                 regions.append(kept)
-    return RegionResult(tuple(regions), tuple(skipped), plane)
+    result = RegionResult(tuple(regions), tuple(skipped), plane)
+    return merge_annotations(result, *annotation_columns(features, n))
 
 
 def _labels_plane(data: np.ndarray, pmap, plane: tuple[int, int]) -> np.ndarray:

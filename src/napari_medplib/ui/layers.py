@@ -172,71 +172,6 @@ def image_plane(layer: Any, dims: Any = None, *, max_pixels: int | None = None) 
 
 
 # ---- regions -------------------------------------------------------------------------------------
-def _feature(layer: Any, name: str, n: int) -> np.ndarray | None:
-    features = getattr(layer, "features", None)
-    if features is None or name not in getattr(features, "columns", ()):
-        return None
-    values = np.asarray(features[name], dtype=float)
-    return values if values.size == n else None
-
-
-def _union(regions: Sequence[Region], plane: tuple[int, int], minus: Sequence[Region] = ()):
-    """Mask region of the union of ``regions`` minus ``minus``, carrying the first one's info."""
-    mask = np.zeros(plane, dtype=bool)
-    for region in regions:
-        crop, (r0, c0) = region.crop(plane)
-        mask[r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]] |= crop
-    for hole in minus:
-        crop, (r0, c0) = hole.crop(plane)
-        mask[r0 : r0 + crop.shape[0], c0 : c0 + crop.shape[1]] &= ~crop
-    first = regions[0]
-    return Region.mask(
-        mask, label=first.label, source=first.source, index=first.index, image_shape=plane
-    )
-
-
-def merge_annotations(
-    result: RegionResult, hole_of: Any, feature_index: Any = None
-) -> RegionResult:
-    """Shapes read from annotation files -> one region per annotation.
-
-    A shape with ``hole_of[i] >= 0`` is a hole cut out of shape row ``hole_of[i]``; shapes sharing a
-    ``feature_index >= 0`` are parts of one annotation (a MultiPolygon). Holes whose polygon is not
-    on this plane are dropped; an annotation whose pixels all fall in holes is skipped.
-    """
-    if hole_of is None and feature_index is None:
-        return result
-    plane = tuple(result.image_shape)
-    n = 1 + max((r.index for r in result.regions if r.index is not None), default=-1)
-    size = max(n, len(hole_of) if hole_of is not None else 0)
-    holes_of = np.full(size, -1.0) if hole_of is None else np.asarray(hole_of, dtype=float)
-    parts_of = (
-        np.full(size, -1.0) if feature_index is None else np.asarray(feature_index, dtype=float)
-    )
-    holes: dict[int, list[Region]] = {}
-    groups: dict[Any, list[Region]] = {}
-    for region in result.regions:
-        i = region.index
-        if i is not None and i < holes_of.size and holes_of[i] >= 0:
-            holes.setdefault(int(holes_of[i]), []).append(region)
-            continue
-        part = i is not None and i < parts_of.size and parts_of[i] >= 0
-        key = ("feature", int(parts_of[i])) if part else ("row", i, id(region))
-        groups.setdefault(key, []).append(region)
-    if not holes and all(len(g) == 1 for g in groups.values()):
-        return result
-    merged = []
-    for parts in groups.values():
-        cut = [h for p in parts for h in holes.get(p.index, [])]
-        if len(parts) == 1 and not cut:
-            merged.append(parts[0])
-            continue
-        region = _union(parts, plane, cut)
-        if region.area:
-            merged.append(region)
-    return RegionResult(tuple(merged), result.skipped, result.image_shape)
-
-
 def _selected(layer: Any) -> set[int]:
     return {int(i) for i in getattr(layer, "selected_data", ()) or ()}
 
@@ -268,10 +203,6 @@ def layer_regions(
         result = regions_from_points(layer.data, layer.features, **common)
     elif kind == "shapes":
         result = regions_from_shapes(layer.data, layer.shape_type, layer.features, **common)
-        n = len(layer.data)
-        result = merge_annotations(
-            result, _feature(layer, "hole_of", n), _feature(layer, "feature_index", n)
-        )
     elif kind == "labels":
         data = layer.data[0] if layer.multiscale else layer.data
         result = regions_from_labels(data, layer.features, **common)
