@@ -20,6 +20,7 @@ from __future__ import annotations
 import atexit
 import io
 import json
+import os
 import random
 import shutil
 import tempfile
@@ -125,3 +126,17 @@ def tiny_session(seed: int = 0, **session_kwargs: Any):
 
     session_kwargs.setdefault("name", f"tiny-random-{seed}")
     return Session.from_model(tiny_model(seed), **session_kwargs)
+
+
+#: Environment variable that points at the reference fixture folder (``medplib-tiny-ref``).
+REFERENCE_FIXTURE_ENV = "MEDPLIB_TINY_REF"
+
+
+def reference_fixture_dir() -> Path:
+    """The tiny reference fixture: ``$MEDPLIB_TINY_REF``, else ``../shared/fixtures/medplib-tiny-ref``
+    next to the repository checkout. Not checked for existence: parity tests fail, not skip, without it.
+    """
+    if os.environ.get(REFERENCE_FIXTURE_ENV):
+        return Path(os.environ[REFERENCE_FIXTURE_ENV])
+    repo = Path(__file__).resolve().parents[2]  # src/napari_medplib/testing.py -> repository root
+    return repo.parent / "shared" / "fixtures" / "medplib-tiny-ref"

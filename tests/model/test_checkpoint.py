@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from pathlib import Path
@@ -15,10 +14,9 @@ from napari_medplib.model.checkpoint import CheckpointError, empty_parameters, m
 from napari_medplib.model.config import MedPLIBConfig, MoEConfig
 from napari_medplib.model.convert import TOKENIZER_FILES, save_pretrained, to_released_key
 from napari_medplib.model.medplib import MedPLIBModel
+from napari_medplib.testing import reference_fixture_dir
 
-FIXTURE = Path(
-    os.environ.get("MEDPLIB_TINY_REF", Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "medplib-tiny-ref")
-)
+FIXTURE = reference_fixture_dir()
 TINY_CLIP = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
              "image_size": 336, "patch_size": 14, "projection_dim": 8, "hidden_act": "quick_gelu",
              "layer_norm_eps": 1e-5, "num_channels": 3}

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
 from napari_medplib.model.config import CLIP_VIT_L14_336, CheckpointError, MedPLIBConfig, MoEConfig
+from napari_medplib.testing import reference_fixture_dir
 
-FIXTURE = Path(
-    os.environ.get("MEDPLIB_TINY_REF", Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "medplib-tiny-ref")
-)
+FIXTURE = reference_fixture_dir()
 
 
 def released_7b_config(tower: str = "/home/authors/clip-vit-large-patch14-336") -> dict:

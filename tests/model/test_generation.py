@@ -3,9 +3,7 @@ and the hidden states kept for <SEG> grounding."""
 
 from __future__ import annotations
 
-import os
 import threading
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,10 +14,9 @@ from napari_medplib.model.generation import (
     generate_tokens,
     select_next_token,
 )
+from napari_medplib.testing import reference_fixture_dir
 
-FIXTURE = Path(
-    os.environ.get("MEDPLIB_TINY_REF", Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "medplib-tiny-ref")
-)
+FIXTURE = reference_fixture_dir()
 
 
 def test_greedy_and_nucleus_selection():

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from napari_medplib.model.config import tiny_config
 from napari_medplib.model.medplib import MedPLIBModel
+from napari_medplib.testing import reference_fixture_dir
 
-FIXTURE = Path(
-    os.environ.get("MEDPLIB_TINY_REF", Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "medplib-tiny-ref")
-)
+FIXTURE = reference_fixture_dir()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from napari_medplib.model.config import MoEConfig
-from napari_medplib.model.moe import MoEFeedForward, capacity_drops, moe_forward_reference, route_tokens
+from napari_medplib.model.moe import (
+    MoEFeedForward,
+    capacity_drops,
+    moe_forward_reference,
+    route_tokens,
+)
 
 HIDDEN, INTER = 16, 24
 

@@ -8,16 +8,14 @@ The fixture must be present (it is in CI): its absence is a failure, not a skip.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-FIXTURE = Path(
-    os.environ.get("MEDPLIB_TINY_REF", Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "medplib-tiny-ref")
-)
+from napari_medplib.testing import reference_fixture_dir
+
+FIXTURE = reference_fixture_dir()
 TOL = 1e-4
 
 

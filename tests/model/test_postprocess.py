@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,13 +10,17 @@ import pytest
 import torch
 from PIL import Image
 
-from napari_medplib.model.postprocess import masks_from_logits, postprocess_masks, reference_kept_band
+from napari_medplib.model.postprocess import (
+    masks_from_logits,
+    postprocess_masks,
+    reference_kept_band,
+)
 from napari_medplib.model.preprocess import centre_pad_offsets, resize_longest_side_hw
+from napari_medplib.testing import reference_fixture_dir
 
 
 def fixture_dir() -> Path:
-    default = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "medplib-tiny-ref"
-    path = Path(os.environ.get("MEDPLIB_TINY_REF", default))
+    path = reference_fixture_dir()
     assert path.is_dir(), f"reference fixture not found at {path} (set MEDPLIB_TINY_REF)"
     return path
 

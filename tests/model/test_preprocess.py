@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +19,12 @@ from napari_medplib.model.preprocess import (
     resize_longest_side_hw,
     to_rgb_uint8,
 )
+from napari_medplib.testing import reference_fixture_dir
 
 
 def fixture_dir() -> Path:
     """The tiny reference fixture; tests fail (not skip) when it is missing."""
-    default = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "medplib-tiny-ref"
-    path = Path(os.environ.get("MEDPLIB_TINY_REF", default))
+    path = reference_fixture_dir()
     assert path.is_dir(), f"reference fixture not found at {path} (set MEDPLIB_TINY_REF)"
     return path
 

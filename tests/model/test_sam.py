@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +20,13 @@ from napari_medplib.model.sam import (
     our_key_to_reference,
     reference_key_to_ours,
 )
+from napari_medplib.testing import reference_fixture_dir
 
 PREFIX = "model.visual_model."
 
 
 def fixture_dir() -> Path:
-    default = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "medplib-tiny-ref"
-    path = Path(os.environ.get("MEDPLIB_TINY_REF", default))
+    path = reference_fixture_dir()
     assert path.is_dir(), f"reference fixture not found at {path} (set MEDPLIB_TINY_REF)"
     return path
 

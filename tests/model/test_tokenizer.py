@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 import pytest
 
@@ -16,10 +14,9 @@ from napari_medplib.model.tokenizer import (
     get_template,
     tokenize_prompt,
 )
+from napari_medplib.testing import reference_fixture_dir
 
-FIXTURE = Path(
-    os.environ.get("MEDPLIB_TINY_REF", Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "medplib-tiny-ref")
-)
+FIXTURE = reference_fixture_dir()
 
 
 @pytest.fixture(scope="module")
