@@ -1,4 +1,4 @@
-"""A fake `Session` that follows notes/session_contract.md with tiny numpy logic (no model).
+"""A fake `Session` that follows the `Session` contract (engine/session.py docstring) with tiny numpy logic (no model).
 
 It normalises the plane with `imaging.to_model_rgb` as the engine does, answers in words, and
 "grounds" by thresholding at the mean inside the regions (or the whole plane). ``delay`` sleeps per

@@ -1,6 +1,6 @@
 """`Session`: one resident MedPLIB model, its caches, and ``ask`` / ``ask_stream`` / ``segment``.
 
-Contract (shared with the napari widget and the CLI; see ``notes/session_contract.md``)::
+Contract (the napari widget, the CLI and scripts rely on it; see also DESIGN.md "Interfaces")::
 
     session = Session.load(source=None, device="auto", dtype=None, on_progress=None)
     reply = session.ask(image, question, regions=(), *, max_new_tokens=256, temperature=0.0, top_p=1.0,
