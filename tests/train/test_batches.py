@@ -72,14 +72,14 @@ def test_multi_turn_has_one_image_one_bos_and_masks_in_seg_order(tokenizer):
 def test_seg_count_mismatch_is_a_clear_error(tokenizer):
     conv = Conversation("Segment it.", "It is <SEG>.", "grounding", "semantic", target_masks=[np.zeros((4, 4), bool)])
     conv.target_masks = []
-    with pytest.raises(BatchError, match="1 <SEG> token.*0 target mask"):
+    with pytest.raises(BatchError, match=r"1 <SEG> token.*0 target mask"):
         build_sequence(tokenizer, [conv], (4, 4))
     with pytest.raises(BatchError, match="at least one"):
         build_sequence(tokenizer, [], (4, 4))
 
 
 def test_pack_filters_tasks_and_chunks(tokenizer):
-    sample, convs = next(synthetic_items(1, seed=3, n_per_task=3, size=(64, 64)))
+    _, convs = next(synthetic_items(1, seed=3, n_per_task=3, size=(64, 64)))
     chunks = pack_conversations(convs, ["vqa", "region_vqa"], 2, np.random.default_rng(0))
     flat = [c for chunk in chunks for c in chunk]
     assert all(len(c) <= 2 for c in chunks)

@@ -110,7 +110,7 @@ def test_missing_seg_scores_zero(scripted, monkeypatch):
 
 
 def test_table_lists_metrics_floors_and_models():
-    results = {name: {"metrics": {k: 0.5 for k in ev.FLOORS}, "routing_shares": {"vqa": [0.1, 0.9]}} for name in ("moe", "dense")}
+    results = {name: {"metrics": dict.fromkeys(ev.FLOORS, 0.5), "routing_shares": {"vqa": [0.1, 0.9]}} for name in ("moe", "dense")}
     table = ev.format_table(results)
     lines = table.splitlines()
     assert lines[0].split() == ["metric", "moe", "dense", "floor"]

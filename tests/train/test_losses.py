@@ -8,7 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from napari_medplib.train.losses import dice_score, iou_mse, mask_bce, mask_dice, mask_losses, token_ce
+from napari_medplib.train.losses import (
+    dice_score,
+    iou_mse,
+    mask_bce,
+    mask_dice,
+    mask_losses,
+    token_ce,
+)
 
 
 def test_token_ce_is_shifted_and_ignores_masked_labels():
@@ -46,7 +53,7 @@ def test_dice_loss_and_bce_on_known_masks():
 def test_mask_losses_weight_groups_by_mask_count():
     t1, t2 = torch.ones(1, 4, 4), torch.zeros(3, 2, 2)
     l1, l2 = torch.zeros(1, 4, 4), torch.full((3, 2, 2), 3.0)
-    bce, dice = mask_losses([l1, l2], [t1, t2])
+    bce, _ = mask_losses([l1, l2], [t1, t2])
     expected = (mask_bce(l1, t1) * 1 + mask_bce(l2, t2) * 3) / 4
     assert bce.item() == pytest.approx(expected.item())
     with pytest.raises(ValueError, match="one target per mask group"):

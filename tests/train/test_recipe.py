@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import pytest
-
-from napari_medplib.train.recipe import RECIPES_DIR, RecipeError, find_recipe, load_recipe, parse_recipe
-
 from train_micro import micro_recipe, micro_stages
+
+from napari_medplib.train.recipe import (
+    RECIPES_DIR,
+    RecipeError,
+    find_recipe,
+    load_recipe,
+    parse_recipe,
+)
 
 
 @pytest.mark.parametrize("name", ["tiny-cpu", "gpu"])
@@ -26,7 +31,7 @@ def test_recipe_by_path_and_unknown_name(tmp_path):
     path.write_text('[[stages]]\nname = "a"\nkind = "sam"\ntrain = ["sam.*"]\n')
     assert find_recipe(path) == path
     assert load_recipe(path).stages[0].name == "a"
-    with pytest.raises(RecipeError, match="not found.*tiny-cpu"):
+    with pytest.raises(RecipeError, match=r"not found.*tiny-cpu"):
         find_recipe("no-such-recipe")
 
 
@@ -35,9 +40,9 @@ def test_unknown_keys_are_named():
     stages[0]["lerning_rate"] = 1.0
     with pytest.raises(RecipeError, match="lerning_rate"):
         micro_recipe(stages=stages)
-    with pytest.raises(RecipeError, match="unknown key.*hidden"):
+    with pytest.raises(RecipeError, match=r"unknown key.*hidden"):
         parse_recipe({"model": {"hidden": 3}, "stages": micro_stages()})
-    with pytest.raises(RecipeError, match="top-level.*epochs"):
+    with pytest.raises(RecipeError, match=r"top-level.*epochs"):
         parse_recipe({"epochs": 3, "stages": micro_stages()})
 
 
@@ -66,7 +71,7 @@ def test_bad_stage_values(key, value, message):
 def test_invalid_toml_names_the_file(tmp_path):
     path = tmp_path / "broken.toml"
     path.write_text("[[stages]\n")
-    with pytest.raises(RecipeError, match="broken.toml is not valid TOML"):
+    with pytest.raises(RecipeError, match=r"broken\.toml is not valid TOML"):
         load_recipe(path)
 
 

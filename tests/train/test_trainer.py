@@ -3,6 +3,7 @@ stages II and III, an interrupted run resumes to the same weights, checkpoints l
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -119,7 +120,7 @@ def test_moe_stage_starts_from_stages_two_and_three(run):
 
 
 def test_interrupted_run_resumes_to_the_same_weights(run, one_sample, tmp_path):
-    trainer, final = run
+    _, final = run
     messages = []
     interrupted = Trainer(micro_recipe(STEPS, one_sample), tmp_path, progress=False, log=messages.append)
     with pytest.raises(Interrupted):
@@ -161,7 +162,7 @@ def test_learning_rate_warms_up_then_decays():
     stage.warmup_steps, stage.steps, stage.lr = 2, 10, 1.0
     lrs = [learning_rate(stage, s) for s in range(10)]
     assert lrs[0] == 0.5 and lrs[1] == 1.0 and lrs[2] == 1.0
-    assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False)) and lrs[-1] < 0.2
+    assert all(a >= b for a, b in itertools.pairwise(lrs[1:])) and lrs[-1] < 0.2
 
 
 @torch.no_grad()
@@ -189,7 +190,7 @@ def test_labels_sit_on_the_expanded_answer_positions(run):
 def test_reduced_real_evaluation_has_sane_bounds(run):
     from napari_medplib.train.evaluate import evaluate_model, heldout
 
-    trainer, final = run
+    _, final = run
     model = MedPLIBModel.from_pretrained(final)
     result = evaluate_model(model, heldout(1, n_per_task=1, size=64, styles=["nuclei"]), max_new_tokens=4,
                             instances_per_image=2)

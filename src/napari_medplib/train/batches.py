@@ -110,7 +110,7 @@ def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: t
         prompt_ids = tokenize_prompt(prompt, tokenizer)
         if turn > 0:
             prompt_ids = prompt_ids[1:]  # one BOS per sequence
-        answer_ids = tokenizer.encode(conv.answer, add_bos=False) + [tokenizer.eos_token_id]
+        answer_ids = [*tokenizer.encode(conv.answer, add_bos=False), tokenizer.eos_token_id]
         n_seg = answer_ids.count(tokenizer.seg_token_id)
         if n_seg != len(conv.target_masks):
             raise BatchError(f"answer {conv.answer!r} has {n_seg} <SEG> token(s) but {len(conv.target_masks)} target mask(s)")

@@ -20,10 +20,11 @@ wrong thing. No torch here.
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 #: Where the recipes shipped with the package live (``medplib train tiny-cpu`` finds them by name).
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
