@@ -21,6 +21,7 @@ Only the chosen experts run, each on the tokens routed to it (gather -> expert -
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -151,6 +152,18 @@ def moe_forward_reference(
     return output, RoutingRecord(router_logits, expert_ids, gate_probs, combine)
 
 
+@functools.lru_cache(maxsize=1)
+def _triton_dispatch():
+    """``napari_medplib.kernels.dispatch`` when Triton is installed, else None (PyTorch path only)."""
+    try:
+        import triton  # noqa: F401
+
+        from ..kernels import dispatch
+    except ImportError:
+        return None
+    return dispatch
+
+
 # ---------------------------------------------------------------------------- modules
 class ExpertMLP(nn.Module):
     """One expert: a LLaMA MLP (same parameter names as ``LlamaMLP``)."""
@@ -182,6 +195,7 @@ class MoEFeedForward(nn.Module):
         self.record_routing = True
         self.last_routing: RoutingRecord | None = None
         self.generator: torch.Generator | None = None  # for RTS / Gumbel; None = global RNG
+        self.use_kernels = True  # CUDA inference: Triton fused_moe when the config allows it
 
     def router_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """[S, D] -> [S, E] in ``router_dtype`` (fp32: the reference casts ``wg`` and x to fp32)."""
@@ -198,6 +212,12 @@ class MoEFeedForward(nn.Module):
         cfg = self.config
         batch_shape = hidden_states.shape[:-1]
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # [S, D]
+        kernels = _triton_dispatch() if self.use_kernels and tokens.is_cuda else None
+        if kernels is not None and kernels.supports(self, tokens):
+            output, record = kernels.fused_forward(self, tokens)
+            if self.record_routing:
+                self.last_routing = record
+            return output.view(*batch_shape, -1)
         logits = self.router_logits(tokens)  # [S, E] fp32
         policy = cfg.second_expert_policy
         expert_ids, gate_probs, combine = route_tokens(logits, cfg.top_k, cfg.renormalize, policy, self.generator)
