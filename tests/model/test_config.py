@@ -34,13 +34,25 @@ def released_7b_config(tower: str = "/home/authors/clip-vit-large-patch14-336") 
 def test_fixture_config():
     assert FIXTURE.is_dir(), f"reference fixture not found at {FIXTURE} (set MEDPLIB_TINY_REF)"
     cfg = MedPLIBConfig.from_pretrained(FIXTURE)
-    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size, cfg.head_dim) == (128, 4, 907, 32)
-    assert cfg.rms_norm_eps == 1e-5 and cfg.rope_theta == 10000.0
-    assert cfg.moe == MoEConfig(num_experts=2, top_k=1, moe_layers=None, capacity_factor=1.5, eval_capacity_factor=2.0)
+    raw = json.loads((FIXTURE / "config.json").read_text())
+    heads = raw["num_attention_heads"]
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (
+        raw["hidden_size"], raw["num_hidden_layers"], raw["vocab_size"])
+    assert cfg.head_dim == raw["hidden_size"] // heads and cfg.rms_norm_eps == raw["rms_norm_eps"]
+    assert cfg.rope_theta == raw.get("rope_theta", 10000.0)
+    moe = raw["moe"]
+    assert cfg.moe == MoEConfig(
+        num_experts=moe["num_experts"][0], top_k=moe["top_k_experts"],
+        moe_layers=None if moe["moe_layers_idx"] == list(range(raw["num_hidden_layers"])) else tuple(moe["moe_layers_idx"]),
+        capacity_factor=moe["capacity_factor"], eval_capacity_factor=moe["eval_capacity_factor"],
+    )
     assert not cfg.moe.renormalize
     # mm_vision_tower "clip" is resolved against the checkpoint folder.
-    assert cfg.vision_config["hidden_size"] == 64 and cfg.vision_config["num_hidden_layers"] == 3
-    assert cfg.num_patches == 576 and cfg.mm_hidden_size == 64
+    vision = json.loads((FIXTURE / raw["mm_vision_tower"] / "config.json").read_text())["vision_config"]
+    assert cfg.vision_config["hidden_size"] == vision["hidden_size"]
+    assert cfg.vision_config["num_hidden_layers"] == vision["num_hidden_layers"]
+    assert cfg.num_patches == (vision["image_size"] // vision["patch_size"]) ** 2
+    assert cfg.mm_hidden_size == raw["mm_hidden_size"] == vision["hidden_size"]
 
 
 def test_released_7b_config_with_author_path_falls_back_to_known_clip(tmp_path):

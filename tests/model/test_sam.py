@@ -202,9 +202,18 @@ def test_decode_with_prompts_shapes_and_sensitivity(sam):
 
 def test_infer_config_reads_fixture_dims(weights):
     config = infer_sam_config(weights)
-    assert (config.embed_dim, config.depth, config.num_heads) == (64, 2, 2)
-    assert config.global_attn_indexes == (1,) and config.window_size == 14
-    assert config.adapter_hidden == 16 and config.patch_size == 16 and config.image_size == 256
+    # Expected values read off the tensors by hand (works for any fixture built like this one).
+    embed_dim, _, patch, _ = weights["image_encoder.patch_embed.proj.weight"].shape
+    blocks = sorted({int(k.split(".")[2]) for k in weights if k.startswith("image_encoder.blocks.")})
+    rel_rows = [weights[f"image_encoder.blocks.{b}.attn.rel_pos_h"].shape[0] for b in blocks]
+    head_dim = weights["image_encoder.blocks.0.attn.rel_pos_h"].shape[1]
+    grid = 256 // patch
+    assert (config.embed_dim, config.depth, config.num_heads) == (embed_dim, len(blocks), embed_dim // head_dim)
+    assert config.global_attn_indexes == tuple(b for b, rows in zip(blocks, rel_rows, strict=True) if rows == 2 * grid - 1)
+    assert config.window_size == 14  # the windowed blocks' rel_pos rows are 2 * 14 - 1
+    assert all(rows == 27 for b, rows in zip(blocks, rel_rows, strict=True) if b not in config.global_attn_indexes)
+    adapter = next(v for k, v in weights.items() if k.startswith("image_encoder.blocks.0.Adapter") and v.ndim == 2)
+    assert config.adapter_hidden == min(adapter.shape) and config.patch_size == patch and config.image_size == 256
     assert (config.prompt_embed_dim, config.mask_in_chans, config.decoder_depth) == (256, 16, 2)
     assert (config.decoder_mlp_dim, config.num_multimask_outputs, config.iou_head_depth) == (2048, 3, 3)
 

@@ -34,8 +34,11 @@ def test_special_token_ids_follow_reference_order(tok):
     spec = json.loads((FIXTURE / "cases.json").read_text())["special_token_ids"]
     for token, idx in spec.items():
         assert tok.token_to_id(token) == idx
-    assert len(tok) == 640 + 267
-    assert [tok.id_to_token(640 + i) for i in range(len(MEDPLIB_ADDED_TOKENS))] == MEDPLIB_ADDED_TOKENS
+    import sentencepiece
+
+    base = sentencepiece.SentencePieceProcessor(model_file=str(FIXTURE / "tokenizer.model")).get_piece_size()
+    assert len(tok) == base + 267
+    assert [tok.id_to_token(base + i) for i in range(len(MEDPLIB_ADDED_TOKENS))] == MEDPLIB_ADDED_TOKENS
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 0)
 
 
