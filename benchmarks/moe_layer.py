@@ -1,0 +1,185 @@
+"""One MoE FFN layer, three implementations timed in one run on the same GPU.
+
+(a) ``capacity``: the reference's structure (DeepSpeed GShard-style, our own code from its
+    description): fp32 gate -> softmax -> argmax one-hot -> host sync on expert counts -> capacity
+    C = ceil(k*S/E * eval_cf) -> random-token-selection top-C -> dense [S, E, C] combine tensor ->
+    dispatch einsum -> every expert on all C slots -> combine einsum.
+(b) ``loop``: a strong PyTorch loop over experts (``model.moe.moe_forward_reference``: gather each
+    expert's tokens -> 2 cuBLAS GEMMs + SiLU -> scale -> index_add).
+(c) ``fused``: ``kernels.moe.fused_moe`` (Triton: route, align, gate/up+SiLU*up, down*weight).
+
+Shapes: LLaMA-7B FFN (4096/11008) with MedPLIB's 2 experts top-1, and 4 experts top-2 + a shared
+(meta) expert; prefill 1k/2k tokens and decode batch 1/8; bf16. Prints ms per call and the ratios
+a/c and b/c, plus the max relative error of (a) and (c) against (b).
+
+    python benchmarks/moe_layer.py                 # needs a CUDA GPU
+    python benchmarks/moe_layer.py --json out.json # also write the numbers
+    python benchmarks/moe_layer.py --smoke         # CPU, toy shapes, Triton interpreter: code paths only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+CASES = [("prefill", 1024), ("prefill", 2048), ("decode", 1), ("decode", 8)]
+CONFIGS = [dict(name="2e-top1", experts=2, top_k=1, shared=False), dict(name="4e-top2+meta", experts=4, top_k=2, shared=True)]
+
+
+def capacity_moe(x, router_w, experts, top_k=1, eval_capacity_factor=2.0, shared=None, generator=None):
+    """(a) GShard/DeepSpeed-style dense dispatch. x [S, D]; experts[e] = (gate [I, D], up [I, D], down [D, I])."""
+    import torch
+    import torch.nn.functional as F
+
+    num_tokens, num_experts = x.shape[0], router_w.shape[0]
+    logits = F.linear(x.float(), router_w.float())
+    gates = torch.softmax(logits, dim=-1)  # [S, E]
+    capacity = math.ceil(top_k * num_tokens / num_experts * eval_capacity_factor)
+    masks, scores = [], logits.clone()
+    for _ in range(top_k):
+        idx = scores.argmax(dim=-1)
+        masks.append(F.one_hot(idx, num_experts))  # [S, E]
+        scores = scores.masked_fill(masks[-1].bool(), float("-inf"))
+    exp_counts = masks[0].sum(0).to("cpu")  # the per-layer device->host sync of the reference
+    del exp_counts
+    if top_k == 1:  # random token selection: keep a random top-C of each expert's tokens
+        uniform = torch.rand(masks[0].shape, device=x.device, generator=generator)
+        top_idx = torch.topk(masks[0] * uniform, k=min(capacity, num_tokens), dim=0).indices
+        masks[0] = masks[0] * torch.zeros_like(masks[0]).scatter_(0, top_idx, 1)
+    combine = torch.zeros(num_tokens, num_experts, capacity, device=x.device, dtype=torch.float32)
+    offset = torch.zeros(num_experts, device=x.device, dtype=torch.long)
+    gate_sum = sum((gates * m).sum(1) for m in masks) if top_k > 1 else None
+    for mask in masks:
+        locations = torch.cumsum(mask, dim=0) - 1 + offset  # [S, E]
+        mask = mask * (locations < capacity)
+        offset = offset + mask.sum(0)
+        gate_s = (gates * mask).sum(1)  # [S]
+        if gate_sum is not None:
+            gate_s = gate_s / gate_sum.clamp_min(torch.finfo(torch.float32).eps)
+        loc_s = (locations * mask).sum(1)  # [S]
+        combine += gate_s[:, None, None] * mask[:, :, None] * F.one_hot(loc_s, capacity)[:, None, :]
+    dispatch = combine.bool().to(x.dtype)
+    dispatched = torch.einsum("sec,sm->ecm", dispatch, x)  # [E, C, D]
+    expert_out = torch.stack(
+        [F.linear(F.silu(F.linear(dispatched[e], g)) * F.linear(dispatched[e], u), d) for e, (g, u, d) in enumerate(experts)]
+    )
+    out = torch.einsum("sec,ecm->sm", combine.to(x.dtype), expert_out)
+    if shared is not None:
+        g, u, d = shared
+        out = out + F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+    return out
+
+
+def _weights(cfg, hidden, inter, dtype, device, seed=0):
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float32) / shape[-1] ** 0.5).to(device, dtype)
+
+    num_experts = cfg["experts"]
+    w = dict(router_w=rnd(num_experts, hidden).float() * 4, gate_w=rnd(num_experts, inter, hidden),
+             up_w=rnd(num_experts, inter, hidden), down_w=rnd(num_experts, hidden, inter))
+    w["shared"] = (rnd(inter, hidden), rnd(inter, hidden), rnd(hidden, inter)) if cfg["shared"] else None
+    return w
+
+
+def _timer(fn, device, warmup, iters):
+    """Median ms of fn() (CUDA events on GPU, perf_counter on CPU)."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def run(hidden, inter, cases, device, dtype, warmup, iters):
+    import torch
+
+    from napari_medplib.kernels.moe import fused_moe
+    from napari_medplib.model.moe import moe_forward_reference
+
+    rows = []
+    for cfg in CONFIGS:
+        w = _weights(cfg, hidden, inter, dtype, device)
+        experts = [(w["gate_w"][e], w["up_w"][e], w["down_w"][e]) for e in range(cfg["experts"])]
+        k = cfg["top_k"]
+        for phase, num_tokens in cases:
+            x = torch.randn(num_tokens, hidden, device=device, dtype=dtype)
+            impls = {
+                "capacity": lambda: capacity_moe(x, w["router_w"], experts, k, shared=w["shared"]),
+                "loop": lambda: moe_forward_reference(x, w["router_w"], experts, None, k, None, w["shared"])[0],
+                "fused": lambda: fused_moe(x, w["router_w"], w["gate_w"], w["up_w"], w["down_w"], top_k=k, shared=w["shared"])[0],
+            }
+            with torch.no_grad():
+                outs = {name: fn() for name, fn in impls.items()}
+                ref = outs["loop"].float()
+                errs = {name: ((o.float() - ref).norm() / ref.norm()).item() for name, o in outs.items()}
+                ms = {name: _timer(fn, device, warmup, iters) for name, fn in impls.items()}
+            row = dict(config=cfg["name"], phase=phase, tokens=num_tokens, ms=ms, rel_err_vs_loop=errs,
+                       speedup_vs_capacity=ms["capacity"] / ms["fused"], speedup_vs_loop=ms["loop"] / ms["fused"])
+            rows.append(row)
+            print(f"{cfg['name']:>13} {phase:>7} S={num_tokens:<5} capacity {ms['capacity']:9.3f} ms  loop {ms['loop']:9.3f} ms"
+                  f"  fused {ms['fused']:9.3f} ms  a/c {row['speedup_vs_capacity']:5.2f}x  b/c {row['speedup_vs_loop']:5.2f}x"
+                  f"  err(a) {errs['capacity']:.1e} err(c) {errs['fused']:.1e}", flush=True)
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="CPU toy shapes under the Triton interpreter (no timing value)")
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=20)
+    parser.add_argument("--json", default=None, help="write the rows to this file")
+    args = parser.parse_args(argv)
+
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
+    import torch
+
+    if args.smoke:
+        device, dtype = torch.device("cpu"), torch.float32
+        hidden, inter, cases, warmup, iters = 64, 96, [("prefill", 40), ("decode", 1), ("decode", 3)], 0, 1
+        print("smoke run: CPU, toy shapes, Triton interpreter -- timings mean nothing", flush=True)
+    else:
+        if not torch.cuda.is_available():
+            print("moe_layer.py needs a CUDA GPU (none found); use --smoke for a CPU check of the code paths")
+            return 0
+        device, dtype = torch.device("cuda"), torch.bfloat16
+        hidden, inter, cases, warmup, iters = args.hidden, args.intermediate, CASES, args.warmup, args.iters
+        print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16  D={hidden} I={inter}", flush=True)
+    rows = run(hidden, inter, cases, device, dtype, warmup, iters)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(dict(device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu-smoke"), rows=rows), fh, indent=1)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    bad = [r for r in rows if max(r["rel_err_vs_loop"].values()) > tol]
+    if bad:
+        print(f"MISMATCH: {len(bad)} case(s) disagree with the loop baseline beyond {tol}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
