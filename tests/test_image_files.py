@@ -68,3 +68,15 @@ def test_parse_plane_arg():
     assert parse_plane_arg("z=3, T=0") == {"Z": 3, "T": 0}
     with pytest.raises(ImageFileError):
         parse_plane_arg("Z:3")
+
+
+def test_planar_samples_tiff_are_channels(tmp_path):
+    data = np.arange(3 * 6 * 7, dtype=np.uint16).reshape(3, 6, 7)
+    tifffile.imwrite(tmp_path / "p.tif", data)  # tifffile stores this as one planar 3-sample page ("SYX")
+    plane, info = read_plane(tmp_path / "p.tif")
+    np.testing.assert_array_equal(plane, np.moveaxis(data, 0, -1))
+    np.testing.assert_array_equal(read_plane(tmp_path / "p.tif", channel=2)[0], data[2])
+    with pytest.raises(ImageFileError, match="drop --plane"):
+        read_plane(tmp_path / "p.tif", plane=1)
+    with pytest.raises(ImageFileError, match="channel 3"):
+        read_plane(tmp_path / "p.tif", channel=3)

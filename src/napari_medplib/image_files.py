@@ -43,6 +43,8 @@ def _parse_plane(plane: int | Mapping[str, int] | None, free_axes: list[tuple[st
     if plane is None:
         chosen: dict[str, int] = {}
     elif isinstance(plane, int):
+        if not free_axes:
+            raise ImageFileError(f"{path.name}: is a single plane (no Z/T/... axis); drop --plane")
         if len(free_axes) != 1:
             raise ImageFileError(
                 f"{path.name}: has axes {''.join(names) or 'none'} besides the plane; "
@@ -88,18 +90,27 @@ def _read_tiff(path: Path, plane: int | Mapping[str, int] | None, channel: int |
         channel_axis = "C" if "C" in lead else None
         free = [(a, n) for a, n in zip(lead, shape[: len(lead)], strict=True) if a != channel_axis]
         chosen = _parse_plane(plane, free, path)
+        samples = _SAMPLE_AXIS in page_axes
         n_channels = shape[lead.index("C")] if channel_axis else 1
-        if channel is not None and not 0 <= channel < max(n_channels, 1):
-            raise ImageFileError(f"{path.name}: channel {channel} is out of range; it has {n_channels} channel(s)")
-        if _SAMPLE_AXIS in page_axes and n_channels > 1 and channel is None:
+        n_samples = shape[axes.index(_SAMPLE_AXIS)] if samples else 1
+        # Without a C axis, the samples of a page (RGB, or planar "SYX" stacks) are the channels.
+        n_pickable = n_channels if channel_axis else n_samples
+        if channel is not None and not 0 <= channel < n_pickable:
+            raise ImageFileError(f"{path.name}: channel {channel} is out of range; it has {n_pickable} channel(s)")
+        if samples and n_channels > 1 and channel is None:
             raise ImageFileError(f"{path.name}: has both colour samples and channels; choose one with --channel")
         lead_shape = shape[: len(lead)]
-        channels = [channel] if channel is not None else list(range(n_channels))
+        channels = [channel] if channel is not None and channel_axis else list(range(n_channels))
         planes = []
         for c in channels:
             index = tuple(c if a == channel_axis else chosen[a] for a in lead)
             page = int(np.ravel_multi_index(index, lead_shape)) if lead else 0
-            planes.append(series.pages[page].asarray())  # reads this page only
+            data = series.pages[page].asarray()  # reads this page only
+            if samples:
+                data = np.moveaxis(data, page_axes.index(_SAMPLE_AXIS), -1)  # samples last
+                if channel is not None and not channel_axis:
+                    data = data[..., channel]
+            planes.append(data)
     data = planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)
     return data, PlaneInfo(path, axes, shape, chosen, channel)
 
