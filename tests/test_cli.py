@@ -249,3 +249,13 @@ def test_progress_line_only_on_a_terminal(capsys):
     progress("loading", 2, 2)
     err = capsys.readouterr().err
     assert "loading" in err and "2/2" in err and err.endswith("\n")
+
+
+def test_train_and_eval_are_subcommands(capsys):
+    import pytest
+
+    for command in ("train", "eval"):
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert f"medplib {command}" in capsys.readouterr().out

@@ -281,6 +281,11 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--regions", default=None, metavar="FILE", help="one mask per shape in this file")
     seg.add_argument("--multimask", action="store_true", help="pick the best of SAM's 3 candidates")
     seg.set_defaults(func=_cmd_segment)
+
+    from .train.cli import add_eval_parser, add_train_parser  # light: argparse only until a command runs
+
+    add_train_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 
