@@ -32,6 +32,8 @@ class TileConfig:
     gemv_block_n: int = 64
     gemv_block_k: int = 128
     decode_max_tokens: int = 2  # at most this many tokens -> gemv path
+    num_warps: int = 4
+    num_stages: int = 3
 
 
 def default_tiles(num_tokens: int, hidden: int, inter: int) -> TileConfig:
@@ -39,7 +41,20 @@ def default_tiles(num_tokens: int, hidden: int, inter: int) -> TileConfig:
         block_n = min(max(next_pow2(max(hidden, inter)), 16), 128)
         return TileConfig(16, block_n, min(max(next_pow2(hidden), 16), 128), block_n, 128, 2)
     block_m = 16 if num_tokens <= 64 else (32 if num_tokens <= 512 else 64)
-    return TileConfig(block_m=block_m, block_n=128 if num_tokens > 512 else 64, block_k=64)
+    if num_tokens > 512:
+        return TileConfig(block_m=block_m, block_n=128, block_k=64, num_warps=8)
+    return TileConfig(block_m=block_m, block_n=64, block_k=64)
+
+
+def _gemv_block_n(n: int, num_pairs: int, tiles: TileConfig) -> int:
+    """Largest tile <= tiles.gemv_block_n that still gives >= ~2 waves of programs on an H100 (132 SMs):
+    a decode GEMV is bandwidth-bound and needs every SM streaming weights."""
+    block_n = tiles.gemv_block_n
+    if INTERPRET:
+        return block_n
+    while block_n > 16 and triton.cdiv(n, block_n) * num_pairs < 264:
+        block_n //= 2
+    return block_n
 
 
 def _check(x, router_w, gate_w, up_w, down_w, router_b, shared, top_k) -> None:
@@ -85,14 +100,15 @@ def _expert_ffn(tokens, gate_w, up_w, down_w, expert_ids, weights, out_slots, sl
     mul = weights is not None
     wptr = weights.reshape(-1) if mul else h
     if gemv:
-        bn, bk = tiles.gemv_block_n, tiles.gemv_block_k
+        bn, bk = _gemv_block_n(inter, num_pairs, tiles), tiles.gemv_block_k
         ffn._gate_up_gemv_kernel[(num_pairs, triton.cdiv(inter, bn))](
             tokens, gate_w, up_w, h, ids, hidden, inter, tokens.stride(0), gate_w.stride(0), gate_w.stride(1),
-            h.stride(0), TOP_K=top_k, HAS_IDS=has_ids, BLOCK_N=bn, BLOCK_K=bk)
+            h.stride(0), TOP_K=top_k, HAS_IDS=has_ids, BLOCK_N=bn, BLOCK_K=bk, num_warps=tiles.num_warps)
+        bn = _gemv_block_n(hidden, num_pairs, tiles)
         ffn._down_gemv_kernel[(num_pairs, triton.cdiv(hidden, bn))](
             h, down_w, out_rows, wptr, ids, inter, hidden, h.stride(0), down_w.stride(0), down_w.stride(1),
             out_rows.stride(0), TOP_K=top_k, SLOTS=slots, SLOT_OFFSET=slot_offset, HAS_IDS=has_ids,
-            MUL_WEIGHT=mul, BLOCK_N=bn, BLOCK_K=bk)
+            MUL_WEIGHT=mul, BLOCK_N=bn, BLOCK_K=bk, num_warps=tiles.num_warps)
         return
     bm = tiles.block_m
     if has_ids:
@@ -108,13 +124,15 @@ def _expert_ffn(tokens, gate_w, up_w, down_w, expert_ids, weights, out_slots, sl
         tokens, gate_w, up_w, h, sorted_ids, block_expert, num_pairs, hidden, inter,
         tokens.stride(0), gate_w.stride(0), gate_w.stride(1), h.stride(0),
         TOP_K=top_k, BLOCK_M=bm, BLOCK_N=tiles.block_n, BLOCK_K=tiles.block_k,
-        UPCAST=INTERPRET and tokens.dtype != torch.float32, PRECISION=precision)
+        UPCAST=INTERPRET and tokens.dtype != torch.float32, PRECISION=precision,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
     ffn._down_grouped_kernel[(num_blocks, triton.cdiv(hidden, tiles.block_n))](
         h, down_w, out_rows, wptr, sorted_ids, block_expert, num_pairs, inter, hidden,
         h.stride(0), down_w.stride(0), down_w.stride(1), out_rows.stride(0),
         TOP_K=top_k, SLOTS=slots, SLOT_OFFSET=slot_offset, MUL_WEIGHT=mul,
         BLOCK_M=bm, BLOCK_N=tiles.block_n, BLOCK_K=min(tiles.block_k, max(next_pow2(inter), 16)),
-        UPCAST=INTERPRET and tokens.dtype != torch.float32, PRECISION=precision)
+        UPCAST=INTERPRET and tokens.dtype != torch.float32, PRECISION=precision,
+        num_warps=tiles.num_warps, num_stages=tiles.num_stages)
 
 
 def fused_moe(
