@@ -112,7 +112,29 @@ def _timer(fn, device, warmup, iters):
     return statistics.median(times)
 
 
-def run(hidden, inter, cases, device, dtype, warmup, iters):
+SWEEP = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+         for bm in (16, 32, 64) for bn in (64, 128) for bk in (32, 64) for nw in (4, 8) for ns in (3, 4)]
+
+
+def best_tiles(x, w, k, device, warmup, iters):
+    """GPU only: time fused_moe over SWEEP tile configs (grouped path), return (best TileConfig, ms)."""
+    from napari_medplib.kernels.moe import TileConfig, fused_moe
+
+    best = (None, float("inf"))
+    for params in SWEEP:
+        tiles = TileConfig(**params)
+        fn = lambda: fused_moe(x, w["router_w"], w["gate_w"], w["up_w"], w["down_w"], top_k=k,  # noqa: E731
+                               shared=w["shared"], tiles=tiles, path="grouped")
+        try:
+            ms = _timer(fn, device, warmup, iters)
+        except Exception as err:  # e.g. out of shared memory for a big tile
+            print(f"  tiles {params}: failed ({type(err).__name__})")
+            continue
+        best = min(best, (tiles, ms), key=lambda t: t[1])
+    return best
+
+
+def run(hidden, inter, cases, device, dtype, warmup, iters, sweep=False):
     import torch
 
     from napari_medplib.kernels.moe import fused_moe
@@ -137,6 +159,10 @@ def run(hidden, inter, cases, device, dtype, warmup, iters):
                 ms = {name: _timer(fn, device, warmup, iters) for name, fn in impls.items()}
             row = dict(config=cfg["name"], phase=phase, tokens=num_tokens, ms=ms, rel_err_vs_loop=errs,
                        speedup_vs_capacity=ms["capacity"] / ms["fused"], speedup_vs_loop=ms["loop"] / ms["fused"])
+            if sweep and phase == "prefill":
+                tiles, tuned_ms = best_tiles(x, w, k, device, warmup, iters)
+                row["tuned"] = dict(tiles=tiles.__dict__ if tiles else None, ms=tuned_ms)
+                print(f"  tuned grouped tiles {row['tuned']['tiles']}: {tuned_ms:.3f} ms", flush=True)
             rows.append(row)
             print(f"{cfg['name']:>13} {phase:>7} S={num_tokens:<5} capacity {ms['capacity']:9.3f} ms  loop {ms['loop']:9.3f} ms"
                   f"  fused {ms['fused']:9.3f} ms  a/c {row['speedup_vs_capacity']:5.2f}x  b/c {row['speedup_vs_loop']:5.2f}x"
@@ -152,6 +178,7 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", default=None, help="write the rows to this file")
+    parser.add_argument("--sweep", action="store_true", help="GPU: also time a grid of tile configs for prefill")
     args = parser.parse_args(argv)
 
     if args.smoke:
@@ -169,7 +196,7 @@ def main(argv=None) -> int:
         device, dtype = torch.device("cuda"), torch.bfloat16
         hidden, inter, cases, warmup, iters = args.hidden, args.intermediate, CASES, args.warmup, args.iters
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16  D={hidden} I={inter}", flush=True)
-    rows = run(hidden, inter, cases, device, dtype, warmup, iters)
+    rows = run(hidden, inter, cases, device, dtype, warmup, iters, sweep=args.sweep and device.type == "cuda")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(dict(device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu-smoke"), rows=rows), fh, indent=1)
