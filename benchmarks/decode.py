@@ -10,8 +10,9 @@ Measured in one run on one GPU, for the Triton MoE path (``MoEFeedForward`` disp
   experts not chosen, plus the KV cache at that context) / the bandwidth of a device-to-device copy
   measured in the same run; reported as floor ms and the fraction floor/measured.
 
-Random weights: the timing does not depend on their values. The model runs eagerly with the
-transformers DynamicCache (no CUDA graphs yet), so launch overhead is part of the numbers.
+Random weights: the timing does not depend on their values. Three paths: the model as written
+(transformers DynamicCache, eager) with the PyTorch expert loop, the same with the Triton MoE, and
+``kernels.graph_decode.StaticDecoder`` (static KV cache; on CUDA the decode step is one CUDA graph).
 
     python benchmarks/decode.py                       # needs a CUDA GPU (~22 GB for 7B-2e bf16)
     python benchmarks/decode.py --layers 8 --json out.json
@@ -111,6 +112,29 @@ def measure(model, device, dtype, prefill, steps, repeats):
     return dict(prefill_ms=prefill_ms, decode_ms_per_token=statistics.median(warm), tokens=tokens)
 
 
+def measure_static(model, device, dtype, prefill, steps, repeats):
+    """Same measurement through kernels.graph_decode.StaticDecoder (CUDA graph on the GPU)."""
+    import torch
+
+    from napari_medplib.kernels.graph_decode import StaticDecoder
+
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    embeds = (torch.randn(1, prefill, model.config.hidden_size, generator=gen) * 0.02).to(device, dtype)
+    decoder = StaticDecoder(model, max_len=prefill + steps + 8)
+    prefill_ms = _ms(lambda: decoder.prefill(embeds), device, repeats)
+    next_id = decoder.prefill(embeds).argmax(-1)
+    tokens, step_times = [], []
+    for _ in range(steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        next_id = decoder.decode_step(model.embed_tokens(next_id)[:, None]).argmax(-1)
+        _sync(device)
+        step_times.append((time.perf_counter() - t0) * 1e3)
+        tokens.append(int(next_id))
+    warm = step_times[2:] if len(step_times) > 4 else step_times  # the first step captures the graph
+    return dict(prefill_ms=prefill_ms, decode_ms_per_token=statistics.median(warm), tokens=tokens)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, Triton interpreter (no timing value)")
@@ -161,18 +185,19 @@ def main(argv=None) -> int:
 
     results = {}
     with torch.inference_mode():
-        for name, use_kernels in (("pytorch-loop", False), ("fused", True)):
+        for name, use_kernels, static in (("pytorch-loop", False, False), ("fused", True, False),
+                                          ("fused+static" + ("+graph" if device.type == "cuda" else ""), True, True)):
             for moe in model.moe_layers():
                 if moe is not None:
                     moe.use_kernels = use_kernels
             if use_kernels and device.type != "cuda":
                 _force_kernels(model)
-            res = measure(model, device, dtype, prefill, steps, repeats)
+            res = (measure_static if static else measure)(model, device, dtype, prefill, steps, repeats)
             res["fraction_of_floor"] = floor_ms / res["decode_ms_per_token"]
             results[name] = res
-            print(f"{name:>12}: prefill({prefill}) {res['prefill_ms']:8.2f} ms   decode {res['decode_ms_per_token']:7.3f} ms/token"
+            print(f"{name:>18}: prefill({prefill}) {res['prefill_ms']:8.2f} ms   decode {res['decode_ms_per_token']:7.3f} ms/token"
                   f"   {100 * res['fraction_of_floor']:5.1f}% of the bandwidth floor", flush=True)
-    same = results["fused"]["tokens"] == results["pytorch-loop"]["tokens"]
+    same = all(r["tokens"] == results["pytorch-loop"]["tokens"] for r in results.values())
     print(f"greedy tokens identical between the paths: {same} (bf16 on GPU may differ after a near-tie)")
     if args.json:
         with open(args.json, "w") as fh:
