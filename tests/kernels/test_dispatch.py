@@ -52,6 +52,16 @@ def test_packing_shares_storage_and_keeps_state_dict(device):
     assert repacked is not gate and torch.equal(repacked[0], torch.zeros(INTER, HIDDEN, device=device))
 
 
+def test_packing_under_inference_mode_keeps_parameters_trainable(device):
+    moe = _module(device, num_experts=2)
+    with torch.inference_mode():
+        gate, _, _ = dispatch.packed_expert_weights(moe)
+    assert not gate.is_inference()
+    moe.train()
+    moe(torch.randn(5, HIDDEN, device=device)).sum().backward()  # would raise on inference tensors
+    assert moe.experts[0].gate_proj.weight.grad is not None or moe.experts[1].gate_proj.weight.grad is not None
+
+
 def test_supports_only_deterministic_inference(device):
     tokens = torch.randn(4, HIDDEN, device=device)
     with torch.no_grad():

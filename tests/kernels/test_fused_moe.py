@@ -83,5 +83,8 @@ def test_bad_inputs_name_the_problem(device):
         kmoe.fused_moe(x, w["router_w"], w["gate_w"].transpose(1, 2).contiguous().transpose(1, 2), w["up_w"], w["down_w"])
     with pytest.raises(ValueError, match="shared weights"):
         kmoe.fused_moe(x, w["router_w"], w["gate_w"], w["up_w"], w["down_w"], shared=(w["down_w"][0],) * 3)
+    bad_shared = (w["gate_w"][0].t().contiguous().t(), w["up_w"][0], w["down_w"][0])
+    with pytest.raises(ValueError, match="shared gate weight must be contiguous"):
+        kmoe.fused_moe(x, w["router_w"], w["gate_w"], w["up_w"], w["down_w"], shared=bad_shared)
     with pytest.raises(ValueError, match="path"):
         kmoe.fused_moe(x, w["router_w"], w["gate_w"], w["up_w"], w["down_w"], path="fast")

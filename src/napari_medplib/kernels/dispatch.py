@@ -20,7 +20,6 @@ def _is_view_of(param: torch.Tensor, stacked: torch.Tensor, index: int) -> bool:
     return param.data_ptr() == stacked[index].data_ptr() and param.shape == stacked.shape[1:]
 
 
-@torch.no_grad()
 def packed_expert_weights(module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(gate [E, I, D], up [E, I, D], down [E, D, I]) sharing storage with the module's parameters."""
     names = ("gate_proj", "up_proj", "down_proj")
@@ -30,11 +29,14 @@ def packed_expert_weights(module) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     ):
         return packed
     stacks = []
-    for name in names:
-        stacked = torch.stack([getattr(ex, name).weight.detach() for ex in module.experts]).contiguous()
-        for e, ex in enumerate(module.experts):
-            getattr(ex, name).weight.data = stacked[e]
-        stacks.append(stacked)
+    # Not an inference tensor even when called under inference_mode: the parameters become views of
+    # it, and a later training step must still be able to save them for backward.
+    with torch.inference_mode(False), torch.no_grad():
+        for name in names:
+            stacked = torch.stack([getattr(ex, name).weight.detach() for ex in module.experts]).contiguous()
+            for e, ex in enumerate(module.experts):
+                getattr(ex, name).weight.data = stacked[e]
+            stacks.append(stacked)
     packed = tuple(stacks)
     object.__setattr__(module, _PACKED_ATTR, packed)
     return packed

@@ -81,6 +81,10 @@ def _check(x, router_w, gate_w, up_w, down_w, router_b, shared, top_k) -> None:
             raise KernelInputError(f"fused_moe: shared weights must be ([I, D], [I, D], [D, I]) = "
                                    f"([{inter}, {hidden}], ..., [{hidden}, {inter}]); got "
                                    f"{tuple(g.shape)}, {tuple(u.shape)}, {tuple(d.shape)}")
+        for name, w in (("shared gate", g), ("shared up", u), ("shared down", d)):
+            if w.dtype != x.dtype or not w.is_contiguous():
+                raise KernelInputError(f"fused_moe: {name} weight must be contiguous with x's dtype ({x.dtype}); "
+                                       f"got {w.dtype} with strides {w.stride()}")
     if not 1 <= top_k <= num_experts:
         raise KernelInputError(f"fused_moe: need 1 <= top_k <= num_experts, got top_k={top_k}, E={num_experts}")
     check_device(x, router_w, gate_w, up_w, down_w, *(shared or ()))
