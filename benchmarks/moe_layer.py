@@ -7,6 +7,8 @@
 (b) ``loop``: a strong PyTorch loop over experts (``model.moe.moe_forward_reference``: gather each
     expert's tokens -> 2 cuBLAS GEMMs + SiLU -> scale -> index_add).
 (c) ``fused``: ``kernels.moe.fused_moe`` (Triton: route, align, gate/up+SiLU*up, down*weight).
+(d) ``torch_grouped`` (extra, for choosing the prefill path): Triton routing + ``torch._grouped_mm``
+    experts (``fused_moe(path="torch_grouped")``); ratios are printed for (c) and, as d/c, for (d).
 
 Shapes: LLaMA-7B FFN (4096/11008) with MedPLIB's 2 experts top-1, and 4 experts top-2 + a shared
 (meta) expert; prefill 1k/2k tokens and decode batch 1/8; bf16. Prints ms per call and the ratios
@@ -151,6 +153,8 @@ def run(hidden, inter, cases, device, dtype, warmup, iters, sweep=False):
                 "capacity": lambda: capacity_moe(x, w["router_w"], experts, k, shared=w["shared"]),
                 "loop": lambda: moe_forward_reference(x, w["router_w"], experts, None, k, None, w["shared"])[0],
                 "fused": lambda: fused_moe(x, w["router_w"], w["gate_w"], w["up_w"], w["down_w"], top_k=k, shared=w["shared"])[0],
+                "torch_grouped": lambda: fused_moe(x, w["router_w"], w["gate_w"], w["up_w"], w["down_w"], top_k=k,
+                                                   shared=w["shared"], path="torch_grouped")[0],
             }
             with torch.no_grad():
                 outs = {name: fn() for name, fn in impls.items()}
@@ -165,8 +169,9 @@ def run(hidden, inter, cases, device, dtype, warmup, iters, sweep=False):
                 print(f"  tuned grouped tiles {row['tuned']['tiles']}: {tuned_ms:.3f} ms", flush=True)
             rows.append(row)
             print(f"{cfg['name']:>13} {phase:>7} S={num_tokens:<5} capacity {ms['capacity']:9.3f} ms  loop {ms['loop']:9.3f} ms"
-                  f"  fused {ms['fused']:9.3f} ms  a/c {row['speedup_vs_capacity']:5.2f}x  b/c {row['speedup_vs_loop']:5.2f}x"
-                  f"  err(a) {errs['capacity']:.1e} err(c) {errs['fused']:.1e}", flush=True)
+                  f"  fused {ms['fused']:9.3f} ms  grouped_mm {ms['torch_grouped']:9.3f} ms  a/c {row['speedup_vs_capacity']:5.2f}x  b/c {row['speedup_vs_loop']:5.2f}x"
+                  f"  d/c {ms['torch_grouped'] / ms['fused']:5.2f}x  err(a) {errs['capacity']:.1e} err(c) {errs['fused']:.1e}"
+                  f" err(d) {errs['torch_grouped']:.1e}", flush=True)
     return rows
 
 

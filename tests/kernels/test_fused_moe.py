@@ -30,6 +30,15 @@ def test_grouped_path_fp32_matches_twin(device, num_experts, top_k, shared, bias
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_experts,top_k,shared", [(2, 1, False), (4, 2, True), (4, 1, True)])
+def test_torch_grouped_mm_path_matches_twin(device, num_experts, top_k, shared):
+    out, rec, ref, ref_rec = _run(device, 29, num_experts, top_k, True, shared, path="torch_grouped")
+    assert torch.equal(rec.expert_ids, ref_rec.expert_ids)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out16, _, ref16, _ = _run(device, 29, num_experts, top_k, False, shared, dtype=torch.bfloat16, path="torch_grouped")
+    assert out16.dtype == torch.bfloat16 and rel_err(out16, ref16) < 2e-2
+
+
 @pytest.mark.parametrize("num_tokens", [1, 2])
 @pytest.mark.parametrize("num_experts,top_k,shared", [(2, 1, False), (4, 2, True)])
 def test_decode_gemv_path_fp32_matches_twin(device, num_tokens, num_experts, top_k, shared):

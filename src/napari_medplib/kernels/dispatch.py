@@ -14,6 +14,9 @@ import torch
 from ._runtime import SUPPORTED_DTYPES
 
 _PACKED_ATTR = "_fused_packed_weights"
+#: ``fused_moe`` path the module hook uses ("auto", "grouped", "gemv", "torch_grouped"); a GPU
+#: session may switch prefill to "torch_grouped" if cuBLAS beats the Triton tiles there.
+DEFAULT_PATH = "auto"
 
 
 def _is_view_of(param: torch.Tensor, stacked: torch.Tensor, index: int) -> bool:
@@ -67,5 +70,5 @@ def fused_forward(module, tokens: torch.Tensor):
         shared = (ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight)
     return fused_moe(
         tokens, module.router.weight, gate_w, up_w, down_w, top_k=module.config.top_k,
-        renormalize=module.config.renormalize, router_b=module.router.bias, shared=shared,
+        renormalize=module.config.renormalize, router_b=module.router.bias, shared=shared, path=DEFAULT_PATH,
     )

@@ -155,12 +155,13 @@ def fused_moe(
     """MoE FFN of x [..., D] -> (out [..., D] in x's dtype, RoutingRecord of the flattened tokens).
 
     ``renormalize=None`` means "only when top_k > 1" (the twin's default). ``path``: "auto"
-    (gemv for at most ``tiles.decode_max_tokens`` tokens, else grouped), "gemv" or "grouped".
+    (gemv for at most ``tiles.decode_max_tokens`` tokens, else grouped), "gemv", "grouped", or
+    "torch_grouped" (Triton routing + ``torch._grouped_mm`` experts, see ``torch_grouped.py``).
     No host synchronisation happens anywhere (CUDA-graph capturable for fixed shapes).
     """
     _check(x, router_w, gate_w, up_w, down_w, router_b, shared, top_k)
-    if path not in ("auto", "gemv", "grouped"):
-        raise KernelInputError(f"fused_moe: path must be 'auto', 'gemv' or 'grouped', got {path!r}")
+    if path not in ("auto", "gemv", "grouped", "torch_grouped"):
+        raise KernelInputError(f"fused_moe: path must be 'auto', 'gemv', 'grouped' or 'torch_grouped', got {path!r}")
     batch_shape = x.shape[:-1]
     tokens = x.reshape(-1, x.shape[-1])
     tokens = tokens if tokens.stride(-1) == 1 else tokens.contiguous()
@@ -168,6 +169,15 @@ def fused_moe(
     inter = gate_w.shape[1]
     renorm = top_k > 1 if renormalize is None else bool(renormalize)
     logits, expert_ids, gate_probs, combine = route(tokens, router_w, router_b, top_k, renorm)
+    if path == "torch_grouped":
+        from .torch_grouped import grouped_mm_experts
+
+        out = grouped_mm_experts(tokens, gate_w, up_w, down_w, expert_ids, combine)
+        if shared is not None:
+            g, u, d = shared
+            out = out + torch.nn.functional.linear(torch.nn.functional.silu(tokens @ g.t()) * (tokens @ u.t()), d)
+        record = RoutingRecord(logits, expert_ids.long(), gate_probs, combine)
+        return out.to(x.dtype).reshape(*batch_shape, hidden), record
     tiles = tiles or default_tiles(num_tokens, hidden, inter)
     gemv = path == "gemv" or (path == "auto" and num_tokens <= tiles.decode_max_tokens)
     slots = top_k + (shared is not None)
