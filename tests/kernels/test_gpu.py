@@ -45,3 +45,28 @@ def test_module_dispatches_to_kernels_on_cuda(monkeypatch):
         moe.use_kernels = False
         eager = moe(x)
     assert calls and rel_err(fused, eager) < 2e-2
+
+
+def test_e2e_greedy_tokens_identical_fp32_7b_dims():
+    """Random model at 7B layer dims (2 layers to stay small), fp32: Triton path == PyTorch path."""
+    from napari_medplib.model.config import MedPLIBConfig
+    from napari_medplib.model.llm import MedPLIBLanguageModel
+
+    torch.manual_seed(0)
+    cfg = MedPLIBConfig(num_hidden_layers=2, moe=MoEConfig(num_experts=2, top_k=1))
+    with torch.device("cuda"):
+        model = MedPLIBLanguageModel(cfg).eval()
+    embeds = torch.randn(1, 300, cfg.hidden_size, device="cuda") * 0.02
+
+    def greedy(use_kernels, steps=16):
+        for moe in model.moe_layers():
+            moe.use_kernels = use_kernels
+        with torch.inference_mode():
+            out = model(embeds, use_cache=True, logits_positions=slice(-1, None))
+            cache, ids = out.past_key_values, [out.logits[:, -1].argmax(-1)]
+            for _ in range(steps - 1):
+                step = model(model.embed_tokens(ids[-1])[:, None], past_key_values=cache, use_cache=True)
+                ids.append(step.logits[:, -1].argmax(-1))
+        return torch.stack(ids, 1)
+
+    assert torch.equal(greedy(True), greedy(False))
