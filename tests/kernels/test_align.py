@@ -39,6 +39,16 @@ def test_alignment_matches_twin_and_invariants(device, num_tokens, num_experts, 
         assert torch.equal(real, real.sort().values)  # stable: token order kept within an expert
 
 
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_chunked_loop_carries_counts_across_steps(device, top_k):
+    """Small chunks: the histogram, block map and stable scatter run over several loop steps."""
+    ids = _random_ids(45, 4, top_k, 11, device)
+    got = align.align_block_size(ids, 4, 16, chunk=16)
+    ref = align.align_block_size_reference(ids, 4, 16)
+    for field in ("sorted_ids", "block_expert", "counts", "num_padded"):
+        assert torch.equal(getattr(got, field), getattr(ref, field)), field
+
+
 def test_decode_alignment_is_one_block_per_pair(device):
     ids = torch.tensor([[1, 3]], device=device)
     got = align.align_block_size(ids, 4, 16)

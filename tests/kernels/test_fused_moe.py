@@ -47,6 +47,22 @@ def test_decode_gemv_path_fp32_matches_twin(device, num_tokens, num_experts, top
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("path", ["grouped", "gemv"])
+@pytest.mark.parametrize("top_k,shared", [(1, False), (2, True)])
+def test_small_tiles_loop_over_k_and_n_with_masked_tails(device, path, top_k, shared):
+    """hidden 40 / intermediate 56 with 16-wide tiles: several K steps and N tiles, ragged edges."""
+    hidden, inter = 40, 56
+    w = moe_weights(4, hidden, inter, torch.float32, device, seed=9, bias=True, shared=shared)
+    num_tokens = 23 if path == "grouped" else 3  # gemv: one program per (pair, N-tile), keep it small
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(10)).to(device)
+    tiles = kmoe.TileConfig(block_m=16, block_n=16, block_k=16, gemv_block_n=16, gemv_block_k=16)
+    out, rec = kmoe.fused_moe(x, w["router_w"], w["gate_w"], w["up_w"], w["down_w"], top_k=top_k,
+                              router_b=w["router_b"], shared=w["shared"], tiles=tiles, path=path)
+    ref, ref_rec = moe_forward_reference(x, w["router_w"], experts_list(w), w["router_b"], top_k, None, w["shared"])
+    assert torch.equal(rec.expert_ids, ref_rec.expert_ids)
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("path", ["grouped", "gemv"])
 def test_half_precision_within_rounding_noise(device, dtype, path):

@@ -28,6 +28,16 @@ def test_route_matches_twin(device, num_experts, top_k, bias, renormalize):
         torch.testing.assert_close(combine.sum(-1), torch.ones(37, device=device))
 
 
+def test_route_loops_over_hidden_in_blocks(device):
+    gen = torch.Generator().manual_seed(2)
+    tokens = torch.randn(19, 72, generator=gen).to(device)  # 72 = 4 full 16-blocks + a masked tail
+    router_w = torch.randn(4, 72, generator=gen).to(device)
+    logits, ids, _, _ = routing.route(tokens, router_w, None, 2, True, block_tokens=8, block_d=16)
+    ref_logits = F.linear(tokens, router_w)
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids.long(), route_tokens(ref_logits, 2, True)[0])
+
+
 def test_route_bf16_tokens_are_routed_in_fp32(device):
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randn(20, 64, generator=gen).to(device=device, dtype=torch.bfloat16)

@@ -79,8 +79,13 @@ def _align_kernel(
         seen += tl.sum(onehot, axis=0)
 
 
-def align_block_size(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> BlockAlignment:
-    """expert_ids [S, k] (int32/int64, on device) -> BlockAlignment (all tensors on the same device)."""
+def align_block_size(
+    expert_ids: torch.Tensor, num_experts: int, block_m: int, chunk: int | None = None
+) -> BlockAlignment:
+    """expert_ids [S, k] (int32/int64, on device) -> BlockAlignment (all tensors on the same device).
+
+    ``chunk``: pairs/blocks handled per loop step (power of two; default up to 1024; tests use small
+    values to exercise the multi-step carry on toy shapes)."""
     if expert_ids.dim() != 2:
         raise KernelInputError(f"align_block_size: expert_ids must be [S, k], got {tuple(expert_ids.shape)}")
     if block_m < 1 or block_m & (block_m - 1):
@@ -99,7 +104,8 @@ def align_block_size(expert_ids: torch.Tensor, num_experts: int, block_m: int) -
         _align_kernel[(1,)](
             flat, sorted_ids, block_expert, counts, num_padded, num_pairs, max_blocks,
             NUM_EXPERTS=num_experts, E_PAD=max(next_pow2(num_experts), 2), BLOCK_M=block_m,
-            BLOCK_P=min(max(next_pow2(num_pairs), 16), 1024), BLOCK_B=min(max(next_pow2(max_blocks), 16), 1024),
+            BLOCK_P=chunk or min(max(next_pow2(num_pairs), 16), 1024),
+            BLOCK_B=chunk or min(max(next_pow2(max_blocks), 16), 1024),
         )
     return BlockAlignment(sorted_ids, block_expert, counts, num_padded, block_m, num_pairs)
 

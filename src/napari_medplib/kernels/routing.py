@@ -78,6 +78,7 @@ def route(
     top_k: int = 1,
     renormalize: bool = False,
     block_tokens: int = 16,
+    block_d: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """tokens [S, D], router_w [E, D] (any float dtype; computed in fp32) ->
     (logits [S, E] f32, expert_ids [S, k] int32, gate_probs [S, k] f32, combine_weights [S, k] f32)."""
@@ -101,7 +102,7 @@ def route(
     combine = torch.empty(num_tokens, top_k, device=dev, dtype=torch.float32)
     if num_tokens == 0:
         return logits, expert_ids, gate_probs, combine
-    block_d = min(next_pow2(hidden), 128)
+    block_d = block_d or min(next_pow2(hidden), 128)
     grid = (triton.cdiv(num_tokens, block_tokens),)
     _router_topk_kernel[grid](
         tokens, router_w, router_b if router_b is not None else router_w,
