@@ -109,7 +109,7 @@ def measure(model, device, dtype, prefill, steps, repeats):
         step_times.append((time.perf_counter() - t0) * 1e3)
         tokens.append(int(next_id))
     warm = step_times[2:] if len(step_times) > 4 else step_times
-    return dict(prefill_ms=prefill_ms, decode_ms_per_token=statistics.median(warm), tokens=tokens)
+    return {"prefill_ms": prefill_ms, "decode_ms_per_token": statistics.median(warm), "tokens": tokens}
 
 
 def measure_static(model, device, dtype, prefill, steps, repeats):
@@ -132,7 +132,7 @@ def measure_static(model, device, dtype, prefill, steps, repeats):
         step_times.append((time.perf_counter() - t0) * 1e3)
         tokens.append(int(next_id))
     warm = step_times[2:] if len(step_times) > 4 else step_times  # the first step captures the graph
-    return dict(prefill_ms=prefill_ms, decode_ms_per_token=statistics.median(warm), tokens=tokens)
+    return {"prefill_ms": prefill_ms, "decode_ms_per_token": statistics.median(warm), "tokens": tokens}
 
 
 def main(argv=None) -> int:
@@ -201,9 +201,9 @@ def main(argv=None) -> int:
     print(f"greedy tokens identical between the paths: {same} (bf16 on GPU may differ after a near-tie)")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu-smoke",
-                           copy_bandwidth_GBps=bandwidth / 1e9, floor_ms_per_token=floor_ms, bytes_per_token=floor_bytes,
-                           prefill_tokens=prefill, results=results), fh, indent=1)
+            json.dump({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu-smoke",
+                           "copy_bandwidth_GBps": bandwidth / 1e9, "floor_ms_per_token": floor_ms, "bytes_per_token": floor_bytes,
+                           "prefill_tokens": prefill, "results": results}, fh, indent=1)
     if args.smoke and not same:
         print("MISMATCH: fp32 smoke tokens differ between the paths", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ a/c and b/c, plus the max relative error of (a) and (c) against (b).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -30,7 +31,7 @@ import sys
 import time
 
 CASES = [("prefill", 1024), ("prefill", 2048), ("decode", 1), ("decode", 8)]
-CONFIGS = [dict(name="2e-top1", experts=2, top_k=1, shared=False), dict(name="4e-top2+meta", experts=4, top_k=2, shared=True)]
+CONFIGS = [{"name": "2e-top1", "experts": 2, "top_k": 1, "shared": False}, {"name": "4e-top2+meta", "experts": 4, "top_k": 2, "shared": True}]
 
 
 def capacity_moe(x, router_w, experts, top_k=1, eval_capacity_factor=2.0, shared=None, generator=None):
@@ -86,8 +87,8 @@ def _weights(cfg, hidden, inter, dtype, device, seed=0):
         return (torch.randn(*shape, generator=gen, dtype=torch.float32) / shape[-1] ** 0.5).to(device, dtype)
 
     num_experts = cfg["experts"]
-    w = dict(router_w=rnd(num_experts, hidden).float() * 4, gate_w=rnd(num_experts, inter, hidden),
-             up_w=rnd(num_experts, inter, hidden), down_w=rnd(num_experts, hidden, inter))
+    w = {"router_w": rnd(num_experts, hidden).float() * 4, "gate_w": rnd(num_experts, inter, hidden),
+             "up_w": rnd(num_experts, inter, hidden), "down_w": rnd(num_experts, hidden, inter)}
     w["shared"] = (rnd(inter, hidden), rnd(inter, hidden), rnd(hidden, inter)) if cfg["shared"] else None
     return w
 
@@ -114,7 +115,7 @@ def _timer(fn, device, warmup, iters):
     return statistics.median(times)
 
 
-SWEEP = [dict(block_m=bm, block_n=bn, block_k=bk, num_warps=nw, num_stages=ns)
+SWEEP = [{"block_m": bm, "block_n": bn, "block_k": bk, "num_warps": nw, "num_stages": ns}
          for bm in (16, 32, 64) for bn in (64, 128) for bk in (32, 64) for nw in (4, 8) for ns in (3, 4)]
 
 
@@ -125,7 +126,7 @@ def best_tiles(x, w, k, device, warmup, iters):
     best = (None, float("inf"))
     for params in SWEEP:
         tiles = TileConfig(**params)
-        fn = lambda: fused_moe(x, w["router_w"], w["gate_w"], w["up_w"], w["down_w"], top_k=k,  # noqa: E731
+        fn = functools.partial(fused_moe, x, w["router_w"], w["gate_w"], w["up_w"], w["down_w"], top_k=k,
                                shared=w["shared"], tiles=tiles, path="grouped")
         try:
             ms = _timer(fn, device, warmup, iters)
@@ -136,11 +137,23 @@ def best_tiles(x, w, k, device, warmup, iters):
     return best
 
 
+def _implementations(x, w, experts, k):
+    """name -> zero-argument callable for one input (closures bound here, not to loop variables)."""
+    from napari_medplib.kernels.moe import fused_moe
+    from napari_medplib.model.moe import moe_forward_reference
+
+    stacked = (x, w["router_w"], w["gate_w"], w["up_w"], w["down_w"])
+    return {
+        "capacity": lambda: capacity_moe(x, w["router_w"], experts, k, shared=w["shared"]),
+        "loop": lambda: moe_forward_reference(x, w["router_w"], experts, None, k, None, w["shared"])[0],
+        "fused": lambda: fused_moe(*stacked, top_k=k, shared=w["shared"])[0],
+        "torch_grouped": lambda: fused_moe(*stacked, top_k=k, shared=w["shared"], path="torch_grouped")[0],
+    }
+
+
 def run(hidden, inter, cases, device, dtype, warmup, iters, sweep=False):
     import torch
 
-    from napari_medplib.kernels.moe import fused_moe
-    from napari_medplib.model.moe import moe_forward_reference
 
     rows = []
     for cfg in CONFIGS:
@@ -149,23 +162,17 @@ def run(hidden, inter, cases, device, dtype, warmup, iters, sweep=False):
         k = cfg["top_k"]
         for phase, num_tokens in cases:
             x = torch.randn(num_tokens, hidden, device=device, dtype=dtype)
-            impls = {
-                "capacity": lambda: capacity_moe(x, w["router_w"], experts, k, shared=w["shared"]),
-                "loop": lambda: moe_forward_reference(x, w["router_w"], experts, None, k, None, w["shared"])[0],
-                "fused": lambda: fused_moe(x, w["router_w"], w["gate_w"], w["up_w"], w["down_w"], top_k=k, shared=w["shared"])[0],
-                "torch_grouped": lambda: fused_moe(x, w["router_w"], w["gate_w"], w["up_w"], w["down_w"], top_k=k,
-                                                   shared=w["shared"], path="torch_grouped")[0],
-            }
+            impls = _implementations(x, w, experts, k)
             with torch.no_grad():
                 outs = {name: fn() for name, fn in impls.items()}
                 ref = outs["loop"].float()
                 errs = {name: ((o.float() - ref).norm() / ref.norm()).item() for name, o in outs.items()}
                 ms = {name: _timer(fn, device, warmup, iters) for name, fn in impls.items()}
-            row = dict(config=cfg["name"], phase=phase, tokens=num_tokens, ms=ms, rel_err_vs_loop=errs,
-                       speedup_vs_capacity=ms["capacity"] / ms["fused"], speedup_vs_loop=ms["loop"] / ms["fused"])
+            row = {"config": cfg["name"], "phase": phase, "tokens": num_tokens, "ms": ms, "rel_err_vs_loop": errs,
+                       "speedup_vs_capacity": ms["capacity"] / ms["fused"], "speedup_vs_loop": ms["loop"] / ms["fused"]}
             if sweep and phase == "prefill":
                 tiles, tuned_ms = best_tiles(x, w, k, device, warmup, iters)
-                row["tuned"] = dict(tiles=tiles.__dict__ if tiles else None, ms=tuned_ms)
+                row["tuned"] = {"tiles": tiles.__dict__ if tiles else None, "ms": tuned_ms}
                 print(f"  tuned grouped tiles {row['tuned']['tiles']}: {tuned_ms:.3f} ms", flush=True)
             rows.append(row)
             print(f"{cfg['name']:>13} {phase:>7} S={num_tokens:<5} capacity {ms['capacity']:9.3f} ms  loop {ms['loop']:9.3f} ms"
@@ -204,7 +211,7 @@ def main(argv=None) -> int:
     rows = run(hidden, inter, cases, device, dtype, warmup, iters, sweep=args.sweep and device.type == "cuda")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(dict(device=str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu-smoke"), rows=rows), fh, indent=1)
+            json.dump({"device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu-smoke"), "rows": rows}, fh, indent=1)
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     bad = [r for r in rows if max(r["rel_err_vs_loop"].values()) > tol]
     if bad:

@@ -10,16 +10,16 @@ def moe_weights(num_experts, hidden, inter, dtype=torch.float32, device="cpu", s
     def rnd(*shape, fan_in):
         return (torch.randn(*shape, generator=gen) / fan_in**0.5).to(device=device, dtype=dtype)
 
-    weights = dict(
-        router_w=(torch.randn(num_experts, hidden, generator=gen) * 4 / hidden**0.5).to(device),  # clear margins
-        gate_w=rnd(num_experts, inter, hidden, fan_in=hidden),
-        up_w=rnd(num_experts, inter, hidden, fan_in=hidden),
-        down_w=rnd(num_experts, hidden, inter, fan_in=inter),
-        router_b=torch.randn(num_experts, generator=gen).to(device) if bias else None,
-        shared=(rnd(inter, hidden, fan_in=hidden), rnd(inter, hidden, fan_in=hidden), rnd(hidden, inter, fan_in=inter))
+    weights = {
+        "router_w": (torch.randn(num_experts, hidden, generator=gen) * 4 / hidden**0.5).to(device),  # clear margins
+        "gate_w": rnd(num_experts, inter, hidden, fan_in=hidden),
+        "up_w": rnd(num_experts, inter, hidden, fan_in=hidden),
+        "down_w": rnd(num_experts, hidden, inter, fan_in=inter),
+        "router_b": torch.randn(num_experts, generator=gen).to(device) if bias else None,
+        "shared": (rnd(inter, hidden, fan_in=hidden), rnd(inter, hidden, fan_in=hidden), rnd(hidden, inter, fan_in=inter))
         if shared
         else None,
-    )
+    }
     return weights
 
 

@@ -7,7 +7,7 @@ from napari_medplib.model.config import MoEConfig
 from napari_medplib.model.moe import MoEFeedForward
 
 pytest.importorskip("triton", reason="triton is not installed")
-from napari_medplib.kernels import dispatch  # noqa: E402
+from napari_medplib.kernels import dispatch
 
 HIDDEN, INTER = 32, 48
 
@@ -20,7 +20,7 @@ def _module(device, **cfg):
     return moe
 
 
-@pytest.mark.parametrize("cfg", [dict(num_experts=2, top_k=1), dict(num_experts=4, top_k=2, shared_expert=True, router_bias=True)])
+@pytest.mark.parametrize("cfg", [{"num_experts": 2, "top_k": 1}, {"num_experts": 4, "top_k": 2, "shared_expert": True, "router_bias": True}])
 def test_fused_forward_matches_module(device, cfg):
     moe = _module(device, **cfg)
     tokens = torch.randn(21, HIDDEN, device=device)

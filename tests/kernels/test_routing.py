@@ -42,7 +42,7 @@ def test_route_bf16_tokens_are_routed_in_fp32(device):
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randn(20, 64, generator=gen).to(device=device, dtype=torch.bfloat16)
     router_w = torch.randn(4, 64, generator=gen).to(device=device, dtype=torch.bfloat16)
-    logits, ids, gate, _ = routing.route(tokens, router_w, None, 2, True)
+    logits, ids, _gate, _ = routing.route(tokens, router_w, None, 2, True)
     ref_logits = F.linear(tokens.float(), router_w.float())  # the reference casts both to fp32
     torch.testing.assert_close(logits, ref_logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(ids.long(), route_tokens(ref_logits, 2, True)[0])

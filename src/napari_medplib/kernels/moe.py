@@ -17,7 +17,14 @@ import triton
 
 from ..model.moe import RoutingRecord
 from . import ffn
-from ._runtime import INTERPRET, SUPPORTED_DTYPES, KernelInputError, check_device, dot_precision, next_pow2
+from ._runtime import (
+    INTERPRET,
+    SUPPORTED_DTYPES,
+    KernelInputError,
+    check_device,
+    dot_precision,
+    next_pow2,
+)
 from .align import align_block_size
 from .routing import route
 

@@ -51,7 +51,7 @@ def _router_topk_kernel(
     total = tl.zeros((BLOCK_T,), dtype=tl.float32)
     if RENORMALIZE:  # first pass: the sum of the chosen probabilities
         scores = logits
-        for k in tl.static_range(TOP_K):
+        for _ in tl.static_range(TOP_K):
             idx = tl.argmax(scores, axis=1)
             chosen = offs_e[None, :] == idx[:, None]
             total += tl.sum(tl.where(chosen, probs, 0.0), axis=1)
