@@ -137,26 +137,28 @@ def measure_static(model, device, dtype, prefill, steps, repeats):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny model, Triton interpreter (no timing value)")
+    parser.add_argument("--smoke", action="store_true", help="tiny model in fp32: on the GPU if present, else CPU + Triton interpreter (no timing value)")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--prefill", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
     import torch
+
+    smoke_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.smoke and smoke_device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
 
     from napari_medplib.model.config import MedPLIBConfig, MoEConfig
     from napari_medplib.model.llm import MedPLIBLanguageModel
 
-    if args.smoke:
-        device, dtype = torch.device("cpu"), torch.float32
+    if args.smoke:  # fp32 toy run on the GPU if there is one, else CPU + interpreter
+        device, dtype = smoke_device, torch.float32
         config = MedPLIBConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                num_attention_heads=4, num_key_value_heads=4, moe=MoEConfig(num_experts=2, top_k=1))
         prefill, steps, repeats = 12, 3, 1
-        print("smoke run: CPU, tiny model, Triton interpreter -- timings mean nothing", flush=True)
+        print(f"smoke run: {device.type}, tiny model, fp32 -- timings mean nothing", flush=True)
     else:
         if not torch.cuda.is_available():
             print("decode.py needs a CUDA GPU (none found); use --smoke for a CPU check of the code paths")

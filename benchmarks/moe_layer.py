@@ -184,7 +184,7 @@ def run(hidden, inter, cases, device, dtype, warmup, iters, sweep=False):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="CPU toy shapes under the Triton interpreter (no timing value)")
+    parser.add_argument("--smoke", action="store_true", help="toy shapes in fp32: on the GPU if present, else CPU + Triton interpreter (no timing value)")
     parser.add_argument("--hidden", type=int, default=4096)
     parser.add_argument("--intermediate", type=int, default=11008)
     parser.add_argument("--warmup", type=int, default=5)
@@ -193,14 +193,16 @@ def main(argv=None) -> int:
     parser.add_argument("--sweep", action="store_true", help="GPU: also time a grid of tile configs for prefill")
     args = parser.parse_args(argv)
 
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")  # before the kernel module is imported
     import torch
 
-    if args.smoke:
-        device, dtype = torch.device("cpu"), torch.float32
+    smoke_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if args.smoke and smoke_device.type == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+    if args.smoke:  # fp32 toy run on the GPU if there is one, else CPU + interpreter
+        device, dtype = smoke_device, torch.float32
         hidden, inter, cases, warmup, iters = 64, 96, [("prefill", 40), ("decode", 1), ("decode", 3)], 0, 1
-        print("smoke run: CPU, toy shapes, Triton interpreter -- timings mean nothing", flush=True)
+        print(f"smoke run: {device.type}, toy shapes, fp32 -- timings mean nothing", flush=True)
     else:
         if not torch.cuda.is_available():
             print("moe_layer.py needs a CUDA GPU (none found); use --smoke for a CPU check of the code paths")
