@@ -168,3 +168,26 @@ def test_deepspeed_style_eval_drops_are_opt_in():
     moe.generator = torch.Generator().manual_seed(0)
     moe(x)
     assert int(moe.last_routing.dropped.sum()) == 8 and moe.capacity(16) == 8
+
+
+def test_failing_kernels_fall_back_to_pytorch_with_a_warning(monkeypatch):
+    from napari_medplib.model import moe as moe_module
+
+    class BrokenKernels:
+        calls = 0
+
+        @staticmethod
+        def supports(module, tokens):
+            return True
+
+        @classmethod
+        def fused_forward(cls, module, tokens):
+            cls.calls += 1
+            raise RuntimeError("PTX compile failed")
+
+    monkeypatch.setattr(moe_module, "_triton_dispatch", lambda: BrokenKernels)
+    layer = MoEFeedForward(HIDDEN, INTER, MoEConfig(num_experts=2, top_k=1)).eval()
+    tokens = torch.randn(5, HIDDEN)
+    with pytest.warns(RuntimeWarning, match="PTX compile failed"):
+        assert layer._fused_forward(tokens) is None
+    assert not layer.use_kernels and BrokenKernels.calls == 1

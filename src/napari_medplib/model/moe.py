@@ -197,6 +197,26 @@ class MoEFeedForward(nn.Module):
         self.generator: torch.Generator | None = None  # for RTS / Gumbel; None = global RNG
         self.use_kernels = True  # CUDA inference: Triton fused_moe when the config allows it
 
+    def _fused_forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, RoutingRecord] | None:
+        """The Triton path when installed and supported, else None. A kernel that fails (a GPU or
+        Triton version it does not compile for) turns the kernels off for this layer with a warning,
+        and the PyTorch path answers instead: same numbers, only slower."""
+        kernels = _triton_dispatch()
+        if kernels is None or not kernels.supports(self, tokens):
+            return None
+        try:
+            return kernels.fused_forward(self, tokens)
+        except Exception as exc:  # compile/launch errors come as many types
+            import warnings
+
+            self.use_kernels = False
+            warnings.warn(
+                f"Triton MoE kernels failed ({type(exc).__name__}: {exc}); using the PyTorch path",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return None
+
     def router_logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """[S, D] -> [S, E] in ``router_dtype`` (fp32: the reference casts ``wg`` and x to fp32)."""
         dtype = getattr(torch, self.config.router_dtype)
@@ -212,9 +232,9 @@ class MoEFeedForward(nn.Module):
         cfg = self.config
         batch_shape = hidden_states.shape[:-1]
         tokens = hidden_states.reshape(-1, hidden_states.shape[-1])  # [S, D]
-        kernels = _triton_dispatch() if self.use_kernels and tokens.is_cuda else None
-        if kernels is not None and kernels.supports(self, tokens):
-            output, record = kernels.fused_forward(self, tokens)
+        fused = self._fused_forward(tokens) if self.use_kernels and tokens.is_cuda else None
+        if fused is not None:
+            output, record = fused
             if self.record_routing:
                 self.last_routing = record
             return output.view(*batch_shape, -1)
