@@ -53,6 +53,7 @@ def test_every_stage_runs_and_its_loss_falls(run):
         assert len(losses) == STEPS
         assert np.mean(losses[-2:]) < losses[0], (stage, losses)
     assert any("dice" in r for r in records if r["stage"] == "grounding")
+    assert all("prompt_dice" in r for r in records if r["stage"] == "moe")  # box/point losses kept on
     assert json.loads((trainer.run_dir / "final.json").read_text())["model"] == str(final)
 
 

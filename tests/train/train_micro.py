@@ -37,8 +37,8 @@ def micro_stages(steps: int = 3) -> list[dict[str, Any]]:
          "loss": {"ce": 1.0, "bce": 1.0, "dice": 1.0}, **common},
         {"name": "moe", "tasks": ["grounding", "region_vqa", "vqa"], "moe": True, "lr": 3e-3, "init": "vl",
          "experts": ["grounding", "vl"], "copy": {"grounding": ["text_hidden_fcs.*", "sam.*"]},
-         "train": ["language_model.layers.*.mlp.*", "text_hidden_fcs.*"],
-         "loss": {"ce": 1.0, "bce": 1.0, "dice": 1.0}, **common},
+         "train": ["language_model.layers.*.mlp.*", "text_hidden_fcs.*", "sam.mask_decoder.*"],
+         "loss": {"ce": 1.0, "bce": 1.0, "dice": 1.0, "prompt_bce": 1.0, "prompt_dice": 1.0}, **common},
     ]
 
 

@@ -93,6 +93,10 @@ class LossWeights:
     dice: float = 1.0
     iou: float = 0.0  # MSE between SAM's IoU head and the real IoU
     aux: float = 0.0  # MoE load-balancing
+    #: llm stages: SAM box/point-prompt BCE and Dice on the batch's images, so that training the shared
+    #: mask decoder on text prompts (<SEG>) does not make it forget box and point prompts.
+    prompt_bce: float = 0.0
+    prompt_dice: float = 0.0
 
 
 @dataclass

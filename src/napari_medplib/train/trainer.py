@@ -174,6 +174,9 @@ class Trainer:
             losses = sam_losses(model, items, stage, np.random.default_rng(seed))
         else:
             losses = llm_losses(model, make_batch(model, items), stage.loss)
+            if stage.loss.prompt_bce or stage.loss.prompt_dice:
+                prompt = sam_losses(model, items, stage, np.random.default_rng(seed))
+                losses["prompt_bce"], losses["prompt_dice"] = prompt["bce"], prompt["dice"]
         weights = stage.loss
         total = sum(getattr(weights, name) * value for name, value in losses.items())
         optimizer.zero_grad(set_to_none=True)
