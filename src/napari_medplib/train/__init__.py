@@ -54,6 +54,6 @@ __all__ = [
 
 # Training recipes (no torch; the trainer, losses and evaluation modules import torch and are
 # imported by their full names: train.trainer, train.evaluate, train.losses, train.batches).
-from .recipe import Recipe, RecipeError, find_recipe, load_recipe, parse_recipe  # noqa: E402
+from .recipe import Recipe, RecipeError, find_recipe, load_recipe, parse_recipe
 
 __all__ += ["Recipe", "RecipeError", "find_recipe", "load_recipe", "parse_recipe"]
