@@ -115,6 +115,11 @@ class Trainer:
                 self.say(f"stage {stage.name}: done already ({self.final_dir(stage)})")
                 continue
             self._run_stage(index, stage, budget)
+            if stage is self.recipe.final_stage:  # usable (medplib eval RUN) before comparison stages end
+                self._write_final()
+        return self._write_final()
+
+    def _write_final(self) -> Path:
         final = self.final_dir(self.recipe.final_stage)
         (self.run_dir / "final.json").write_text(json.dumps({"model": str(final)}, indent=2))
         return final
