@@ -7,6 +7,11 @@ from __future__ import annotations
 
 import importlib
 
+from .._triton_guard import ensure_triton_loadable
+
+# before anything here imports torch/transformers (see _triton_guard)
+ensure_triton_loadable()
+
 _EXPORTS = {
     "MedPLIBConfig": "config",
     "MoEConfig": "config",
