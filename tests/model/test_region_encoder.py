@@ -79,3 +79,75 @@ def test_large_regions_use_a_seeded_subset(encoder):
 def test_bad_grid_shape(encoder):
     with pytest.raises(ValueError, match="cell grids"):
         encoder(_features(), torch.ones(1, 16, 16))
+
+
+# ---------------------------------------------------------------------------- geometry extension
+def test_region_geometry_features_say_where_how_large_and_how_elongated():
+    import torch
+
+    from napari_medplib.model.region_encoder import GEOMETRY_FEATURES, region_geometry
+
+    grid = torch.zeros(24, 24, dtype=torch.bool)
+    point = grid.clone()
+    point[2, 20] = True
+    f = region_geometry(point)
+    assert f.shape == (GEOMETRY_FEATURES,)
+    assert torch.allclose(f[:2], torch.tensor([2.5 / 24, 20.5 / 24]))  # centroid: top right
+    assert f[-1] == 1.0 and f[-2] == 1.0  # one cell, fills its box
+
+    wide = grid.clone()
+    wide[10:12, 2:22] = True  # a horizontal bar
+    tall = grid.clone()
+    tall[2:22, 10:12] = True
+    fw, ft = region_geometry(wide), region_geometry(tall)
+    assert fw[6] > 3 * fw[5] and ft[5] > 3 * ft[6]  # spread along the bar
+    assert torch.isclose(fw[2], ft[2]) and fw[2] > f[2]  # same area, larger than the point
+
+    diagonal = torch.eye(24, dtype=torch.bool)
+    assert region_geometry(diagonal)[7] > 0.9  # rows and cols correlated
+    assert torch.count_nonzero(region_geometry(grid)) == 0
+
+
+def test_geometry_is_off_for_released_configs_and_a_no_op_until_trained():
+    import torch
+
+    from napari_medplib.testing import tiny_model
+
+    plain = tiny_model(0)
+    assert plain.region_encoder.geometry is None
+    model = tiny_model(0, region_geometry=True)
+    assert model.region_encoder.geometry is not None
+    with torch.no_grad():
+        model.region_encoder.geometry[2].weight.zero_()
+        model.region_encoder.geometry[2].bias.zero_()
+    patch = torch.randn(576, model.config.mm_hidden_size)
+    masks = torch.zeros(2, 24, 24, dtype=torch.bool)
+    masks[0, 3:9, 4:6] = True
+    masks[1, 20, 20] = True
+    model.region_encoder.adapter.load_state_dict(plain.region_encoder.adapter.state_dict())
+    base, _ = plain.region_encoder(patch, masks)
+    zero_init, _ = model.region_encoder(patch, masks)
+    torch.testing.assert_close(zero_init, base)
+    with torch.no_grad():
+        model.region_encoder.geometry[2].bias.fill_(0.5)
+        model.region_encoder.geometry[2].weight.normal_()
+    moved, _ = model.region_encoder(patch, masks)
+    assert not torch.allclose(moved, base)
+
+
+def test_geometry_weights_round_trip_through_both_layouts(tmp_path):
+    import torch
+
+    from napari_medplib.model.convert import model_state, save_pretrained
+    from napari_medplib.model.medplib import MedPLIBModel
+    from napari_medplib.testing import tiny_model
+
+    model = tiny_model(1, region_geometry=True)
+    with torch.no_grad():
+        model.region_encoder.geometry[2].weight.normal_()
+    released = model_state(model, layout="released")
+    assert any(k.startswith("model.region_geometry.") for k in released)
+    folder = save_pretrained(model, tmp_path / "m")
+    again = MedPLIBModel.from_pretrained(folder)
+    assert again.config.region_geometry
+    torch.testing.assert_close(again.region_encoder.geometry[2].weight, model.region_encoder.geometry[2].weight)

@@ -123,6 +123,7 @@ def map_released_key(key: str) -> str | None:
         ("model.visual_model.", SAM_PREFIX),
         ("model.mm_projector.", "mm_projector."),
         ("model.region_fea_adapter.", "region_encoder.adapter."),
+        ("model.region_geometry.", "region_encoder.geometry."),
         ("model.text_hidden_fcs.0.", "text_hidden_fcs."),
         ("model.embed_tokens.", "language_model.embed_tokens."),
         ("model.norm.", "language_model.norm."),

@@ -164,6 +164,9 @@ class MedPLIBConfig:
     # Regions (MedPLIB)
     region_fea_adapter: bool = True
     max_sample_point: int = 512
+    #: Our extension (not in the released model): add the region's geometry to its token
+    #: (``model.region_encoder``); weights ``region_encoder.geometry.*``.
+    region_geometry: bool = False
     # SEG head (LISA)
     out_dim: int = 256
     #: The folder the config was read from (for tokenizer and SAM paths); not serialised.

@@ -37,6 +37,7 @@ def to_released_key(key: str) -> str:
         ("vision_tower.clip.", "model.vision_tower.vision_tower.vision_model."),
         ("mm_projector.", "model.mm_projector."),
         ("region_encoder.adapter.", "model.region_fea_adapter."),
+        ("region_encoder.geometry.", "model.region_geometry."),
         ("text_hidden_fcs.", "model.text_hidden_fcs.0."),
         ("sam.", "model.visual_model."),
     ):

@@ -5,6 +5,13 @@ region_fea_adapter(CLIP patch features) gives a 24x24 grid of D-vectors. The reg
 cells become points (row/24, col/24), which are sampled bilinearly with ``grid_sample(...,
 align_corners=True)`` (so cell i is read at grid coordinate i*23/24, as in the reference) and averaged.
 Above ``max_sample_point`` cells a random subset is taken, as the reference does.
+
+Our extension (``config.region_geometry``, off for the released checkpoints): the mean of features says
+*what* a region holds but little about *where* it is, how large or how elongated, which a small model
+trained from scratch cannot recover from CLIP's position embeddings in time (region-VQA "position" and
+"size" stayed at chance in our first training run). With it on, a small MLP of the region's own cell-grid
+geometry (centroid, extent, second moments: `region_geometry`) is added to the token. Its last layer
+starts at zero, so switching it on for a trained model changes nothing until it is trained.
 """
 
 from __future__ import annotations
@@ -22,12 +29,49 @@ class EmptyRegionWarning(UserWarning):
     """A region covers no cell of the 24x24 grid (too small or too thin after downsampling)."""
 
 
+#: Number of geometry features per region (see `region_geometry`).
+GEOMETRY_FEATURES = 10
+
+
+def region_geometry(mask: torch.Tensor) -> torch.Tensor:
+    """Shape features of one region's cell grid [g, g] -> [10] floats of order 1.
+
+    Centroid (row, col) in [0, 1]; sqrt of the covered fraction; bounding-box height and width as
+    fractions; 4x the row/col standard deviations and their correlation (elongation, orientation);
+    the covered fraction of the bounding box (box vs. blob) and 1 / cells covered (a point covers
+    one). Cell i is taken at (i + 0.5) / g. An empty mask gives zeros.
+    """
+    rows, cols = mask.shape
+    points = mask.nonzero().float()  # [n, 2] (row, col)
+    n = points.shape[0]
+    if n == 0:
+        return torch.zeros(GEOMETRY_FEATURES, device=mask.device)
+    scale = torch.tensor([rows, cols], dtype=torch.float32, device=mask.device)
+    centres = (points + 0.5) / scale
+    mean = centres.mean(dim=0)
+    centred = centres - mean
+    std = ((centred**2).mean(dim=0) + 1.0 / (12 * scale**2)).sqrt()  # + the spread within one cell
+    corr = (centred[:, 0] * centred[:, 1]).mean() / (std[0] * std[1])
+    extent = (points.max(dim=0).values - points.min(dim=0).values + 1) / scale
+    scalars = torch.tensor(
+        [(n / (rows * cols)) ** 0.5, n / float((extent * scale).prod()), 1.0 / n], device=mask.device
+    )
+    return torch.cat([mean, scalars[:1], extent, 4 * std, corr.reshape(1), scalars[1:]])
+
+
 class RegionEncoder(nn.Module):
     """(patch features [P, Dv], masks [R, g, g]) -> (region tokens [R, D], empty [R] bool)."""
 
     def __init__(self, config: MedPLIBConfig) -> None:
         super().__init__()
         self.adapter = nn.Linear(config.mm_hidden_size, config.hidden_size)
+        self.geometry: nn.Sequential | None = None
+        if config.region_geometry:
+            self.geometry = nn.Sequential(
+                nn.Linear(GEOMETRY_FEATURES, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
+            )
+            nn.init.zeros_(self.geometry[2].weight)
+            nn.init.zeros_(self.geometry[2].bias)
         self.max_sample_point = config.max_sample_point
         #: "warn" (default): an empty region gives a zero vector and an ``EmptyRegionWarning``;
         #: "error": ValueError; "zero": silently a zero vector (the reference's behaviour).
@@ -59,7 +103,11 @@ class RegionEncoder(nn.Module):
             points = points / torch.tensor([mask.shape[0], mask.shape[1]], dtype=torch.float32, device=points.device)
             sample_grid = (2 * points.flip(-1) - 1)[None, None]  # [1, 1, n, 2] as (x, y)
             sampled = F.grid_sample(feature_map, sample_grid, mode="bilinear", align_corners=True)  # [1, D, 1, n]
-            tokens.append(sampled[0, :, 0].mean(dim=-1).to(adapted.dtype))
+            token = sampled[0, :, 0].mean(dim=-1)
+            if self.geometry is not None:
+                geometry = region_geometry(mask).to(self.geometry[0].weight.dtype)
+                token = token + self.geometry(geometry).float()
+            tokens.append(token.to(adapted.dtype))
             empty.append(False)
         return torch.stack(tokens), torch.tensor(empty, dtype=torch.bool)
 

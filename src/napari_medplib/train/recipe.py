@@ -59,6 +59,7 @@ class ModelSpec:
     sam_prompt_dim: int = 64  # = out_dim of the T-projector; a multiple of 8 (the decoder has 8 heads)
     sam_decoder_mlp_dim: int = 256
     sam_iou_hidden: int = 64
+    region_geometry: bool = False  # our region-token geometry extension (model.region_encoder)
     seed: int = 0
 
 
