@@ -1,0 +1,58 @@
+"""The bundled default model: it loads by default, and a reduced held-out evaluation is sane.
+
+The full evaluation (``medplib eval``, 100 held-out images) is in docs/model-card.md; this re-runs it on
+3 held-out images so that a broken bundle (wrong files, a mismatched tokenizer, a model that lost its
+training) fails CI. The bounds are well below the card's figures but far above what an untrained model
+of this architecture scores (about 0 for grounding and VQA, ~0.1-0.3 for prompts).
+"""
+
+import numpy as np
+import pytest
+
+from napari_medplib.paths import bundled_model_dir
+
+pytestmark = pytest.mark.skipif(
+    not (bundled_model_dir() / "model.safetensors").is_file(), reason="no bundled model in this checkout"
+)
+
+
+@pytest.fixture(scope="module")
+def bundled():
+    from napari_medplib.model.medplib import MedPLIBModel
+
+    return MedPLIBModel.from_pretrained(bundled_model_dir())
+
+
+def test_bundle_is_small_and_complete():
+    files = {p.name: p.stat().st_size for p in bundled_model_dir().iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.model"} <= set(files)
+    assert sum(files.values()) <= 40 * 2**20
+
+
+def test_reduced_heldout_eval_is_sane(bundled):
+    from napari_medplib.train.evaluate import evaluate_model, heldout
+
+    result = evaluate_model(bundled, heldout(3, n_per_task=3), instances_per_image=6)
+    metrics = result["metrics"]
+    assert all(0.0 <= v <= 1.0 for v in metrics.values() if v is not None), metrics
+    assert metrics["box_mdice"] >= 0.6, metrics
+    assert metrics["point_mdice"] >= 0.45, metrics
+    assert metrics["grounding_mdice"] >= 0.25, metrics
+    assert metrics["vqa_acc"] >= 0.5, metrics
+    assert metrics["region_vqa_acc"] >= 0.2, metrics
+    shares = result["routing_shares"]
+    assert set(shares) == {"grounding", "region_vqa", "vqa"}
+    assert all(abs(sum(s) - 1) < 1e-3 for s in shares.values())
+
+
+def test_session_load_without_arguments_uses_it_and_answers():
+    from napari_medplib.engine.session import Session
+    from napari_medplib.train.evaluate import heldout
+
+    session = Session.load(device="cpu")
+    assert session.model_name == "bundled"
+    sample, _ = next(iter(heldout(1)))
+    streamed = list(session.ask_stream(sample.image, "Which imaging modality is this?"))
+    assert "".join(streamed).strip()
+    reply = session.ask(sample.image, "Please segment the nuclei.")
+    assert reply.masks and np.asarray(reply.masks[0]).shape == sample.image.shape[:2]
