@@ -87,6 +87,13 @@ def test_frozen_parameters_do_not_change(run):
     assert any(".mlp." in k for k in changed) and any(k.startswith("sam.mask_decoder.") for k in changed)
 
 
+def test_region_geometry_is_trained_in_stage_two(run):
+    trainer, _ = run
+    vl = _state(trainer.final_dir(trainer.recipe.stage("vl")))
+    last = vl["region_encoder.geometry.2.weight"]  # zero at initialisation
+    assert last.abs().max() > 0, "stage II did not train the region geometry MLP"
+
+
 def test_frozen_parameters_get_no_gradient(run):
     trainer, _ = run
     stage = trainer.recipe.stage("grounding")

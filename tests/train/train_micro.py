@@ -13,7 +13,7 @@ MICRO_MODEL = {
     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "num_experts": 2,
     "clip_hidden_size": 16, "clip_intermediate_size": 32, "clip_layers": 1, "clip_heads": 2,
     "sam_embed_dim": 16, "sam_depth": 1, "sam_heads": 2, "sam_adapter_hidden": 4, "sam_prompt_dim": 32,
-    "sam_decoder_mlp_dim": 32, "sam_iou_hidden": 16,
+    "sam_decoder_mlp_dim": 32, "sam_iou_hidden": 16, "region_geometry": True,
 }
 LLM_TRAIN = ["language_model.*", "mm_projector.*", "region_encoder.*", "text_hidden_fcs.*", "sam.mask_decoder.*"]
 
