@@ -81,15 +81,18 @@ def _read_image(args: argparse.Namespace):
 def _read_regions(path: str, image_hw: tuple[int, int]) -> list:
     """Regions from any file our readers read, on an image plane of ``image_hw``; strict about problems."""
     from .io import read_coco, read_geojson, read_imagej
+    from .io.napari_csv import read_napari_csv
     from .regions import RegionError, regions_from_layer_data
 
     file = Path(path)
     if not file.is_file():
         raise BadInput(f"{path}: no such regions file")
     suffix = file.suffix.lower()
-    readers = {".geojson": read_geojson, ".roi": read_imagej, ".zip": read_imagej, ".json": read_coco}
+    readers = {".geojson": read_geojson, ".roi": read_imagej, ".zip": read_imagej, ".json": read_coco,
+               ".csv": read_napari_csv}
     if suffix not in readers:
-        raise BadInput(f"{path}: unsupported regions file {suffix!r}; use .geojson, .roi, RoiSet .zip or COCO .json")
+        raise BadInput(f"{path}: unsupported regions file {suffix!r}; "
+                       "use .geojson, .roi, RoiSet .zip, COCO .json or napari Shapes/Points .csv")
     layers = readers[suffix](file)
     results = [regions_from_layer_data(layer, image_shape=image_hw) for layer in layers]
     if not results:
