@@ -8,7 +8,7 @@ Contract (the napari widget, the CLI and scripts rely on it; see also DESIGN.md 
                         on_progress=None, cancel=None)
     stream = session.ask_stream(image, question, regions, **same_kwargs); for piece in stream: ...
     result = session.segment(image, points=None, point_labels=None, box=None, mask=None,
-                             multimask=False, contrast_limits=None, rgb=None)
+                             multimask=False, contrast_limits=None, rgb=None, window="auto")
     session.cancel(); session.clear_cache(); session.close()
 
 What is cached (keyed by the content hash of the RGB plane the model sees, see ``image.py``):
@@ -53,7 +53,15 @@ from .loading import (
     resolve_source,
 )
 from .prompts import bind_regions, check_prompts
-from .reply import AnyEvent, AskStream, Reply, SegmentResult, expert_shares
+from .reply import AnyEvent, AskStream, Reply, expert_shares
+from .window import (
+    WindowedSegmentResult,
+    check_window,
+    choose_window,
+    crop_view,
+    paste_masks,
+    shift_prompts,
+)
 
 MASK_MODES = ("corrected", "reference")
 
@@ -458,18 +466,31 @@ class Session:
         *,
         mask_mode: str = "corrected",
         on_progress: Progress | None = None,
-    ) -> SegmentResult:
+        window: str | int | None = "auto",
+    ) -> WindowedSegmentResult:
         """Direct SAM-Med2D prompts, no LLM: points (y, x) with labels 1/0, a box (y0, x0, y1, x1)
-        inclusive, and/or a bool (H, W) mask prior. ``multimask`` returns SAM's 3 candidates."""
+        inclusive, and/or a bool (H, W) mask prior. ``multimask`` returns SAM's 3 candidates.
+
+        ``window``: "auto" segments a large plane (longer side > 1.5x SAM's input) inside a crop around
+        the prompts at native resolution; an int asks for that crop side; None uses the whole plane.
+        Masks are full-size either way; ``result.window`` is the area used (see ``window.py``).
+        """
         import torch
 
         if mask_mode not in MASK_MODES:
             raise SessionInputError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        window = check_window(window)
         with self._lock, torch.inference_mode():
             model = self.model
             start = time.perf_counter()
-            view = self._view(image, contrast_limits, rgb)
-            pts, labels, box_arr, prior = check_prompts(points, point_labels, box, mask, view.image_hw)
+            plane = self._view(image, contrast_limits, rgb)
+            pts, labels, box_arr, prior = check_prompts(points, point_labels, box, mask, plane.image_hw)
+            area = choose_window(plane.image_hw, model.sam.config.image_size, pts, box_arr, prior, window)
+            if area is None:
+                view = plane
+            else:  # the crop keeps the whole plane's contrast; its content key keys the SAM cache
+                view = crop_view(plane, image, area, contrast_limits, rgb)
+                pts, box_arr, prior = shift_prompts(area, pts, box_arr, prior)
             timings = {"preprocess": time.perf_counter() - start}
             mark = time.perf_counter()
             embeddings, resize_hw, pad = self._sam_embedding(view, on_progress)
@@ -486,8 +507,11 @@ class Session:
             timings["decode"] = time.perf_counter() - mark
             mark = time.perf_counter()
             masks = low_res_to_masks(low_res[0][:, None], view, resize_hw, pad, mask_mode)
+            if area is not None:
+                masks = paste_masks(masks, area, plane.image_hw)
             scores = [float(v) for v in iou[0].float().tolist()]
             timings["masks"] = time.perf_counter() - mark
             timings["total"] = time.perf_counter() - start
             best = int(np.argmax(scores))
-            return SegmentResult(masks[best], masks, scores, timings, view.key)
+            used = area if area is not None else (0, 0, *plane.image_hw)
+            return WindowedSegmentResult(masks[best], masks, scores, timings, view.key, window=used)
