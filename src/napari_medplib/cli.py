@@ -214,6 +214,18 @@ def _segment_prompts(args: argparse.Namespace, image_hw: tuple[int, int]) -> lis
     return [prompt]
 
 
+def _window_arg(text: str) -> str | int | None:
+    """``--window``: auto (crop around the prompts on large images), none (whole image) or a side in px."""
+    value = text.strip().lower()
+    if value == "auto":
+        return "auto"
+    if value in ("none", "0"):
+        return None
+    if value.isdigit():
+        return int(value)
+    raise argparse.ArgumentTypeError(f"expected auto, none or a crop side in pixels, got {text!r}")
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     """Direct prompts through SAM-Med2D (no LLM); one label id per prompt set."""
     labels_out = _check_labels_out(args.labels_out)
@@ -223,7 +235,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     session = _load_session(args, progress)
     results = [
         session.segment(image, **prompt, multimask=args.multimask, mask_mode=args.mask_mode,
-                        on_progress=progress, **_image_kwargs(args))
+                        on_progress=progress, window=args.window, **_image_kwargs(args))
         for prompt in prompts
     ]
     masks = [r.mask for r in results]
@@ -283,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--box", type=float, nargs=4, metavar=("Y0", "X0", "Y1", "X1"), help="inclusive box")
     seg.add_argument("--regions", default=None, metavar="FILE", help="one mask per shape in this file")
     seg.add_argument("--multimask", action="store_true", help="pick the best of SAM's 3 candidates")
+    seg.add_argument("--window", type=_window_arg, default="auto", metavar="auto|none|N",
+                     help="segment large images in an N-px native-resolution crop around the prompts "
+                          "(auto, the default: when the image is over 1.5x SAM's input; none: whole image)")
     seg.set_defaults(func=_cmd_segment)
 
     from .train.cli import add_eval_parser, add_train_parser  # light: argparse only until a command runs
