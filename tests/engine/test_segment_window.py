@@ -132,7 +132,24 @@ def test_random_prompts_always_fit_inside_their_window():
             assert 2 * max(y1 - y0 + 1, x1 - x0 + 1) + MARGIN >= max(h, w)
             continue
         assert 0 <= win[0] < win[2] <= h and 0 <= win[1] < win[3] <= w
+        spare = MARGIN // 2
         assert contains(win, y0, x0, y1, x1)
+        assert win[0] == 0 or y0 - win[0] >= spare
+        assert win[1] == 0 or x0 - win[1] >= spare
+        assert win[2] == h or win[2] - 1 - y1 >= spare
+        assert win[3] == w or win[3] - 1 - x1 >= spare
+
+
+@pytest.mark.parametrize("side", [100, 200, 300])
+def test_int_windows_keep_a_margin_around_large_prompts(side):
+    rng = np.random.default_rng(side)
+    for _ in range(100):
+        y0, x0 = (int(v) for v in rng.integers(100, 500, 2))
+        size = int(rng.integers(1, 400))
+        box = (y0, x0, y0 + size, x0 + size // 2)
+        win = window_for((1000, 1400), box=box, window=side)
+        assert min(box[0] - win[0], box[1] - win[1], win[2] - 1 - box[2], win[3] - 1 - box[3]) >= min(
+            MARGIN // 2, (win[2] - win[0] - size - 1) // 2)
 
 
 @pytest.mark.parametrize("bad", [-3, "big", True, 2.5])

@@ -10,8 +10,8 @@ Crop rule (``window="auto"``, planes whose longer side is above ``AUTO_FACTOR`` 
   height/width of the bounding box of all prompts (box, points, and the mask prior if one is given);
 * an int ``window`` asks for that side instead (grown to extent + ``MARGIN`` if the prompts need it);
 * the crop is centred on the prompts, its origin snapped to a grid of a quarter side, so clicks a few
-  pixels apart share the same crop and hence the cached SAM embedding; the prompts stay inside with at
-  least ``MARGIN / 2`` pixels to spare (less only at the image border);
+  pixels apart share the same crop and hence the cached SAM embedding; the prompts stay at least
+  ``MARGIN / 2`` pixels from the crop's edges (less only at the image border);
 * it is shifted to stay inside the image (clipped on an axis the image is shorter than the side);
   a side reaching the image's longer side means the whole image (``None``).
 
@@ -98,8 +98,8 @@ def _axis(lo: int, hi: int, length: int, side: int) -> tuple[int, int]:
         return 0, length
     step = max(1, side // 4)
     start = round(((lo + hi + 1) / 2 - side / 2) / step) * step
-    start = min(start, lo)  # never needed with the MARGIN rule; kept so the prompts are always inside
-    start = max(start, hi + 1 - side)
+    spare = min(MARGIN // 2, (side - (hi - lo + 1)) // 2)  # keep the prompts this far from the crop edge
+    start = max(min(start, lo - spare), hi + 1 + spare - side)
     start = int(min(max(start, 0), length - side))
     return start, start + side
 
