@@ -69,6 +69,19 @@ def test_multi_turn_has_one_image_one_bos_and_masks_in_seg_order(tokenizer):
     assert seq.tasks == ["grounding", "region_vqa", "grounding"]
 
 
+def test_without_image_tokens_the_image_slot_is_dropped_but_regions_and_answers_stay(tokenizer):
+    conv = Conversation("Where in the image is <region>?", "top left", "region_vqa", "position",
+                        [RegionSpec("box", box=(2, 2, 12, 12))], canonical="top left")
+    with_image = build_sequence(tokenizer, [conv, conv], (64, 64))
+    without = build_sequence(tokenizer, [conv, conv], (64, 64), with_image=False)
+    assert IMAGE_TOKEN_INDEX in with_image.input_ids.tolist()
+    assert IMAGE_TOKEN_INDEX not in without.input_ids.tolist()
+    assert without.input_ids.tolist().count(REGION_TOKEN_INDEX) == 2
+    torch.testing.assert_close(without.region_grids, with_image.region_grids)
+    answers = lambda seq: seq.labels[seq.labels != IGNORE_INDEX].tolist()  # noqa: E731
+    assert answers(without) == answers(with_image)
+
+
 def test_seg_count_mismatch_is_a_clear_error(tokenizer):
     conv = Conversation("Segment it.", "It is <SEG>.", "grounding", "semantic", target_masks=[np.zeros((4, 4), bool)])
     conv.target_masks = []

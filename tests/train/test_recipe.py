@@ -48,11 +48,11 @@ def test_unknown_keys_are_named():
 
 def test_stage_references_must_be_earlier_stages():
     stages = micro_stages()
-    stages[1]["init"] = "moe"  # later stage
+    stages[2]["init"] = "moe"  # later stage
     with pytest.raises(RecipeError, match="'vl' refers to 'moe'"):
         micro_recipe(stages=stages)
     stages = micro_stages()
-    stages[3]["moe"] = False
+    stages[4]["moe"] = False
     with pytest.raises(RecipeError, match="experts but has moe = false"):
         micro_recipe(stages=stages)
 

@@ -48,11 +48,12 @@ def _state(folder):
 def test_every_stage_runs_and_its_loss_falls(run):
     trainer, final = run
     records = _log(trainer.run_dir)
-    for stage in ("sam", "vl", "grounding", "moe"):
+    for stage in ("sam", "regions", "vl", "grounding", "moe"):
         losses = [r["loss"] for r in records if r["stage"] == stage]
         assert len(losses) == STEPS
         assert np.mean(losses[-2:]) < losses[0], (stage, losses)
     assert any("dice" in r for r in records if r["stage"] == "grounding")
+    assert not any(r.get("dice") for r in records if r["stage"] == "regions")
     assert all("prompt_dice" in r for r in records if r["stage"] == "moe")  # box/point losses kept on
     assert json.loads((trainer.run_dir / "final.json").read_text())["model"] == str(final)
 
@@ -132,8 +133,8 @@ def test_interrupted_run_resumes_to_the_same_weights(run, one_sample, tmp_path):
     messages = []
     interrupted = Trainer(micro_recipe(STEPS, one_sample), tmp_path, progress=False, log=messages.append)
     with pytest.raises(Interrupted):
-        interrupted.run(stop_after_steps=STEPS + 3)  # sam done, vl stopped at step 3
-    assert (tmp_path / "stages" / "vl" / "resume.pt").is_file()
+        interrupted.run(stop_after_steps=STEPS + 3)  # sam done, regions stopped at step 3
+    assert (tmp_path / "stages" / "regions" / "resume.pt").is_file()
     assert (tmp_path / "stages" / "sam" / "final" / "DONE").is_file()
     resumed = Trainer(micro_recipe(STEPS, one_sample), tmp_path, progress=False, log=messages.append).run()
     assert any("sam: done already" in m for m in messages) and any("resuming at step 3" in m for m in messages)
@@ -141,7 +142,7 @@ def test_interrupted_run_resumes_to_the_same_weights(run, one_sample, tmp_path):
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert [r["step"] for r in _log(tmp_path) if r["stage"] == "vl"] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in _log(tmp_path) if r["stage"] == "regions"] == list(range(1, STEPS + 1))
 
 
 def test_lora_stage_is_merged_into_plain_weights(one_sample, tmp_path):

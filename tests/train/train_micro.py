@@ -30,7 +30,9 @@ def micro_stages(steps: int = 3) -> list[dict[str, Any]]:
     common = {"steps": steps, "batch_size": 1, "warmup_steps": 0, "checkpoint_every": 2}
     return [
         {"name": "sam", "kind": "sam", "lr": 3e-3, "train": ["sam.*"], "instances_per_image": 2, **common},
-        {"name": "vl", "tasks": ["region_vqa", "vqa"], "lr": 3e-3, "copy": {"sam": ["sam.*"]},
+        {"name": "regions", "tasks": ["region_vqa"], "image_tokens": False, "lr": 3e-3, "copy": {"sam": ["sam.*"]},
+         "train": ["language_model.*", "mm_projector.*", "region_encoder.*"], **common},
+        {"name": "vl", "tasks": ["region_vqa", "vqa"], "lr": 3e-3, "init": "regions",
          "train": ["language_model.*", "mm_projector.*", "region_encoder.*"], **common},
         {"name": "grounding", "tasks": ["grounding"], "lr": 3e-3, "init": "vl",
          "train": ["language_model.layers.*.mlp.*", "text_hidden_fcs.*", "sam.mask_decoder.*"],

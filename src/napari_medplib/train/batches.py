@@ -90,8 +90,12 @@ def region_grid(region, shape: tuple[int, int]) -> np.ndarray:
     return region_mask_to_grid(region.to_mask(shape)).mask_24
 
 
-def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: tuple[int, int]) -> Sequence1:
+def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: tuple[int, int],
+                   with_image: bool = True) -> Sequence1:
     """Ids and labels of ``conversations`` as consecutive turns about one image.
+
+    ``with_image=False`` leaves the ``<image>`` slot out (the region tokens are still computed from
+    the image): a curriculum for region questions, see ``StageSpec.image_tokens``.
 
     Each turn is tokenised on its own (prompt part, then answer + ``</s>``); that equals tokenising
     the whole text because every turn boundary is an added/special token or a space, where the
@@ -105,7 +109,8 @@ def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: t
     grids: list[np.ndarray] = []
     targets: list[np.ndarray] = []
     for turn, conv in enumerate(conversations):
-        text, order = format_question(conv.question, len(conv.regions), with_image=turn == 0, append_missing=False)
+        text, order = format_question(conv.question, len(conv.regions), with_image=with_image and turn == 0,
+                                    append_missing=False)
         prompt = (template.system + template.sep if turn == 0 else "") + f"{template.roles[0]}: {text}{template.sep}{template.roles[1]}:"
         prompt_ids = tokenize_prompt(prompt, tokenizer)
         if turn > 0:

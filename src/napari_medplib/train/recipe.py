@@ -123,6 +123,10 @@ class StageSpec:
     checkpoint_every: int = 50  # steps between resumable step checkpoints
     prompt: str = "box+point"  # sam stages: "box", "point" or "box+point"
     instances_per_image: int = 8  # sam stages
+    #: llm stages: false leaves the 576 image tokens out of the sequence (region tokens are still made
+    #: from the image). A from-scratch LLM facing ~800 tokens never learns to attend to the one region
+    #: token; without the image tokens it has ~30 to choose from.
+    image_tokens: bool = True
 
 
 @dataclass

@@ -26,9 +26,10 @@ def _any_trainable(module: torch.nn.Module | None) -> bool:
     return module is not None and any(p.requires_grad for p in module.parameters())
 
 
-def make_batch(model: MedPLIBModel, items: Sequence[Item]) -> Batch:
+def make_batch(model: MedPLIBModel, items: Sequence[Item], with_image: bool = True) -> Batch:
     images = [prepare_image(item.sample) for item in items]
-    sequences = [build_sequence(model.tokenizer, item.conversations, im.original_hw) for item, im in zip(items, images, strict=True)]
+    sequences = [build_sequence(model.tokenizer, item.conversations, im.original_hw, with_image)
+                 for item, im in zip(items, images, strict=True)]
     return collate(sequences, images, model.tokenizer.pad_token_id)
 
 
