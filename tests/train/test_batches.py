@@ -99,6 +99,17 @@ def test_pack_filters_tasks_and_chunks(tokenizer):
     assert sorted(id(c) for c in flat) == sorted(id(c) for c in convs if c.task != "grounding")
 
 
+def test_pack_puts_at_most_one_region_conversation_in_a_sequence(tokenizer):
+    _, convs = next(synthetic_items(1, seed=3, n_per_task=4, size=(128, 128)))
+    assert sum(bool(c.regions) for c in convs) >= 3
+    for turns in (1, 3, 6):
+        chunks = pack_conversations(convs, ["vqa", "region_vqa", "grounding"], turns, np.random.default_rng(1))
+        assert all(1 <= len(chunk) <= turns for chunk in chunks)
+        assert all(sum(bool(c.regions) for c in chunk) <= 1 for chunk in chunks)
+        flat = [c for chunk in chunks for c in chunk]
+        assert sorted(id(c) for c in flat) == sorted(id(c) for c in convs)
+
+
 def test_collate_and_expand_labels_put_labels_on_the_expanded_positions(tokenizer):
     sample, convs = next(synthetic_items(1, seed=1, n_per_task=2, size=(64, 64)))
     image = prepare_image(sample)

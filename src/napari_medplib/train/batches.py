@@ -129,11 +129,29 @@ def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: t
 
 def pack_conversations(conversations: Sequence[Conversation], tasks: Sequence[str], turns: int,
                        rng: np.random.Generator) -> list[list[Conversation]]:
-    """The conversations of one image whose task is in ``tasks``, shuffled, in chunks of ``turns``."""
+    """The conversations of one image whose task is in ``tasks``, shuffled, in chunks of ``turns``,
+    with at most one conversation that has ``<region>``s per chunk.
+
+    Why one: with several region questions in one sequence, a from-scratch LLM latched onto the
+    first region token of the sequence for every later answer (measured: each answer's gradient went
+    to region 1, ~1000x less to its own region) and never learned to read the region it was asked
+    about. Region conversations open chunks; the others fill the remaining turns.
+    """
     keep = [c for c in conversations if c.task in tasks]
-    order = rng.permutation(len(keep)) if keep else []
-    keep = [keep[i] for i in order]
-    return [keep[i : i + turns] for i in range(0, len(keep), max(turns, 1))]
+    keep = [keep[i] for i in rng.permutation(len(keep))] if keep else []
+    turns = max(turns, 1)
+    with_regions = [c for c in keep if c.regions]
+    plain = [c for c in keep if not c.regions]
+    chunks = [[c] for c in with_regions]
+    while plain and any(len(chunk) < turns for chunk in chunks):  # round-robin over region chunks
+        for chunk in chunks:
+            if plain and len(chunk) < turns:
+                chunk.append(plain.pop())
+    chunks += [plain[i : i + turns] for i in range(0, len(plain), turns)]
+    for chunk in chunks:  # the region question at a random turn, not always the first
+        order = rng.permutation(len(chunk))
+        chunk[:] = [chunk[i] for i in order]
+    return chunks
 
 
 def collate(sequences: Sequence[Sequence1], images: Sequence[ImageInputs], pad_id: int) -> Batch:

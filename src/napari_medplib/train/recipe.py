@@ -127,6 +127,8 @@ class StageSpec:
     #: from the image). A from-scratch LLM facing ~800 tokens never learns to attend to the one region
     #: token; without the image tokens it has ~30 to choose from.
     image_tokens: bool = True
+    #: llm stages: conversations per packed sequence; 0 = the data's ``turns_per_sequence``.
+    turns: int = 0
 
 
 @dataclass

@@ -61,7 +61,7 @@ class StageStream:
                     items.append(Item(sample, convs))
                     continue
             else:
-                chunks = pack_conversations(convs, stage.tasks, self.recipe.data.turns_per_sequence, rng)
+                chunks = pack_conversations(convs, stage.tasks, stage.turns or self.recipe.data.turns_per_sequence, rng)
                 if chunks:
                     items.append(Item(sample, chunks[int(rng.integers(len(chunks)))]))
                     continue
