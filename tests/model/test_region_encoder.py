@@ -151,3 +151,19 @@ def test_geometry_weights_round_trip_through_both_layouts(tmp_path):
     again = MedPLIBModel.from_pretrained(folder)
     assert again.config.region_geometry
     torch.testing.assert_close(again.region_encoder.geometry[2].weight, model.region_encoder.geometry[2].weight)
+
+
+def test_geometry_encoding_spreads_nearby_centroids_apart():
+    import torch
+
+    from napari_medplib.model.region_encoder import GEOMETRY_ENCODING, geometry_encoding, region_geometry
+
+    a = torch.zeros(24, 24, dtype=torch.bool)
+    b = a.clone()
+    a[10, 10] = True
+    b[10, 11] = True  # one cell to the right
+    ra, rb = region_geometry(a), region_geometry(b)
+    ea, eb = geometry_encoding(ra), geometry_encoding(rb)
+    assert ea.shape == (GEOMETRY_ENCODING,)
+    torch.testing.assert_close(ea[:10], ra)  # the raw features come first
+    assert (ea - eb).norm() > 3 * (ra - rb).norm()

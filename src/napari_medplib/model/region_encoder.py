@@ -8,10 +8,12 @@ Above ``max_sample_point`` cells a random subset is taken, as the reference does
 
 Our extension (``config.region_geometry``, off for the released checkpoints): the mean of features says
 *what* a region holds but little about *where* it is, how large or how elongated, which a small model
-trained from scratch cannot recover from CLIP's position embeddings in time (region-VQA "position" and
-"size" stayed at chance in our first training run). With it on, a small MLP of the region's own cell-grid
-geometry (centroid, extent, second moments: `region_geometry`) is added to the token. Its last layer
-starts at zero, so switching it on for a trained model changes nothing until it is trained.
+trained from scratch did not recover from CLIP's position embeddings (region-VQA "position" and "size"
+stayed at chance in our first training run). With it on, an MLP of the region's own cell-grid geometry
+(centroid, extent, second moments: `region_geometry`, expanded into sines and cosines by
+`geometry_encoding`) is added to the token. Measured on position-only questions: with the sine/cosine
+encoding and a non-zero init the LLM starts reading the region after ~250 steps, vs ~650 with raw
+features and a zero-initialised output layer.
 """
 
 from __future__ import annotations
@@ -59,6 +61,22 @@ def region_geometry(mask: torch.Tensor) -> torch.Tensor:
     return torch.cat([mean, scalars[:1], extent, 4 * std, corr.reshape(1), scalars[1:]])
 
 
+#: Frequencies (times pi) of the sine/cosine expansion of the geometry features.
+GEOMETRY_FREQUENCIES = (1.0, 2.0, 4.0)
+#: Width of `geometry_encoding`'s output: the raw features plus a sine and a cosine per frequency.
+GEOMETRY_ENCODING = GEOMETRY_FEATURES * (1 + 2 * len(GEOMETRY_FREQUENCIES))
+
+
+def geometry_encoding(raw: torch.Tensor) -> torch.Tensor:
+    """[..., 10] geometry features -> [..., 70]: the features, then sin and cos of pi*f*feature.
+
+    Features of order 1 that change little between nearby regions (a centroid moves by 1/24 per cell)
+    give an MLP almost the same input everywhere; the sines and cosines spread them out."""
+    freqs = torch.tensor(GEOMETRY_FREQUENCIES, dtype=raw.dtype, device=raw.device)
+    angles = torch.pi * raw[..., None] * freqs  # [..., 10, F]
+    return torch.cat([raw, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1)
+
+
 class RegionEncoder(nn.Module):
     """(patch features [P, Dv], masks [R, g, g]) -> (region tokens [R, D], empty [R] bool)."""
 
@@ -68,10 +86,9 @@ class RegionEncoder(nn.Module):
         self.geometry: nn.Sequential | None = None
         if config.region_geometry:
             self.geometry = nn.Sequential(
-                nn.Linear(GEOMETRY_FEATURES, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
+                nn.Linear(GEOMETRY_ENCODING, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
             )
-            nn.init.zeros_(self.geometry[2].weight)
-            nn.init.zeros_(self.geometry[2].bias)
+            nn.init.normal_(self.geometry[2].weight, std=0.1)  # a signal the LLM can see from step 0
         self.max_sample_point = config.max_sample_point
         #: "warn" (default): an empty region gives a zero vector and an ``EmptyRegionWarning``;
         #: "error": ValueError; "zero": silently a zero vector (the reference's behaviour).
@@ -105,7 +122,7 @@ class RegionEncoder(nn.Module):
             sampled = F.grid_sample(feature_map, sample_grid, mode="bilinear", align_corners=True)  # [1, D, 1, n]
             token = sampled[0, :, 0].mean(dim=-1)
             if self.geometry is not None:
-                geometry = region_geometry(mask).to(self.geometry[0].weight.dtype)
+                geometry = geometry_encoding(region_geometry(mask)).to(self.geometry[0].weight.dtype)
                 token = token + self.geometry(geometry).float()
             tokens.append(token.to(adapted.dtype))
             empty.append(False)
