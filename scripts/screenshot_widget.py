@@ -2,8 +2,8 @@
 
     xvfb-run -a python scripts/screenshot_widget.py [--demo] [--out docs/images]
 
-Opens the sample (synthetic nuclei + regions), docks the widget, asks for a description and for a
-mask of the nucleus in the selected box, and saves ``widget.png`` (the napari window) and
+Opens the sample (synthetic nuclei + regions), docks the widget, asks for a description (the Describe
+button's question) and to segment the nuclei (grounding), and saves ``widget.png`` (the napari window) and
 ``widget_panel.png`` (the dock alone). It uses the bundled model when one loads; otherwise, or with
 ``--demo``, a stand-in session that thresholds inside the region, named "demo (no model)" in the
 transcript so the picture never passes for a model's answer.
@@ -100,6 +100,8 @@ def main() -> None:
     import napari
     from qtpy.QtWidgets import QApplication
 
+    from napari_medplib.ui.chat import DESCRIBE
+
     viewer = napari.Viewer(title="napari-medplib")
     viewer.window.resize(1500, 900)
     viewer.open_sample("napari-medplib", "nuclei")
@@ -113,13 +115,11 @@ def main() -> None:
         if widget.session is None:
             print("no model could be loaded; using the demo session (see --demo)")
             widget.set_session(DemoSession())
-    regions = viewer.layers["nuclei regions"]
-    regions.selected_data = {0}  # the box
-    widget.chat.ask("Describe this image.")
+    widget.chat.ask(DESCRIBE)  # what the Describe button asks
     _wait(app, lambda: widget._worker is None)
-    widget.chat.ask("Please segment the nucleus in <region>.")
+    widget.chat.ask("Please segment the nuclei.")
     _wait(app, lambda: widget._worker is None)
-    viewer.layers.selection.active = regions
+    viewer.layers.selection.active = viewer.layers["nuclei regions"]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(out / "widget.png"), canvas_only=False)

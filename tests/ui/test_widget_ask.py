@@ -5,6 +5,7 @@ import pytest
 from qtpy.QtCore import Qt
 from ui_fakes import FakeSession
 
+from napari_medplib.ui.chat import DESCRIBE
 from napari_medplib.ui.widget import MedplibWidget
 
 pytestmark = pytest.mark.viewer
@@ -110,9 +111,9 @@ def test_describe_without_regions_adds_no_layer(
     assert widget.chat.entries[-1].text.startswith("A 64 x 80 image")
     assert "A 64 x 80 image" in widget.chat.plain_text()
     # text-only answers are logged by the widget and exportable too
-    assert widget.history[-1]["question"] == "Describe this image."
+    assert widget.history[-1]["question"] == DESCRIBE
     paths = widget.export_log(str(tmp_path / "log"))
-    assert "Describe this image." in paths[1].read_text()
+    assert DESCRIBE in paths[1].read_text()
 
 
 def test_rgb_image_gives_2d_labels(make_napari_viewer, qtbot, blobs, fake_session):

@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-DESCRIBE = "Describe this image."
+DESCRIBE = "Describe this image in a few words."
 GROUND_PREFIX = "Please segment the "
 ASK_REGION = "What is in <region>?"
 
