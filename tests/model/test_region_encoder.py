@@ -108,7 +108,7 @@ def test_region_geometry_features_say_where_how_large_and_how_elongated():
     assert torch.count_nonzero(region_geometry(grid)) == 0
 
 
-def test_geometry_is_off_for_released_configs_and_a_no_op_until_trained():
+def test_geometry_is_off_for_released_configs_and_zeroed_changes_nothing():
     import torch
 
     from napari_medplib.testing import tiny_model
