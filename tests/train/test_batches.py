@@ -130,3 +130,21 @@ def test_collate_and_expand_labels_put_labels_on_the_expanded_positions(tokenize
     for b, seq in enumerate(seqs):
         kept = expanded[b][expanded[b] != IGNORE_INDEX]
         assert kept.tolist() == seq.labels[seq.labels != IGNORE_INDEX].tolist()
+
+
+def test_a_seg_about_a_region_carries_that_region_as_its_sam_prompt(tokenizer):
+    from napari_medplib.model.seg_prompts import SegRegionPrompt
+
+    hw = (64, 64)
+    a, b = _mask(hw, slice(0, 10), slice(0, 10)), _mask(hw, slice(30, 60), slice(5, 50))
+    convs = [
+        Conversation("Please segment the nucleus in <region>.", "It is <SEG>.", "grounding", "instance",
+                     [RegionSpec("point", point=(5, 4))], target_masks=[a]),
+        Conversation("Please segment the nuclei.", "It is <SEG>.", "grounding", "semantic", target_masks=[b]),
+        Conversation("Segment <region>.", "It is <SEG>.", "grounding", "instance",
+                     [RegionSpec("mask", mask=b)], target_masks=[b]),
+    ]
+    seq = build_sequence(tokenizer, convs, hw)
+    assert seq.seg_regions == [SegRegionPrompt(point=(5.0, 4.0)), None, SegRegionPrompt(box=(30.0, 5.0, 59.0, 49.0))]
+    batch = collate([seq], [prepare_image(next(synthetic_items(1, seed=0, size=hw))[0])], tokenizer.pad_token_id)
+    assert batch.seg_regions == [seq.seg_regions]

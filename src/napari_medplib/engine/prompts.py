@@ -74,3 +74,23 @@ def check_prompts(points, point_labels, box, mask, image_hw):
     if pts is None and box_arr is None and prior is None:
         raise SessionInputError("segment() got an empty list of points; give at least one (y, x)")
     return pts, labels, box_arr, prior
+
+
+def seg_region_prompt(region: Region):
+    """A bound region as the SAM prompt of a ``<SEG>`` about it (models with ``seg_region_prompts``).
+
+    A positive point stays a point, a box a box; polygons, paths and masks go as their bounding box.
+    A negative point or an empty region gives None (that ``<SEG>`` is decoded from its text alone).
+    """
+    from ..model.seg_prompts import SegRegionPrompt
+
+    if region.kind == "point":
+        if not region.positive:
+            return None
+        row, col = (float(v) for v in region.coords[0])
+        return SegRegionPrompt(point=(row, col))
+    if region.kind == "box":
+        (y0, x0), (y1, x1) = np.asarray(region.coords, float)[:2]
+        return SegRegionPrompt(box=(min(y0, y1), min(x0, x1), max(y0, y1), max(x0, x1)))
+    box = region.bbox
+    return None if box is None else SegRegionPrompt(box=tuple(float(v) for v in box))

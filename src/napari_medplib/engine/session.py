@@ -52,7 +52,7 @@ from .loading import (
     pick_dtype,
     resolve_source,
 )
-from .prompts import bind_regions, check_prompts
+from .prompts import bind_regions, check_prompts, seg_region_prompt
 from .reply import AnyEvent, AskStream, Reply, expert_shares
 from .window import (
     WindowedSegmentResult,
@@ -399,7 +399,8 @@ class Session:
             masks, scores = [], []
             seg_indices = result.seg_indices(model.tokenizer.seg_token_id)
             if seg_indices and result.finish_reason != "cancelled":
-                masks, scores = self._ground(model.answer_seg_hidden(result), view, mask_mode, on_progress)
+                masks, scores = self._ground(model.answer_seg_hidden(result), view, mask_mode, on_progress,
+                                             [used[i] for i in order])
             timings["masks"] = time.perf_counter() - mark
             timings["total"] = time.perf_counter() - start
 
@@ -423,11 +424,21 @@ class Session:
             f"(one cell is about {cell:.0f} image pixels); it was given as an empty region - draw it larger"
         )
 
-    def _ground(self, seg_hidden, view: ModelView, mask_mode: str, on_progress: Progress | None):
+    def _ground(self, seg_hidden, view: ModelView, mask_mode: str, on_progress: Progress | None,
+                regions: Sequence[Region] = ()):
+        """Masks of the answer's ``<SEG>`` s; ``regions`` (question order) also prompt SAM when the model
+        was trained that way (``config.seg_region_prompts``, our extension)."""
+        from ..model.seg_prompts import decode_seg_with_regions, pair_with_segs
+
         model = self.model
         embeddings, resize_hw, pad = self._sam_embedding(view, on_progress)
         prompts = model.seg_prompt_embeddings(seg_hidden)  # [N, 256]
-        low_res, iou = model.sam.decode_with_text_prompt(embeddings, prompts)  # [N, 1, 64, 64], [N, 1]
+        seg_regions = pair_with_segs(prompts.shape[0], [seg_region_prompt(r) for r in regions])
+        if model.config.seg_region_prompts and any(r is not None for r in seg_regions):
+            low_res, iou = decode_seg_with_regions(model.sam, embeddings, prompts, seg_regions, view.frame_hw,
+                                                   resize_hw, pad)
+        else:
+            low_res, iou = model.sam.decode_with_text_prompt(embeddings, prompts)  # [N, 1, 64, 64], [N, 1]
         masks = low_res_to_masks(low_res, view, resize_hw, pad, mask_mode)
         return masks, [float(v) for v in iou.float().flatten().tolist()]
 

@@ -167,6 +167,9 @@ class MedPLIBConfig:
     #: Our extension (not in the released model): add the region's geometry to its token
     #: (``model.region_encoder``); weights ``region_encoder.geometry.*``.
     region_geometry: bool = False
+    #: Our extension (not in the released model): a ``<SEG>`` about a region is decoded with that
+    #: region's box or point as a SAM prompt next to the ``<SEG>`` token (``model.seg_prompts``).
+    seg_region_prompts: bool = False
     # SEG head (LISA)
     out_dim: int = 256
     #: The folder the config was read from (for tokenizer and SAM paths); not serialised.

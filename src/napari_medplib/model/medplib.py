@@ -26,6 +26,7 @@ from .config import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, MedPLIBConfig
 from .generation import GenerationConfig, GenerationResult, generate_tokens
 from .llm import LanguageModelOutput, MedPLIBLanguageModel
 from .region_encoder import RegionEncoder
+from .seg_prompts import SegRegionPrompt, decode_seg_with_regions, pair_with_segs
 from .vision import CLIPVisionTower, build_mm_projector
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -397,8 +398,13 @@ class MedPLIBModel(nn.Module):
         mode: str = "corrected",
         pad: tuple[int, int] | None = None,
         threshold: float = 0.1,
+        regions: Sequence[SegRegionPrompt | None] | None = None,
     ) -> GroundingResult:
-        """One mask per row of ``seg_hidden`` [N, D] on one image (SAM pixels or cached embeddings)."""
+        """One mask per row of ``seg_hidden`` [N, D] on one image (SAM pixels or cached embeddings).
+
+        ``regions``: the question's regions in order (``SegRegionPrompt``), paired with the ``<SEG>`` s by
+        ``pair_with_segs``; used only by models trained with ``config.seg_region_prompts``.
+        """
         from .postprocess import masks_from_logits, postprocess_masks
 
         if self.sam is None:
@@ -410,6 +416,13 @@ class MedPLIBModel(nn.Module):
                 raise ValueError("give sam_pixel_values or precomputed image_embeddings")
             image_embeddings = self.sam.encode_image(sam_pixel_values)
         prompts = self.seg_prompt_embeddings(seg_hidden.reshape(-1, seg_hidden.shape[-1]))  # [N, out_dim]
-        low_res, iou = self.sam.decode_with_text_prompt(image_embeddings, prompts)
+        if regions and self.config.seg_region_prompts:
+            paired = pair_with_segs(prompts.shape[0], regions)
+            size = self.sam.config.image_size
+            frame_pad = pad or ((size - resize_hw[0]) // 2, (size - resize_hw[1]) // 2)  # as postprocess_masks
+            low_res, iou = decode_seg_with_regions(self.sam, image_embeddings, prompts, paired, original_hw,
+                                                   resize_hw, frame_pad)
+        else:
+            low_res, iou = self.sam.decode_with_text_prompt(image_embeddings, prompts)
         mask_logits = postprocess_masks(low_res, resize_hw, original_hw, pad=pad, mode=mode)
         return GroundingResult(prompts, low_res, iou, mask_logits, masks_from_logits(mask_logits, threshold))

@@ -120,13 +120,20 @@ class SamMed2D(nn.Module):
         return low_res_logits[:, 0], iou[:, 0]
 
     def decode_with_text_prompt(
-        self, image_embeddings: torch.Tensor, prompt_embedding: torch.Tensor
+        self,
+        image_embeddings: torch.Tensor,
+        prompt_embedding: torch.Tensor,
+        points: torch.Tensor | None = None,
+        point_labels: torch.Tensor | None = None,
+        boxes: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference grounding path: each (256,) ``<SEG>`` prompt is one sparse token, dense prompt is
         ``no_mask_embed``, single-mask output (slot 0).
 
         image_embeddings (1, 256, 16, 16), prompt_embedding (N, 256)
         -> low-res logits (N, 1, 64, 64), iou (N, 1).
+        ``points`` (N, P, 2) + ``point_labels`` (N, P) or ``boxes`` (N, 4), in the padded input frame,
+        are added before the text token (our ``seg_region_prompts`` extension; see ``seg_prompts``).
         """
         if prompt_embedding.ndim == 1:
             prompt_embedding = prompt_embedding[None]
@@ -136,7 +143,14 @@ class SamMed2D(nn.Module):
                 f"got {tuple(prompt_embedding.shape)}"
             )
         text = prompt_embedding.to(device=self.device, dtype=self.dtype)[:, None]  # (N, 1, C)
-        return self._decode(image_embeddings, text.shape[0], False, text_embeds=text)
+        if (points is None) != (point_labels is None):
+            raise ValueError("give points and point_labels together")
+        for name, value, shape in (("points", points, (text.shape[0], None, 2)), ("boxes", boxes, (text.shape[0], 4))):
+            if value is not None and (value.ndim != len(shape) or any(
+                    want is not None and got != want for got, want in zip(value.shape, shape))):
+                raise ValueError(f"{name} must be {tuple('P' if w is None else w for w in shape)}, got {tuple(value.shape)}")
+        return self._decode(image_embeddings, text.shape[0], False, text_embeds=text,
+                            points=points, point_labels=point_labels, boxes=boxes)
 
     def decode_with_prompts(
         self,

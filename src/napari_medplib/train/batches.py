@@ -23,6 +23,7 @@ import torch
 from ..imaging import to_model_rgb
 from ..model.config import IGNORE_INDEX
 from ..model.preprocess import prepare_clip_image, prepare_sam_image, region_mask_to_grid
+from ..model.seg_prompts import SegRegionPrompt, pair_with_segs
 from ..model.tokenizer import format_question, get_template, tokenize_prompt
 from .data import Conversation, Sample
 
@@ -57,6 +58,7 @@ class Sequence1:
     region_grids: torch.Tensor  # [R, 24, 24] uint8, one per -300 slot in order
     target_masks: list[np.ndarray]  # one (H, W) bool per <SEG> in order
     tasks: list[str]  # task of each turn
+    seg_regions: list[SegRegionPrompt | None] | None = None  # per <SEG>: the region it is about, if any
 
 
 @dataclass
@@ -71,6 +73,7 @@ class Batch:
     region_grids: list[torch.Tensor]  # per sequence [R_b, 24, 24]
     target_masks: list[list[torch.Tensor]]  # per sequence, per <SEG>: (H, W) float 0/1
     images: list[ImageInputs]
+    seg_regions: list[list[SegRegionPrompt | None]] | None = None  # per sequence, per <SEG>
 
     @property
     def n_seg(self) -> int:
@@ -88,6 +91,15 @@ def prepare_image(sample: Sample) -> ImageInputs:
 def region_grid(region, shape: tuple[int, int]) -> np.ndarray:
     """A RegionSpec -> its (24, 24) uint8 patch grid, as the engine computes it."""
     return region_mask_to_grid(region.to_mask(shape)).mask_24
+
+
+def seg_region_prompt(region) -> SegRegionPrompt | None:
+    """A RegionSpec as the SAM prompt of a ``<SEG>`` about it (``config.seg_region_prompts``)."""
+    if region.kind == "box":
+        return SegRegionPrompt(box=tuple(float(v) for v in region.box))
+    if region.kind == "point":
+        return SegRegionPrompt(point=tuple(float(v) for v in region.point))
+    return SegRegionPrompt.from_mask(region.mask)
 
 
 def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: tuple[int, int],
@@ -108,6 +120,7 @@ def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: t
     labels: list[int] = []
     grids: list[np.ndarray] = []
     targets: list[np.ndarray] = []
+    seg_regions: list[SegRegionPrompt | None] = []
     for turn, conv in enumerate(conversations):
         text, order = format_question(conv.question, len(conv.regions), with_image=with_image and turn == 0,
                                     append_missing=False)
@@ -123,8 +136,10 @@ def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: t
         labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
         grids += [region_grid(conv.regions[k], image_hw) for k in order]
         targets += [np.asarray(m, bool) for m in conv.target_masks]
+        seg_regions += pair_with_segs(n_seg, [seg_region_prompt(conv.regions[k]) for k in order])
     region_grids = torch.from_numpy(np.stack(grids)) if grids else torch.zeros((0, 24, 24), dtype=torch.uint8)
-    return Sequence1(torch.tensor(ids), torch.tensor(labels), region_grids, targets, [c.task for c in conversations])
+    return Sequence1(torch.tensor(ids), torch.tensor(labels), region_grids, targets, [c.task for c in conversations],
+                     seg_regions)
 
 
 def pack_conversations(conversations: Sequence[Conversation], tasks: Sequence[str], turns: int,
@@ -171,6 +186,7 @@ def collate(sequences: Sequence[Sequence1], images: Sequence[ImageInputs], pad_i
         [s.region_grids for s in sequences],
         [[torch.from_numpy(m).float() for m in s.target_masks] for s in sequences],
         list(images),
+        [list(s.seg_regions) if s.seg_regions is not None else [None] * len(s.target_masks) for s in sequences],
     )
 
 

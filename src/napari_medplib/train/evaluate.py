@@ -27,7 +27,7 @@ import torch
 from ..model.medplib import MedPLIBModel
 from ..model.postprocess import masks_from_logits
 from ..model.tokenizer import encode_question
-from .batches import prepare_image, region_grid
+from .batches import prepare_image, region_grid, seg_region_prompt
 from .data import Conversation, Sample, normalise_answer
 from .losses import dice_score
 from .steps import prompt_masks
@@ -93,7 +93,8 @@ def evaluate_model(model: MedPLIBModel, items: Iterable[tuple[Sample, list[Conve
                 seg = result.seg_indices(model.tokenizer.seg_token_id)
                 if seg and embedding is not None:
                     masks = model.ground(model.answer_seg_hidden(result), image_embeddings=embedding,
-                                         resize_hw=image.resize_hw, original_hw=image.original_hw, pad=image.pad).masks
+                                         resize_hw=image.resize_hw, original_hw=image.original_hw, pad=image.pad,
+                                         regions=_question_regions(model, conv)).masks
                 for j, target in enumerate(conv.target_masks):
                     dice = dice_score(masks[j], torch.from_numpy(target)) if j < len(masks) else 0.0
                     scores.add("grounding", dice)
@@ -113,6 +114,12 @@ def evaluate_model(model: MedPLIBModel, items: Iterable[tuple[Sample, list[Conve
     if progress:
         print(file=sys.stderr)
     return _summary(scores, n_samples, time.perf_counter() - start)
+
+
+def _question_regions(model: MedPLIBModel, conv: Conversation) -> list:
+    """The conversation's regions in question order, as ``<SEG>`` region prompts."""
+    _, order = encode_question(model.tokenizer, conv.question, len(conv.regions))
+    return [seg_region_prompt(conv.regions[k]) for k in order]
 
 
 def _prompt_scores(model, sample: Sample, image, embedding, k: int, index: int, scores: _Scores) -> None:

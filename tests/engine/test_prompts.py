@@ -1,0 +1,52 @@
+"""Regions as SAM prompts of a <SEG> about them (models trained with ``seg_region_prompts``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from engine_helpers import force_seg
+
+from napari_medplib import Region
+from napari_medplib.engine.prompts import seg_region_prompt
+from napari_medplib.model.seg_prompts import SegRegionPrompt
+
+
+def test_each_region_kind_becomes_a_box_or_a_point():
+    assert seg_region_prompt(Region.point(12, 7)) == SegRegionPrompt(point=(12.0, 7.0))
+    assert seg_region_prompt(Region.point(12, 7, positive=False)) is None  # not "the object there"
+    assert seg_region_prompt(Region.box(30, 40, 5, 8)) == SegRegionPrompt(box=(5.0, 8.0, 30.0, 40.0))
+    polygon = Region.polygon([[10, 20], [10, 40], [30, 40], [30, 20]]).with_image_shape((90, 130))
+    assert seg_region_prompt(polygon) == SegRegionPrompt(box=tuple(float(v) for v in polygon.bbox))
+    mask = np.zeros((90, 130), bool)
+    mask[50:60, 3:9] = True
+    assert seg_region_prompt(Region.mask(mask)) == SegRegionPrompt(box=(50.0, 3.0, 59.0, 8.0))
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_ask_gives_the_question_regions_to_sam_when_the_model_uses_them(flag, image16, monkeypatch):
+    from napari_medplib.engine import Session
+    from napari_medplib.model import seg_prompts
+    from napari_medplib.testing import tiny_model
+
+    calls = []
+    original = seg_prompts.decode_seg_with_regions
+
+    def spy(sam, embeddings, seg, regions, original_hw, resize_hw, pad):
+        calls.append((list(regions), tuple(original_hw)))
+        return original(sam, embeddings, seg, regions, original_hw, resize_hw, pad)
+
+    monkeypatch.setattr(seg_prompts, "decode_seg_with_regions", spy)
+    session = Session.from_model(tiny_model(seg_region_prompts=flag), name="tiny")
+    handle = force_seg(session.model)
+    try:
+        region = Region.box(3, 3, 30, 30)
+        reply = session.ask(image16, "Segment the nucleus in <region>.", [region], max_new_tokens=2)
+        no_region = session.ask(image16, "Segment the nuclei.", max_new_tokens=2)
+    finally:
+        handle.remove()
+        session.close()
+    assert len(reply.masks) == 2 and len(no_region.masks) == 2
+    if flag:  # both <SEG>s are about the one region; the question without a region goes as MedPLIB's
+        assert calls == [([SegRegionPrompt(box=(3.0, 3.0, 30.0, 30.0))] * 2, image16.shape)]
+    else:
+        assert calls == []
