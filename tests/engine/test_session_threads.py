@@ -188,3 +188,36 @@ def test_segment_prompts_change_the_result(tiny_session, image16):
     b = tiny_session.segment(image16, points=[(70, 110)], multimask=True)
     c = tiny_session.segment(image16, points=[(20, 20)], box=(5, 5, 60, 60), mask=image16 > 10000)
     assert a.scores != b.scores and c.scores != a.scores[:1]
+
+
+def test_session_cancel_reaches_an_ask_waiting_for_the_lock(tiny_session, image16):
+    entered = threading.Event()
+    original = tiny_session._cancelled_since
+
+    def spy():
+        since = original()
+        entered.set()  # the queued ask has taken its cancel snapshot
+        return since
+
+    tiny_session._cancelled_since = spy
+    replies = []
+    tiny_session._lock.acquire()  # another call is "running"
+    try:
+        thread = threading.Thread(target=lambda: replies.append(
+            tiny_session.ask(image16, "What is it?", max_new_tokens=50)))
+        thread.start()
+        assert entered.wait(10)
+        tiny_session.cancel()
+    finally:
+        tiny_session._lock.release()
+    thread.join(30)
+    assert replies and replies[0].finish_reason == "cancelled"
+    after = tiny_session.ask(image16, "What is it?", max_new_tokens=3)  # later calls are not affected
+    assert after.finish_reason != "cancelled"
+
+
+def test_session_cancel_right_after_ask_stream_counts(tiny_session, image16):
+    stream = tiny_session.ask_stream(image16, "What is it?", max_new_tokens=200)
+    tiny_session.cancel()
+    assert "".join(stream) is not None
+    assert stream.reply.finish_reason == "cancelled"

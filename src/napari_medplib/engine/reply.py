@@ -68,6 +68,21 @@ class AnyEvent:
 
 
 
+class CancelledSince:
+    """Quacks like a threading.Event: set once ``Session.cancel()`` was called after this was made.
+
+    ``Session.cancel()`` counts up; a call compares against the count it saw when it was made, so a
+    cancel also reaches calls still waiting for the model lock (an Event cleared by each new call would
+    lose it)."""
+
+    def __init__(self, counter: Callable[[], int]) -> None:
+        self._counter = counter
+        self._seen = counter()
+
+    def is_set(self) -> bool:
+        return self._counter() != self._seen
+
+
 class AskStream:
     """Iterator of text pieces of one answer; ``reply`` is set once it is exhausted.
 

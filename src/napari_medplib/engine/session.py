@@ -53,7 +53,7 @@ from .loading import (
     resolve_source,
 )
 from .prompts import bind_regions, check_prompts, seg_region_prompt
-from .reply import AnyEvent, AskStream, Reply, expert_shares
+from .reply import AnyEvent, AskStream, CancelledSince, Reply, expert_shares
 from .window import (
     WindowedSegmentResult,
     check_window,
@@ -95,7 +95,8 @@ class Session:
         self.template = template
         self.fingerprint = fingerprint or model_fingerprint(model)
         self._lock = threading.RLock()
-        self._cancel = threading.Event()
+        self._cancels = 0  # Session.cancel() calls so far (see CancelledSince)
+        self._cancels_guard = threading.Lock()
         self._features = LRUCache(feature_cache_bytes)
         self._prefixes = LRUCache(prefix_cache_bytes, max_items=prefix_cache_items)
         # input plane (content + contrast settings) -> ModelView: repeated clicks on the same plane skip
@@ -168,8 +169,14 @@ class Session:
         return f"Session({self.model_name!r}, {state})"
 
     def cancel(self) -> None:
-        """Stop the running ``ask`` at its next token (from any thread)."""
-        self._cancel.set()
+        """Stop the running ``ask`` at its next token, and those already waiting for it (any thread).
+
+        Calls made after ``cancel()`` returns are not affected."""
+        with self._cancels_guard:
+            self._cancels += 1
+
+    def _cancelled_since(self) -> CancelledSince:
+        return CancelledSince(lambda: self._cancels)
 
     def clear_cache(self) -> None:
         """Drop cached image features, SAM embeddings and prefix KV caches (files on disk stay)."""
@@ -345,6 +352,7 @@ class Session:
         from ..model.generation import GenerationConfig
         from ..model.tokenizer import encode_question, get_template
 
+        session_cancel = self._cancelled_since()  # before waiting for the lock: cancel() reaches queued calls
         if not isinstance(question, str) or not question.strip():
             raise SessionInputError("the question is empty; type a question about the image")
         if mask_mode not in MASK_MODES:
@@ -360,7 +368,6 @@ class Session:
             raise SessionInputError(str(err)) from None
         with self._lock, torch.inference_mode():
             model = self.model
-            self._cancel.clear()
             timings: dict[str, float] = {}
             start = time.perf_counter()
             view = self._view(image, contrast_limits, rgb)
@@ -383,7 +390,7 @@ class Session:
             region_masks = [grids[order]] if order else None
 
             def stop() -> bool:
-                return self._cancel.is_set() or (cancel is not None and cancel.is_set())
+                return session_cancel.is_set() or (cancel is not None and cancel.is_set())
 
             result = model.generate(
                 torch.tensor(ids), region_masks=region_masks, image_features=features, config=config,
@@ -456,9 +463,10 @@ class Session:
             raise SessionInputError(f"mask_mode must be one of {MASK_MODES}, got {kwargs['mask_mode']!r}")
         self.model  # noqa: B018 - raise SessionClosedError now, not inside the iteration
         user_cancel = kwargs.pop("cancel", None)
+        session_cancel = self._cancelled_since()  # a cancel() right after ask_stream() returns counts too
 
         def run(emit: Callable[[str], None], stream_cancel: threading.Event) -> Reply:
-            cancel = AnyEvent(stream_cancel, user_cancel)
+            cancel = AnyEvent(stream_cancel, user_cancel, session_cancel)
             return self.ask(image, question, regions, on_text=emit, cancel=cancel, **kwargs)
 
         return AskStream(run)
