@@ -127,10 +127,22 @@ def test_segment_point_writes_the_same_mask_as_the_session(model_dir, image_file
     assert rc == 0, err
     result = json.loads(out)
     assert result["masks"] == [1] and len(result["scores"]) == 1
+    assert result["windows"] == [[0, 0, *image.shape[:2]]]  # a small image: SAM saw all of it
     labels = tifffile.imread(out_path)
     expected = Session.load(model_dir, device="cpu").segment(image, points=[(20, 30), (50, 70)], point_labels=[1, 0])
     np.testing.assert_array_equal(labels == 1, expected.mask)
     assert labels.dtype == np.uint16 and labels.max() <= 1
+
+
+def test_segment_json_reports_the_crop_sam_saw_on_a_large_image(model_dir, tmp_path, capsys):
+    path = tmp_path / "large.tif"
+    tifffile.imwrite(path, (np.random.default_rng(1).random((700, 900)) * 3000).astype(np.uint16))
+    assert main(["segment", str(path), "--point", "100", "120", "--model", str(model_dir), "--json"]) == 0
+    (y0, x0, y1, x1), = json.loads(capsys.readouterr().out)["windows"]
+    assert y0 <= 100 < y1 and x0 <= 120 < x1 and (y1 - y0, x1 - x0) != (700, 900)
+    assert main(["segment", str(path), "--point", "100", "120", "--model", str(model_dir), "--json",
+                 "--window", "none"]) == 0
+    assert json.loads(capsys.readouterr().out)["windows"] == [[0, 0, 700, 900]]
 
 
 def test_segment_box_and_regions(model_dir, image_file, tmp_path, capsys):

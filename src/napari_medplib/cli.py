@@ -226,6 +226,12 @@ def _window_arg(text: str) -> str | int | None:
     raise argparse.ArgumentTypeError(f"expected auto, none or a crop side in pixels, got {text!r}")
 
 
+def _window_json(result) -> list[int] | None:
+    """The image area SAM saw for one prompt set, [y0, x0, y1, x1] end-exclusive (None: not reported)."""
+    window = getattr(result, "window", None)
+    return None if window is None else [int(v) for v in window]
+
+
 def _cmd_segment(args: argparse.Namespace) -> int:
     """Direct prompts through SAM-Med2D (no LLM); one label id per prompt set."""
     labels_out = _check_labels_out(args.labels_out)
@@ -245,7 +251,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
         print(json.dumps({
             "masks": ids, "labels_out": str(labels_out) if labels_out else None, "model": session.model_name,
             "scores": [max(r.scores) for r in results], "mask_areas": [int(m.sum()) for m in masks],
-            "timings": timings,
+            "windows": [_window_json(r) for r in results], "timings": timings,
         }))
     else:
         where = f"written to {labels_out}" if labels_out else "not saved (use --labels-out PATH.tif)"
