@@ -29,6 +29,7 @@ class _ScriptedModel:
         self.region_encoder = None
         self.sam = self
         self.targets = targets  # question -> list of masks
+        self.grounded = []  # (conversation, regions given to ground)
 
     def eval(self):
         return self
@@ -40,6 +41,7 @@ class _ScriptedModel:
         return result.step_hidden
 
     def ground(self, seg_hidden, **kwargs):
+        self.grounded.append((self.current_conv, kwargs.get("regions")))
         return _Ground(torch.from_numpy(np.stack(self.current)))
 
 
@@ -52,7 +54,7 @@ def scripted(monkeypatch):
     def answer(model_, conv, image, features, max_new_tokens):
         counts = torch.tensor([[3, 1]]) if conv.task == "grounding" else torch.tensor([[1, 3]])
         if conv.task == "grounding":
-            model.current = conv.target_masks
+            model.current, model.current_conv = conv.target_masks, conv
             return GenerationResult([seg] * len(conv.target_masks), conv.answer, "eos",
                                     torch.zeros(len(conv.target_masks), 4), expert_counts=counts)
         text = conv.canonical.upper() + "." if conv.task == "vqa" else "no idea"
@@ -81,6 +83,18 @@ def test_metrics_on_scripted_answers(scripted):
     assert result["routing_shares"]["grounding"] == [0.75, 0.25] and result["routing_shares"]["vqa"] == [0.25, 0.75]
     assert result["counts"]["box"] == result["counts"]["point"] > 0
     assert result["n_images"] == 2
+
+
+def test_grounding_gets_the_question_regions_and_is_broken_down_by_kind(scripted):
+    from napari_medplib.train.batches import seg_region_prompt
+
+    model, items = scripted
+    result = ev.evaluate_model(model, items, instances_per_image=1)
+    kinds = {conv.kind for conv, _ in model.grounded}
+    assert "instance" in kinds and "semantic" in kinds
+    for conv, regions in model.grounded:
+        assert regions == [seg_region_prompt(r) for r in conv.regions]
+        assert result["breakdown"][f"grounding/{conv.kind}"] == 1.0
 
 
 def test_point_dice_matches_a_hand_computation(scripted):

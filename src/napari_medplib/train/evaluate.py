@@ -99,6 +99,7 @@ def evaluate_model(model: MedPLIBModel, items: Iterable[tuple[Sample, list[Conve
                     dice = dice_score(masks[j], torch.from_numpy(target)) if j < len(masks) else 0.0
                     scores.add("grounding", dice)
                     scores.add(f"grounding/{sample.style}", dice)
+                    scores.add(f"grounding/{conv.kind}", dice)  # semantic, instance (about a region), multi
                 correct = None
             else:
                 correct = normalise_answer(result.text) == normalise_answer(conv.canonical or conv.answer)
