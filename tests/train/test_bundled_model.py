@@ -56,3 +56,24 @@ def test_session_load_without_arguments_uses_it_and_answers():
     assert "".join(streamed).strip()
     reply = session.ask(sample.image, "Please segment the nuclei.")
     assert reply.masks and np.asarray(reply.masks[0]).shape == sample.image.shape[:2]
+
+
+def test_grounding_about_a_box_segments_that_object():
+    """The ``seg_region_prompts`` extension end to end: the mask is the boxed nucleus, not all nuclei."""
+    from napari_medplib import Region
+    from napari_medplib.engine.session import Session
+    from napari_medplib.train.evaluate import heldout
+    from napari_medplib.train.steps import tight_box
+
+    session = Session.load(device="cpu")
+    assert session.model.config.seg_region_prompts
+    sample, _ = next(iter(heldout(1, styles=["nuclei"])))
+    ids, areas = np.unique(sample.labels[sample.labels > 0], return_counts=True)
+    assert len(ids) >= 3
+    target = sample.labels == ids[np.argmax(areas)]
+    reply = session.ask(sample.image, "Please segment the nucleus in <region>.", [Region.box(*tight_box(target))])
+    assert len(reply.masks) == 1, reply.text
+    mask = np.asarray(reply.masks[0])
+    dice = 2 * (mask & target).sum() / (mask.sum() + target.sum())
+    assert dice > 0.6, (dice, reply.text)
+    assert (mask & (sample.labels > 0) & ~target).sum() < 0.2 * target.sum()  # not the other nuclei
