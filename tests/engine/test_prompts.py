@@ -25,28 +25,31 @@ def test_each_region_kind_becomes_a_box_or_a_point():
 @pytest.mark.parametrize("flag", [True, False])
 def test_ask_gives_the_question_regions_to_sam_when_the_model_uses_them(flag, image16, monkeypatch):
     from napari_medplib.engine import Session
-    from napari_medplib.model import seg_prompts
+    from napari_medplib.model.preprocess import image_to_sam_boxes
     from napari_medplib.testing import tiny_model
 
-    calls = []
-    original = seg_prompts.decode_seg_with_regions
-
-    def spy(sam, embeddings, seg, regions, original_hw, resize_hw, pad):
-        calls.append((list(regions), tuple(original_hw)))
-        return original(sam, embeddings, seg, regions, original_hw, resize_hw, pad)
-
-    monkeypatch.setattr(seg_prompts, "decode_seg_with_regions", spy)
     session = Session.from_model(tiny_model(seg_region_prompts=flag), name="tiny")
+    sam = session.model.sam
+    calls = []
+    original = sam.decode_with_text_prompt
+
+    def spy(embeddings, prompts, **prompt_kwargs):
+        calls.append({k: v for k, v in prompt_kwargs.items() if v is not None})
+        return original(embeddings, prompts, **prompt_kwargs)
+
+    monkeypatch.setattr(sam, "decode_with_text_prompt", spy)
     handle = force_seg(session.model)
     try:
-        region = Region.box(3, 3, 30, 30)
-        reply = session.ask(image16, "Segment the nucleus in <region>.", [region], max_new_tokens=2)
+        reply = session.ask(image16, "Segment the nucleus in <region>.", [Region.box(3, 3, 30, 30)], max_new_tokens=2)
         no_region = session.ask(image16, "Segment the nuclei.", max_new_tokens=2)
     finally:
         handle.remove()
         session.close()
     assert len(reply.masks) == 2 and len(no_region.masks) == 2
-    if flag:  # both <SEG>s are about the one region; the question without a region goes as MedPLIB's
-        assert calls == [([SegRegionPrompt(box=(3.0, 3.0, 30.0, 30.0))] * 2, image16.shape)]
+    assert len(calls) == 2 and calls[1] == {}  # no region: MedPLIB's text-only decoding
+    if flag:  # both <SEG>s are about the one region, given as SAM's box prompt (90 x 130 -> (177, 256), pad 39)
+        expected = image_to_sam_boxes([(3, 3, 30, 30)], image16.shape, (177, 256), (39, 0))
+        assert set(calls[0]) == {"boxes"}
+        np.testing.assert_allclose(calls[0]["boxes"].numpy(), np.repeat(expected, 2, axis=0), rtol=1e-6)
     else:
-        assert calls == []
+        assert calls[0] == {}

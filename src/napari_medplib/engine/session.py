@@ -435,17 +435,13 @@ class Session:
                 regions: Sequence[Region] = ()):
         """Masks of the answer's ``<SEG>`` s; ``regions`` (question order) also prompt SAM when the model
         was trained that way (``config.seg_region_prompts``, our extension)."""
-        from ..model.seg_prompts import decode_seg_with_regions, pair_with_segs
+        from ..model.seg_prompts import pair_with_segs
 
         model = self.model
         embeddings, resize_hw, pad = self._sam_embedding(view, on_progress)
         prompts = model.seg_prompt_embeddings(seg_hidden)  # [N, 256]
         seg_regions = pair_with_segs(prompts.shape[0], [seg_region_prompt(r) for r in regions])
-        if model.config.seg_region_prompts and any(r is not None for r in seg_regions):
-            low_res, iou = decode_seg_with_regions(model.sam, embeddings, prompts, seg_regions, view.frame_hw,
-                                                   resize_hw, pad)
-        else:
-            low_res, iou = model.sam.decode_with_text_prompt(embeddings, prompts)  # [N, 1, 64, 64], [N, 1]
+        low_res, iou = model.decode_seg(embeddings, prompts, seg_regions, view.frame_hw, resize_hw, pad)  # [N, 1, 64, 64]
         masks = low_res_to_masks(low_res, view, resize_hw, pad, mask_mode)
         return masks, [float(v) for v in iou.float().flatten().tolist()]
 

@@ -387,6 +387,26 @@ class MedPLIBModel(nn.Module):
         indices = result.seg_indices(self.tokenizer.seg_token_id)
         return result.step_hidden[indices]
 
+    def decode_seg(
+        self,
+        image_embeddings: torch.Tensor,
+        seg_prompts: torch.Tensor,
+        seg_regions: Sequence[SegRegionPrompt | None],
+        original_hw: tuple[int, int],
+        resize_hw: tuple[int, int],
+        pad: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM decoding of T-projected ``<SEG>`` prompts [N, out_dim] -> low-res logits (N, 1, 64, 64), iou.
+
+        ``seg_regions`` (one per prompt, see ``pair_with_segs``) join as box/point prompts only when the
+        model was trained with them (``config.seg_region_prompts``); otherwise MedPLIB's text-only path.
+        The one place this choice is made: grounding, the engine and training all call it.
+        """
+        if self.config.seg_region_prompts and any(r is not None for r in seg_regions):
+            return decode_seg_with_regions(self.sam, image_embeddings, seg_prompts, seg_regions, original_hw,
+                                           resize_hw, pad)
+        return self.sam.decode_with_text_prompt(image_embeddings, seg_prompts)
+
     @torch.no_grad()
     def ground(
         self,
@@ -416,13 +436,10 @@ class MedPLIBModel(nn.Module):
                 raise ValueError("give sam_pixel_values or precomputed image_embeddings")
             image_embeddings = self.sam.encode_image(sam_pixel_values)
         prompts = self.seg_prompt_embeddings(seg_hidden.reshape(-1, seg_hidden.shape[-1]))  # [N, out_dim]
-        if regions and self.config.seg_region_prompts:
-            paired = pair_with_segs(prompts.shape[0], regions)
+        if pad is None:  # as postprocess_masks derives it
             size = self.sam.config.image_size
-            frame_pad = pad or ((size - resize_hw[0]) // 2, (size - resize_hw[1]) // 2)  # as postprocess_masks
-            low_res, iou = decode_seg_with_regions(self.sam, image_embeddings, prompts, paired, original_hw,
-                                                   resize_hw, frame_pad)
-        else:
-            low_res, iou = self.sam.decode_with_text_prompt(image_embeddings, prompts)
+            pad = ((size - resize_hw[0]) // 2, (size - resize_hw[1]) // 2)
+        paired = pair_with_segs(prompts.shape[0], list(regions or ()))
+        low_res, iou = self.decode_seg(image_embeddings, prompts, paired, original_hw, resize_hw, pad)
         mask_logits = postprocess_masks(low_res, resize_hw, original_hw, pad=pad, mode=mode)
         return GroundingResult(prompts, low_res, iou, mask_logits, masks_from_logits(mask_logits, threshold))

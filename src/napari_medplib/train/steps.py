@@ -12,7 +12,6 @@ from scipy import ndimage as ndi
 from ..model.medplib import ImageFeatures, MedPLIBModel
 from ..model.postprocess import postprocess_masks
 from ..model.preprocess import image_to_sam_boxes, image_to_sam_coords
-from ..model.seg_prompts import decode_seg_with_regions
 from .batches import Batch, build_sequence, collate, expand_labels, prepare_image
 from .losses import iou_mse, mask_losses, token_ce
 from .recipe import LossWeights, StageSpec
@@ -66,12 +65,9 @@ def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights) -> dict[
                 continue
             positions = MedPLIBModel.seg_hidden_positions(batch.input_ids[b], out.position_map[b], seg_id, "each")
             prompts = model.seg_prompt_embeddings(out.hidden_states[b, positions])  # [n, out_dim]
-            seg_regions = batch.seg_regions[b] if batch.seg_regions is not None else []
-            if model.config.seg_region_prompts and any(r is not None for r in seg_regions):
-                low_res, iou = decode_seg_with_regions(model.sam, embeddings[b : b + 1], prompts, seg_regions,
-                                                       image.original_hw, image.resize_hw, image.pad)
-            else:
-                low_res, iou = model.sam.decode_with_text_prompt(embeddings[b : b + 1], prompts)
+            seg_regions = batch.seg_regions[b] if batch.seg_regions is not None else [None] * len(positions)
+            low_res, iou = model.decode_seg(embeddings[b : b + 1], prompts, seg_regions, image.original_hw,
+                                            image.resize_hw, image.pad)
             logits.append(postprocess_masks(low_res, image.resize_hw, image.original_hw, pad=image.pad))
             targets.append(torch.stack(batch.target_masks[b]).to(logits[-1].device))
             ious.append(iou)
