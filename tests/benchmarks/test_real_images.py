@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
-import sys
 import tarfile
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
+from bench_loader import benchmark_module
 from scipy import ndimage as ndi
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "real_images.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("real_images_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(module)
+    with benchmark_module("real_images") as module:
         yield module
-    finally:
-        sys.modules.pop(spec.name, None)
 
 
 def test_instance_boxes_are_inclusive_yx(bench):
