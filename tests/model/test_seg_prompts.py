@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from napari_medplib.model.seg_prompts import SegRegionPrompt, decode_seg_with_regions, pair_with_segs
+from napari_medplib.model.seg_prompts import (
+    SegRegionPrompt,
+    decode_seg_with_regions,
+    pair_with_segs,
+)
 from napari_medplib.testing import tiny_model
 
 BOX = SegRegionPrompt(box=(10.0, 20.0, 40.0, 60.0))
@@ -74,7 +78,7 @@ def test_ground_uses_regions_only_when_the_model_was_trained_with_them(model):
     assert not plain.config.seg_region_prompts
     pixels = torch.randn(1, 3, 256, 256, generator=torch.Generator().manual_seed(4))
     seg_hidden = torch.randn(1, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
-    kwargs = dict(resize_hw=(128, 256), original_hw=(100, 200))
+    kwargs = {"resize_hw": (128, 256), "original_hw": (100, 200)}
     with_box = model.ground(seg_hidden, pixels, regions=[BOX], **kwargs).mask_logits
     without = model.ground(seg_hidden, pixels, **kwargs).mask_logits
     assert not torch.allclose(with_box, without, atol=1e-4)
