@@ -10,6 +10,7 @@ Run folder (never inside the package)::
       stages/<name>/resume.pt  the latest step checkpoint (model, optimizer, step), written every
                                ``checkpoint_every`` steps and on interruption
       final.json               {"model": <the last stage's final folder>}
+      LOCK                     the pid of the trainer using the folder, while it runs (run_lock.py)
 
 Every step's data and random numbers are fixed by (seed, stage, step) alone, and the learning rate by
 the step, so an interrupted run resumed from its step checkpoint ends with the same weights as an
@@ -33,6 +34,7 @@ from ..model.convert import save_pretrained
 from ..model.medplib import MedPLIBModel
 from .build import add_lora, build_model, init_model, merge_lora, set_trainable, stage_state
 from .recipe import Recipe, RecipeError, StageSpec, find_recipe, load_recipe
+from .run_lock import run_lock
 from .steps import llm_losses, make_batch, sam_losses
 from .stream import StageStream
 
@@ -110,14 +112,15 @@ class Trainer:
         if self.recipe.threads:
             torch.set_num_threads(self.recipe.threads)
         budget = [stop_after_steps]
-        for index, stage in enumerate(self.recipe.stages):
-            if self.is_done(stage):
-                self.say(f"stage {stage.name}: done already ({self.final_dir(stage)})")
-                continue
-            self._run_stage(index, stage, budget)
-            if stage is self.recipe.final_stage:  # usable (medplib eval RUN) before comparison stages end
-                self._write_final()
-        return self._write_final()
+        with run_lock(self.run_dir):  # one trainer per run folder
+            for index, stage in enumerate(self.recipe.stages):
+                if self.is_done(stage):
+                    self.say(f"stage {stage.name}: done already ({self.final_dir(stage)})")
+                    continue
+                self._run_stage(index, stage, budget)
+                if stage is self.recipe.final_stage:  # usable (medplib eval RUN) before comparison stages end
+                    self._write_final()
+            return self._write_final()
 
     def _write_final(self) -> Path:
         final = self.final_dir(self.recipe.final_stage)
