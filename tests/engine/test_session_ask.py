@@ -44,10 +44,26 @@ def test_n_regions_each_change_the_answer_and_are_reported(tiny_session, image16
     tiny_session.model.encode_regions = spy
     tiny_session.ask(image16, "Is <region2> bigger than <region1>?", regions[:2], max_new_tokens=1)
     grids = seen[-1]
-    assert grids.shape == (2, 24, 24)
+    assert grids.shape == (2, 336, 336)  # masks on the CLIP frame; the model reads the 24x24 cells from them
     # region 2 (lower right) comes first in the question: its grid has cells lower right
     first_rows, second_rows = np.nonzero(grids[0])[0], np.nonzero(grids[1])[0]
     assert first_rows.mean() > second_rows.mean()
+
+
+def test_the_regions_the_model_cannot_see_depend_on_how_it_reads_them(image16):
+    """Cell-grid models (the reference): a region between cells' sampled pixels is empty; models that read
+    pixels (``region_geometry``) see it."""
+    from napari_medplib.engine import Session
+    from napari_medplib.testing import tiny_model
+
+    image = np.zeros((336, 336), np.float32)
+    for geometry, expected in ((False, [0]), (True, [])):
+        session = Session.from_model(tiny_model(0, region_geometry=geometry), name="tiny")
+        reply = session.ask(image, "What is <region>?", [Region.box(16, 16, 20, 20)], max_new_tokens=1)
+        assert reply.empty_regions == expected
+        if expected:
+            assert "24x24 grid" in reply.warnings[0]
+        session.close()
 
 
 def test_regions_not_named_are_appended(tiny_session, image16, count_calls):

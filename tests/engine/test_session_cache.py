@@ -67,7 +67,7 @@ def test_prefix_reuse_gives_the_same_logits_and_ids_as_a_cold_run(image16, monke
     from napari_medplib.model.tokenizer import encode_question
 
     ids, order = encode_question(model.tokenizer, "Compare <region1> with <region2>.", 2, session.template)
-    grids, _ = session._region_grids(session._regions(regions, image16.shape), session._view(image16, None, None))
+    grids, _ = session._region_masks(session._regions(regions, image16.shape), session._view(image16, None, None))
     features = session._clip_features(session._view(image16, None, None), None)
     plain = original(torch.tensor(ids), region_masks=[grids[order]], image_features=features, max_new_tokens=6,
                      stop_strings=("</s>",), return_step_logits=True)

@@ -167,3 +167,74 @@ def test_geometry_encoding_spreads_nearby_centroids_apart():
     assert ea.shape == (GEOMETRY_ENCODING,)
     torch.testing.assert_close(ea[:10], ra)  # the raw features come first
     assert (ea - eb).norm() > 3 * (ra - rb).norm()
+
+
+# ---------------------------------------------------------------------------- frame-resolution masks
+def _frame_mask(rows: slice, cols: slice) -> torch.Tensor:
+    mask = torch.zeros(336, 336, dtype=torch.uint8)
+    mask[rows, cols] = 1
+    return mask
+
+
+def test_frame_masks_give_the_reference_its_own_cell_grid(encoder):
+    """Released configs (no geometry): a 336-px mask reads exactly the cells region_mask_to_grid keeps."""
+    import numpy as np
+
+    from napari_medplib.model.preprocess import region_mask_to_grid
+
+    image_mask = np.zeros((300, 200), np.uint8)
+    image_mask[40:130, 25:90] = 1
+    grid = region_mask_to_grid(image_mask)
+    from_frame, _ = encoder(_features(), torch.from_numpy(grid.mask_336)[None])
+    from_cells, _ = encoder(_features(), torch.from_numpy(grid.mask_24)[None])
+    torch.testing.assert_close(from_frame, from_cells)
+
+
+def test_pixel_mean_weights_equal_the_mean_of_bilinear_samples_at_every_pixel():
+    import torch.nn.functional as F
+
+    from napari_medplib.model.region_encoder import _pixel_mean_weights
+
+    torch.manual_seed(0)
+    feature_map = torch.randn(1, 3, 24, 24)
+    mask = torch.zeros(336, 336, dtype=torch.bool)
+    mask[50:61, 200:230] = True
+    mask[300, 5] = True
+    weights = _pixel_mean_weights(mask, 24)
+    assert torch.isclose(weights.sum(), torch.tensor(1.0))
+    points = mask.nonzero().float() / 336  # the reference's convention: index / size, align_corners
+    sampled = F.grid_sample(feature_map, (2 * points.flip(-1) - 1)[None, None], mode="bilinear", align_corners=True)
+    torch.testing.assert_close((feature_map[0] * weights).sum(dim=(-2, -1)), sampled[0, :, 0].mean(-1), atol=1e-5, rtol=1e-5)
+
+
+def _geometry_encoder() -> RegionEncoder:
+    torch.manual_seed(0)
+    return RegionEncoder(MedPLIBConfig(hidden_size=8, num_attention_heads=2, mm_hidden_size=4, region_geometry=True))
+
+
+def test_geometry_reads_pixels_a_small_region_between_cells_is_seen():
+    """A 5-px nucleus between the cells' top-left pixels: no cell on the grid, but a token from its pixels."""
+    enc = _geometry_encoder()
+    assert enc.reads_pixels
+    small = _frame_mask(slice(16, 21), slice(16, 21))  # cells start at multiples of 14: none covered
+    assert small[::14, ::14].sum() == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", EmptyRegionWarning)
+        tokens, empty = enc(_features(), small[None])
+    assert not empty[0] and tokens[0].abs().sum() > 0
+
+
+def test_geometry_from_pixels_tells_sizes_and_shapes_apart_that_the_cell_grid_cannot():
+    """Two regions with the same cells on the grid (same top-left pixels) but different pixel areas/shapes."""
+    from napari_medplib.model.region_encoder import region_geometry
+
+    small = _frame_mask(slice(28, 34), slice(28, 34))  # 6x6 px round-ish blob on cell (2, 2)
+    long = _frame_mask(slice(28, 32), slice(28, 41))  # 4x13 px bar, same single cell
+    assert torch.equal(small[::14, ::14], long[::14, ::14])
+    enc = _geometry_encoder()
+    tokens, _ = enc(_features(), torch.stack([small, long]))
+    assert not torch.allclose(tokens[0], tokens[1])
+    gs, gl = region_geometry(small.bool()), region_geometry(long.bool())
+    assert gl[6] > 2 * gl[5] and abs(gs[6] - gs[5]) < 1e-6  # the bar is spread along columns, the blob is not
+    assert gl[2] > gs[2]  # and covers more pixels
+

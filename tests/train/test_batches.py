@@ -44,7 +44,7 @@ def test_first_turn_equals_the_inference_prompt_and_labels_are_the_answer(tokeni
     assert answer[-1] == tokenizer.eos_token_id
     assert tokenizer.decode(answer[:-1]) == "nucleus"
     assert seq.input_ids[n:].tolist() == answer  # teacher forcing: the labels are the inputs
-    assert seq.region_grids.shape == (1, 24, 24) and seq.region_grids.sum() > 0
+    assert seq.region_masks.shape == (1, 336, 336) and seq.region_masks.sum() > 0
 
 
 def test_multi_turn_has_one_image_one_bos_and_masks_in_seg_order(tokenizer):
@@ -60,7 +60,7 @@ def test_multi_turn_has_one_image_one_bos_and_masks_in_seg_order(tokenizer):
     seq = build_sequence(tokenizer, convs, hw)
     ids = seq.input_ids.tolist()
     assert ids.count(IMAGE_TOKEN_INDEX) == 1 and ids.count(tokenizer.bos_token_id) == 1
-    assert ids.count(REGION_TOKEN_INDEX) == 1 and seq.region_grids.shape[0] == 1
+    assert ids.count(REGION_TOKEN_INDEX) == 1 and seq.region_masks.shape[0] == 1
     assert ids.count(tokenizer.seg_token_id) == 3
     assert [m.sum() for m in seq.target_masks] == [a.sum(), b.sum(), a.sum()]
     # every label is an answer token or </s>; three answers -> three </s>
@@ -77,7 +77,7 @@ def test_without_image_tokens_the_image_slot_is_dropped_but_regions_and_answers_
     assert IMAGE_TOKEN_INDEX in with_image.input_ids.tolist()
     assert IMAGE_TOKEN_INDEX not in without.input_ids.tolist()
     assert without.input_ids.tolist().count(REGION_TOKEN_INDEX) == 2
-    torch.testing.assert_close(without.region_grids, with_image.region_grids)
+    torch.testing.assert_close(without.region_masks, with_image.region_masks)
     answers = lambda seq: seq.labels[seq.labels != IGNORE_INDEX].tolist()  # noqa: E731
     assert answers(without) == answers(with_image)
 

@@ -187,7 +187,7 @@ def test_labels_sit_on_the_expanded_answer_positions(run):
     batch = make_batch(model, StageStream(trainer.recipe, stage, 3).batch(1))
     features = encode_images(model, batch.clip_pixels)
     regions = [model.encode_regions(features.patch_features[b], g)[0] if len(g) else torch.zeros(0, 32)
-               for b, g in enumerate(batch.region_grids)]
+               for b, g in enumerate(batch.region_masks)]
     embeds, _, pmap = model.build_inputs_embeds(batch.input_ids, features.image_tokens, regions, batch.attention_mask)
     labels = expand_labels(batch.labels, pmap, embeds.shape[1])
     where = (labels != IGNORE_INDEX).nonzero()

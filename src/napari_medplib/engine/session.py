@@ -307,8 +307,9 @@ class Session:
     def _regions(self, regions, image_hw: tuple[int, int]) -> list[Region]:
         return bind_regions(regions, image_hw)
 
-    def _region_grids(self, regions: list[Region], view: ModelView):
-        """(R, g, g) uint8 patch grids (the reference's region masks) and the indices that came out empty."""
+    def _region_masks(self, regions: list[Region], view: ModelView):
+        """(R, 336, 336) uint8 region masks on the CLIP frame and the indices the model cannot see: no cell of
+        the reference's 24x24 grid, or no pixel where the model reads pixels (``region_geometry``)."""
         import torch
 
         from ..model.preprocess import region_mask_to_grid
@@ -316,8 +317,9 @@ class Session:
         vision = self.model.config.vision_config
         size, patch = int(vision["image_size"]), int(vision["patch_size"])
         grids = [region_mask_to_grid(region_grid_mask(r, view), size, patch) for r in regions]
-        empty = [i for i, g in enumerate(grids) if g.n_cells == 0]
-        stacked = torch.from_numpy(np.stack([g.mask_24 for g in grids])) if grids else None
+        pixels = self.model.region_encoder is not None and self.model.region_encoder.reads_pixels
+        empty = [i for i, g in enumerate(grids) if not (g.mask_336.any() if pixels else g.n_cells)]
+        stacked = torch.from_numpy(np.stack([g.mask_336 for g in grids])) if grids else None
         return stacked, empty
 
     # ------------------------------------------------------------------------------ ask
@@ -376,7 +378,7 @@ class Session:
                 ids, order = encode_question(model.tokenizer, question, len(used), template, history)
             except ValueError as err:
                 raise SessionInputError(str(err).splitlines()[0]) from None
-            grids, empty = self._region_grids(used, view)
+            grids, empty = self._region_masks(used, view)
             timings["preprocess"] = time.perf_counter() - start
 
             mark = time.perf_counter()
@@ -424,11 +426,15 @@ class Session:
 
     def _empty_region_warning(self, index: int, region: Region, view: ModelView) -> str:
         vision = self.model.config.vision_config
-        grid = int(vision["image_size"]) // int(vision["patch_size"])
-        cell = max(view.frame_hw) / grid
+        size = int(vision["image_size"])
+        grid = size // int(vision["patch_size"])
+        if self.model.region_encoder.reads_pixels:
+            where, unit = f"{size}-px frame", f"one of its pixels is about {max(view.frame_hw) / size:.0f} image pixels"
+        else:
+            where, unit = f"{grid}x{grid} grid", f"one cell is about {max(view.frame_hw) / grid:.0f} image pixels"
         return (
-            f"region {index + 1} ({region.describe()}) is too small for the model's {grid}x{grid} grid "
-            f"(one cell is about {cell:.0f} image pixels); it was given as an empty region - draw it larger"
+            f"region {index + 1} ({region.describe()}) is too small for the model's {where} "
+            f"({unit}); it was given as an empty region - draw it larger"
         )
 
     def _ground(self, seg_hidden, view: ModelView, mask_mode: str, on_progress: Progress | None,

@@ -171,7 +171,8 @@ class MedPLIBModel(nn.Module):
     def encode_regions(
         self, patch_features: torch.Tensor, region_masks: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One image's patch features [P, Dv] + grids [R, 24, 24] -> (tokens [R, D], empty [R] bool)."""
+        """One image's patch features [P, Dv] + masks [R, 24, 24] (cell grids) or [R, 336, 336] (CLIP frame)
+        -> (tokens [R, D], empty [R] bool); see `RegionEncoder`."""
         if self.region_encoder is None:
             raise ValueError("this model has no region_fea_adapter (config.region_fea_adapter is false)")
         return self.region_encoder(patch_features, torch.as_tensor(region_masks, device=patch_features.device), generator)
@@ -256,7 +257,7 @@ class MedPLIBModel(nn.Module):
         logits_positions: torch.Tensor | slice | None = None,
         region_generator: torch.Generator | None = None,
     ) -> MedPLIBOutput:
-        """Prompt forward. ``region_masks[b]``: [R_b, 24, 24] grids for sequence b's image;
+        """Prompt forward. ``region_masks[b]``: [R_b, 24, 24] grids or [R_b, 336, 336] frame masks for sequence b's image;
         ``region_features`` (precomputed [R_b, D]) take precedence."""
         if input_ids.ndim == 1:
             input_ids = input_ids[None]

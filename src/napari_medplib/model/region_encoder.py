@@ -14,6 +14,16 @@ stayed at chance in our first training run). With it on, an MLP of the region's 
 `geometry_encoding`) is added to the token. Measured on position-only questions: with the sine/cosine
 encoding and a non-zero init the LLM starts reading the region after ~250 steps, vs ~650 with raw
 features and a zero-initialised output layer.
+
+Region masks may come as the reference's cell grids [R, g, g] or at the CLIP frame's resolution
+[R, g*p, g*p] (336 px, `preprocess.region_mask_to_grid`'s ``mask_336``). From a frame-resolution mask
+the reference path reads the same cell grid the reference does (the top-left pixel of every p x p
+cell), so released checkpoints see identical inputs. With ``region_geometry`` on, the frame-resolution
+mask is used as it is: the token is the exact mean of the bilinear samples at every pixel of the region
+(`_pixel_mean_weights`), and the geometry is measured on the pixels. Measured on the cell grid, a
+nucleus of 200 px covers 1-3 cells, so size and shape were not recoverable (a linear probe on the grid
+geometry: size 0.37, shape 0.54, i.e. chance) and an H&E nucleus of 40 px often covered no cell at all
+(a zero token).
 """
 
 from __future__ import annotations
@@ -77,8 +87,24 @@ def geometry_encoding(raw: torch.Tensor) -> torch.Tensor:
     return torch.cat([raw, angles.sin().flatten(-2), angles.cos().flatten(-2)], dim=-1)
 
 
+def _pixel_mean_weights(mask: torch.Tensor, grid: int) -> torch.Tensor:
+    """[S, S] frame-resolution mask -> [g, g] weights whose dot product with a g x g feature map is the
+    mean of its bilinear samples at every mask pixel.
+
+    Pixel i is read at grid coordinate (i / S) * (g - 1), the reference's convention for cells (cell c =
+    pixel c * S / g is read at c * (g - 1) / g). Bilinear sampling is separable, so the sum over pixels is
+    W_rows^T mask W_cols with W[i, c] = max(0, 1 - |coordinate(i) - c|): exact, deterministic, and cheap
+    (no subset of pixels is drawn)."""
+    side = mask.shape[-1]
+    coords = torch.arange(side, dtype=torch.float32, device=mask.device) * ((grid - 1) / side)  # [S]
+    cells = torch.arange(grid, dtype=torch.float32, device=mask.device)
+    interp = (1 - (coords[:, None] - cells[None, :]).abs()).clamp(min=0)  # [S, g]
+    m = mask.float()
+    return interp.T @ m @ interp / m.sum()
+
+
 class RegionEncoder(nn.Module):
-    """(patch features [P, Dv], masks [R, g, g]) -> (region tokens [R, D], empty [R] bool)."""
+    """(patch features [P, Dv], masks [R, g, g] or [R, S, S]) -> (region tokens [R, D], empty [R] bool)."""
 
     def __init__(self, config: MedPLIBConfig) -> None:
         super().__init__()
@@ -97,30 +123,35 @@ class RegionEncoder(nn.Module):
     def forward(
         self, patch_features: torch.Tensor, region_masks: torch.Tensor, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``generator``: RNG for the >max_sample_point subset (None = torch's global RNG, as the reference)."""
-        grid = region_masks.shape[-1]
-        if region_masks.ndim != 3 or region_masks.shape[-2] != grid or grid * grid != patch_features.shape[0]:
+        """``region_masks``: [R, g, g] cell grids or [R, g*p, g*p] frame-resolution masks (see the module
+        docstring). ``generator``: RNG for the >max_sample_point subset (None = torch's global RNG, as the
+        reference)."""
+        grid = round(patch_features.shape[0] ** 0.5)
+        side = region_masks.shape[-1]
+        if region_masks.ndim != 3 or region_masks.shape[-2] != side or grid * grid != patch_features.shape[0] or side % grid:
             raise ValueError(
-                f"region masks must be [R, {int(patch_features.shape[0] ** 0.5)}, "
-                f"{int(patch_features.shape[0] ** 0.5)}] cell grids, got {tuple(region_masks.shape)}"
+                f"region masks must be [R, {grid}, {grid}] cell grids or [R, {grid}*p, {grid}*p] masks on the "
+                f"CLIP frame, got {tuple(region_masks.shape)}"
             )
         adapted = self.adapter(patch_features.to(self.adapter.weight.dtype))  # [P, D]
         feature_map = adapted.float().T.reshape(1, -1, grid, grid)  # [1, D, g, g]
+        pixels = self.reads_pixels and side > grid  # our extension: read the region's own pixels
+        if not pixels and side > grid:
+            step = side // grid
+            region_masks = region_masks[:, ::step, ::step]  # the reference's cell grid (top-left pixels)
         tokens, empty = [], []
         for index, mask in enumerate(region_masks):
-            points = mask.nonzero().float()  # [n, 2] (row, col)
-            if points.shape[0] == 0:
+            mask = mask.bool()
+            if not mask.any():
                 empty.append(True)
                 tokens.append(torch.zeros(adapted.shape[-1], dtype=adapted.dtype, device=adapted.device))
-                self._report_empty(index)
+                self._report_empty(index, pixels)
                 continue
-            if points.shape[0] > self.max_sample_point:
-                keep = torch.randperm(points.shape[0], generator=generator)[: self.max_sample_point]
-                points = points[keep.to(points.device)]
-            points = points / torch.tensor([mask.shape[0], mask.shape[1]], dtype=torch.float32, device=points.device)
-            sample_grid = (2 * points.flip(-1) - 1)[None, None]  # [1, 1, n, 2] as (x, y)
-            sampled = F.grid_sample(feature_map, sample_grid, mode="bilinear", align_corners=True)  # [1, D, 1, n]
-            token = sampled[0, :, 0].mean(dim=-1)
+            if pixels:
+                weights = _pixel_mean_weights(mask, grid)  # [g, g], sums to 1
+                token = (feature_map[0] * weights).sum(dim=(-2, -1))
+            else:
+                token = self._sample_cells(feature_map, mask, generator)
             if self.geometry is not None:
                 geometry = geometry_encoding(region_geometry(mask)).to(self.geometry[0].weight.dtype)
                 token = token + self.geometry(geometry).float()
@@ -128,10 +159,28 @@ class RegionEncoder(nn.Module):
             empty.append(False)
         return torch.stack(tokens), torch.tensor(empty, dtype=torch.bool)
 
-    def _report_empty(self, index: int) -> None:
+    def _sample_cells(self, feature_map: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The reference: bilinear samples at the covered cells (row/g, col/g), averaged -> [D]."""
+        points = mask.nonzero().float()  # [n, 2] (row, col)
+        if points.shape[0] > self.max_sample_point:
+            keep = torch.randperm(points.shape[0], generator=generator)[: self.max_sample_point]
+            points = points[keep.to(points.device)]
+        points = points / torch.tensor([mask.shape[0], mask.shape[1]], dtype=torch.float32, device=points.device)
+        sample_grid = (2 * points.flip(-1) - 1)[None, None]  # [1, 1, n, 2] as (x, y)
+        sampled = F.grid_sample(feature_map, sample_grid, mode="bilinear", align_corners=True)  # [1, D, 1, n]
+        return sampled[0, :, 0].mean(dim=-1)
+
+    @property
+    def reads_pixels(self) -> bool:
+        """Whether frame-resolution masks are read pixel by pixel (else through the reference's cell grid)."""
+        return self.geometry is not None
+
+    def _report_empty(self, index: int, pixels: bool) -> None:
+        where = ("no pixel of the model's 336-px frame" if pixels else
+                 "no cell of the model's 24x24 grid (each cell is 14 px of the 336-px image)")
         message = (
-            f"region {index + 1} covers no cell of the model's 24x24 grid (each cell is 14 px of the "
-            "336-px image), so it is passed to the model as a zero vector. Draw a larger or thicker region."
+            f"region {index + 1} covers {where}, so it is passed to the model as a zero vector. "
+            "Draw a larger or thicker region."
         )
         if self.on_empty == "error":
             raise ValueError(message)

@@ -1,4 +1,4 @@
-"""Conversations -> model inputs: teacher-forced ids and labels, region grids, SAM inputs, mask targets.
+"""Conversations -> model inputs: teacher-forced ids and labels, region masks, SAM inputs, mask targets.
 
 The prompt is built exactly as the engine builds it at inference (``model.tokenizer.encode_question``:
 the ``medplib_v1`` template, the image in the first turn, ``<region>`` -> ``<region></region>`` with
@@ -22,7 +22,7 @@ import torch
 
 from ..imaging import to_model_rgb
 from ..model.config import IGNORE_INDEX
-from ..model.preprocess import prepare_clip_image, prepare_sam_image, region_mask_to_grid
+from ..model.preprocess import CLIP_SIZE, prepare_clip_image, prepare_sam_image, region_mask_to_grid
 from ..model.seg_prompts import SegRegionPrompt, pair_with_segs
 from ..model.tokenizer import format_question, get_template, tokenize_prompt
 from .data import Conversation, Sample
@@ -55,7 +55,7 @@ class Sequence1:
 
     input_ids: torch.Tensor  # [N] with -200 (image) and -300 (regions)
     labels: torch.Tensor  # [N] answer tokens, else -100
-    region_grids: torch.Tensor  # [R, 24, 24] uint8, one per -300 slot in order
+    region_masks: torch.Tensor  # [R, 336, 336] uint8 on the CLIP frame, one per -300 slot in order
     target_masks: list[np.ndarray]  # one (H, W) bool per <SEG> in order
     tasks: list[str]  # task of each turn
     seg_regions: list[SegRegionPrompt | None] | None = None  # per <SEG>: the region it is about, if any
@@ -70,7 +70,7 @@ class Batch:
     attention_mask: torch.Tensor  # [B, N] bool
     clip_pixels: torch.Tensor  # [B, 3, 336, 336]
     sam_pixels: torch.Tensor  # [B, 3, 256, 256]
-    region_grids: list[torch.Tensor]  # per sequence [R_b, 24, 24]
+    region_masks: list[torch.Tensor]  # per sequence [R_b, 336, 336]
     target_masks: list[list[torch.Tensor]]  # per sequence, per <SEG>: (H, W) float 0/1
     images: list[ImageInputs]
     seg_regions: list[list[SegRegionPrompt | None]] | None = None  # per sequence, per <SEG>
@@ -88,9 +88,10 @@ def prepare_image(sample: Sample) -> ImageInputs:
     return ImageInputs(rgb, clip.pixel_values, sam.pixel_values, sam.resize_hw, sam.pad)
 
 
-def region_grid(region, shape: tuple[int, int]) -> np.ndarray:
-    """A RegionSpec -> its (24, 24) uint8 patch grid, as the engine computes it."""
-    return region_mask_to_grid(region.to_mask(shape)).mask_24
+def region_mask(region, shape: tuple[int, int]) -> np.ndarray:
+    """A RegionSpec -> its (336, 336) uint8 mask on the CLIP frame, as the engine computes it (the
+    region encoder reads the reference's 24x24 cell grid from it, or its pixels: ``region_geometry``)."""
+    return region_mask_to_grid(region.to_mask(shape)).mask_336
 
 
 def seg_region_prompt(region) -> SegRegionPrompt | None:
@@ -118,7 +119,7 @@ def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: t
     template = get_template(TEMPLATE)
     ids: list[int] = []
     labels: list[int] = []
-    grids: list[np.ndarray] = []
+    masks: list[np.ndarray] = []
     targets: list[np.ndarray] = []
     seg_regions: list[SegRegionPrompt | None] = []
     for turn, conv in enumerate(conversations):
@@ -134,11 +135,11 @@ def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: t
             raise BatchError(f"answer {conv.answer!r} has {n_seg} <SEG> token(s) but {len(conv.target_masks)} target mask(s)")
         ids += prompt_ids + answer_ids
         labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
-        grids += [region_grid(conv.regions[k], image_hw) for k in order]
+        masks += [region_mask(conv.regions[k], image_hw) for k in order]
         targets += [np.asarray(m, bool) for m in conv.target_masks]
         seg_regions += pair_with_segs(n_seg, [seg_region_prompt(conv.regions[k]) for k in order])
-    region_grids = torch.from_numpy(np.stack(grids)) if grids else torch.zeros((0, 24, 24), dtype=torch.uint8)
-    return Sequence1(torch.tensor(ids), torch.tensor(labels), region_grids, targets, [c.task for c in conversations],
+    region_masks = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, CLIP_SIZE, CLIP_SIZE), dtype=torch.uint8)
+    return Sequence1(torch.tensor(ids), torch.tensor(labels), region_masks, targets, [c.task for c in conversations],
                      seg_regions)
 
 
@@ -183,7 +184,7 @@ def collate(sequences: Sequence[Sequence1], images: Sequence[ImageInputs], pad_i
     return Batch(
         input_ids, labels, attention,
         torch.cat([im.clip_pixels for im in images]), torch.cat([im.sam_pixels for im in images]),
-        [s.region_grids for s in sequences],
+        [s.region_masks for s in sequences],
         [[torch.from_numpy(m).float() for m in s.target_masks] for s in sequences],
         list(images),
         [list(s.seg_regions) if s.seg_regions is not None else [None] * len(s.target_masks) for s in sequences],

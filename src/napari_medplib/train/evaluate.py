@@ -27,7 +27,7 @@ import torch
 from ..model.medplib import MedPLIBModel
 from ..model.postprocess import masks_from_logits
 from ..model.tokenizer import encode_question
-from .batches import prepare_image, region_grid, seg_region_prompt
+from .batches import prepare_image, region_mask, seg_region_prompt
 from .data import Conversation, Sample, normalise_answer
 from .losses import dice_score
 from .steps import prompt_masks
@@ -62,9 +62,9 @@ class _Scores:
 @torch.no_grad()
 def _answer(model: MedPLIBModel, conv: Conversation, image, features, max_new_tokens: int):
     ids, order = encode_question(model.tokenizer, conv.question, len(conv.regions))
-    grids = [torch.from_numpy(region_grid(conv.regions[k], image.original_hw)) for k in order]
+    masks = [torch.from_numpy(region_mask(conv.regions[k], image.original_hw)) for k in order]
     return model.generate(torch.tensor(ids), image_features=features,
-                          region_masks=[torch.stack(grids)] if grids else None, max_new_tokens=max_new_tokens)
+                          region_masks=[torch.stack(masks)] if masks else None, max_new_tokens=max_new_tokens)
 
 
 @torch.no_grad()

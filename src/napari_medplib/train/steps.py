@@ -47,9 +47,9 @@ def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights) -> dict[
     """CE on the answers + BCE/Dice (+ IoU) on the mask of every ``<SEG>`` + the MoE aux loss."""
     features = encode_images(model, batch.clip_pixels)
     regions = [
-        model.encode_regions(features.patch_features[b], grids)[0] if len(grids)
+        model.encode_regions(features.patch_features[b], masks)[0] if len(masks)
         else features.image_tokens.new_zeros((0, model.config.hidden_size))
-        for b, grids in enumerate(batch.region_grids)
+        for b, masks in enumerate(batch.region_masks)
     ]  # per sequence [R_b, D] (the model's region path needs at least one region)
     out = model(batch.input_ids, image_features=features, region_features=regions,
                 attention_mask=batch.attention_mask)
