@@ -20,10 +20,10 @@ Region masks may come as the reference's cell grids [R, g, g] or at the CLIP fra
 the reference path reads the same cell grid the reference does (the top-left pixel of every p x p
 cell), so released checkpoints see identical inputs. With ``region_geometry`` on, the frame-resolution
 mask is used as it is: the token is the exact mean of the bilinear samples at every pixel of the region
-(`_pixel_mean_weights`), and the geometry is measured on the pixels. Measured on the cell grid, a
-nucleus of 200 px covers 1-3 cells, so size and shape were not recoverable (a linear probe on the grid
-geometry: size 0.37, shape 0.54, i.e. chance) and an H&E nucleus of 40 px often covered no cell at all
-(a zero token).
+(`_pixel_mean_weights`), and the geometry is measured on the pixels. On the cell grid a nucleus of
+200 px covers 1-3 cells and an H&E nucleus of 40 px often no cell at all (a zero token); a small MLP
+probe on held-out region questions read "round or elongated" from the grid geometry at 0.60 (chance
+0.5) and from the pixel geometry at 0.81, the 3x3 position at 0.90 and 0.95.
 """
 
 from __future__ import annotations
