@@ -50,7 +50,7 @@ def test_n_regions_each_change_the_answer_and_are_reported(tiny_session, image16
     assert first_rows.mean() > second_rows.mean()
 
 
-def test_the_regions_the_model_cannot_see_depend_on_how_it_reads_them(image16):
+def test_the_regions_the_model_cannot_see_depend_on_how_it_reads_them():
     """Cell-grid models (the reference): a region between cells' sampled pixels is empty; models that read
     pixels (``region_geometry``) see it."""
     from napari_medplib.engine import Session

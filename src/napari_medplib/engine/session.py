@@ -307,6 +307,11 @@ class Session:
     def _regions(self, regions, image_hw: tuple[int, int]) -> list[Region]:
         return bind_regions(regions, image_hw)
 
+    def _reads_region_pixels(self) -> bool:
+        """Whether the model reads a region's pixels (``region_geometry``) rather than the reference's cells."""
+        encoder = getattr(self.model, "region_encoder", None)
+        return encoder is not None and encoder.reads_pixels
+
     def _region_masks(self, regions: list[Region], view: ModelView):
         """(R, 336, 336) uint8 region masks on the CLIP frame and the indices the model cannot see: no cell of
         the reference's 24x24 grid, or no pixel where the model reads pixels (``region_geometry``)."""
@@ -317,7 +322,7 @@ class Session:
         vision = self.model.config.vision_config
         size, patch = int(vision["image_size"]), int(vision["patch_size"])
         grids = [region_mask_to_grid(region_grid_mask(r, view), size, patch) for r in regions]
-        pixels = self.model.region_encoder is not None and self.model.region_encoder.reads_pixels
+        pixels = self._reads_region_pixels()
         empty = [i for i, g in enumerate(grids) if not (g.mask_336.any() if pixels else g.n_cells)]
         stacked = torch.from_numpy(np.stack([g.mask_336 for g in grids])) if grids else None
         return stacked, empty
@@ -378,7 +383,7 @@ class Session:
                 ids, order = encode_question(model.tokenizer, question, len(used), template, history)
             except ValueError as err:
                 raise SessionInputError(str(err).splitlines()[0]) from None
-            grids, empty = self._region_masks(used, view)
+            frame_masks, empty = self._region_masks(used, view)
             timings["preprocess"] = time.perf_counter() - start
 
             mark = time.perf_counter()
@@ -389,7 +394,7 @@ class Session:
             if on_progress:
                 on_progress("generating", 0, config.max_new_tokens)
             mark = time.perf_counter()
-            region_masks = [grids[order]] if order else None
+            region_masks = [frame_masks[order]] if order else None
 
             def stop() -> bool:
                 return session_cancel.is_set() or (cancel is not None and cancel.is_set())
@@ -428,7 +433,7 @@ class Session:
         vision = self.model.config.vision_config
         size = int(vision["image_size"])
         grid = size // int(vision["patch_size"])
-        if self.model.region_encoder.reads_pixels:
+        if self._reads_region_pixels():
             where, unit = f"{size}-px frame", f"one of its pixels is about {max(view.frame_hw) / size:.0f} image pixels"
         else:
             where, unit = f"{grid}x{grid} grid", f"one cell is about {max(view.frame_hw) / grid:.0f} image pixels"
