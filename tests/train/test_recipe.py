@@ -59,7 +59,8 @@ def test_stage_references_must_be_earlier_stages():
 
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("kind", "rl", "kind must be"), ("tasks", ["chat"], "unknown task"), ("train", [], "lists no parameters"),
-    ("lr", 0.0, "lr > 0"), ("prompt", "mask", "prompt must be"),
+    ("lr", 0.0, "lr > 0"), ("prompt", "mask", "prompt must be"), ("threads", -1, "must be 0 or more"),
+    ("data_workers", -2, "must be 0 or more"),
 ])
 def test_bad_stage_values(key, value, message):
     stages = micro_stages()
@@ -78,3 +79,9 @@ def test_invalid_toml_names_the_file(tmp_path):
 def test_final_stage_must_exist():
     with pytest.raises(RecipeError, match="no stage 'best'"):
         parse_recipe({"final": "best", "stages": micro_stages()})
+
+
+def test_data_workers_must_not_be_negative():
+    with pytest.raises(RecipeError, match="data_workers must be 0"):
+        micro_recipe(data_workers=-1)
+    assert micro_recipe(data_workers=2).data_workers == 2

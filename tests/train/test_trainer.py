@@ -16,7 +16,8 @@ from napari_medplib.train.build import set_trainable
 from napari_medplib.train.data import write_synthetic_dataset
 from napari_medplib.train.recipe import RecipeError
 from napari_medplib.train.steps import llm_losses, make_batch
-from napari_medplib.train.stream import StageStream
+from napari_medplib.train.stream import Prefetcher, StageStream
+from napari_medplib.train import trainer as trainer_module
 from napari_medplib.train.trainer import Interrupted, Trainer, learning_rate
 
 STEPS = 8
@@ -143,6 +144,53 @@ def test_interrupted_run_resumes_to_the_same_weights(run, one_sample, tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert [r["step"] for r in _log(tmp_path) if r["stage"] == "regions"] == list(range(1, STEPS + 1))
+
+
+def test_prefetched_batches_are_the_batches_made_in_process():
+    recipe = micro_recipe(4)  # synthetic data: each batch is made from (seed, stage, step)
+    for index in (0, 1):  # a sam stage and an llm stage (packed conversations)
+        stream = StageStream(recipe, recipe.stages[index], index)
+        with Prefetcher(stream, start=2, workers=2) as ahead:
+            fetched = [ahead.next() for _ in range(4)]
+        for step, items in enumerate(fetched, start=2):
+            expected = stream.batch(step)
+            assert len(items) == len(expected)
+            for got, want in zip(items, expected, strict=True):
+                assert np.array_equal(got.sample.image, want.sample.image)
+                assert np.array_equal(got.sample.labels, want.sample.labels)
+                assert [(c.question, c.answer) for c in got.conversations] == \
+                       [(c.question, c.answer) for c in want.conversations]
+
+
+def test_data_workers_train_the_same_weights(run, one_sample, tmp_path):
+    _, final = run
+    with_workers = Trainer(micro_recipe(STEPS, one_sample, data_workers=1), tmp_path, progress=False,
+                           log=lambda _: None).run()
+    a, b = _state(final), _state(with_workers)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_stage_threads_and_workers_override_the_recipe(one_sample, tmp_path, monkeypatch):
+    stages = micro_stages(1)[:2]
+    stages[1].update(threads=1, data_workers=0)
+    seen = []
+    real = trainer_module.Prefetcher
+
+    def spy(stream, start, workers):
+        seen.append((stream.stage.name, workers, torch.get_num_threads()))
+        return real(stream, start, workers=workers)
+
+    monkeypatch.setattr(trainer_module, "Prefetcher", spy)
+    caller = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        Trainer(micro_recipe(1, one_sample, stages=stages, data_workers=1), tmp_path, progress=False,
+                log=lambda _: None).run()
+        assert seen == [("sam", 1, 2), ("regions", 0, 1)]
+        assert torch.get_num_threads() == 2  # the caller's setting is back
+    finally:
+        torch.set_num_threads(caller)
 
 
 def test_lora_stage_is_merged_into_plain_weights(one_sample, tmp_path):

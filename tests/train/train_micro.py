@@ -44,6 +44,8 @@ def micro_stages(steps: int = 3) -> list[dict[str, Any]]:
     ]
 
 
-def micro_recipe(steps: int = 3, data_folder: Path | None = None, stages: list | None = None) -> Recipe:
-    return parse_recipe({"name": "micro", "seed": 0, "model": dict(MICRO_MODEL), "data": micro_data(data_folder),
+def micro_recipe(steps: int = 3, data_folder: Path | None = None, stages: list | None = None,
+                 data_workers: int = 0) -> Recipe:
+    return parse_recipe({"name": "micro", "seed": 0, "data_workers": data_workers, "model": dict(MICRO_MODEL),
+                         "data": micro_data(data_folder),
                          "stages": copy.deepcopy(stages if stages is not None else micro_stages(steps))})

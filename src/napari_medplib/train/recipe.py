@@ -130,6 +130,11 @@ class StageSpec:
     image_tokens: bool = True
     #: llm stages: conversations per packed sequence; 0 = the data's ``turns_per_sequence``.
     turns: int = 0
+    #: This stage's torch threads and batch-making worker processes, when not the recipe's: a stage
+    #: whose data costs more than its model (many synthetic images per step) trains faster with one
+    #: thread and one worker on two cores; the others with both threads (benchmarks/train_data_workers.py).
+    threads: int = 0
+    data_workers: int | None = None
 
 
 @dataclass
@@ -140,6 +145,9 @@ class Recipe:
     stages: list[StageSpec]
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = leave as is
+    #: processes that make the training batches ahead of the step that needs them (`stream.Prefetcher`);
+    #: 0 = made in the training process. Same data either way, only faster.
+    data_workers: int = 0
     device: str = "cpu"
     folder: Path | None = None  # where the recipe file is (relative paths resolve against it)
     path: Path | None = None  # the recipe file
@@ -194,6 +202,8 @@ def _stage(values: dict[str, Any], index: int) -> StageSpec:
     if not stage.train:
         raise RecipeError(f"stage {stage.name!r}: 'train' lists no parameters; name the trainable ones "
                           "with glob patterns such as 'sam.mask_decoder.*'")
+    if stage.threads < 0 or (stage.data_workers is not None and stage.data_workers < 0):
+        raise RecipeError(f"stage {stage.name!r}: threads and data_workers must be 0 or more")
     if stage.prompt not in ("box", "point", "box+point"):
         raise RecipeError(f"stage {stage.name!r}: prompt must be 'box', 'point' or 'box+point'")
     return stage
@@ -202,7 +212,8 @@ def _stage(values: dict[str, Any], index: int) -> StageSpec:
 def parse_recipe(data: dict[str, Any], name: str = "recipe", folder: Path | None = None) -> Recipe:
     """A recipe from an already-parsed TOML dict (checked: stage references, kinds, tasks)."""
     data = dict(data)
-    unknown = sorted(set(data) - {"name", "seed", "threads", "device", "final", "model", "data", "stages"})
+    unknown = sorted(set(data) - {"name", "seed", "threads", "data_workers", "device", "final", "model", "data",
+                                "stages"})
     if unknown:
         raise RecipeError(f"unknown top-level key(s) {unknown} in recipe {name!r}")
     stages_raw = data.get("stages")
@@ -228,10 +239,13 @@ def parse_recipe(data: dict[str, Any], name: str = "recipe", folder: Path | None
         stages=stages,
         seed=int(data.get("seed", 0)),
         threads=int(data.get("threads", 0)),
+        data_workers=int(data.get("data_workers", 0)),
         device=str(data.get("device", "cpu")),
         folder=folder,
         final=str(data.get("final", "")),
     )
+    if recipe.data_workers < 0:
+        raise RecipeError(f"data_workers must be 0 (no worker processes) or more, got {recipe.data_workers}")
     if recipe.final:
         recipe.final_stage  # noqa: B018 - raises RecipeError naming the missing stage
     if recipe.model.sam_prompt_dim % 8:

@@ -36,7 +36,7 @@ from .build import add_lora, build_model, init_model, merge_lora, set_trainable,
 from .recipe import Recipe, RecipeError, StageSpec, find_recipe, load_recipe
 from .run_lock import run_lock
 from .steps import llm_losses, make_batch, sam_losses
-from .stream import StageStream
+from .stream import Prefetcher, StageStream
 
 
 class Interrupted(Exception):
@@ -109,18 +109,21 @@ class Trainer:
         """Train every unfinished stage; returns the final model folder.
 
         ``stop_after_steps``: simulate an interruption after that many steps of this call (tests)."""
-        if self.recipe.threads:
-            torch.set_num_threads(self.recipe.threads)
+        caller_threads = torch.get_num_threads()
         budget = [stop_after_steps]
-        with run_lock(self.run_dir):  # one trainer per run folder
-            for index, stage in enumerate(self.recipe.stages):
-                if self.is_done(stage):
-                    self.say(f"stage {stage.name}: done already ({self.final_dir(stage)})")
-                    continue
-                self._run_stage(index, stage, budget)
-                if stage is self.recipe.final_stage:  # usable (medplib eval RUN) before comparison stages end
-                    self._write_final()
-            return self._write_final()
+        try:
+            with run_lock(self.run_dir):  # one trainer per run folder
+                for index, stage in enumerate(self.recipe.stages):
+                    if self.is_done(stage):
+                        self.say(f"stage {stage.name}: done already ({self.final_dir(stage)})")
+                        continue
+                    torch.set_num_threads(stage.threads or self.recipe.threads or caller_threads)
+                    self._run_stage(index, stage, budget)
+                    if stage is self.recipe.final_stage:  # usable (medplib eval RUN) before comparisons end
+                        self._write_final()
+                return self._write_final()
+        finally:
+            torch.set_num_threads(caller_threads)
 
     def _write_final(self) -> Path:
         final = self.final_dir(self.recipe.final_stage)
@@ -143,7 +146,8 @@ class Trainer:
         else:
             n = sum(p.numel() for p in params)
             self.say(f"stage {stage.name}: {stage.steps} steps, {len(trainable)} trainable tensors ({n:,} values)")
-        stream = StageStream(self.recipe, stage, index)
+        workers = self.recipe.data_workers if stage.data_workers is None else stage.data_workers
+        batches = Prefetcher(StageStream(self.recipe, stage, index), start, workers=workers)
         model.train()
         bar = self._bar(stage, start)
         log = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
@@ -153,7 +157,7 @@ class Trainer:
                     self._save_resume(model, optimizer, step, resume)
                     raise Interrupted(f"stopped at stage {stage.name!r} step {step}")
                 t0 = time.perf_counter()
-                record = self._step(model, optimizer, stream, stage, index, step)
+                record = self._step(model, optimizer, batches.next(), stage, index, step)
                 record.update(stage=stage.name, step=step + 1, seconds=round(time.perf_counter() - t0, 3))
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -165,19 +169,19 @@ class Trainer:
                 if (step + 1) % stage.checkpoint_every == 0 and step + 1 < stage.steps:
                     self._save_resume(model, optimizer, step + 1, resume)
         finally:
+            batches.close()
             log.close()
             if bar is not None:
                 bar.close()
         self._finish(model, stage)
         resume.unlink(missing_ok=True)
 
-    def _step(self, model, optimizer, stream, stage: StageSpec, index: int, step: int) -> dict:
+    def _step(self, model, optimizer, items: list, stage: StageSpec, index: int, step: int) -> dict:
         seed = int(np.random.default_rng([self.recipe.seed, index, step]).integers(2**62))
         torch.manual_seed(seed)  # MoE random token selection, region subsets, LoRA dropout
         lr = learning_rate(stage, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        items = stream.batch(step)
         if stage.kind == "sam":
             losses = sam_losses(model, items, stage, np.random.default_rng(seed))
         else:
