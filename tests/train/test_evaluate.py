@@ -137,5 +137,7 @@ def test_resolve_model_folder(tmp_path):
     (tmp_path / "m" / "config.json").write_text("{}")
     (tmp_path / "final.json").write_text(json.dumps({"model": str(tmp_path / "m")}))
     assert ev.resolve_model_folder(tmp_path) == tmp_path / "m"
+    (tmp_path / "final.json").write_text(json.dumps({"model": "m"}))  # what the trainer writes
+    assert ev.resolve_model_folder(tmp_path) == tmp_path / "m"
     with pytest.raises(FileNotFoundError, match="neither a model folder"):
         ev.resolve_model_folder(tmp_path / "m" / "nothing")

@@ -14,6 +14,7 @@ from train_micro import micro_recipe, micro_stages
 from napari_medplib.model.medplib import MedPLIBModel
 from napari_medplib.train.build import set_trainable
 from napari_medplib.train.data import write_synthetic_dataset
+from napari_medplib.train.evaluate import resolve_model_folder
 from napari_medplib.train.recipe import RecipeError
 from napari_medplib.train.steps import llm_losses, make_batch
 from napari_medplib.train.stream import Prefetcher, StageStream
@@ -57,6 +58,13 @@ def test_every_stage_runs_and_its_loss_falls(run):
     assert not any(r.get("dice") for r in records if r["stage"] == "regions")
     assert all("prompt_dice" in r for r in records if r["stage"] == "moe")  # box/point losses kept on
     assert json.loads((trainer.run_dir / "final.json").read_text())["model"] == str(final)
+
+
+def test_run_folder_names_its_model_from_any_directory(run, tmp_path, monkeypatch):
+    trainer, final = run
+    monkeypatch.chdir(tmp_path)
+    assert json.loads((trainer.run_dir / "final.json").read_text()) == {"model": "stages/moe/final"}
+    assert resolve_model_folder(trainer.run_dir) == final
 
 
 def test_checkpoints_load_and_answer(run):

@@ -36,12 +36,14 @@ FLOORS = {"grounding_mdice": 0.80, "box_mdice": 0.90, "point_mdice": 0.80, "regi
 
 
 def resolve_model_folder(path: str | Path) -> Path:
-    """A model folder, or a training run folder (its ``final.json`` names the model)."""
+    """A model folder, or a training run folder (its ``final.json`` names the model, relative to the run)."""
     path = Path(path)
     if (path / "config.json").is_file():
         return path
     if (path / "final.json").is_file():
-        return Path(json.loads((path / "final.json").read_text())["model"])
+        model = Path(json.loads((path / "final.json").read_text())["model"])
+        # an absolute path stays as is; runs before 2026-11-24 wrote it relative to the trainer's cwd
+        return path / model if (path / model).is_dir() or not model.is_dir() else model
     raise FileNotFoundError(f"{path} is neither a model folder (config.json) nor a training run (final.json)")
 
 

@@ -9,7 +9,7 @@ Run folder (never inside the package)::
                                DONE marks it complete, so a resumed run skips the stage
       stages/<name>/resume.pt  the latest step checkpoint (model, optimizer, step), written every
                                ``checkpoint_every`` steps and on interruption
-      final.json               {"model": <the last stage's final folder>}
+      final.json               {"model": <the final stage's folder, relative to the run folder>}
       LOCK                     the pid of the trainer using the folder, while it runs (run_lock.py)
 
 Every step's data and random numbers are fixed by (seed, stage, step) alone, and the learning rate by
@@ -127,7 +127,9 @@ class Trainer:
 
     def _write_final(self) -> Path:
         final = self.final_dir(self.recipe.final_stage)
-        (self.run_dir / "final.json").write_text(json.dumps({"model": str(final)}, indent=2))
+        # relative to the run folder, so the run can be moved or read from another directory
+        model = final.relative_to(self.run_dir).as_posix()
+        (self.run_dir / "final.json").write_text(json.dumps({"model": model}, indent=2))
         return final
 
     def _run_stage(self, index: int, stage: StageSpec, budget: list[int | None]) -> None:
