@@ -263,3 +263,15 @@ def test_reduced_real_evaluation_has_sane_bounds(run):
         assert value is None or 0.0 <= value <= 1.0, key
     assert result["counts"]["box"] == 2 and result["counts"]["grounding"] >= 1
     assert all(abs(sum(shares) - 1) < 1e-3 for shares in result["routing_shares"].values())
+
+
+def test_recipe_sets_the_geometry_init_std():
+    from napari_medplib.train.build import build_model
+
+    spec = micro_recipe().model
+    default = build_model(spec, spec.tokenizer, moe=False)
+    spec.geometry_init_std = 0.5
+    wide = build_model(spec, spec.tokenizer, moe=False)
+    assert wide.config.region_geometry_init_std == 0.5
+    std = [float(m.region_encoder.geometry[2].weight.std()) for m in (default, wide)]
+    assert std[0] == pytest.approx(0.1, rel=0.2) and std[1] == pytest.approx(0.5, rel=0.2)

@@ -167,6 +167,9 @@ class MedPLIBConfig:
     #: Our extension (not in the released model): add the region's geometry to its token
     #: (``model.region_encoder``); weights ``region_encoder.geometry.*``.
     region_geometry: bool = False
+    #: Std of the geometry MLP's output weights at initialisation (training from scratch only).
+    #: 0.1 trained the bundled model; 0.5 made a run read left/right (docs/model-card.md, Findings).
+    region_geometry_init_std: float = 0.1
     #: Our extension (not in the released model): a ``<SEG>`` about a region is decoded with that
     #: region's box or point as a SAM prompt next to the ``<SEG>`` token (``model.seg_prompts``).
     seg_region_prompts: bool = False

@@ -114,9 +114,8 @@ class RegionEncoder(nn.Module):
             self.geometry = nn.Sequential(
                 nn.Linear(GEOMETRY_ENCODING, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
             )
-            # A signal the LLM can see from step 0. std 0.5, not 0.1: at 0.1 the trained model separated
-            # region rows 5x more than columns and never learnt "left"/"right" (docs/model-card.md)
-            nn.init.normal_(self.geometry[2].weight, std=0.5)
+            # a signal the LLM can see from step 0 (its size matters: docs/model-card.md, Findings)
+            nn.init.normal_(self.geometry[2].weight, std=config.region_geometry_init_std)
         self.max_sample_point = config.max_sample_point
         #: "warn" (default): an empty region gives a zero vector and an ``EmptyRegionWarning``;
         #: "error": ValueError; "zero": silently a zero vector (the reference's behaviour).

@@ -60,6 +60,7 @@ class ModelSpec:
     sam_decoder_mlp_dim: int = 256
     sam_iou_hidden: int = 64
     region_geometry: bool = False  # our region-token geometry extension (model.region_encoder)
+    geometry_init_std: float = 0.1  # its MLP's output weights at init (config.region_geometry_init_std)
     seg_region_prompts: bool = False  # our extension: a <SEG> about a region also gets its box/point (model.seg_prompts)
     seed: int = 0
 
