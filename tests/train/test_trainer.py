@@ -158,8 +158,9 @@ def test_prefetched_batches_are_the_batches_made_in_process():
     recipe = micro_recipe(4)  # synthetic data: each batch is made from (seed, stage, step)
     for index in (0, 1):  # a sam stage and an llm stage (packed conversations)
         stream = StageStream(recipe, recipe.stages[index], index)
-        with Prefetcher(stream, start=2, workers=2) as ahead:
+        with Prefetcher(stream, start=2, workers=2, stop=6) as ahead:
             fetched = [ahead.next() for _ in range(4)]
+            assert ahead.submitted == 6  # nothing made past `stop`
         for step, items in enumerate(fetched, start=2):
             expected = stream.batch(step)
             assert len(items) == len(expected)
@@ -185,9 +186,9 @@ def test_stage_threads_and_workers_override_the_recipe(one_sample, tmp_path, mon
     seen = []
     real = trainer_module.Prefetcher
 
-    def spy(stream, start, workers):
+    def spy(stream, start, workers, stop):
         seen.append((stream.stage.name, workers, torch.get_num_threads()))
-        return real(stream, start, workers=workers)
+        return real(stream, start, workers=workers, stop=stop)
 
     monkeypatch.setattr(trainer_module, "Prefetcher", spy)
     caller = torch.get_num_threads()

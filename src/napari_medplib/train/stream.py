@@ -93,7 +93,8 @@ def _worker_batch(step: int) -> list[Item]:
 
 
 class Prefetcher:
-    """``stream.batch(step)`` for steps ``start, start + 1, ...`` made ahead of time in worker processes.
+    """``stream.batch(step)`` for steps ``start, start + 1, ...`` (up to ``stop``, when given) made ahead
+    of time in worker processes.
 
     Why: synthetic images and their conversations cost as much CPU as a tiny model's training step
     (the ``regions`` stage of ``tiny-cpu``: ~0.3 s of data per ~0.4 s step), so on a CPU the data is
@@ -103,8 +104,9 @@ class Prefetcher:
     Workers are spawned (not forked: the trainer's process has torch's thread pools running).
     """
 
-    def __init__(self, stream: StageStream, start: int, workers: int = 0, ahead: int | None = None) -> None:
-        self.stream, self.next_step, self.workers = stream, start, workers
+    def __init__(self, stream: StageStream, start: int, workers: int = 0, ahead: int | None = None,
+                 stop: int | None = None) -> None:
+        self.stream, self.next_step, self.workers, self.stop = stream, start, workers, stop
         self.ahead = max(ahead if ahead is not None else 2 * workers, workers)
         self.pending: deque[Future] = deque()
         self.submitted = start
@@ -119,7 +121,8 @@ class Prefetcher:
         self.next_step += 1
         if self.pool is None:
             return self.stream.batch(step)
-        while self.submitted < self.next_step + self.ahead:
+        end = self.next_step + self.ahead if self.stop is None else min(self.next_step + self.ahead, self.stop)
+        while self.submitted < max(end, self.next_step):  # never past `stop`, but always this step
             self.pending.append(self.pool.submit(_worker_batch, self.submitted))
             self.submitted += 1
         return self.pending.popleft().result()

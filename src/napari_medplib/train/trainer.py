@@ -149,7 +149,7 @@ class Trainer:
             n = sum(p.numel() for p in params)
             self.say(f"stage {stage.name}: {stage.steps} steps, {len(trainable)} trainable tensors ({n:,} values)")
         workers = self.recipe.data_workers if stage.data_workers is None else stage.data_workers
-        batches = Prefetcher(StageStream(self.recipe, stage, index), start, workers=workers)
+        batches = Prefetcher(StageStream(self.recipe, stage, index), start, workers=workers, stop=stage.steps)
         model.train()
         bar = self._bar(stage, start)
         log = open(self.run_dir / "log.jsonl", "a", encoding="utf-8")
