@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,6 +173,41 @@ def test_prefetched_batches_are_the_batches_made_in_process():
                 assert np.array_equal(got.sample.labels, want.sample.labels)
                 assert [(c.question, c.answer) for c in got.conversations] == \
                        [(c.question, c.answer) for c in want.conversations]
+
+
+_KILLED_TRAINER = """
+import multiprocessing, os, sys
+sys.path.insert(0, {tests!r})
+from train_micro import micro_recipe
+from napari_medplib.train.stream import Prefetcher, StageStream
+if __name__ == "__main__":
+    recipe = micro_recipe(4)
+    ahead = Prefetcher(StageStream(recipe, recipe.stages[0], 0), start=0, workers=1, stop=4)
+    ahead.next()
+    print(*[p.pid for p in multiprocessing.active_children()], flush=True)
+    os._exit(0)  # dies without shutting the pool down, as a killed trainer does
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status  # a zombie has exited
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads /proc (Linux)")
+def test_workers_exit_when_the_trainer_dies(tmp_path):
+    script = tmp_path / "killed.py"
+    script.write_text(_KILLED_TRAINER.format(tests=str(Path(__file__).parent)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    pids = [int(p) for p in out.stdout.split()]
+    assert pids, out.stderr
+    deadline = time.monotonic() + 10
+    while any(_running(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(_running(p) for p in pids)
 
 
 def test_data_workers_train_the_same_weights(run, one_sample, tmp_path):

@@ -8,6 +8,10 @@ user annotations) is read in a seeded random order, epoch after epoch.
 from __future__ import annotations
 
 import multiprocessing
+import os
+import signal
+import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -79,12 +83,22 @@ class StageStream:
 _worker_stream: StageStream | None = None  # set in each prefetch worker process by `_start_worker`
 
 
-def _start_worker(stream: StageStream) -> None:
+def _start_worker(stream: StageStream, trainer_pid: int) -> None:
     global _worker_stream
     import torch  # imported anyway (batches); one thread, so workers do not fight the trainer for cores
 
     torch.set_num_threads(1)
+    # Ctrl-C stops the trainer, which then shuts the pool down; a trainer that is killed outright
+    # leaves its workers without a parent, and they must not keep making batches for nobody.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_without, args=(trainer_pid,), daemon=True).start()
     _worker_stream = stream
+
+
+def _exit_without(trainer_pid: int, every_s: float = 0.5) -> None:
+    while os.getppid() == trainer_pid:
+        time.sleep(every_s)
+    os._exit(0)
 
 
 def _worker_batch(step: int) -> list[Item]:
@@ -113,7 +127,7 @@ class Prefetcher:
         self.pool: ProcessPoolExecutor | None = None
         if workers > 0:
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_start_worker, initargs=(stream,))
+                                            initializer=_start_worker, initargs=(stream, os.getpid()))
 
     def next(self) -> list[Item]:
         """The next step's batch."""
