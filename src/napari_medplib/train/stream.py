@@ -120,7 +120,7 @@ class Prefetcher:
 
     def __init__(self, stream: StageStream, start: int, workers: int = 0, ahead: int | None = None,
                  stop: int | None = None) -> None:
-        self.stream, self.next_step, self.workers, self.stop = stream, start, workers, stop
+        self.stream, self.next_step, self.stop = stream, start, stop
         self.ahead = max(ahead if ahead is not None else 2 * workers, workers)
         self.pending: deque[Future] = deque()
         self.submitted = start
