@@ -238,3 +238,53 @@ def test_geometry_from_pixels_tells_sizes_and_shapes_apart_that_the_cell_grid_ca
     assert gl[6] > 2 * gl[5] and abs(gs[6] - gs[5]) < 1e-6  # the bar is spread along columns, the blob is not
     assert gl[2] > gs[2]  # and covers more pixels
 
+
+
+def test_geometry_version_2_adds_log_area_and_the_eccentricity_the_questions_use():
+    """The two extra features equal what region VQA's size/shape answers are computed from."""
+    import numpy as np
+
+    from napari_medplib.model.region_encoder import GEOMETRY_FEATURES_BY_VERSION, region_geometry
+    from napari_medplib.train.conversations import InstanceStats
+    from napari_medplib.train.data import Sample
+
+    disk = torch.zeros(336, 336, dtype=torch.bool)
+    rows, cols = torch.meshgrid(torch.arange(336), torch.arange(336), indexing="ij")
+    disk |= (rows - 100) ** 2 + (cols - 200) ** 2 < 15**2
+    bar = torch.zeros(336, 336, dtype=torch.bool)
+    bar[50:60, 20:60] = True  # 10 x 40: eccentricity sqrt(1 - 1/16)
+    diagonal = (rows - cols).abs() <= 3  # a thin diagonal band: elongated though its box is square
+    diagonal &= (rows > 150) & (rows < 250)
+
+    v1, v2 = region_geometry(bar), region_geometry(bar, 2)
+    assert v1.shape == (GEOMETRY_FEATURES_BY_VERSION[1],) and v2.shape == (GEOMETRY_FEATURES_BY_VERSION[2],)
+    assert torch.equal(v2[:10], v1)  # version 1's features unchanged, in the same order
+
+    labels = (disk.int() + 2 * bar.int() + 3 * diagonal.int()).numpy().astype(np.int32)
+    stats = InstanceStats.of(Sample(np.zeros((336, 336), np.uint8), labels, {1: "a", 2: "b", 3: "c"}, "nuclei", {}))
+    for index, mask in enumerate((disk, bar, diagonal)):
+        features = region_geometry(mask, 2)
+        assert float(features[-1]) == pytest.approx(float(stats.eccentricity[index]), abs=1e-3)
+        assert float(features[-2]) == pytest.approx((np.log(stats.area[index] / 336**2) + 6) / 3, abs=1e-5)
+    assert float(region_geometry(disk, 2)[-1]) < 0.2 and float(region_geometry(diagonal, 2)[-1]) > 0.95
+    # areas 1.5x apart (a small/medium-sized step) move the log feature by ln(1.5)/3, not ~0.01
+    small, larger = _frame_mask(slice(0, 20), slice(0, 20)), _frame_mask(slice(0, 20), slice(0, 30))
+    step = region_geometry(larger.bool(), 2)[-2] - region_geometry(small.bool(), 2)[-2]
+    assert float(step) == pytest.approx(np.log(1.5) / 3, rel=1e-4)
+    assert torch.count_nonzero(region_geometry(torch.zeros(24, 24, dtype=torch.bool), 2)) == 0
+
+
+def test_geometry_version_sets_the_mlp_width_and_unknown_versions_are_refused():
+    from napari_medplib.model.region_encoder import geometry_encoding_width
+
+    def encoder(version: int) -> RegionEncoder:
+        return RegionEncoder(MedPLIBConfig(hidden_size=8, num_attention_heads=2, mm_hidden_size=4,
+                                           region_geometry=True, region_geometry_version=version))
+
+    assert encoder(1).geometry[0].in_features == geometry_encoding_width(10)
+    enc = encoder(2)
+    assert enc.geometry[0].in_features == geometry_encoding_width(12)
+    tokens, empty = enc(_features(), _frame_mask(slice(28, 34), slice(28, 60))[None])
+    assert tokens.shape == (1, 8) and not empty.any()
+    with pytest.raises(ValueError, match="region_geometry_version"):
+        encoder(3)

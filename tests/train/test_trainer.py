@@ -315,3 +315,20 @@ def test_recipe_sets_the_geometry_init_std():
     assert wide.config.region_geometry_init_std == 0.5
     std = [float(m.region_encoder.geometry[2].weight.detach().std()) for m in (default, wide)]
     assert std[0] == pytest.approx(0.1, rel=0.2) and std[1] == pytest.approx(0.5, rel=0.2)
+
+
+def test_recipe_sets_the_geometry_version_and_it_survives_a_save(tmp_path):
+    from napari_medplib.model.convert import save_pretrained
+    from napari_medplib.model.medplib import MedPLIBModel
+    from napari_medplib.train.build import build_model
+
+    spec = micro_recipe().model
+    assert spec.geometry_version == 1  # the default trained the bundled model up to the fourth run
+    spec.geometry_version = 2
+    model = build_model(spec, spec.tokenizer, moe=False)
+    assert model.config.region_geometry_version == 2
+    save_pretrained(model, tmp_path / "m")
+    loaded = MedPLIBModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.region_geometry_version == 2
+    assert loaded.region_encoder.geometry[0].in_features == model.region_encoder.geometry[0].in_features
+    assert torch.equal(loaded.region_encoder.geometry[0].weight, model.region_encoder.geometry[0].weight)

@@ -36,7 +36,7 @@ def build_config(spec: ModelSpec, tokenizer_folder: Path, vocab_size: int, moe: 
                        "intermediate_size": spec.clip_intermediate_size, "num_hidden_layers": spec.clip_layers,
                        "num_attention_heads": spec.clip_heads, "projection_dim": spec.clip_hidden_size},
         out_dim=spec.sam_prompt_dim, region_geometry=spec.region_geometry,
-        region_geometry_init_std=spec.geometry_init_std,
+        region_geometry_init_std=spec.geometry_init_std, region_geometry_version=spec.geometry_version,
         seg_region_prompts=spec.seg_region_prompts, folder=str(tokenizer_folder),
     )
 

@@ -61,6 +61,7 @@ class ModelSpec:
     sam_iou_hidden: int = 64
     region_geometry: bool = False  # our region-token geometry extension (model.region_encoder)
     geometry_init_std: float = 0.1  # its MLP's output weights at init (config.region_geometry_init_std)
+    geometry_version: int = 1  # its features (config.region_geometry_version: 2 adds log area, eccentricity)
     seg_region_prompts: bool = False  # our extension: a <SEG> about a region also gets its box/point (model.seg_prompts)
     seed: int = 0
 
