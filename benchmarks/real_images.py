@@ -28,7 +28,8 @@ cellseg-models-pytorch, tiatoolbox, splinedist, lacss, samcell ship none).
 
 Protocol. Per image, up to ``--max-instances`` reference instances (all, or a seeded random subset).
 Box prompt: the instance's tight bounding box (y0, x0, y1, x1), inclusive pixel indices, as
-``Session.segment(box=...)`` takes it. Point prompt: one positive click on the instance's most interior
+``Session.segment(box=...)`` takes it; its mask is kept inside the box as ``Session.segment`` keeps it by
+default (``--no-clip-to-box``: SAM's mask as it is). Point prompt: one positive click on the instance's most interior
 pixel (maximum of its Euclidean distance transform; ties go to the middle of the ridge). ``multimask=False`` (SAM's single output, what the
 widget's click gives) unless ``--multimask`` (then SAM's top-scored of 3 candidates). Dice of the returned
 mask against the instance (0 for an empty mask).
@@ -283,7 +284,7 @@ def assign_window(box: tuple[int, int, int, int], shape: tuple[int, int], window
 # ---------------------------------------------------------------------------------- evaluation
 def evaluate_image(session, image: np.ndarray, labels: np.ndarray, *, max_instances: int = 50,
                    window: int = 256, multimask: bool = False, seed: int = 0,
-                   swap_axes: bool = False) -> dict:
+                   swap_axes: bool = False, clip_to_box: bool = True) -> dict:
     """Box and point Dice for up to ``max_instances`` instances of one plane (see the module docstring)."""
     from napari_medplib.imaging import DEFAULT_PERCENTILES
 
@@ -312,7 +313,8 @@ def evaluate_image(session, image: np.ndarray, labels: np.ndarray, *, max_instan
             point = interior_point(target)
             if swap_axes:  # deliberately wrong (x, y) order: the self-check's control
                 box, point = [box[1], box[0], box[3], box[2]], (point[1], point[0])
-            by_box = session.segment(crop_image, box=box, multimask=multimask, contrast_limits=limits)
+            by_box = session.segment(crop_image, box=box, multimask=multimask, contrast_limits=limits,
+                                     clip_to_box=clip_to_box)
             by_point = session.segment(crop_image, points=[list(point)], point_labels=[1], multimask=multimask,
                                        contrast_limits=limits)
             per_instance.append({
@@ -379,6 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-instances", type=int, default=50, help="instances per image (0 = all)")
     parser.add_argument("--window", type=int, default=256, help="window side at native resolution; 0 = whole frame")
     parser.add_argument("--multimask", action="store_true", help="take SAM's top-scored of 3 candidates")
+    parser.add_argument("--no-clip-to-box", action="store_true",
+                        help="score SAM's box masks as they are, not kept inside the box (Session.segment's default)")
     parser.add_argument("--only", nargs="*", default=None, help="source names to run (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on the CPU")
@@ -417,7 +421,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         image, labels = planes[spec.name]
         mark = time.perf_counter()
         result = evaluate_image(session, image, labels, max_instances=args.max_instances, window=args.window,
-                                multimask=args.multimask, seed=args.seed)
+                                multimask=args.multimask, seed=args.seed, clip_to_box=not args.no_clip_to_box)
         result.update(name=spec.name, package=f"{spec.package} {spec.version}", reference=spec.reference,
                       description=spec.description, license=spec.license, seconds=time.perf_counter() - mark)
         rows.append(result)

@@ -271,3 +271,23 @@ def test_train_and_eval_are_subcommands(capsys):
             main([command, "--help"])
         assert exit_info.value.code == 0
         assert f"medplib {command}" in capsys.readouterr().out
+
+
+def test_segment_box_masks_stay_in_the_box_unless_asked(model_dir, tmp_path, capsys):
+    """The tiny random model's box mask spills past the box; the CLI cuts it unless --no-clip-to-box."""
+    from napari_medplib.engine import Session
+
+    path = tmp_path / "img.tif"
+    image = (np.random.default_rng(3).random((80, 100)) * 3000).astype(np.uint16)
+    tifffile.imwrite(path, image)
+    box = (20, 30, 45, 60)
+    session = Session.load(model_dir, device="cpu")
+    raw = session.segment(image, box=box, clip_to_box=False).mask
+    inside = np.zeros(image.shape, bool)
+    inside[20:46, 30:61] = True
+    assert (raw & ~inside).any()  # else this test could not tell the two apart
+    for flags, expected in (([], raw & inside), (["--no-clip-to-box"], raw)):
+        out_path = tmp_path / f"seg{len(flags)}.tif"
+        assert main(["segment", str(path), "--box", *map(str, box), "--model", str(model_dir),
+                     "--labels-out", str(out_path), *flags]) == 0
+        np.testing.assert_array_equal(tifffile.imread(out_path) == 1, expected)

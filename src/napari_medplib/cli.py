@@ -241,7 +241,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     session = _load_session(args, progress)
     results = [
         session.segment(image, **prompt, multimask=args.multimask, mask_mode=args.mask_mode,
-                        on_progress=progress, window=args.window, **_image_kwargs(args))
+                        on_progress=progress, window=args.window, clip_to_box=not args.no_clip_to_box,
+                        **_image_kwargs(args))
         for prompt in prompts
     ]
     masks = [r.mask for r in results]
@@ -304,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--window", type=_window_arg, default="auto", metavar="auto|none|N",
                      help="segment large images in an N-px native-resolution crop around the prompts "
                           "(auto, the default: when the image is over 1.5x SAM's input; none: whole image)")
+    seg.add_argument("--no-clip-to-box", action="store_true",
+                     help="keep mask pixels outside a --box (by default a box's mask stays inside it)")
     seg.set_defaults(func=_cmd_segment)
 
     from .train.cli import add_eval_parser, add_train_parser  # light: argparse only until a command runs

@@ -88,7 +88,13 @@ class _OracleSession:
     Correct (y, x) prompts in window coordinates therefore give Dice 1 on rectangular instances.
     """
 
-    def segment(self, image, points=None, point_labels=None, box=None, multimask=False, contrast_limits=None):
+    def __init__(self):
+        self.clip_to_box = []
+
+    def segment(self, image, points=None, point_labels=None, box=None, multimask=False, contrast_limits=None,
+                clip_to_box=True):
+        if box is not None:
+            self.clip_to_box.append(clip_to_box)
         mask = np.zeros(image.shape, bool)
         if box is not None:
             y0, x0, y1, x1 = (int(v) for v in box)
@@ -130,6 +136,14 @@ def test_evaluate_image_limits_instances(bench):
     image, labels = _rectangles(n=12)
     result = bench.evaluate_image(_OracleSession(), image, labels, max_instances=5, window=256)
     assert result["n_instances_total"] == 12 and result["n_evaluated"] == 5
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_evaluate_image_passes_the_box_clip_choice_on(bench, clip):
+    image, labels = _rectangles(n=3)
+    session = _OracleSession()
+    bench.evaluate_image(session, image, labels, max_instances=3, window=256, clip_to_box=clip)
+    assert session.clip_to_box == [clip] * 3
 
 
 def test_extract_members_from_wheel_and_sdist(bench, tmp_path):

@@ -110,6 +110,23 @@ def test_point_dice_matches_a_hand_computation(scripted):
     assert result["metrics"]["point_mdice"] == pytest.approx(2 * right.sum() / (right.sum() + mask.sum()))
 
 
+def test_box_masks_are_kept_inside_the_box_as_the_engine_keeps_them(scripted, monkeypatch):
+    """A decoder that paints the whole image: "box" scores the mask cut to the box, "box_decoder" the raw one."""
+    model, items = scripted
+    monkeypatch.setattr(ev, "prompt_masks", lambda model_, emb, image, masks, prompt, rng=None, jitter=0.0:
+                        torch.full((len(masks), *masks[0].shape), 10.0))
+    sample, convs = items[0]
+    result = ev.evaluate_model(model, [(sample, convs)], instances_per_image=1)
+    ids = np.unique(sample.labels)
+    mask = sample.labels == np.random.default_rng([0, 5]).choice(ids[ids > 0], size=1, replace=False)[0]
+    rows, cols = np.nonzero(mask)
+    box_area = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+    m = result["metrics"]
+    assert m["box_mdice"] == pytest.approx(2 * mask.sum() / (mask.sum() + box_area))
+    assert m["box_decoder_mdice"] == pytest.approx(2 * mask.sum() / (mask.sum() + mask.size))
+    assert m["point_mdice"] == m["box_decoder_mdice"]  # points are not cut
+
+
 def test_missing_seg_scores_zero(scripted, monkeypatch):
     model, items = scripted
     original = ev._answer

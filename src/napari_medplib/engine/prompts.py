@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..regions import Region
@@ -94,3 +96,31 @@ def seg_region_prompt(region: Region):
         return SegRegionPrompt(box=(min(y0, y1), min(x0, x1), max(y0, y1), max(x0, x1)))
     box = region.bbox
     return None if box is None else SegRegionPrompt(box=tuple(float(v) for v in box))
+
+
+def box_pixels(box, image_hw: tuple[int, int]) -> tuple[slice, slice]:
+    """Rows and columns of the pixels a (y0, x0, y1, x1) inclusive box covers: centres within the
+    box, rounded to the nearest pixel (half a pixel of slack for hand-drawn boxes), inside the image."""
+    y0, x0, y1, x1 = (float(v) for v in box)
+    h, w = (int(v) for v in image_hw)
+    rows = slice(max(math.floor(min(y0, y1) + 0.5), 0), min(math.floor(max(y0, y1) + 0.5) + 1, h))
+    cols = slice(max(math.floor(min(x0, x1) + 0.5), 0), min(math.floor(max(x0, x1) + 0.5) + 1, w))
+    return rows, cols
+
+
+def keep_inside_box(mask, box):
+    """``mask`` [..., H, W] (numpy or torch bool) with every pixel outside ``box`` set False.
+
+    A box prompt says "the object is in here", so mask pixels outside it are wrong by the user's own
+    statement. SAM-Med2D's decoder does not enforce that (ours spills ~10 % of its pixels past a
+    tight box, mostly onto touching neighbours); cutting them raised box-prompt Dice on held-out
+    synthetic images from 0.82 to 0.88, also with jittered, loose or 1-px-too-tight boxes
+    (docs/model-card.md)."""
+    rows, cols = box_pixels(box, mask.shape[-2:])
+    inside = np.zeros(tuple(mask.shape[-2:]), bool)
+    inside[rows, cols] = True
+    if isinstance(mask, np.ndarray):
+        return mask & inside
+    import torch
+
+    return mask & torch.from_numpy(inside).to(mask.device)

@@ -52,7 +52,7 @@ from .loading import (
     pick_dtype,
     resolve_source,
 )
-from .prompts import bind_regions, check_prompts, seg_region_prompt
+from .prompts import bind_regions, check_prompts, keep_inside_box, seg_region_prompt
 from .reply import AnyEvent, AskStream, CancelledSince, Reply, expert_shares
 from .window import (
     WindowedSegmentResult,
@@ -493,6 +493,7 @@ class Session:
         mask_mode: str = "corrected",
         on_progress: Progress | None = None,
         window: str | int | None = "auto",
+        clip_to_box: bool = True,
     ) -> WindowedSegmentResult:
         """Direct SAM-Med2D prompts, no LLM: points (y, x) with labels 1/0, a box (y0, x0, y1, x1)
         inclusive, and/or a bool (H, W) mask prior. ``multimask`` returns SAM's 3 candidates.
@@ -500,6 +501,8 @@ class Session:
         ``window``: "auto" segments a large plane (longer side > 1.5x SAM's input) inside a crop around
         the prompts at native resolution; an int asks for that crop side; None uses the whole plane.
         Masks are full-size either way; ``result.window`` is the area used (see ``window.py``).
+        ``clip_to_box``: with a box prompt, mask pixels outside the box are dropped (the box says where
+        the object is; see ``prompts.keep_inside_box``); False gives SAM's masks as they are.
         """
         import torch
 
@@ -512,6 +515,7 @@ class Session:
             plane = self._view(image, contrast_limits, rgb)
             pts, labels, box_arr, prior = check_prompts(points, point_labels, box, mask, plane.image_hw)
             area = choose_window(plane.image_hw, model.sam.config.image_size, pts, box_arr, prior, window)
+            image_box = box_arr  # the box in image pixels (shift_prompts moves box_arr into the crop)
             if area is None:
                 view = plane
             else:  # the crop keeps the whole plane's contrast; its content key keys the SAM cache
@@ -535,6 +539,8 @@ class Session:
             masks = low_res_to_masks(low_res[0][:, None], view, resize_hw, pad, mask_mode)
             if area is not None:
                 masks = paste_masks(masks, area, plane.image_hw)
+            if clip_to_box and box_arr is not None:
+                masks = [keep_inside_box(m, image_box) for m in masks]
             scores = [float(v) for v in iou[0].float().tolist()]
             timings["masks"] = time.perf_counter() - mark
             timings["total"] = time.perf_counter() - start

@@ -4,7 +4,8 @@
   each ``<SEG>`` it generates is decoded to a mask (as the engine does: T-projector -> SAM-Med2D ->
   ``postprocess_masks`` -> sigmoid > 0.1); a target without a generated ``<SEG>`` scores 0;
 * box-prompt and point-prompt mDice — SAM-Med2D alone, per instance: the tight box, and the most
-  interior pixel as one foreground click;
+  interior pixel as one foreground click; box masks are kept inside the box as ``Session.segment``
+  keeps them (``box_decoder_mdice``: the decoder's masks as they are);
 * region-VQA and image-VQA accuracy — ``normalise_answer`` exact match with the canonical answer;
 * expert-routing shares — the share of answer tokens each expert took, per task (MoE models).
 
@@ -24,13 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..engine.prompts import keep_inside_box
 from ..model.medplib import MedPLIBModel
 from ..model.postprocess import masks_from_logits
 from ..model.tokenizer import encode_question
 from .batches import prepare_image, region_mask, seg_region_prompt
 from .data import Conversation, Sample, normalise_answer
 from .losses import dice_score
-from .steps import prompt_masks
+from .steps import prompt_masks, tight_box
 
 FLOORS = {"grounding_mdice": 0.80, "box_mdice": 0.90, "point_mdice": 0.80, "region_vqa_acc": 0.85, "vqa_acc": 0.90}
 
@@ -135,7 +137,11 @@ def _prompt_scores(model, sample: Sample, image, embedding, k: int, index: int, 
     for prompt in ("box", "point"):
         predicted = masks_from_logits(prompt_masks(model, embedding, image, masks, prompt))
         for pred, target in zip(predicted, masks, strict=True):
-            dice = dice_score(pred, torch.from_numpy(target))
+            target = torch.from_numpy(target)
+            if prompt == "box":  # what Session.segment returns: the mask kept inside the box
+                scores.add("box_decoder", dice_score(pred, target))
+                pred = keep_inside_box(pred, tight_box(target.numpy()))
+            dice = dice_score(pred, target)
             scores.add(prompt, dice)
             scores.add(f"{prompt}/{sample.style}", dice)
 
@@ -144,6 +150,7 @@ def _summary(scores: _Scores, n_samples: int, seconds: float) -> dict[str, Any]:
     metrics = {
         "grounding_mdice": scores.mean("grounding"),
         "box_mdice": scores.mean("box"),
+        "box_decoder_mdice": scores.mean("box_decoder"),
         "point_mdice": scores.mean("point"),
         "region_vqa_acc": scores.mean("region_vqa"),
         "vqa_acc": scores.mean("vqa"),
@@ -159,9 +166,9 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     """A plain-text table: one column per model, one row per metric, floors on the right."""
     names = list(results)
     rows = [("metric", *names, "floor")]
-    for key, floor in FLOORS.items():
+    for key, floor in {**FLOORS, "box_decoder_mdice": None}.items():
         values = [results[n]["metrics"].get(key) for n in names]
-        rows.append((key, *("-" if v is None else f"{v:.3f}" for v in values), f"{floor:.2f}"))
+        rows.append((key, *("-" if v is None else f"{v:.3f}" for v in values), "" if floor is None else f"{floor:.2f}"))
     for name in names:
         for task, shares in results[name].get("routing_shares", {}).items():
             rows.append((f"experts/{task}", *(" ".join(f"{s:.2f}" for s in shares) if n == name else ""
