@@ -53,3 +53,34 @@ def test_ask_gives_the_question_regions_to_sam_when_the_model_uses_them(flag, im
         np.testing.assert_allclose(calls[0]["boxes"].numpy(), np.repeat(expected, 2, axis=0), rtol=1e-6)
     else:
         assert calls[0] == {}
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_seg_masks_stay_inside_the_box_their_region_gave_sam(flag, image16, monkeypatch):
+    """A decoder that paints every pixel: with region prompts a box region's masks are cut to the box;
+    a point region's are not; a model without region prompts never saw the box and is not cut."""
+    import torch
+
+    from napari_medplib.engine import Session
+    from napari_medplib.testing import tiny_model
+
+    session = Session.from_model(tiny_model(seg_region_prompts=flag), name="tiny")
+    sam = session.model.sam
+    original = sam.decode_with_text_prompt
+
+    def paint(embeddings, prompts, **prompt_kwargs):
+        low_res, iou = original(embeddings, prompts, **prompt_kwargs)
+        return torch.full_like(low_res, 10.0), iou
+
+    monkeypatch.setattr(sam, "decode_with_text_prompt", paint)
+    handle = force_seg(session.model)
+    try:
+        boxed = session.ask(image16, "Segment the nucleus in <region>.", [Region.box(3, 5, 30, 40)], max_new_tokens=1)
+        pointed = session.ask(image16, "Segment the nucleus at <region>.", [Region.point(20, 20)], max_new_tokens=1)
+    finally:
+        handle.remove()
+        session.close()
+    inside = np.zeros(image16.shape, bool)
+    inside[3:31, 5:41] = True
+    assert (boxed.masks[0] == inside).all() if flag else boxed.masks[0].all()
+    assert pointed.masks[0].all()

@@ -4,6 +4,7 @@ reduced real evaluation of a micro model with sane bounds."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -28,6 +29,8 @@ class _ScriptedModel:
         self.tokenizer = MedPLIBTokenizer.from_pretrained(RECIPES_DIR / "tokenizer")
         self.region_encoder = None
         self.sam = self
+        self.config = SimpleNamespace(seg_region_prompts=True)
+        self.paint_everything = False  # ground() returns all-True masks instead of the targets
         self.targets = targets  # question -> list of masks
         self.grounded = []  # (conversation, regions given to ground)
 
@@ -42,7 +45,8 @@ class _ScriptedModel:
 
     def ground(self, seg_hidden, **kwargs):
         self.grounded.append((self.current_conv, kwargs.get("regions")))
-        return _Ground(torch.from_numpy(np.stack(self.current)))
+        masks = torch.from_numpy(np.stack(self.current))
+        return _Ground(torch.ones_like(masks) if self.paint_everything else masks)
 
 
 @pytest.fixture
@@ -125,6 +129,32 @@ def test_box_masks_are_kept_inside_the_box_as_the_engine_keeps_them(scripted, mo
     assert m["box_mdice"] == pytest.approx(2 * mask.sum() / (mask.sum() + box_area))
     assert m["box_decoder_mdice"] == pytest.approx(2 * mask.sum() / (mask.sum() + mask.size))
     assert m["point_mdice"] == m["box_decoder_mdice"]  # points are not cut
+
+
+def test_grounding_masks_about_a_box_are_kept_inside_it(scripted):
+    """As the engine returns them: a <SEG> whose region gave SAM a box is cut to that box; others are not."""
+    from napari_medplib.engine.prompts import box_pixels
+
+    model, items = scripted
+    model.paint_everything = True
+    result = ev.evaluate_model(model, items, instances_per_image=1)
+    expected, boxes = [], 0
+    for conv, regions in model.grounded:
+        if conv.kind != "instance":
+            continue
+        target = conv.target_masks[0]
+        kept = np.ones_like(target)
+        if regions[0] is not None and regions[0].box is not None:
+            kept = np.zeros_like(target)
+            kept[box_pixels(regions[0].box, target.shape)] = True
+            boxes += 1
+        expected.append(2 * (kept & target).sum() / (kept.sum() + target.sum()))
+    assert boxes > 0
+    assert result["breakdown"]["grounding/instance"] == pytest.approx(np.mean(expected), abs=1e-4)
+    model.config.seg_region_prompts = False  # a model that never gave SAM the box: nothing is cut
+    unclipped = ev.evaluate_model(model, items, instances_per_image=1)
+    assert unclipped["breakdown"]["grounding/instance"] < result["breakdown"]["grounding/instance"]
+    assert unclipped["breakdown"]["grounding/semantic"] == result["breakdown"]["grounding/semantic"]
 
 
 def test_missing_seg_scores_zero(scripted, monkeypatch):

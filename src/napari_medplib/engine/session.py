@@ -52,7 +52,13 @@ from .loading import (
     pick_dtype,
     resolve_source,
 )
-from .prompts import bind_regions, check_prompts, keep_inside_box, seg_region_prompt
+from .prompts import (
+    bind_regions,
+    check_prompts,
+    keep_inside_box,
+    keep_seg_masks_inside_boxes,
+    seg_region_prompt,
+)
 from .reply import AnyEvent, AskStream, CancelledSince, Reply, expert_shares
 from .window import (
     WindowedSegmentResult,
@@ -454,6 +460,8 @@ class Session:
         seg_regions = pair_with_segs(prompts.shape[0], [seg_region_prompt(r) for r in regions])
         low_res, iou = model.decode_seg(embeddings, prompts, seg_regions, view.frame_hw, resize_hw, pad)  # [N, 1, 64, 64]
         masks = low_res_to_masks(low_res, view, resize_hw, pad, mask_mode)
+        if model.config.seg_region_prompts:  # SAM was given the regions' boxes: keep the masks inside them
+            masks = keep_seg_masks_inside_boxes(masks, seg_regions)
         return masks, [float(v) for v in iou.float().flatten().tolist()]
 
     def ask_stream(self, image, question: str, regions: Sequence[Region] = (), **kwargs: Any) -> AskStream:

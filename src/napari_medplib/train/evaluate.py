@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine.prompts import keep_inside_box
+from ..engine.prompts import keep_inside_box, keep_seg_masks_inside_boxes
 from ..model.medplib import MedPLIBModel
 from ..model.postprocess import masks_from_logits
+from ..model.seg_prompts import pair_with_segs
 from ..model.tokenizer import encode_question
 from .batches import prepare_image, region_mask, seg_region_prompt
 from .data import Conversation, Sample, normalise_answer
@@ -96,9 +97,12 @@ def evaluate_model(model: MedPLIBModel, items: Iterable[tuple[Sample, list[Conve
                 masks = []
                 seg = result.seg_indices(model.tokenizer.seg_token_id)
                 if seg and embedding is not None:
+                    regions = _question_regions(model, conv)
                     masks = model.ground(model.answer_seg_hidden(result), image_embeddings=embedding,
                                          resize_hw=image.resize_hw, original_hw=image.original_hw, pad=image.pad,
-                                         regions=_question_regions(model, conv)).masks
+                                         regions=regions).masks
+                    if model.config.seg_region_prompts:  # as the engine returns them
+                        masks = keep_seg_masks_inside_boxes(masks, pair_with_segs(len(masks), regions))
                 for j, target in enumerate(conv.target_masks):
                     dice = dice_score(masks[j], torch.from_numpy(target)) if j < len(masks) else 0.0
                     scores.add("grounding", dice)
