@@ -8,7 +8,8 @@ Contract (the napari widget, the CLI and scripts rely on it; see also DESIGN.md 
                         on_progress=None, cancel=None)
     stream = session.ask_stream(image, question, regions, **same_kwargs); for piece in stream: ...
     result = session.segment(image, points=None, point_labels=None, box=None, mask=None,
-                             multimask=False, contrast_limits=None, rgb=None, window="auto")
+                             multimask=False, contrast_limits=None, rgb=None, window="auto",
+                             clip_to_box=True)
     session.cancel(); session.clear_cache(); session.close()
 
 What is cached (keyed by the content hash of the RGB plane the model sees, see ``image.py``):
