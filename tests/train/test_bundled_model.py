@@ -77,3 +77,17 @@ def test_grounding_about_a_box_segments_that_object():
     dice = 2 * (mask & target).sum() / (mask.sum() + target.sum())
     assert dice > 0.6, (dice, reply.text)
     assert (mask & (sample.labels > 0) & ~target).sum() < 0.2 * target.sum()  # not the other nuclei
+
+
+def test_the_tiny_cpu_recipe_builds_the_bundled_models_architecture(bundled):
+    """README: `medplib train tiny-cpu` reproduces the bundled model; at least its shapes and options must match."""
+    from napari_medplib.train.build import build_model
+    from napari_medplib.train.recipe import load_recipe
+
+    recipe = load_recipe("tiny-cpu")
+    built = build_model(recipe.model, recipe.resolve(recipe.model.tokenizer), moe=True)
+    assert {k: tuple(v.shape) for k, v in built.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in bundled.state_dict().items()
+    }
+    for option in ("region_geometry", "region_geometry_version", "region_geometry_init_std", "seg_region_prompts"):
+        assert getattr(built.config, option) == getattr(bundled.config, option), option
