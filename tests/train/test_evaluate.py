@@ -188,3 +188,13 @@ def test_resolve_model_folder(tmp_path):
     assert ev.resolve_model_folder(tmp_path) == tmp_path / "m"
     with pytest.raises(FileNotFoundError, match="neither a model folder"):
         ev.resolve_model_folder(tmp_path / "m" / "nothing")
+
+
+def test_compared_models_get_distinct_column_names():
+    from pathlib import Path
+
+    assert ev.model_label(Path("/runs/v6/stages/moe/final")) == "moe"
+    assert ev.model_label(Path("/somewhere/bundled_model")) == "bundled_model"
+    taken = ["grounding"]
+    assert ev.model_label(Path("/runs/v4/stages/grounding/final"), taken) == "v4/grounding"
+    assert ev.model_label(Path("/x/grounding"), ["grounding", "x/grounding"]) == "x/grounding#2"

@@ -166,6 +166,20 @@ def _summary(scores: _Scores, n_samples: int, seconds: float) -> dict[str, Any]:
             "counts": counts, "n_images": n_samples, "seconds": round(seconds, 1), "examples": scores.examples}
 
 
+def model_label(folder: Path, taken: Iterable[str] = ()) -> str:
+    """A short column name for a model folder: the stage (``RUN/stages/moe/final`` -> "moe"), or the
+    folder's name; prefixed with the run's name when two compared models would share it."""
+    parts = folder.parts[:-1] if folder.name == "final" else folder.parts
+    name = parts[-1]
+    if name in set(taken):
+        run = parts[-3] if len(parts) >= 3 and parts[-2] == "stages" else parts[-2] if len(parts) >= 2 else ""
+        name = f"{run}/{name}"
+        base, k = name, 2
+        while name in set(taken):
+            name, k = f"{base}#{k}", k + 1
+    return name
+
+
 def format_table(results: dict[str, dict[str, Any]]) -> str:
     """A plain-text table: one column per model, one row per metric, floors on the right."""
     names = list(results)
@@ -207,7 +221,7 @@ def evaluate(model_paths: Sequence[str | Path], n: int = 100, seed: int = 0, n_p
         else:
             dataset = load_dataset(data)
             items = (dataset[i] for i in range(min(n, len(dataset))))
-        name = folder.parent.name if folder.name == "final" else folder.name
+        name = model_label(folder, results)
         results[name] = {"model": str(folder), **evaluate_model(model, items, progress=progress)}
     print(format_table(results))
     if json_path is not None:
