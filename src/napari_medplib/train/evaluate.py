@@ -143,7 +143,9 @@ def _prompt_scores(model, sample: Sample, image, embedding, k: int, index: int, 
         for pred, target in zip(predicted, masks, strict=True):
             target = torch.from_numpy(target)
             if prompt == "box":  # what Session.segment returns: the mask kept inside the box
-                scores.add("box_decoder", dice_score(pred, target))
+                raw = dice_score(pred, target)
+                scores.add("box_decoder", raw)
+                scores.add(f"box_decoder/{sample.style}", raw)
                 pred = keep_inside_box(pred, tight_box(target.numpy()))
             dice = dice_score(pred, target)
             scores.add(prompt, dice)
