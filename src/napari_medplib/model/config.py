@@ -168,10 +168,10 @@ class MedPLIBConfig:
     #: (``model.region_encoder``); weights ``region_encoder.geometry.*``.
     region_geometry: bool = False
     #: Std of the geometry MLP's output weights at initialisation (training from scratch only).
-    #: 0.1 trained the bundled model; 0.5 made a run read left/right (docs/model-card.md, Findings).
+    #: 0.1 is the default; 0.5 made a run read left/right and trained the bundled model (docs/model-card.md).
     region_geometry_init_std: float = 0.1
-    #: Which geometry features (``region_encoder.region_geometry``): 1 = the 10 of the fourth run's
-    #: bundled model; 2 adds log area and eccentricity.
+    #: Which geometry features (``region_encoder.region_geometry``): 1 = the first 10 (checkpoints
+    #: without the key); 2 adds log area and eccentricity (the bundled model since its sixth run).
     region_geometry_version: int = 1
     #: Our extension (not in the released model): a ``<SEG>`` about a region is decoded with that
     #: region's box or point as a SAM prompt next to the ``<SEG>`` token (``model.seg_prompts``).

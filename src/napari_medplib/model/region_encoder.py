@@ -43,7 +43,7 @@ class EmptyRegionWarning(UserWarning):
 
 #: Number of geometry features per region for each ``config.region_geometry_version``.
 GEOMETRY_FEATURES_BY_VERSION = {1: 10, 2: 12}
-#: Version 1's count (the bundled model up to the fourth run).
+#: Version 1's count (our checkpoints up to the fourth run; version 2 since the sixth).
 GEOMETRY_FEATURES = GEOMETRY_FEATURES_BY_VERSION[1]
 
 
