@@ -198,3 +198,14 @@ def test_compared_models_get_distinct_column_names():
     taken = ["grounding"]
     assert ev.model_label(Path("/runs/v4/stages/grounding/final"), taken) == "v4/grounding"
     assert ev.model_label(Path("/x/grounding"), ["grounding", "x/grounding"]) == "x/grounding#2"
+
+
+def test_table_marks_values_below_their_floor_even_when_they_round_to_it():
+    metrics = dict.fromkeys(ev.FLOORS, 0.95)
+    metrics.update(grounding_mdice=0.7998, point_mdice=0.75)
+    table = ev.format_table({"m": {"metrics": metrics}})
+    rows = {line.split()[0]: line.split()[1] for line in table.splitlines()[1:-1]}
+    assert rows["grounding_mdice"] == "0.7998*" and rows["point_mdice"] == "0.750*"
+    assert rows["box_mdice"] == "0.950" and rows["vqa_acc"] == "0.950"
+    assert table.splitlines()[-1] == "* below the floor"
+    assert "*" not in ev.format_table({"m": {"metrics": dict.fromkeys(ev.FLOORS, 0.95)}})

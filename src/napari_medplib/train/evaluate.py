@@ -188,13 +188,23 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     rows = [("metric", *names, "floor")]
     for key, floor in {**FLOORS, "box_decoder_mdice": None}.items():
         values = [results[n]["metrics"].get(key) for n in names]
-        rows.append((key, *("-" if v is None else f"{v:.3f}" for v in values), "" if floor is None else f"{floor:.2f}"))
+        rows.append((key, *(_cell(v, floor) for v in values), "" if floor is None else f"{floor:.2f}"))
     for name in names:
         for task, shares in results[name].get("routing_shares", {}).items():
             rows.append((f"experts/{task}", *(" ".join(f"{s:.2f}" for s in shares) if n == name else ""
                                               for n in names), ""))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    table = "\n".join("  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
+    return table + "\n* below the floor" if "*" in table else table
+
+
+def _cell(value: float | None, floor: float | None) -> str:
+    """A metric as printed: 3 decimals, "*" when below its floor (4 decimals if 3 would round up to it)."""
+    if value is None:
+        return "-"
+    if floor is None or value >= floor:
+        return f"{value:.3f}"
+    return f"{value:.4f}*" if round(value, 3) >= floor else f"{value:.3f}*"
 
 
 def heldout(n: int, seed: int = 0, n_per_task: int = 4, size: int = 256,
