@@ -20,7 +20,11 @@ def test_shipped_recipes_parse_with_the_paper_stages(name):
     kinds = [(s.name, s.kind, s.moe) for s in recipe.stages]
     assert ("vl", "llm", False) in kinds and ("grounding", "llm", False) in kinds and ("moe", "llm", True) in kinds
     moe = recipe.stage("moe")
-    assert moe.experts[0] == "grounding" and moe.init == moe.experts[1] and moe.init.startswith("vl")  # expert 0 grounding, expert 1 VL (reference)
+    # expert 0 grounding, expert 1 VL (reference); the rest from stage III, whose embeddings and LM head
+    # were trained with the grounding expert (from stage II's, the MoE lost two-structure grounding)
+    assert moe.experts[0] == "grounding" and moe.experts[1].startswith("vl") and moe.init == "grounding"
+    dense = recipe.stage("dense")
+    assert not dense.moe and dense.init == moe.init and dense.steps == moe.steps and dense.tasks == moe.tasks
     assert recipe.final_stage.name == "moe"
     assert (recipe.resolve(recipe.model.tokenizer) / "tokenizer.model").is_file()
     assert recipe.path == RECIPES_DIR / f"{name}.toml"
