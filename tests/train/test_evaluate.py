@@ -55,7 +55,7 @@ def scripted(monkeypatch):
     model = _ScriptedModel({})
     seg = model.tokenizer.seg_token_id
 
-    def answer(model_, conv, image, features, max_new_tokens):
+    def answer(model_, conv, image, features, max_new_tokens, sam_embedding=None):
         counts = torch.tensor([[3, 1]]) if conv.task == "grounding" else torch.tensor([[1, 3]])
         if conv.task == "grounding":
             model.current, model.current_conv = conv.target_masks, conv
@@ -161,10 +161,10 @@ def test_missing_seg_scores_zero(scripted, monkeypatch):
     model, items = scripted
     original = ev._answer
 
-    def no_seg(model_, conv, image, features, max_new_tokens):
+    def no_seg(model_, conv, image, features, max_new_tokens, sam_embedding=None):
         if conv.task == "grounding":
             return GenerationResult([5], "I cannot.", "eos", torch.zeros(1, 4))
-        return original(model_, conv, image, features, max_new_tokens)
+        return original(model_, conv, image, features, max_new_tokens, sam_embedding)
 
     monkeypatch.setattr(ev, "_answer", no_seg)
     assert ev.evaluate_model(model, items)["metrics"]["grounding_mdice"] == 0.0
@@ -209,3 +209,29 @@ def test_table_marks_values_below_their_floor_even_when_they_round_to_it():
     assert rows["box_mdice"] == "0.950" and rows["vqa_acc"] == "0.950"
     assert table.splitlines()[-1] == "* below the floor"
     assert "*" not in ev.format_table({"m": {"metrics": dict.fromkeys(ev.FLOORS, 0.95)}})
+
+
+@pytest.mark.parametrize("mode", ["square", "object"])
+def test_region_questions_read_point_regions_as_the_engine_does(mode, monkeypatch):
+    """``_answer`` (the real one) turns a point into SAM's object mask on object models, as the engine does."""
+    from napari_medplib.testing import tiny_model
+    from napari_medplib.train.batches import prepare_image, region_mask
+    from napari_medplib.train.data import Conversation, RegionSpec
+
+    model = tiny_model(0, region_geometry=True, point_region_mask=mode)
+    sample, _ = next(synthetic_items(1, seed=2, size=(64, 64), styles=("nuclei",)))
+    image = prepare_image(sample)
+    monkeypatch.setattr(model, "point_object_logits",
+                        lambda emb, xy: torch.full((len(xy), 1, 64, 64), -10.0).index_fill_(2, torch.arange(20, 40), 10.0))
+    given = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda ids, **kw: (given.append(kw["region_masks"]), generate(ids, **kw))[1])
+    point = RegionSpec("point", point=(32, 10))
+    conv = Conversation("What is <region>?", "nucleus", "region_vqa", "category", [point], canonical="nucleus")
+    ev._answer(model, conv, image, model.encode_image(image.clip_pixels), 1, model.sam.encode_image(image.sam_pixels))
+    square = torch.from_numpy(region_mask(point, image.original_hw))
+    if mode == "square":
+        assert torch.equal(given[0][0][0], square)
+    else:  # rows 20..39 of the 64x64 low-res frame = a band across the whole image, not the square
+        rows, cols = np.nonzero(given[0][0][0].numpy())
+        assert cols.min() == 0 and cols.max() == 335 and 100 < rows.min() and rows.max() < 240

@@ -89,3 +89,9 @@ def test_data_workers_must_not_be_negative():
     with pytest.raises(RecipeError, match="data_workers must be 0"):
         micro_recipe(data_workers=-1)
     assert micro_recipe(data_workers=2).data_workers == 2
+
+
+def test_point_region_mask_must_be_known():
+    model = {**micro_recipe().model.__dict__, "point_region_mask": "blob"}
+    with pytest.raises(RecipeError, match="model.point_region_mask must be one of"):
+        parse_recipe({"model": model, "stages": micro_stages()})

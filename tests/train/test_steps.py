@@ -38,3 +38,50 @@ def test_region_prompt_gets_gradient_only_when_the_model_uses_it(flag, region):
         assert all(g is not None and g.abs().sum() > 0 for g in grads)
     else:
         assert all(g is None for g in grads)
+
+
+def _point_and_box_item() -> Item:
+    sample, _ = next(synthetic_items(1, seed=2, size=(64, 64), styles=("nuclei",)))
+    convs = [Conversation("What is in <region>?", "nucleus", "region_vqa", "category",
+                          [RegionSpec("point", point=(30, 20))], canonical="nucleus"),
+             Conversation("How many nuclei are in <region>?", "2", "region_vqa", "count",
+                          [RegionSpec("box", box=(4, 6, 30, 40))], canonical="2")]
+    return Item(sample, convs)
+
+
+@pytest.mark.parametrize("mode", ["square", "object"])
+def test_object_models_train_on_sams_mask_of_the_clicked_object(mode, monkeypatch):
+    """Training reads a point region as inference does (``point_region_mask``), the box untouched."""
+    import torch
+
+    recipe = micro_recipe()
+    spec = dataclasses.replace(recipe.model, point_region_mask=mode)
+    model = build_model(spec, recipe.resolve(spec.tokenizer), moe=False).train()
+    asked = []
+
+    def object_logits(image_embeddings, points_xy):  # the object: an 8x8 low-res patch at the click
+        asked.append(points_xy.clone())
+        out = torch.full((len(points_xy), 1, 64, 64), -10.0)
+        for k, (x, y) in enumerate(points_xy.tolist()):
+            out[k, 0, int(y / 4) - 4 : int(y / 4) + 4, int(x / 4) - 4 : int(x / 4) + 4] = 10.0
+        return out
+
+    monkeypatch.setattr(model, "point_object_logits", object_logits)
+    seen = []
+    original = model.encode_regions
+    monkeypatch.setattr(model, "encode_regions", lambda f, masks, generator=None: (seen.append(masks.clone()), original(f, masks, generator))[1])
+    batch = make_batch(model, [_point_and_box_item()])
+    assert batch.region_points == [[(30.0, 20.0), None]] or batch.region_points == [[None, (30.0, 20.0)]]
+    losses = llm_losses(model, batch, LossWeights(ce=1.0))
+    assert torch.isfinite(losses["ce"])
+    point_slot = batch.region_points[0].index((30.0, 20.0))
+    given, built = seen[0], batch.region_masks[0]
+    assert torch.equal(given[1 - point_slot], built[1 - point_slot])  # the box as built
+    if mode == "square":
+        assert asked == [] and torch.equal(given, built)
+    else:
+        # 32x32 SAM pixels = 8x8 image pixels of 64 = 42x42 on the 336 frame, vs the 41x41-pixel square
+        # (clipped to the 64-px image: most of it)
+        assert len(asked) == 1 and 1000 < int(given[point_slot].sum()) < 2500 < int(built[point_slot].sum())
+        rows, cols = np.nonzero(given[point_slot].numpy())
+        assert abs(rows.mean() - 30.5 * 336 / 64) < 8 and abs(cols.mean() - 20.5 * 336 / 64) < 8

@@ -332,3 +332,22 @@ def test_recipe_sets_the_geometry_version_and_it_survives_a_save(tmp_path):
     assert loaded.config.region_geometry_version == 2
     assert loaded.region_encoder.geometry[0].in_features == model.region_encoder.geometry[0].in_features
     assert torch.equal(loaded.region_encoder.geometry[0].weight, model.region_encoder.geometry[0].weight)
+
+
+def test_a_stage_may_read_point_regions_as_objects(tmp_path):
+    """``point_region_mask``: [model]'s for every stage unless a stage names its own; saved in its config."""
+    stages = micro_stages(1)[:2]
+    stages[1]["point_region_mask"] = "object"
+    trainer = Trainer(micro_recipe(stages=stages), tmp_path, progress=False, log=lambda _: None)
+    trainer.run()
+    configs = {s.name: MedPLIBModel.from_pretrained(trainer.final_dir(s)).config.point_region_mask
+               for s in trainer.recipe.stages}
+    assert configs == {"sam": "square", "regions": "object"}
+    stages[1]["point_region_mask"] = "blob"
+    with pytest.raises(RecipeError, match="point_region_mask must be one of"):
+        micro_recipe(stages=stages)
+    del stages[1]["point_region_mask"]
+    recipe = micro_recipe(stages=stages)
+    recipe.model.point_region_mask = "object"
+    assert Trainer(recipe, tmp_path / "b", progress=False, log=lambda _: None).initial_model(
+        recipe.stage("sam")).config.point_region_mask == "object"

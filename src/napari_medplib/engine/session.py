@@ -319,6 +319,25 @@ class Session:
         encoder = getattr(self.model, "region_encoder", None)
         return encoder is not None and encoder.reads_pixels
 
+    def _regions_as_read(self, regions: list[Region], view: ModelView, on_progress: Progress | None) -> list[Region]:
+        """The regions as the model reads them: a positive point becomes SAM's mask of the clicked object on
+        models with ``point_region_mask = "object"`` (the square where SAM finds nothing); else unchanged."""
+        clicked = [i for i, r in enumerate(regions) if r.kind == "point" and r.positive]
+        if not clicked or not self.model.point_regions_are_objects:
+            return regions
+        import torch
+
+        embeddings, resize_hw, pad = self._sam_embedding(view, on_progress)
+        coords = sam_prompt_coords(np.concatenate([regions[i].coords for i in clicked]), view, resize_hw, pad)
+        low_res = self.model.point_object_logits(embeddings, torch.from_numpy(coords))
+        out = list(regions)
+        for i, mask in zip(clicked, low_res_to_masks(low_res, view, resize_hw, pad), strict=True):
+            if mask.any():
+                point = regions[i]
+                out[i] = Region.mask(mask, label=point.label, source=point.source, index=point.index,
+                                     image_shape=view.image_hw)
+        return out
+
     def _region_masks(self, regions: list[Region], view: ModelView):
         """(R, 336, 336) uint8 region masks on the CLIP frame and the indices the model cannot see: no cell of
         the reference's 24x24 grid, or no pixel where the model reads pixels (``region_geometry``)."""
@@ -390,7 +409,7 @@ class Session:
                 ids, order = encode_question(model.tokenizer, question, len(used), template, history)
             except ValueError as err:
                 raise SessionInputError(str(err).splitlines()[0]) from None
-            frame_masks, empty = self._region_masks(used, view)
+            frame_masks, empty = self._region_masks(self._regions_as_read(used, view, on_progress), view)
             timings["preprocess"] = time.perf_counter() - start
 
             mark = time.perf_counter()

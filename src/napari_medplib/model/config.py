@@ -17,6 +17,8 @@ from typing import Any
 IMAGE_TOKEN_INDEX = -200
 REGION_TOKEN_INDEX = -300
 IGNORE_INDEX = -100
+#: What a point ``<region>`` becomes (``MedPLIBConfig.point_region_mask``).
+POINT_REGION_MASKS = ("square", "object")
 
 #: The vision config of ``openai/clip-vit-large-patch14-336``; used when the released config
 #: names that tower by an author-local path that does not exist here (the weights are in the
@@ -176,6 +178,10 @@ class MedPLIBConfig:
     #: Our extension (not in the released model): a ``<SEG>`` about a region is decoded with that
     #: region's box or point as a SAM prompt next to the ``<SEG>`` token (``model.seg_prompts``).
     seg_region_prompts: bool = False
+    #: Our extension (the released model and demo use "square"): what a clicked point stands for as a
+    #: ``<region>``. "square": MedPLIB's (2*span+1)^2 square around it; "object": SAM-Med2D's mask of
+    #: the object under the click (the point as a SAM prompt), the square where SAM finds nothing.
+    point_region_mask: str = "square"
     # SEG head (LISA)
     out_dim: int = 256
     #: The folder the config was read from (for tokenizer and SAM paths); not serialised.
@@ -188,6 +194,10 @@ class MedPLIBConfig:
             )
         if self.mm_projector_type not in ("linear", "mlp2x_gelu"):
             raise CheckpointError(f"mm_projector_type {self.mm_projector_type!r} is not supported (linear, mlp2x_gelu)")
+        if self.point_region_mask not in POINT_REGION_MASKS:
+            raise CheckpointError(
+                f"point_region_mask must be one of {', '.join(POINT_REGION_MASKS)}, got {self.point_region_mask!r}"
+            )
         if self.mm_vision_select_feature not in ("patch", "cls_patch"):
             raise CheckpointError(f"mm_vision_select_feature {self.mm_vision_select_feature!r} is not supported")
 

@@ -408,6 +408,27 @@ class MedPLIBModel(nn.Module):
                                            resize_hw, pad)
         return self.sam.decode_with_text_prompt(image_embeddings, seg_prompts)
 
+    @property
+    def point_regions_are_objects(self) -> bool:
+        """Whether a point ``<region>`` stands for SAM's mask of the clicked object (``config.point_region_mask``)."""
+        return self.config.point_region_mask == "object" and self.sam is not None
+
+    @torch.no_grad()
+    def point_object_logits(self, image_embeddings: torch.Tensor, points_xy: torch.Tensor) -> torch.Tensor:
+        """Low-res logits (N, 1, 64, 64) of the object under each point, (N, 2) (x, y) in SAM's padded frame.
+
+        Why: MedPLIB makes a clicked point the (2*span+1)^2 square around it, which on a 256-px field of
+        nuclei also covers two or three neighbours and the background between them, so the region token
+        cannot say which object was clicked, nor its size or shape. With ``point_region_mask = "object"``
+        the point is first a SAM prompt (one positive point, as ``Session.segment`` uses it) and its mask
+        is the region; callers upsample these logits as they upsample every SAM mask and fall back to the
+        square where the mask is empty. The engine, evaluation and training all call this.
+        """
+        labels = torch.ones((points_xy.shape[0], 1), dtype=torch.int64)
+        low_res, _ = self.sam.decode_with_prompts(image_embeddings, points=points_xy.reshape(-1, 1, 2),
+                                                  point_labels=labels)
+        return low_res
+
     @torch.no_grad()
     def ground(
         self,

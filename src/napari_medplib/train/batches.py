@@ -15,7 +15,7 @@ SAM preprocessing of ``model.preprocess``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -59,6 +59,7 @@ class Sequence1:
     target_masks: list[np.ndarray]  # one (H, W) bool per <SEG> in order
     tasks: list[str]  # task of each turn
     seg_regions: list[SegRegionPrompt | None] | None = None  # per <SEG>: the region it is about, if any
+    region_points: list[tuple[float, float] | None] | None = None  # per region slot: the point of a point region
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Batch:
     target_masks: list[list[torch.Tensor]]  # per sequence, per <SEG>: (H, W) float 0/1
     images: list[ImageInputs]
     seg_regions: list[list[SegRegionPrompt | None]] | None = None  # per sequence, per <SEG>
+    region_points: list[list[tuple[float, float] | None]] = field(default_factory=list)  # per sequence, per region
 
     @property
     def n_seg(self) -> int:
@@ -122,6 +124,7 @@ def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: t
     masks: list[np.ndarray] = []
     targets: list[np.ndarray] = []
     seg_regions: list[SegRegionPrompt | None] = []
+    points: list[tuple[float, float] | None] = []
     for turn, conv in enumerate(conversations):
         text, order = format_question(conv.question, len(conv.regions), with_image=with_image and turn == 0,
                                     append_missing=False)
@@ -136,11 +139,16 @@ def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: t
         ids += prompt_ids + answer_ids
         labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
         masks += [region_mask(conv.regions[k], image_hw) for k in order]
+        points += [_point_of(conv.regions[k]) for k in order]
         targets += [np.asarray(m, bool) for m in conv.target_masks]
         seg_regions += pair_with_segs(n_seg, [seg_region_prompt(conv.regions[k]) for k in order])
     region_masks = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, CLIP_SIZE, CLIP_SIZE), dtype=torch.uint8)
     return Sequence1(torch.tensor(ids), torch.tensor(labels), region_masks, targets, [c.task for c in conversations],
-                     seg_regions)
+                     seg_regions, points)
+
+
+def _point_of(region) -> tuple[float, float] | None:
+    return (float(region.point[0]), float(region.point[1])) if region.kind == "point" else None
 
 
 def pack_conversations(conversations: Sequence[Conversation], tasks: Sequence[str], turns: int,
@@ -188,6 +196,7 @@ def collate(sequences: Sequence[Sequence1], images: Sequence[ImageInputs], pad_i
         [[torch.from_numpy(m).float() for m in s.target_masks] for s in sequences],
         list(images),
         [list(s.seg_regions) if s.seg_regions is not None else [None] * len(s.target_masks) for s in sequences],
+        [list(s.region_points) if s.region_points is not None else [None] * len(s.region_masks) for s in sequences],
     )
 
 

@@ -24,8 +24,10 @@ _DENSE_FFN = re.compile(r"^(language_model\.layers\.\d+\.mlp\.)(gate_proj|up_pro
 _EXPERT_FFN = re.compile(r"^(language_model\.layers\.\d+\.mlp\.)experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.(weight)$")
 
 
-def build_config(spec: ModelSpec, tokenizer_folder: Path, vocab_size: int, moe: bool) -> MedPLIBConfig:
-    """The MedPLIB config of a from-scratch model (CLIP keeps 336 px / patch 14: 576 image tokens)."""
+def build_config(spec: ModelSpec, tokenizer_folder: Path, vocab_size: int, moe: bool,
+                 point_region_mask: str = "") -> MedPLIBConfig:
+    """The MedPLIB config of a from-scratch model (CLIP keeps 336 px / patch 14: 576 image tokens);
+    ``point_region_mask`` overrides the spec's (a stage's own choice)."""
     return MedPLIBConfig(
         vocab_size=vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
         num_hidden_layers=spec.num_hidden_layers, num_attention_heads=spec.num_attention_heads,
@@ -37,7 +39,8 @@ def build_config(spec: ModelSpec, tokenizer_folder: Path, vocab_size: int, moe: 
                        "num_attention_heads": spec.clip_heads, "projection_dim": spec.clip_hidden_size},
         out_dim=spec.sam_prompt_dim, region_geometry=spec.region_geometry,
         region_geometry_init_std=spec.geometry_init_std, region_geometry_version=spec.geometry_version,
-        seg_region_prompts=spec.seg_region_prompts, folder=str(tokenizer_folder),
+        seg_region_prompts=spec.seg_region_prompts, point_region_mask=point_region_mask or spec.point_region_mask,
+        folder=str(tokenizer_folder),
     )
 
 
@@ -53,13 +56,14 @@ def build_sam(spec: ModelSpec):
     ))
 
 
-def build_model(spec: ModelSpec, tokenizer_folder: str | Path, moe: bool, seed: int = 0) -> MedPLIBModel:
+def build_model(spec: ModelSpec, tokenizer_folder: str | Path, moe: bool, seed: int = 0,
+                point_region_mask: str = "") -> MedPLIBModel:
     """A randomly initialised MedPLIB (with SAM-Med2D and tokenizer) of the recipe's size."""
     from ..model.tokenizer import MedPLIBTokenizer
 
     tokenizer_folder = Path(tokenizer_folder)
     tokenizer = MedPLIBTokenizer.from_pretrained(tokenizer_folder)
-    config = build_config(spec, tokenizer_folder, len(tokenizer), moe)
+    config = build_config(spec, tokenizer_folder, len(tokenizer), moe, point_region_mask)
     torch.manual_seed(seed)
     sam = build_sam(spec)
     model = MedPLIBModel.from_config(config, tokenizer=tokenizer, sam=sam, seed=seed + 1)

@@ -31,9 +31,9 @@ from ..model.postprocess import masks_from_logits
 from ..model.seg_prompts import pair_with_segs
 from ..model.tokenizer import encode_question
 from .batches import prepare_image, region_mask, seg_region_prompt
-from .data import Conversation, Sample, normalise_answer
+from .data import Conversation, RegionSpec, Sample, normalise_answer
 from .losses import dice_score
-from .steps import prompt_masks, tight_box
+from .steps import point_object_masks, prompt_masks, tight_box
 
 FLOORS = {"grounding_mdice": 0.80, "box_mdice": 0.90, "point_mdice": 0.80, "region_vqa_acc": 0.85, "vqa_acc": 0.90}
 
@@ -65,9 +65,18 @@ class _Scores:
 
 
 @torch.no_grad()
-def _answer(model: MedPLIBModel, conv: Conversation, image, features, max_new_tokens: int):
+def _answer(model: MedPLIBModel, conv: Conversation, image, features, max_new_tokens: int,
+            sam_embedding: torch.Tensor | None = None):
+    """The model's answer, its regions read as the engine reads them (``point_region_mask``)."""
     ids, order = encode_question(model.tokenizer, conv.question, len(conv.regions))
-    masks = [torch.from_numpy(region_mask(conv.regions[k], image.original_hw)) for k in order]
+    regions = [conv.regions[k] for k in order]
+    if sam_embedding is not None and model.point_regions_are_objects:
+        clicked = [j for j, r in enumerate(regions) if r.kind == "point"]
+        objects = point_object_masks(model, sam_embedding, image, [regions[j].point for j in clicked])
+        for j, mask in zip(clicked, objects, strict=True):
+            if mask is not None:
+                regions[j] = RegionSpec("mask", mask=mask)
+    masks = [torch.from_numpy(region_mask(region, image.original_hw)) for region in regions]
     return model.generate(torch.tensor(ids), image_features=features,
                           region_masks=[torch.stack(masks)] if masks else None, max_new_tokens=max_new_tokens)
 
@@ -89,7 +98,7 @@ def evaluate_model(model: MedPLIBModel, items: Iterable[tuple[Sample, list[Conve
         features = model.encode_image(image.clip_pixels)
         embedding = model.sam.encode_image(image.sam_pixels) if model.sam is not None else None
         for conv in convs:
-            result = _answer(model, conv, image, features, max_new_tokens)
+            result = _answer(model, conv, image, features, max_new_tokens, embedding)
             if result.expert_counts is not None:
                 counts = result.expert_counts.sum(0).numpy()
                 scores.routing[conv.task] = scores.routing.get(conv.task, 0) + counts

@@ -26,6 +26,8 @@ from typing import Any
 
 import tomllib
 
+from ..model.config import POINT_REGION_MASKS
+
 #: Where the recipes shipped with the package live (``medplib train tiny-cpu`` finds them by name).
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
 STAGE_KINDS = ("sam", "llm")
@@ -63,6 +65,8 @@ class ModelSpec:
     geometry_init_std: float = 0.1  # its MLP's output weights at init (config.region_geometry_init_std)
     geometry_version: int = 1  # its features (config.region_geometry_version: 2 adds log area, eccentricity)
     seg_region_prompts: bool = False  # our extension: a <SEG> about a region also gets its box/point (model.seg_prompts)
+    #: our extension: "object" makes a point <region> SAM's mask of the clicked object (config.point_region_mask)
+    point_region_mask: str = "square"
     seed: int = 0
 
 
@@ -137,6 +141,9 @@ class StageSpec:
     #: thread and one worker on two cores; the others with both threads (benchmarks/train_data_workers.py).
     threads: int = 0
     data_workers: int | None = None
+    #: llm stages: what a point <region> is in this stage and in the model it saves, when not [model]'s
+    #: ``point_region_mask`` ("square" or "object"; "" = the model's)
+    point_region_mask: str = ""
 
 
 @dataclass
@@ -208,6 +215,9 @@ def _stage(values: dict[str, Any], index: int) -> StageSpec:
         raise RecipeError(f"stage {stage.name!r}: threads and data_workers must be 0 or more")
     if stage.prompt not in ("box", "point", "box+point"):
         raise RecipeError(f"stage {stage.name!r}: prompt must be 'box', 'point' or 'box+point'")
+    if stage.point_region_mask not in ("", *POINT_REGION_MASKS):
+        raise RecipeError(f"stage {stage.name!r}: point_region_mask must be one of {POINT_REGION_MASKS}, "
+                          f"got {stage.point_region_mask!r}")
     return stage
 
 
@@ -250,6 +260,9 @@ def parse_recipe(data: dict[str, Any], name: str = "recipe", folder: Path | None
         raise RecipeError(f"data_workers must be 0 (no worker processes) or more, got {recipe.data_workers}")
     if recipe.final:
         recipe.final_stage  # noqa: B018 - raises RecipeError naming the missing stage
+    if recipe.model.point_region_mask not in POINT_REGION_MASKS:
+        raise RecipeError(f"model.point_region_mask must be one of {POINT_REGION_MASKS}, "
+                          f"got {recipe.model.point_region_mask!r}")
     if recipe.model.sam_prompt_dim % 8:
         raise RecipeError(f"model.sam_prompt_dim must be a multiple of 8 (8 decoder heads), got {recipe.model.sam_prompt_dim}")
     return recipe

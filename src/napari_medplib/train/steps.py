@@ -10,8 +10,8 @@ import torch
 from scipy import ndimage as ndi
 
 from ..model.medplib import ImageFeatures, MedPLIBModel
-from ..model.postprocess import postprocess_masks
-from ..model.preprocess import image_to_sam_boxes, image_to_sam_coords
+from ..model.postprocess import masks_from_logits, postprocess_masks
+from ..model.preprocess import image_to_sam_boxes, image_to_sam_coords, region_mask_to_grid
 from .batches import Batch, build_sequence, collate, expand_labels, prepare_image
 from .losses import iou_mse, mask_losses, token_ce
 from .recipe import LossWeights, StageSpec
@@ -43,13 +43,46 @@ def encode_images(model: MedPLIBModel, clip_pixels: torch.Tensor) -> ImageFeatur
     return ImageFeatures(patch_features, model.mm_projector(patch_features.to(model.dtype)))
 
 
+def point_object_masks(model: MedPLIBModel, embedding: torch.Tensor, image, points_yx: Sequence[Sequence[float]],
+                       ) -> list[np.ndarray | None]:
+    """(H, W) bool masks of the objects under clicked (row, col) points, None where SAM finds nothing
+    (the point then stays MedPLIB's square): what the engine does for ``point_region_mask = "object"``."""
+    if not len(points_yx):
+        return []
+    coords = image_to_sam_coords(np.asarray(points_yx, float), image.original_hw, image.resize_hw, image.pad)
+    low_res = model.point_object_logits(embedding, torch.from_numpy(coords))
+    masks = masks_from_logits(postprocess_masks(low_res, image.resize_hw, image.original_hw, pad=image.pad))
+    return [m if m.any() else None for m in masks.reshape(len(coords), *image.original_hw).cpu().numpy()]
+
+
+def _regions_as_objects(model: MedPLIBModel, batch: Batch) -> list[torch.Tensor]:
+    """``batch.region_masks`` with each point region's square replaced by its object's mask (no gradient:
+    SAM's choice of object is an input here, as it is at inference)."""
+    out = list(batch.region_masks)
+    wanted = [b for b, points in enumerate(batch.region_points) if any(p is not None for p in points)]
+    if not wanted:
+        return out
+    with torch.no_grad():
+        embeddings = model.sam.encode_image(batch.sam_pixels[wanted])
+    for e, b in enumerate(wanted):
+        slots = [k for k, p in enumerate(batch.region_points[b]) if p is not None]
+        masks = point_object_masks(model, embeddings[e : e + 1], batch.images[b], [batch.region_points[b][k] for k in slots])
+        replaced = out[b].clone()
+        for k, mask in zip(slots, masks, strict=True):
+            if mask is not None:
+                replaced[k] = torch.from_numpy(region_mask_to_grid(mask).mask_336)
+        out[b] = replaced
+    return out
+
+
 def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights) -> dict[str, torch.Tensor]:
     """CE on the answers + BCE/Dice (+ IoU) on the mask of every ``<SEG>`` + the MoE aux loss."""
     features = encode_images(model, batch.clip_pixels)
+    region_masks = _regions_as_objects(model, batch) if model.point_regions_are_objects else batch.region_masks
     regions = [
         model.encode_regions(features.patch_features[b], masks)[0] if len(masks)
         else features.image_tokens.new_zeros((0, model.config.hidden_size))
-        for b, masks in enumerate(batch.region_masks)
+        for b, masks in enumerate(region_masks)
     ]  # per sequence [R_b, D] (the model's region path needs at least one region)
     out = model(batch.input_ids, image_features=features, region_features=regions,
                 attention_mask=batch.attention_mask)

@@ -84,7 +84,8 @@ class Trainer:
     # ------------------------------------------------------------------ model of a stage
     def initial_model(self, stage: StageSpec) -> MedPLIBModel:
         recipe = self.recipe
-        model = build_model(recipe.model, self.tokenizer_folder, moe=stage.moe, seed=recipe.model.seed)
+        model = build_model(recipe.model, self.tokenizer_folder, moe=stage.moe, seed=recipe.model.seed,
+                            point_region_mask=stage.point_region_mask)
         states: dict[str, dict] = {}
 
         def state(name: str) -> dict:
