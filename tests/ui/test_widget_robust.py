@@ -203,6 +203,26 @@ def test_direct_segment_and_commit(make_napari_viewer, qtbot, blobs):
     assert not viewer.layers["cells prompt mask"].data.any()
 
 
+def test_the_inside_box_option_reaches_the_engine_and_is_remembered(make_napari_viewer, qtbot, blobs):
+    from napari_medplib.ui.settings import load_settings
+
+    viewer = make_napari_viewer()
+    viewer.add_image(blobs, name="cells")
+    session = FakeSession()
+    widget = _dock(viewer, session)
+    shapes = widget.pickers.add_shapes_layer()
+    shapes.add_rectangles(np.array([[10, 10], [40, 50]]))
+    panel = widget.segment_panel
+    assert panel.inside_box.isChecked()  # default: a box's mask stays inside the box
+    panel.segment()
+    qtbot.waitUntil(lambda: panel._worker is None and len(panel.masks) == 1)
+    assert session.clip_to_box is True
+    n = len(session.calls)
+    panel.inside_box.setChecked(False)  # the preview is redone with the decoder's mask as it is
+    qtbot.waitUntil(lambda: len(session.calls) > n and panel._worker is None, timeout=3000)
+    assert session.clip_to_box is False and load_settings().clip_to_box is False
+
+
 def test_closing_the_dock_unbinds_its_keys(make_napari_viewer, qtbot, blobs):
     viewer = make_napari_viewer()
     widget = MedplibWidget(viewer, session=FakeSession())

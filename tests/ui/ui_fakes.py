@@ -139,8 +139,10 @@ class FakeSession:
         multimask=False,
         contrast_limits=None,
         rgb=None,
+        clip_to_box=True,
     ):
         self.calls.append(("segment", np.shape(image), box, points))
+        self.clip_to_box = clip_to_box
         grey = to_model_rgb(np.asarray(image), contrast_limits, rgb=rgb).mean(axis=-1)
         area = np.zeros(grey.shape, bool)
         if box is not None:

@@ -25,8 +25,8 @@ SEGMENT_KEY = "Shift-S"
 COMMIT_KEY = "Shift-C"
 
 
-def _segment_all(session: Any, plane: Any, prompts: list[dict[str, Any]]) -> list[np.ndarray]:
-    return [np.asarray(segment_job(session, plane, p).mask, dtype=bool) for p in prompts]
+def _segment_all(session: Any, plane: Any, prompts: list[dict[str, Any]], clip_to_box: bool) -> list[np.ndarray]:
+    return [np.asarray(segment_job(session, plane, p, clip_to_box).mask, dtype=bool) for p in prompts]
 
 
 def _unbind(viewer: Any, bound: dict[str, Any]) -> None:
@@ -58,6 +58,13 @@ class SegmentPanel(QWidget):
         self.live.setToolTip("Segment again whenever points or shapes change")
         self.live.setChecked(dock.settings.live)
         self.live.toggled.connect(self._on_live)
+        self.inside_box = QCheckBox("Inside box")
+        self.inside_box.setToolTip(
+            "Keep a box's mask inside the box (SAM's mask can spill onto touching neighbours); "
+            "untick for the decoder's mask as it is"
+        )
+        self.inside_box.setChecked(dock.settings.clip_to_box)
+        self.inside_box.toggled.connect(self._on_inside_box)
         self.commit_button = QPushButton(f"Commit [{COMMIT_KEY}]")
         self.commit_button.setToolTip("Write the preview mask to the output layer with a new id")
         self.commit_button.clicked.connect(self.commit)
@@ -65,6 +72,7 @@ class SegmentPanel(QWidget):
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.segment_button)
         row.addWidget(self.live)
+        row.addWidget(self.inside_box)
         row.addWidget(self.commit_button)
 
         self._debounce = QTimer(self)
@@ -100,6 +108,12 @@ class SegmentPanel(QWidget):
         self.dock.settings.live = bool(on)
         self.dock.save_settings()
         self._rewatch()
+
+    def _on_inside_box(self, on: bool) -> None:
+        self.dock.settings.clip_to_box = bool(on)
+        self.dock.save_settings()
+        if self.masks:  # the preview follows the option
+            self.segment(quiet=True)
 
     def _on_data(self, *_: Any) -> None:
         self._debounce.start()
@@ -142,6 +156,7 @@ class SegmentPanel(QWidget):
             self.dock.session,
             plane,
             prompts,
+            self.inside_box.isChecked(),
             desc="MedPLIB: segmenting",
             on_return=self._show,
             on_finish=self._done,

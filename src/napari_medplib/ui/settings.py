@@ -27,6 +27,7 @@ class WidgetSettings:
     temperature: float = 0.0
     replace: bool = False  # overwrite existing labels
     live: bool = False  # live direct segmentation
+    clip_to_box: bool = True  # direct segmentation keeps a box's mask inside the box (Session.segment)
 
     @property
     def model_source(self) -> str | None:

@@ -160,11 +160,11 @@ def stack_job(
     return out
 
 
-def segment_job(session: Any, plane: ImagePlane, prompts: dict[str, Any]) -> Any:
-    """Direct prompt -> mask with `Session.segment` (no LLM)."""
+def segment_job(session: Any, plane: ImagePlane, prompts: dict[str, Any], clip_to_box: bool = True) -> Any:
+    """Direct prompt -> mask with `Session.segment` (no LLM); ``clip_to_box`` keeps a box's mask inside it."""
     image = plane.read()
     with lock_for(session):
-        return session.segment(image, **prompts, **_plane_kwargs(plane))
+        return session.segment(image, **prompts, **_plane_kwargs(plane), clip_to_box=clip_to_box)
 
 
 # ---- prompts for direct segmentation -------------------------------------------------------------
