@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 import pytest
-from train_micro import micro_recipe
+from train_micro import micro_recipe, micro_stages
 
 from napari_medplib.train import Conversation, RegionSpec
 from napari_medplib.train.build import build_model
@@ -85,3 +85,56 @@ def test_object_models_train_on_sams_mask_of_the_clicked_object(mode, monkeypatc
         assert len(asked) == 1 and 1000 < int(given[point_slot].sum()) < 2500 < int(built[point_slot].sum())
         rows, cols = np.nonzero(given[point_slot].numpy())
         assert abs(rows.mean() - 30.5 * 336 / 64) < 8 and abs(cols.mean() - 20.5 * 336 / 64) < 8
+
+
+def test_router_targets_follow_the_tasks_each_expert_was_trained_on():
+    from napari_medplib.train.recipe import RecipeError, load_recipe
+
+    shipped = load_recipe("tiny-cpu")
+    assert shipped.router_targets(shipped.stage("moe")) == {"grounding": 0, "region_vqa": 1, "vqa": 1}
+    stages = micro_stages()
+    stages[-1]["experts"] = ["vl", "vl"]  # both experts know VQA, neither grounding
+    recipe = micro_recipe(stages=stages)
+    with pytest.raises(RecipeError, match=r"exactly one expert per task.*\['grounding', 'region_vqa', 'vqa'\]"):
+        recipe.router_targets(recipe.stage("moe"))
+    stages = micro_stages()
+    stages[2]["loss"] = {"router": 1.0}  # a dense stage has no router
+    with pytest.raises(RecipeError, match="loss.router supervises the MoE router"):
+        micro_recipe(stages=stages)
+
+
+def test_router_loss_teaches_each_task_its_expert():
+    """With only the router loss and only the router trained, grounding text goes to expert 0 and VQA
+    text to expert 1 in every layer; image and region slots have no target."""
+    import torch
+
+    recipe = micro_recipe()
+    model = build_model(recipe.model, recipe.resolve(recipe.model.tokenizer), moe=True).train()
+    for name, p in model.named_parameters():
+        p.requires_grad = ".router." in name
+    sample, convs = next(synthetic_items(1, seed=3, size=(64, 64), styles=("nuclei",), n_per_task=1))
+    batch = make_batch(model, [Item(sample, convs)])
+    assert {"grounding", "vqa"} <= set(batch.token_tasks[0]) and len(batch.token_tasks[0]) == batch.input_ids.shape[1]
+    targets = {"grounding": 0, "region_vqa": 1, "vqa": 1}
+    routers = [p for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(routers, lr=0.05)
+    weights = LossWeights(ce=0.0, bce=0.0, dice=0.0, router=1.0)
+    first = None
+    for _ in range(60):
+        loss = llm_losses(model, batch, weights, targets)["router"]
+        first = float(loss.detach()) if first is None else first
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert first > 0.5 and float(loss.detach()) < 0.3
+    model.eval()
+    with torch.no_grad():
+        features = model.encode_image(batch.clip_pixels)
+        regions = [model.encode_regions(features.patch_features[0], batch.region_masks[0])[0]] if len(batch.region_masks[0]) else None
+        out = model(batch.input_ids, image_features=features, region_features=regions)
+    ids, tasks, where = batch.input_ids[0], batch.token_tasks[0], out.position_map[0]
+    for moe in model.language_model.moe_layers():
+        chosen = moe.last_routing.expert_ids[:, 0]
+        text = [i for i in range(len(tasks)) if ids[i] >= 0]
+        right = [int(chosen[int(where[i])]) == targets[tasks[i]] for i in text]
+        assert np.mean(right) > 0.9

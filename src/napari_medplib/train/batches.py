@@ -60,6 +60,7 @@ class Sequence1:
     tasks: list[str]  # task of each turn
     seg_regions: list[SegRegionPrompt | None] | None = None  # per <SEG>: the region it is about, if any
     region_points: list[tuple[float, float] | None] | None = None  # per region slot: the point of a point region
+    token_tasks: list[str] | None = None  # per id: the task of the turn it belongs to
 
 
 @dataclass
@@ -76,6 +77,7 @@ class Batch:
     images: list[ImageInputs]
     seg_regions: list[list[SegRegionPrompt | None]] | None = None  # per sequence, per <SEG>
     region_points: list[list[tuple[float, float] | None]] = field(default_factory=list)  # per sequence, per region
+    token_tasks: list[list[str]] = field(default_factory=list)  # per sequence, per id (padding has none)
 
     @property
     def n_seg(self) -> int:
@@ -125,6 +127,7 @@ def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: t
     targets: list[np.ndarray] = []
     seg_regions: list[SegRegionPrompt | None] = []
     points: list[tuple[float, float] | None] = []
+    token_tasks: list[str] = []
     for turn, conv in enumerate(conversations):
         text, order = format_question(conv.question, len(conv.regions), with_image=with_image and turn == 0,
                                     append_missing=False)
@@ -138,13 +141,14 @@ def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: t
             raise BatchError(f"answer {conv.answer!r} has {n_seg} <SEG> token(s) but {len(conv.target_masks)} target mask(s)")
         ids += prompt_ids + answer_ids
         labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        token_tasks += [conv.task] * (len(prompt_ids) + len(answer_ids))
         masks += [region_mask(conv.regions[k], image_hw) for k in order]
         points += [_point_of(conv.regions[k]) for k in order]
         targets += [np.asarray(m, bool) for m in conv.target_masks]
         seg_regions += pair_with_segs(n_seg, [seg_region_prompt(conv.regions[k]) for k in order])
     region_masks = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, CLIP_SIZE, CLIP_SIZE), dtype=torch.uint8)
     return Sequence1(torch.tensor(ids), torch.tensor(labels), region_masks, targets, [c.task for c in conversations],
-                     seg_regions, points)
+                     seg_regions, points, token_tasks)
 
 
 def _point_of(region) -> tuple[float, float] | None:
@@ -197,6 +201,7 @@ def collate(sequences: Sequence[Sequence1], images: Sequence[ImageInputs], pad_i
         list(images),
         [list(s.seg_regions) if s.seg_regions is not None else [None] * len(s.target_masks) for s in sequences],
         [list(s.region_points) if s.region_points is not None else [None] * len(s.region_masks) for s in sequences],
+        [list(s.token_tasks or ()) for s in sequences],
     )
 
 

@@ -101,6 +101,9 @@ class LossWeights:
     dice: float = 1.0
     iou: float = 0.0  # MSE between SAM's IoU head and the real IoU
     aux: float = 0.0  # MoE load-balancing
+    #: MoE stages (our extension; the paper's router is unsupervised, 0): CE of every layer's router
+    #: logits against the expert whose source stage trained on the token's task (``router_targets``).
+    router: float = 0.0
     #: llm stages: SAM box/point-prompt BCE and Dice on the batch's images, so that training the shared
     #: mask decoder on text prompts (<SEG>) does not make it forget box and point prompts.
     prompt_bce: float = 0.0
@@ -164,6 +167,21 @@ class Recipe:
     #: such as a dense model trained on the same budget (the paper's Table 3).
     final: str = ""
 
+    def router_targets(self, stage: StageSpec) -> dict[str, int]:
+        """Task -> the index of the expert whose source stage trained on it (``loss.router``).
+
+        Raises RecipeError when a task of ``stage`` has no such expert or more than one."""
+        targets: dict[str, list[int]] = {}
+        for index, name in enumerate(stage.experts):
+            for task in self.stage(name).tasks:
+                targets.setdefault(task, []).append(index)
+        bad = {t: targets.get(t, []) for t in stage.tasks if len(targets.get(t, [])) != 1}
+        if bad:
+            raise RecipeError(f"stage {stage.name!r}: loss.router needs exactly one expert per task; experts "
+                              f"{stage.experts} were trained on {({t: v for t, v in targets.items()})}, "
+                              f"ambiguous or missing: {sorted(bad)}")
+        return {task: indices[0] for task, indices in targets.items() if task in stage.tasks}
+
     def stage(self, name: str) -> StageSpec:
         for stage in self.stages:
             if stage.name == name:
@@ -215,6 +233,8 @@ def _stage(values: dict[str, Any], index: int) -> StageSpec:
         raise RecipeError(f"stage {stage.name!r}: threads and data_workers must be 0 or more")
     if stage.prompt not in ("box", "point", "box+point"):
         raise RecipeError(f"stage {stage.name!r}: prompt must be 'box', 'point' or 'box+point'")
+    if stage.loss.router and not (stage.moe and stage.experts):
+        raise RecipeError(f"stage {stage.name!r}: loss.router supervises the MoE router; it needs moe = true and experts")
     if stage.point_region_mask not in ("", *POINT_REGION_MASKS):
         raise RecipeError(f"stage {stage.name!r}: point_region_mask must be one of {POINT_REGION_MASKS}, "
                           f"got {stage.point_region_mask!r}")

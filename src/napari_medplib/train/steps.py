@@ -7,8 +7,10 @@ from contextlib import nullcontext
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from scipy import ndimage as ndi
 
+from ..model.config import IGNORE_INDEX
 from ..model.medplib import ImageFeatures, MedPLIBModel
 from ..model.postprocess import masks_from_logits, postprocess_masks
 from ..model.preprocess import image_to_sam_boxes, image_to_sam_coords, region_mask_to_grid
@@ -75,8 +77,30 @@ def _regions_as_objects(model: MedPLIBModel, batch: Batch) -> list[torch.Tensor]
     return out
 
 
-def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights) -> dict[str, torch.Tensor]:
-    """CE on the answers + BCE/Dice (+ IoU) on the mask of every ``<SEG>`` + the MoE aux loss."""
+def _router_inputs(model: MedPLIBModel):
+    """Forward pre-hooks that keep each MoE layer's input [B, L, D]; returns (inputs, handles)."""
+    inputs: list[torch.Tensor] = []
+    handles = [moe.register_forward_pre_hook(lambda _m, args: inputs.append(args[0]))
+               for moe in model.language_model.moe_layers() if moe is not None]
+    return inputs, handles
+
+
+def router_loss(model: MedPLIBModel, inputs: Sequence[torch.Tensor], expert_targets: torch.Tensor) -> torch.Tensor:
+    """Mean over MoE layers of the CE between the router's logits and each token's target expert
+    [B, L] (-100: no target, e.g. image and region slots and padding)."""
+    layers = [moe for moe in model.language_model.moe_layers() if moe is not None]
+    targets = expert_targets.reshape(-1)
+    if not bool((targets != IGNORE_INDEX).any()):
+        return inputs[0].sum() * 0.0
+    losses = [F.cross_entropy(moe.router_logits(x.reshape(-1, x.shape[-1])), targets.to(x.device), ignore_index=IGNORE_INDEX)
+              for moe, x in zip(layers, inputs, strict=True)]
+    return torch.stack(losses).mean()
+
+
+def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights,
+               router_targets: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+    """CE on the answers + BCE/Dice (+ IoU) on the mask of every ``<SEG>`` + the MoE aux loss, and with
+    ``weights.router`` the router's CE against ``router_targets`` (task -> expert) on every text token."""
     features = encode_images(model, batch.clip_pixels)
     region_masks = _regions_as_objects(model, batch) if model.point_regions_are_objects else batch.region_masks
     regions = [
@@ -84,10 +108,22 @@ def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights) -> dict[
         else features.image_tokens.new_zeros((0, model.config.hidden_size))
         for b, masks in enumerate(region_masks)
     ]  # per sequence [R_b, D] (the model's region path needs at least one region)
-    out = model(batch.input_ids, image_features=features, region_features=regions,
-                attention_mask=batch.attention_mask)
+    supervise_router = bool(weights.router and router_targets)
+    router_inputs, hooks = _router_inputs(model) if supervise_router else ([], [])
+    try:
+        out = model(batch.input_ids, image_features=features, region_features=regions,
+                    attention_mask=batch.attention_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
     labels = expand_labels(batch.labels, out.position_map, out.hidden_states.shape[1])
     losses = {"ce": token_ce(out.logits, labels)}
+    if supervise_router:
+        experts = torch.full(batch.input_ids.shape, IGNORE_INDEX, dtype=torch.long)
+        for b, tasks in enumerate(batch.token_tasks):
+            experts[b, : len(tasks)] = torch.tensor([router_targets.get(t, IGNORE_INDEX) for t in tasks], dtype=torch.long)
+        experts[batch.input_ids < 0] = IGNORE_INDEX  # image / region placeholders: features, not text
+        losses["router"] = router_loss(model, router_inputs, expand_labels(experts, out.position_map, out.hidden_states.shape[1]))
     if batch.n_seg and (weights.bce or weights.dice or weights.iou):
         with _grad_if(_any_trainable(model.sam.image_encoder)):
             embeddings = model.sam.encode_image(batch.sam_pixels)  # [B, C, 16, 16]

@@ -188,7 +188,8 @@ class Trainer:
         if stage.kind == "sam":
             losses = sam_losses(model, items, stage, np.random.default_rng(seed))
         else:
-            losses = llm_losses(model, make_batch(model, items, stage.image_tokens), stage.loss)
+            targets = self.recipe.router_targets(stage) if stage.loss.router else None
+            losses = llm_losses(model, make_batch(model, items, stage.image_tokens), stage.loss, targets)
             if stage.loss.prompt_bce or stage.loss.prompt_dice:
                 prompt = sam_losses(model, items, stage, np.random.default_rng(seed))
                 losses["prompt_bce"], losses["prompt_dice"] = prompt["bce"], prompt["dice"]
