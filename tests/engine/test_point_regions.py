@@ -66,14 +66,15 @@ def test_an_object_point_region_is_the_clicked_objects_mask():
     assert [r.kind for r in reply.regions] == ["point"]  # the reply reports the user's region as drawn
 
 
-def test_where_sam_finds_nothing_the_point_stays_the_square():
+@pytest.mark.parametrize("fill", [-10.0, -1.0])  # -1: p = 0.27, a mask at the reference's 0.1, not an object
+def test_where_sam_finds_nothing_the_point_stays_the_square(fill):
     image = np.zeros((200, 200), np.float32)
     square_session, object_session = _session("square"), _session("object")
     try:
         square = _spy_regions(square_session)
         square_session.ask(image, "What is <region>?", [Region.point(100, 60)], max_new_tokens=1)
         objects, calls = _spy_regions(object_session), []
-        _fake_sam(object_session, -10.0, calls)  # nothing above threshold
+        _fake_sam(object_session, fill, calls)  # nothing above POINT_OBJECT_THRESHOLD
         object_session.ask(image, "What is <region>?", [Region.point(100, 60)], max_new_tokens=1)
     finally:
         square_session.close()

