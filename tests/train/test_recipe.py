@@ -93,5 +93,5 @@ def test_data_workers_must_not_be_negative():
 
 def test_point_region_mask_must_be_known():
     model = {**micro_recipe().model.__dict__, "point_region_mask": "blob"}
-    with pytest.raises(RecipeError, match="model.point_region_mask must be one of"):
+    with pytest.raises(RecipeError, match=r"model\.point_region_mask must be one of"):
         parse_recipe({"model": model, "stages": micro_stages()})

@@ -99,7 +99,7 @@ def test_router_targets_follow_the_tasks_each_expert_was_trained_on():
         recipe.router_targets(recipe.stage("moe"))
     stages = micro_stages()
     stages[2]["loss"] = {"router": 1.0}  # a dense stage has no router
-    with pytest.raises(RecipeError, match="loss.router supervises the MoE router"):
+    with pytest.raises(RecipeError, match=r"loss\.router supervises the MoE router"):
         micro_recipe(stages=stages)
 
 

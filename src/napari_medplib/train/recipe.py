@@ -178,7 +178,7 @@ class Recipe:
         bad = {t: targets.get(t, []) for t in stage.tasks if len(targets.get(t, [])) != 1}
         if bad:
             raise RecipeError(f"stage {stage.name!r}: loss.router needs exactly one expert per task; experts "
-                              f"{stage.experts} were trained on {({t: v for t, v in targets.items()})}, "
+                              f"{stage.experts} were trained on {targets}, "
                               f"ambiguous or missing: {sorted(bad)}")
         return {task: indices[0] for task, indices in targets.items() if task in stage.tasks}
 
