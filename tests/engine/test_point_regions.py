@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from engine_helpers import spy_region_masks
 
 from napari_medplib import Region
 from napari_medplib.engine import Session
@@ -14,19 +15,6 @@ from napari_medplib.testing import tiny_model
 
 def _session(mode: str) -> Session:
     return Session.from_model(tiny_model(0, region_geometry=True, point_region_mask=mode), name="tiny")
-
-
-def _spy_regions(session: Session) -> list[np.ndarray]:
-    """The (R, 336, 336) region masks the model's region encoder receives, one entry per call."""
-    seen = []
-    original = session.model.encode_regions
-
-    def spy(patch_features, region_masks, generator=None):
-        seen.append(np.asarray(region_masks).copy())
-        return original(patch_features, region_masks, generator)
-
-    session.model.encode_regions = spy
-    return seen
 
 
 def _fake_sam(session: Session, fill: float, calls: list) -> None:
@@ -43,21 +31,26 @@ def _fake_sam(session: Session, fill: float, calls: list) -> None:
     session.model.point_object_logits = logits
 
 
-def test_an_object_point_region_is_the_clicked_objects_mask():
-    image = np.zeros((200, 200), np.float32)
+def _square_then_object(fill: float, image: np.ndarray, region: Region):
+    """The region masks a square model and an object model (SAM faked, see _fake_sam) give the encoder."""
     square_session, object_session = _session("square"), _session("object")
     try:
-        square = _spy_regions(square_session)
-        square_session.ask(image, "What is <region>?", [Region.point(100, 60)], max_new_tokens=1)
-        objects, calls = _spy_regions(object_session), []
-        _fake_sam(object_session, 10.0, calls)
-        reply = object_session.ask(image, "What is <region>?", [Region.point(100, 60)], max_new_tokens=1)
+        square = spy_region_masks(square_session.model)
+        square_session.ask(image, "What is <region>?", [region], max_new_tokens=1)
+        objects, calls = spy_region_masks(object_session.model), []
+        _fake_sam(object_session, fill, calls)
+        reply = object_session.ask(image, "What is <region>?", [region], max_new_tokens=1)
     finally:
         square_session.close()
         object_session.close()
+    return square[-1], objects[-1], calls, reply
+
+
+def test_an_object_point_region_is_the_clicked_objects_mask():
+    square, objects, calls, reply = _square_then_object(10.0, np.zeros((200, 200), np.float32), Region.point(100, 60))
     # SAM got the click in its frame: (x, y) = (col, row) * 256 / 200
     np.testing.assert_allclose(calls[0].numpy(), [[60 * 256 / 200, 100 * 256 / 200]], atol=1e-4)
-    square_mask, object_mask = square[-1][0] > 0, objects[-1][0] > 0
+    square_mask, object_mask = square[0] > 0, objects[0] > 0
     # MedPLIB's square: 41x41 image pixels = ~69x69 on the 336 frame; the object: a 6x6 low-res patch
     # (24x24 SAM pixels = ~19x19 image pixels = ~32x32 frame pixels), both around the click
     assert square_mask.sum() > 4000 and 600 < object_mask.sum() < 1400
@@ -68,19 +61,9 @@ def test_an_object_point_region_is_the_clicked_objects_mask():
 
 @pytest.mark.parametrize("fill", [-10.0, -1.0])  # -1: p = 0.27, a mask at the reference's 0.1, not an object
 def test_where_sam_finds_nothing_the_point_stays_the_square(fill):
-    image = np.zeros((200, 200), np.float32)
-    square_session, object_session = _session("square"), _session("object")
-    try:
-        square = _spy_regions(square_session)
-        square_session.ask(image, "What is <region>?", [Region.point(100, 60)], max_new_tokens=1)
-        objects, calls = _spy_regions(object_session), []
-        _fake_sam(object_session, fill, calls)  # nothing above POINT_OBJECT_THRESHOLD
-        object_session.ask(image, "What is <region>?", [Region.point(100, 60)], max_new_tokens=1)
-    finally:
-        square_session.close()
-        object_session.close()
+    square, objects, calls, _ = _square_then_object(fill, np.zeros((200, 200), np.float32), Region.point(100, 60))
     assert len(calls) == 1
-    np.testing.assert_array_equal(objects[-1], square[-1])
+    np.testing.assert_array_equal(objects, square)
 
 
 @pytest.mark.parametrize(("mode", "region", "expected_calls"), [
@@ -107,7 +90,7 @@ def test_object_points_run_through_the_real_sam_on_reduced_planes(monkeypatch):
 
     monkeypatch.setattr(image_module, "LARGE_SIDE", 64)
     session = _session("object")
-    seen = _spy_regions(session)
+    seen = spy_region_masks(session.model)
     try:
         reply = session.ask(np.random.default_rng(0).random((150, 203)).astype(np.float32), "What is <region>?",
                             [Region.point(70, 90)], max_new_tokens=1)

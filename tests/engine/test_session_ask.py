@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from engine_helpers import force_seg
+from engine_helpers import force_seg, spy_region_masks
 
 from napari_medplib import Region
 from napari_medplib.engine import Reply, SessionInputError
@@ -34,14 +34,7 @@ def test_n_regions_each_change_the_answer_and_are_reported(tiny_session, image16
     swapped = tiny_session.ask(image16, "Compare <region1>, <region2> and <region3>.", regions[::-1], max_new_tokens=4)
     assert swapped.token_ids != reply.token_ids or swapped.text != reply.text or True  # random model: may agree
     # the regions reach the model: its region slots receive their grids in question order
-    seen = []
-    original = tiny_session.model.encode_regions
-
-    def spy(patch_features, region_masks, generator=None):
-        seen.append(np.asarray(region_masks).copy())
-        return original(patch_features, region_masks, generator)
-
-    tiny_session.model.encode_regions = spy
+    seen = spy_region_masks(tiny_session.model)
     tiny_session.ask(image16, "Is <region2> bigger than <region1>?", regions[:2], max_new_tokens=1)
     grids = seen[-1]
     assert grids.shape == (2, 336, 336)  # masks on the CLIP frame; the model reads the 24x24 cells from them
