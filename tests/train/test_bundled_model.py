@@ -85,9 +85,12 @@ def test_the_tiny_cpu_recipe_builds_the_bundled_models_architecture(bundled):
     from napari_medplib.train.recipe import load_recipe
 
     recipe = load_recipe("tiny-cpu")
-    built = build_model(recipe.model, recipe.resolve(recipe.model.tokenizer), moe=True)
+    final = recipe.final_stage
+    built = build_model(recipe.model, recipe.resolve(recipe.model.tokenizer), moe=final.moe,
+                        point_region_mask=final.point_region_mask)
     assert {k: tuple(v.shape) for k, v in built.state_dict().items()} == {
         k: tuple(v.shape) for k, v in bundled.state_dict().items()
     }
-    for option in ("region_geometry", "region_geometry_version", "region_geometry_init_std", "seg_region_prompts"):
+    for option in ("region_geometry", "region_geometry_version", "region_geometry_init_std", "seg_region_prompts",
+                   "point_region_mask"):
         assert getattr(built.config, option) == getattr(bundled.config, option), option
