@@ -58,18 +58,16 @@ def point_object_masks(model: MedPLIBModel, embedding: torch.Tensor, image, poin
     return [m if m.any() else None for m in masks.reshape(len(coords), *image.original_hw).cpu().numpy()]
 
 
-def _regions_as_objects(model: MedPLIBModel, batch: Batch) -> list[torch.Tensor]:
-    """``batch.region_masks`` with each point region's square replaced by its object's mask (no gradient:
-    SAM's choice of object is an input here, as it is at inference)."""
+def _regions_as_objects(model: MedPLIBModel, batch: Batch, sam_embeddings: torch.Tensor) -> list[torch.Tensor]:
+    """``batch.region_masks`` with each point region's square replaced by its object's mask, from the
+    batch's SAM embeddings [B, C, 16, 16] (no gradient: SAM's choice of object is an input here, as it
+    is at inference)."""
     out = list(batch.region_masks)
-    wanted = [b for b, points in enumerate(batch.region_points) if any(p is not None for p in points)]
-    if not wanted:
-        return out
-    with torch.no_grad():
-        embeddings = model.sam.encode_image(batch.sam_pixels[wanted])
-    for e, b in enumerate(wanted):
-        slots = [k for k, p in enumerate(batch.region_points[b]) if p is not None]
-        masks = point_object_masks(model, embeddings[e : e + 1], batch.images[b], [batch.region_points[b][k] for k in slots])
+    for b, points in enumerate(batch.region_points):
+        slots = [k for k, p in enumerate(points) if p is not None]
+        if not slots:
+            continue
+        masks = point_object_masks(model, sam_embeddings[b : b + 1].detach(), batch.images[b], [points[k] for k in slots])
         replaced = out[b].clone()
         for k, mask in zip(slots, masks, strict=True):
             if mask is not None:
@@ -103,7 +101,13 @@ def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights,
     """CE on the answers + BCE/Dice (+ IoU) on the mask of every ``<SEG>`` + the MoE aux loss, and with
     ``weights.router`` the router's CE against ``router_targets`` (task -> expert) on every text token."""
     features = encode_images(model, batch.clip_pixels)
-    region_masks = _regions_as_objects(model, batch) if model.point_regions_are_objects else batch.region_masks
+    needs_masks = bool(batch.n_seg and (weights.bce or weights.dice or weights.iou))
+    needs_objects = model.point_regions_are_objects and any(p is not None for ps in batch.region_points for p in ps)
+    sam_embeddings = None
+    if needs_masks or needs_objects:  # once for both uses
+        with _grad_if(needs_masks and _any_trainable(model.sam.image_encoder)):
+            sam_embeddings = model.sam.encode_image(batch.sam_pixels)  # [B, C, 16, 16]
+    region_masks = _regions_as_objects(model, batch, sam_embeddings) if needs_objects else batch.region_masks
     regions = [
         model.encode_regions(features.patch_features[b], masks)[0] if len(masks)
         else features.image_tokens.new_zeros((0, model.config.hidden_size))
@@ -125,9 +129,8 @@ def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights,
             experts[b, : len(tasks)] = torch.tensor([router_targets.get(t, IGNORE_INDEX) for t in tasks], dtype=torch.long)
         experts[batch.input_ids < 0] = IGNORE_INDEX  # image / region placeholders: features, not text
         losses["router"] = router_loss(model, router_inputs, expand_labels(experts, out.position_map, out.hidden_states.shape[1]))
-    if batch.n_seg and (weights.bce or weights.dice or weights.iou):
-        with _grad_if(_any_trainable(model.sam.image_encoder)):
-            embeddings = model.sam.encode_image(batch.sam_pixels)  # [B, C, 16, 16]
+    if needs_masks:
+        embeddings = sam_embeddings
         logits, targets, ious = [], [], []
         seg_id = model.tokenizer.seg_token_id
         for b, image in enumerate(batch.images):
