@@ -94,3 +94,26 @@ def test_the_tiny_cpu_recipe_builds_the_bundled_models_architecture(bundled):
     for option in ("region_geometry", "region_geometry_version", "region_geometry_init_std", "seg_region_prompts",
                    "point_region_mask"):
         assert getattr(built.config, option) == getattr(bundled.config, option), option
+
+
+def test_a_clicked_point_is_read_as_the_clicked_nucleus():
+    """``point_region_mask = "object"`` end to end: the region the model reads for a click inside a nucleus
+    is (mostly) that nucleus, not the 41x41 square with its neighbours."""
+    from napari_medplib import Region
+    from napari_medplib.engine.session import Session
+    from napari_medplib.model.preprocess import region_mask_to_grid
+    from napari_medplib.train.evaluate import heldout
+    from napari_medplib.train.steps import interior_point
+
+    session = Session.load(device="cpu")
+    assert session.model.config.point_region_mask == "object"
+    sample, _ = next(iter(heldout(1, styles=["nuclei"])))
+    ids, areas = np.unique(sample.labels[sample.labels > 0], return_counts=True)
+    target = sample.labels == ids[np.argmax(areas)]
+    seen = []
+    original = session.model.encode_regions
+    session.model.encode_regions = lambda f, masks, generator=None: (seen.append(np.asarray(masks)[0] > 0), original(f, masks, generator))[1]
+    session.ask(sample.image, "What is <region>?", [Region.point(*interior_point(target))], max_new_tokens=4)
+    read, nucleus = seen[-1], region_mask_to_grid(target).mask_336 > 0  # both on the model's 336-px frame
+    dice = 2 * (read & nucleus).sum() / (read.sum() + nucleus.sum())
+    assert dice > 0.6, dice
