@@ -20,7 +20,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         recipe.threads = args.threads
     run_dir = Path(args.run or Path.cwd() / "medplib-runs" / recipe.name)
-    final = Trainer(recipe, run_dir, progress=not args.no_progress).run()
+    final = Trainer(recipe, run_dir, progress=not args.no_progress).run(only=args.stage)
     print(f"model: {final}")
     return 0
 
@@ -50,6 +50,9 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
                                       "(default: ./medplib-runs/<recipe name>)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("MEDPLIB_TRAIN_THREADS", 0)),
                         help="torch CPU threads (default: the recipe's)")
+    parser.add_argument("--stage", action="append",
+                        help="train only this stage (repeatable); the stages it starts from must be finished "
+                             "in the run folder, e.g. copied from a run on another machine")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=_cmd_train)
     return parser

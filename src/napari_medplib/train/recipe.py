@@ -147,6 +147,9 @@ class StageSpec:
     #: llm stages: what a point <region> is in this stage and in the model it saves, when not [model]'s
     #: ``point_region_mask`` ("square" or "object"; "" = the model's)
     point_region_mask: str = ""
+    #: where this stage trains, when not the recipe's ``device`` ("" = the recipe's): a recipe can
+    #: continue on a GPU from stages that were trained on a CPU, and still say how each was made
+    device: str = ""
 
 
 @dataclass
@@ -192,6 +195,9 @@ class Recipe:
         """A path from the recipe, relative to the recipe file's folder."""
         p = Path(path).expanduser()
         return p if p.is_absolute() or self.folder is None else self.folder / p
+
+    def stage_device(self, stage: StageSpec) -> str:
+        return stage.device or self.device
 
     @property
     def final_stage(self) -> StageSpec:

@@ -106,15 +106,21 @@ class Trainer:
         return model
 
     # ------------------------------------------------------------------ running
-    def run(self, stop_after_steps: int | None = None) -> Path:
+    def run(self, stop_after_steps: int | None = None, only: list[str] | None = None) -> Path:
         """Train every unfinished stage; returns the final model folder.
 
+        ``only``: train just these stages (the stages they start from must be finished, e.g. copied in
+        from a run on another machine); the others are left as they are.
         ``stop_after_steps``: simulate an interruption after that many steps of this call (tests)."""
+        for name in only or []:
+            self.recipe.stage(name)  # RecipeError naming the recipe's stages
         caller_threads = torch.get_num_threads()
         budget = [stop_after_steps]
         try:
             with run_lock(self.run_dir):  # one trainer per run folder
                 for index, stage in enumerate(self.recipe.stages):
+                    if only and stage.name not in only:
+                        continue
                     if self.is_done(stage):
                         self.say(f"stage {stage.name}: done already ({self.final_dir(stage)})")
                         continue
@@ -122,6 +128,8 @@ class Trainer:
                     self._run_stage(index, stage, budget)
                     if stage is self.recipe.final_stage:  # usable (medplib eval RUN) before comparisons end
                         self._write_final()
+                if only and not self.is_done(self.recipe.final_stage):
+                    return self.final_dir(self.recipe.stage(only[-1]))
                 return self._write_final()
         finally:
             torch.set_num_threads(caller_threads)
@@ -134,7 +142,7 @@ class Trainer:
         return final
 
     def _run_stage(self, index: int, stage: StageSpec, budget: list[int | None]) -> None:
-        model = self.initial_model(stage).to(self.recipe.device)
+        model = self.initial_model(stage).to(self.recipe.stage_device(stage))
         trainable = set_trainable(model, stage.train)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=stage.weight_decay)
