@@ -7,6 +7,7 @@ hundred, in the run folder. The chosen counts are printed and written to ``RUN/s
 them into the recipe so that it says what was trained.
 
     python scripts/device_train.py RECIPE RUN --stage sam5=420 [--stage vl3=300 ...]
+    python scripts/device_train.py RECIPE RUN --stage dense2=#600     (a fixed step count)
 
 Stages run one after another; the stages they start from must be finished in RUN.
 """
@@ -56,15 +57,18 @@ def main(argv: list[str] | None = None) -> int:
     chosen = json.loads(chosen_path.read_text()) if chosen_path.exists() else {}
     for spec in args.stage:
         name, seconds = spec.split("=")
-        recipe = load_recipe(args.recipe)
-        stage = recipe.stage(name)
-        stage.steps = 10**6  # the calibration's learning rate stays near the stage's peak, like the run's
-        t0 = time.perf_counter()
-        per_step = seconds_per_step(recipe, run, name, args.calibrate)
-        left = float(seconds) - (time.perf_counter() - t0)
-        steps = max(100, int(left / per_step) // 100 * 100)
-        print(f"{name}: {per_step * 1000:.1f} ms/step -> {steps} steps in {left:.0f} s", flush=True)
-        chosen[name] = {"steps": steps, "ms_per_step": round(per_step * 1000, 2)}
+        if seconds.startswith("#"):
+            steps = int(seconds[1:])
+            chosen[name] = {"steps": steps}
+        else:
+            recipe = load_recipe(args.recipe)
+            recipe.stage(name).steps = 10**6  # the calibration's learning rate stays near the peak, like the run's
+            t0 = time.perf_counter()
+            per_step = seconds_per_step(recipe, run, name, args.calibrate)
+            left = float(seconds) - (time.perf_counter() - t0)
+            steps = max(100, int(left / per_step) // 100 * 100)
+            print(f"{name}: {per_step * 1000:.1f} ms/step -> {steps} steps in {left:.0f} s", flush=True)
+            chosen[name] = {"steps": steps, "ms_per_step": round(per_step * 1000, 2)}
         chosen_path.write_text(json.dumps(chosen, indent=2))
         recipe = load_recipe(args.recipe)
         recipe.stage(name).steps = steps

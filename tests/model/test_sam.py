@@ -347,12 +347,16 @@ def test_grounding_from_png_reproduces_reference_mask(sam, name):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_cuda_matches_reference(weights):
+def test_cuda_matches_reference(weights, monkeypatch):
+    # full fp32 (cuDNN convolutions default to TF32, which measured 2.0e-3 off on an H100): this test
+    # checks that the CUDA path computes the same function, not how close TF32 rounding comes
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     expected = np.load(fixture_dir() / "cases" / GROUNDING[0] / "expected.npz")
     sam = load_sam_med2d(weights, device="cuda")
     with torch.no_grad():
         embedding = sam.encode_image(torch.from_numpy(expected["sam_pixel_values"])[None].cuda())
         logits, _ = sam.decode_with_text_prompt(embedding, torch.from_numpy(expected["seg_prompt_embedding"]))
     assert logits.device.type == "cuda"
-    assert max_diff(embedding[0].cpu(), expected["sam_image_embedding"]) <= 1e-3  # TF32 may be on
-    assert max_diff(logits[0, 0].cpu(), expected["low_res_mask_logits"]) <= 1e-3
+    assert max_diff(embedding[0].cpu(), expected["sam_image_embedding"]) <= 1e-4
+    assert max_diff(logits[0, 0].cpu(), expected["low_res_mask_logits"]) <= 1e-4
