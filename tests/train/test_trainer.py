@@ -351,3 +351,46 @@ def test_a_stage_may_read_point_regions_as_objects(tmp_path):
     recipe.model.point_region_mask = "object"
     assert Trainer(recipe, tmp_path / "b", progress=False, log=lambda _: None).initial_model(
         recipe.stage("sam")).config.point_region_mask == "object"
+
+
+def test_only_named_stages_train_from_finished_ones_copied_in(run, one_sample, tmp_path):
+    """``--stage``: a stage trained on another machine, from earlier stages copied into a new run folder."""
+    trainer, _ = run
+    import shutil
+
+    shutil.copytree(trainer.final_dir(trainer.recipe.stage("vl")), tmp_path / "stages" / "vl" / "final")
+    shutil.copytree(trainer.final_dir(trainer.recipe.stage("sam")), tmp_path / "stages" / "sam" / "final")
+    other = Trainer(micro_recipe(STEPS, one_sample), tmp_path, progress=False, log=lambda _: None)
+    out = other.run(only=["grounding"])
+    assert out == other.final_dir(other.recipe.stage("grounding"))
+    assert sorted(p.name for p in (tmp_path / "stages").iterdir()) == ["grounding", "sam", "vl"]
+    assert not (tmp_path / "final.json").exists()  # the recipe's final stage ("moe") did not run
+    # the same stage, same data and seeds as in the full run: the same weights
+    ours, theirs = _state(out), _state(trainer.final_dir(trainer.recipe.stage("grounding")))
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    with pytest.raises(RecipeError, match="no stage 'nope'"):
+        other.run(only=["nope"])
+    with pytest.raises(RecipeError, match="stage 'moe' needs stage 'vl'"):
+        Trainer(micro_recipe(1, one_sample), tmp_path / "empty", progress=False, log=lambda _: None).run(only=["moe"])
+
+
+def test_a_stage_trains_on_its_own_device(one_sample, tmp_path, monkeypatch):
+    """A recipe for a GPU whose early stages ran on a CPU says so per stage (``device``)."""
+    stages = micro_stages(1)[:2]
+    stages[0]["device"] = "cpu"
+    stages[1]["device"] = "meta"  # a device that is not the recipe's, and that any torch has
+    recipe = micro_recipe(1, one_sample, stages=stages)
+    recipe.device = "cuda"  # would fail here (no CUDA) if a stage without its own device used it
+    moved = []
+    real_step = Trainer._step
+
+    def spy(self, model, *args):
+        moved.append(next(model.parameters()).device.type)
+        if moved[-1] == "meta":
+            raise Interrupted("meta tensors cannot train")
+        return real_step(self, model, *args)
+
+    monkeypatch.setattr(Trainer, "_step", spy)
+    with pytest.raises(Interrupted):
+        Trainer(recipe, tmp_path, progress=False, log=lambda _: None).run()
+    assert moved == ["cpu", "meta"]
