@@ -95,3 +95,24 @@ def test_point_region_mask_must_be_known():
     model = {**micro_recipe().model.__dict__, "point_region_mask": "blob"}
     with pytest.raises(RecipeError, match=r"model\.point_region_mask must be one of"):
         parse_recipe({"model": model, "stages": micro_stages()})
+
+
+def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
+    """tiny-gpu = tiny-cpu's stages up to sam4 (same settings, same positions, so the same data), two
+    stages on a GPU, then stages III/IV with tiny-cpu's settings on the GPU stages' results."""
+    cpu, gpu = load_recipe("tiny-cpu"), load_recipe("tiny-gpu")
+    assert gpu.model == cpu.model and gpu.data == cpu.data and gpu.seed == cpu.seed
+    shared = [s.name for s in cpu.stages][: [s.name for s in cpu.stages].index("sam4") + 1]
+    assert [s.name for s in gpu.stages[: len(shared)]] == shared
+    for a, b in zip(cpu.stages, gpu.stages[: len(shared)], strict=False):
+        assert a == b and gpu.stage_device(b) == "cpu"
+    assert {s.name: gpu.stage_device(s) for s in gpu.stages[len(shared):]} == {
+        "sam5": "cuda", "vl3": "cuda", "grounding2": "cpu", "moe2": "cpu", "dense2": "cpu"}
+    assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
+    g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
+    assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
+    assert m2.init == "grounding2" and m2.experts == ["grounding2", "vl3"]
+    for ours, theirs in ((g2, cpu.stage("grounding")), (m2, cpu.stage("moe")), (gpu.stage("dense2"), cpu.stage("dense"))):
+        for field in ("steps", "batch_size", "lr", "warmup_steps", "train", "tasks", "loss", "moe", "point_region_mask"):
+            assert getattr(ours, field) == getattr(theirs, field), (ours.name, field)
+    assert gpu.final_stage.name == "moe2" and gpu.router_targets(m2) == {"grounding": 0, "region_vqa": 1, "vqa": 1}
