@@ -79,12 +79,12 @@ def test_grounding_about_a_box_segments_that_object():
     assert (mask & (sample.labels > 0) & ~target).sum() < 0.2 * target.sum()  # not the other nuclei
 
 
-def test_the_tiny_cpu_recipe_builds_the_bundled_models_architecture(bundled):
-    """README: `medplib train tiny-cpu` reproduces the bundled model; at least its shapes and options must match."""
+def test_the_tiny_gpu_recipe_builds_the_bundled_models_architecture(bundled):
+    """README: `medplib train tiny-gpu` reproduces the bundled model; at least its shapes and options must match."""
     from napari_medplib.train.build import build_model
     from napari_medplib.train.recipe import load_recipe
 
-    recipe = load_recipe("tiny-cpu")
+    recipe = load_recipe("tiny-gpu")
     final = recipe.final_stage
     built = build_model(recipe.model, recipe.resolve(recipe.model.tokenizer), moe=final.moe,
                         point_region_mask=final.point_region_mask)
