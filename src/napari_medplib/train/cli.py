@@ -42,10 +42,10 @@ def add_train_parser(subparsers) -> argparse.ArgumentParser:
     """``medplib train RECIPE [--run DIR]``: run or resume a training recipe."""
     parser = subparsers.add_parser(
         "train", help="train a MedPLIB-architecture model from a recipe (resumable)",
-        description="Run a training recipe (a TOML file, or a shipped one: tiny-cpu, gpu). Run it again "
+        description="Run a training recipe (a TOML file, or a shipped one: tiny-gpu, tiny-cpu, gpu). Run it again "
                     "with the same --run folder to resume after an interruption.",
     )
-    parser.add_argument("recipe", help="recipe file, or the name of a shipped recipe (tiny-cpu, gpu)")
+    parser.add_argument("recipe", help="recipe file, or the name of a shipped recipe (tiny-gpu, tiny-cpu, gpu)")
     parser.add_argument("--run", help="run folder for checkpoints and the loss log "
                                       "(default: ./medplib-runs/<recipe name>)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("MEDPLIB_TRAIN_THREADS", 0)),
