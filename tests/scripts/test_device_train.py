@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
-from train_micro import MICRO_MODEL  # noqa: E402
+from train_micro import MICRO_MODEL
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "device_train.py"
 
