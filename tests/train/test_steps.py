@@ -138,3 +138,74 @@ def test_router_loss_teaches_each_task_its_expert():
         text = [i for i in range(len(tasks)) if ids[i] >= 0]
         right = [int(chosen[int(where[i])]) == targets[tasks[i]] for i in text]
         assert np.mean(right) > 0.9
+
+
+def _sam_items(sizes):
+    from napari_medplib.train.data import synthetic_items
+
+    return [Item(next(synthetic_items(1, seed=3 + k, size=size, styles=("nuclei",)))[0], [])
+            for k, size in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("sizes", [[(64, 64), (64, 64), (64, 64)], [(64, 64), (48, 80)]])
+def test_batched_sam_prompt_losses_equal_one_decode_per_image(sizes):
+    """sam_losses decodes every image's prompts in one call; per image (prompt_masks, the same draws)
+    gives the same losses, also when the images differ in size (one upsampling per geometry)."""
+    import torch
+
+    from napari_medplib.train.batches import prepare_image
+    from napari_medplib.train.losses import mask_losses
+    from napari_medplib.train.recipe import StageSpec
+    from napari_medplib.train.steps import decode_prompts, prompt_masks, sam_losses, sam_prompts
+
+    recipe = micro_recipe()
+    model = build_model(recipe.model, recipe.resolve(recipe.model.tokenizer), moe=False).train()
+    items = _sam_items(sizes)
+    stage = StageSpec("sam", kind="sam", train=["sam.*"], instances_per_image=3)
+    batched = sam_losses(model, items, stage, np.random.default_rng(7))
+    rng = np.random.default_rng(7)
+    logits, targets = {"box": [], "point": []}, []
+    with torch.no_grad():
+        for item in items:
+            image = prepare_image(item.sample)
+            embedding = model.sam.encode_image(image.sam_pixels)
+            ids = np.unique(item.sample.labels)[1:]
+            masks = [item.sample.labels == i for i in rng.choice(ids, size=min(3, len(ids)), replace=False)]
+            for kind in ("box", "point"):
+                logits[kind].append(prompt_masks(model, embedding, image, masks, kind, rng, jitter=0.05))
+            targets.append(torch.from_numpy(np.stack(masks)).float())
+    bce, dice = mask_losses(logits["box"] + logits["point"], targets * 2)
+    assert torch.allclose(batched["bce"], bce, atol=1e-5) and torch.allclose(batched["dice"], dice, atol=1e-5)
+    # and mask by mask: each image's prompts met that image's embedding, not a neighbour's
+    images = [prepare_image(item.sample) for item in items]
+    with torch.no_grad():
+        embeddings = model.sam.encode_image(torch.cat([im.sam_pixels for im in images]))
+        prompts = [sam_prompts(im, [item.sample.labels == np.unique(item.sample.labels)[1]], "point")
+                   for im, item in zip(images, items, strict=True)]
+        together = decode_prompts(model, embeddings, images, prompts, "point")
+        swapped = decode_prompts(model, embeddings.flip(0), images, prompts, "point")
+        for b, image in enumerate(images):
+            alone = decode_prompts(model, embeddings[b : b + 1], [image], prompts[b : b + 1], "point")[0]
+            assert together[b].shape == (1, *image.original_hw)
+            assert torch.allclose(together[b], alone, atol=1e-4)
+        assert not torch.allclose(swapped[0], together[0], atol=1e-2)
+
+
+def test_sam_losses_skip_images_without_instances():
+    import torch
+
+    from napari_medplib.train.recipe import StageSpec
+    from napari_medplib.train.steps import sam_losses
+
+    recipe = micro_recipe()
+    model = build_model(recipe.model, recipe.resolve(recipe.model.tokenizer), moe=False).train()
+    items = _sam_items([(64, 64), (64, 64)])
+    items[0].sample.labels[:] = 0
+    stage = StageSpec("sam", kind="sam", train=["sam.*"], instances_per_image=3)
+    one = sam_losses(model, items, stage, np.random.default_rng(1))
+    alone = sam_losses(model, items[1:], stage, np.random.default_rng(1))
+    assert torch.allclose(one["dice"], alone["dice"], atol=1e-6)
+    items[1].sample.labels[:] = 0
+    none = sam_losses(model, items, stage, np.random.default_rng(1))
+    assert float(none["dice"].detach()) == 0.0
+    none["dice"].backward()  # a graph, so a step of empty images still runs

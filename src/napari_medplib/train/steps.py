@@ -171,9 +171,11 @@ def tight_box(mask: np.ndarray) -> tuple[float, float, float, float]:
     return float(rows.min()), float(cols.min()), float(rows.max()), float(cols.max())
 
 
-def prompt_masks(model: MedPLIBModel, embedding: torch.Tensor, image, masks: Sequence[np.ndarray], prompt: str,
-                 rng: np.random.Generator | None = None, jitter: float = 0.0) -> torch.Tensor:
-    """Mask logits [N, H, W] for one image's instances from their box or point prompts."""
+def sam_prompts(image, masks: Sequence[np.ndarray], prompt: str, rng: np.random.Generator | None = None,
+                jitter: float = 0.0) -> np.ndarray:
+    """One image's instances as SAM prompts in its padded 256 frame: boxes [N, 4] xyxy from their
+    tight boxes (with ``jitter``: corners moved by that fraction of the size), or points [N, 1, 2] xy
+    on their most interior pixel (with ``rng``: a random pixel of the instance)."""
     hw = image.original_hw
     if prompt == "box":
         boxes = []
@@ -184,13 +186,36 @@ def prompt_masks(model: MedPLIBModel, embedding: torch.Tensor, image, masks: Seq
                 y0, y1 = y0 + rng.normal(0, jitter * h), y1 + rng.normal(0, jitter * h)
                 x0, x1 = x0 + rng.normal(0, jitter * w), x1 + rng.normal(0, jitter * w)
             boxes.append((y0, x0, y1, x1))
-        sam_boxes = image_to_sam_boxes(boxes, hw, image.resize_hw, image.pad)
-        low_res, _ = model.sam.decode_with_prompts(embedding, boxes=sam_boxes)
+        return image_to_sam_boxes(boxes, hw, image.resize_hw, image.pad)
+    points = np.array([[interior_point(m, rng)] for m in masks])  # [N, 1, 2] (row, col)
+    return image_to_sam_coords(points, hw, image.resize_hw, image.pad)
+
+
+def decode_prompts(model: MedPLIBModel, embeddings: torch.Tensor, images: Sequence, prompts: Sequence[np.ndarray],
+                   kind: str) -> list[torch.Tensor]:
+    """Mask logits [N_b, H_b, W_b] per image from its ``sam_prompts`` of one ``kind`` ("box" or
+    "point"), embeddings [B, C, 16, 16]: one decoder call for the whole batch, not one per image (on
+    a GPU a training step is otherwise launch-bound), and one upsampling per image geometry."""
+    counts = [len(p) for p in prompts]
+    index = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(embeddings.device)
+    stacked = np.concatenate(prompts)
+    if kind == "box":
+        low_res, _ = model.sam.decode_with_prompts(embeddings[index], boxes=stacked)
     else:
-        points = np.array([[interior_point(m, rng)] for m in masks])  # [N, 1, 2] (row, col)
-        coords = image_to_sam_coords(points, hw, image.resize_hw, image.pad)
-        low_res, _ = model.sam.decode_with_prompts(embedding, points=coords, point_labels=np.ones((len(masks), 1)))
-    return postprocess_masks(low_res, image.resize_hw, hw, pad=image.pad)
+        low_res, _ = model.sam.decode_with_prompts(embeddings[index], points=stacked,
+                                                   point_labels=np.ones(stacked.shape[:2]))
+    geometry = [(tuple(im.resize_hw), tuple(im.original_hw), tuple(im.pad)) for im in images]
+    if len(set(geometry)) == 1:  # the usual training batch: images of one size
+        resize_hw, original_hw, pad = geometry[0]
+        return list(postprocess_masks(low_res, resize_hw, original_hw, pad=pad).split(counts))
+    return [postprocess_masks(part, im.resize_hw, im.original_hw, pad=im.pad)
+            for part, im in zip(low_res.split(counts), images, strict=True)]
+
+
+def prompt_masks(model: MedPLIBModel, embedding: torch.Tensor, image, masks: Sequence[np.ndarray], prompt: str,
+                 rng: np.random.Generator | None = None, jitter: float = 0.0) -> torch.Tensor:
+    """Mask logits [N, H, W] for one image's instances from their box or point prompts."""
+    return decode_prompts(model, embedding, [image], [sam_prompts(image, masks, prompt, rng, jitter)], prompt)[0]
 
 
 def sam_losses(model: MedPLIBModel, items: Sequence[Item], stage: StageSpec, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -199,15 +224,25 @@ def sam_losses(model: MedPLIBModel, items: Sequence[Item], stage: StageSpec, rng
     pixels = torch.cat([im.sam_pixels for im in images])
     with _grad_if(_any_trainable(model.sam.image_encoder)):
         embeddings = model.sam.encode_image(pixels)
-    prompts = ["box", "point"] if stage.prompt == "box+point" else [stage.prompt]
-    logits, targets = [], []
+    kinds = ["box", "point"] if stage.prompt == "box+point" else [stage.prompt]
+    prompts: dict[str, list[np.ndarray]] = {kind: [] for kind in kinds}
+    targets: list[torch.Tensor] = []  # per image, for each kind
+    kept: list[int] = []  # images with instances
     for b, (item, image) in enumerate(zip(items, images, strict=True)):
         ids = np.unique(item.sample.labels)
         ids = ids[ids > 0]
         chosen = rng.choice(ids, size=min(stage.instances_per_image, len(ids)), replace=False)
         masks = [item.sample.labels == i for i in chosen]
-        for prompt in prompts:
-            logits.append(prompt_masks(model, embeddings[b : b + 1], image, masks, prompt, rng, jitter=0.05))
-            targets.append(torch.from_numpy(np.stack(masks)).float().to(logits[-1].device))
-    bce, dice = mask_losses(logits, targets)
+        if not masks:  # an annotated image without instances: nothing to prompt
+            continue
+        kept.append(b)
+        for kind in kinds:  # draws in image order, then prompt order (jitter, random clicks)
+            prompts[kind].append(sam_prompts(image, masks, kind, rng, jitter=0.05))
+        targets.append(torch.from_numpy(np.stack(masks)).float().to(embeddings.device))
+    if not targets:
+        zero = embeddings.sum() * 0.0
+        return {"bce": zero, "dice": zero}
+    embeddings, images = embeddings[kept], [images[b] for b in kept]
+    logits = [decode_prompts(model, embeddings, images, prompts[kind], kind) for kind in kinds]
+    bce, dice = mask_losses([m for per_kind in logits for m in per_kind], targets * len(kinds))
     return {"bce": bce, "dice": dice}
