@@ -209,3 +209,45 @@ def test_sam_losses_skip_images_without_instances():
     none = sam_losses(model, items, stage, np.random.default_rng(1))
     assert float(none["dice"].detach()) == 0.0
     none["dice"].backward()  # a graph, so a step of empty images still runs
+
+
+def test_llm_losses_decode_the_batch_in_one_call_as_image_by_image(monkeypatch):
+    """<SEG> masks and clicked objects of a batch's images are decoded in one SAM call each; the losses
+    and the region masks the LLM reads are those of decoding image by image."""
+    import torch
+
+    from napari_medplib.train import steps
+    from napari_medplib.train.data import synthetic_items
+
+    recipe = micro_recipe()
+    spec = dataclasses.replace(recipe.model, point_region_mask="object", seg_region_prompts=True)
+    model = build_model(spec, recipe.resolve(spec.tokenizer), moe=False).eval()
+    items = [Item(sample, convs) for sample, convs in synthetic_items(3, seed=5, size=(64, 64), n_per_task=3)]
+    batch = make_batch(model, items)
+    assert batch.n_seg >= 3 and sum(p is not None for ps in batch.region_points for p in ps) >= 2
+    calls = {"seg": 0, "objects": 0}
+    decode_seg, object_logits = model.decode_seg, model.point_object_logits
+
+    def count(name, fn):
+        def wrapped(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(model, "decode_seg", count("seg", decode_seg))
+    monkeypatch.setattr(model, "point_object_logits", count("objects", object_logits))
+    seen = []
+    encode = model.encode_regions
+    monkeypatch.setattr(model, "encode_regions", lambda f, masks, generator=None: (seen.append(masks.clone()), encode(f, masks, generator))[1])
+    weights = LossWeights(ce=1.0, bce=1.0, dice=1.0, iou=1.0)
+    torch.manual_seed(0)
+    together = llm_losses(model, batch, weights)
+    assert calls == {"seg": 1, "objects": 1}
+    monkeypatch.setattr(steps, "_one_geometry", lambda images: False)
+    regions_together, seen[:] = list(seen), []
+    torch.manual_seed(0)
+    alone = llm_losses(model, batch, weights)
+    assert calls["seg"] == 1 + sum(1 for t in batch.target_masks if t) and calls["objects"] > 2
+    for name in ("bce", "dice", "iou", "ce"):
+        assert torch.allclose(together[name], alone[name], atol=1e-5), name
+    assert all(torch.equal(a, b) for a, b in zip(regions_together, seen, strict=True))

@@ -69,8 +69,10 @@ def decode_seg_with_regions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """SAM-Med2D decoding of ``<SEG>`` embeddings [N, C], each with its region's box or point (or none).
 
-    image_embeddings (1, C, g, g); returns low-res logits (N, 1, 64, 64) and iou (N, 1) in the order of
-    ``seg_embeddings``. Prompts of one kind are decoded together (SAM needs equal token counts).
+    image_embeddings (1, C, g, g), or (N, C, g, g) one per prompt (a training batch's images decoded
+    together; the images must share ``original_hw``/``resize_hw``/``pad``); returns low-res logits
+    (N, 1, 64, 64) and iou (N, 1) in the order of ``seg_embeddings``. Prompts of one kind are decoded
+    together (SAM needs equal token counts).
     """
     from .preprocess import image_to_sam_boxes, image_to_sam_coords
 
@@ -91,7 +93,8 @@ def decode_seg_with_regions(
             points = image_to_sam_coords([[regions[i].point] for i in index], original_hw, resize_hw, pad)
             extra["points"] = torch.as_tensor(points, dtype=torch.float32, device=sam.device)
             extra["point_labels"] = torch.ones((len(index), 1), dtype=torch.int64, device=sam.device)
-        part_logits, part_iou = sam.decode_with_text_prompt(image_embeddings, seg_embeddings[index], **extra)
+        embeddings = image_embeddings if image_embeddings.shape[0] == 1 else image_embeddings[index]
+        part_logits, part_iou = sam.decode_with_text_prompt(embeddings, seg_embeddings[index], **extra)
         if low_res is None:
             low_res = part_logits.new_empty((len(regions), *part_logits.shape[1:]))
             iou = part_iou.new_empty((len(regions), *part_iou.shape[1:]))

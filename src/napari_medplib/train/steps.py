@@ -58,21 +58,31 @@ def point_object_masks(model: MedPLIBModel, embedding: torch.Tensor, image, poin
     return [m if m.any() else None for m in masks.reshape(len(coords), *image.original_hw).cpu().numpy()]
 
 
+def _one_geometry(images: Sequence) -> bool:
+    """Whether the images share SAM's resize, padding and size, so that their masks can be decoded and
+    upsampled in one call (a GPU step is otherwise launch-bound: one small decode per image)."""
+    return len({(tuple(im.original_hw), tuple(im.resize_hw), tuple(im.pad)) for im in images}) <= 1
+
+
 def _regions_as_objects(model: MedPLIBModel, batch: Batch, sam_embeddings: torch.Tensor) -> list[torch.Tensor]:
     """``batch.region_masks`` with each point region's square replaced by its object's mask, from the
     batch's SAM embeddings [B, C, 16, 16] (no gradient: SAM's choice of object is an input here, as it
-    is at inference)."""
+    is at inference). All the batch's clicks are decoded together when its images share a geometry."""
+    clicks = [(b, k, p) for b, points in enumerate(batch.region_points) for k, p in enumerate(points) if p is not None]
+    if not clicks:
+        return list(batch.region_masks)
+    rows = [b for b, _, _ in clicks]
+    if _one_geometry([batch.images[b] for b in rows]):
+        masks = point_object_masks(model, sam_embeddings[rows].detach(), batch.images[rows[0]], [p for _, _, p in clicks])
+    else:
+        masks = [point_object_masks(model, sam_embeddings[b : b + 1].detach(), batch.images[b], [p])[0]
+                 for b, _, p in clicks]
     out = list(batch.region_masks)
-    for b, points in enumerate(batch.region_points):
-        slots = [k for k, p in enumerate(points) if p is not None]
-        if not slots:
-            continue
-        masks = point_object_masks(model, sam_embeddings[b : b + 1].detach(), batch.images[b], [points[k] for k in slots])
-        replaced = out[b].clone()
-        for k, mask in zip(slots, masks, strict=True):
-            if mask is not None:
-                replaced[k] = torch.from_numpy(region_mask_to_grid(mask).mask_336)
-        out[b] = replaced
+    for (b, k, _), mask in zip(clicks, masks, strict=True):
+        if mask is not None:
+            if out[b] is batch.region_masks[b]:
+                out[b] = out[b].clone()
+            out[b][k] = torch.from_numpy(region_mask_to_grid(mask).mask_336)
     return out
 
 
@@ -130,20 +140,7 @@ def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights,
         experts[batch.input_ids < 0] = IGNORE_INDEX  # image / region placeholders: features, not text
         losses["router"] = router_loss(model, router_inputs, expand_labels(experts, out.position_map, out.hidden_states.shape[1]))
     if needs_masks:
-        embeddings = sam_embeddings
-        logits, targets, ious = [], [], []
-        seg_id = model.tokenizer.seg_token_id
-        for b, image in enumerate(batch.images):
-            if not batch.target_masks[b]:
-                continue
-            positions = MedPLIBModel.seg_hidden_positions(batch.input_ids[b], out.position_map[b], seg_id, "each")
-            prompts = model.seg_prompt_embeddings(out.hidden_states[b, positions])  # [n, out_dim]
-            seg_regions = batch.seg_regions[b] if batch.seg_regions is not None else [None] * len(positions)
-            low_res, iou = model.decode_seg(embeddings[b : b + 1], prompts, seg_regions, image.original_hw,
-                                            image.resize_hw, image.pad)
-            logits.append(postprocess_masks(low_res, image.resize_hw, image.original_hw, pad=image.pad))
-            targets.append(torch.stack(batch.target_masks[b]).to(logits[-1].device))
-            ious.append(iou)
+        logits, ious, targets = _seg_masks(model, batch, out, sam_embeddings)
         losses["bce"], losses["dice"] = mask_losses(logits, targets)
         if weights.iou:
             losses["iou"] = sum(iou_mse(i, m, t) for i, m, t in zip(ious, logits, targets, strict=True)) / len(ious)
@@ -151,6 +148,37 @@ def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights,
     if aux:
         losses["aux"] = torch.stack(aux).mean()
     return losses
+
+
+def _seg_masks(model: MedPLIBModel, batch: Batch, out, embeddings: torch.Tensor):
+    """Mask logits [n_b, H, W], IoU [n_b, 1] and targets of every sequence's ``<SEG>`` tokens (sequences
+    without one left out): one SAM decode for the batch when its images share a geometry."""
+    seg_id = model.tokenizer.seg_token_id
+    rows, prompts, regions = [], [], []
+    for b in range(len(batch.images)):
+        if not batch.target_masks[b]:
+            continue
+        positions = MedPLIBModel.seg_hidden_positions(batch.input_ids[b], out.position_map[b], seg_id, "each")
+        rows.append(b)
+        prompts.append(model.seg_prompt_embeddings(out.hidden_states[b, positions]))  # [n_b, out_dim]
+        regions.append(batch.seg_regions[b] if batch.seg_regions is not None else [None] * len(positions))
+    images = [batch.images[b] for b in rows]
+    targets = [torch.stack(batch.target_masks[b]).to(embeddings.device) for b in rows]
+    if _one_geometry(images):
+        counts = [len(p) for p in prompts]
+        index = torch.repeat_interleave(torch.tensor(rows), torch.tensor(counts)).to(embeddings.device)
+        image = images[0]
+        low_res, iou = model.decode_seg(embeddings[index], torch.cat(prompts), [r for rs in regions for r in rs],
+                                        image.original_hw, image.resize_hw, image.pad)
+        logits = postprocess_masks(low_res, image.resize_hw, image.original_hw, pad=image.pad)
+        return list(logits.split(counts)), list(iou.split(counts)), targets
+    logits, ious = [], []
+    for b, image, seg_prompts, seg_regions in zip(rows, images, prompts, regions, strict=True):
+        low_res, iou = model.decode_seg(embeddings[b : b + 1], seg_prompts, seg_regions, image.original_hw,
+                                        image.resize_hw, image.pad)
+        logits.append(postprocess_masks(low_res, image.resize_hw, image.original_hw, pad=image.pad))
+        ious.append(iou)
+    return logits, ious, targets
 
 
 # ----------------------------------------------------------------------------- SAM prompts
@@ -204,10 +232,9 @@ def decode_prompts(model: MedPLIBModel, embeddings: torch.Tensor, images: Sequen
     else:
         low_res, _ = model.sam.decode_with_prompts(embeddings[index], points=stacked,
                                                    point_labels=np.ones(stacked.shape[:2]))
-    geometry = [(tuple(im.resize_hw), tuple(im.original_hw), tuple(im.pad)) for im in images]
-    if len(set(geometry)) == 1:  # the usual training batch: images of one size
-        resize_hw, original_hw, pad = geometry[0]
-        return list(postprocess_masks(low_res, resize_hw, original_hw, pad=pad).split(counts))
+    if _one_geometry(images):  # the usual training batch: images of one size
+        image = images[0]
+        return list(postprocess_masks(low_res, image.resize_hw, image.original_hw, pad=image.pad).split(counts))
     return [postprocess_masks(part, im.resize_hw, im.original_hw, pad=im.pad)
             for part, im in zip(low_res.split(counts), images, strict=True)]
 
