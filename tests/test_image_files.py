@@ -73,7 +73,7 @@ def test_parse_plane_arg():
 def test_planar_samples_tiff_are_channels(tmp_path):
     data = np.arange(3 * 6 * 7, dtype=np.uint16).reshape(3, 6, 7)
     tifffile.imwrite(tmp_path / "p.tif", data, photometric="rgb", planarconfig="separate")  # one "SYX" page
-    plane, info = read_plane(tmp_path / "p.tif")
+    plane, _info = read_plane(tmp_path / "p.tif")
     np.testing.assert_array_equal(plane, np.moveaxis(data, 0, -1))
     np.testing.assert_array_equal(read_plane(tmp_path / "p.tif", channel=2)[0], data[2])
     with pytest.raises(ImageFileError, match="drop --plane"):

@@ -309,7 +309,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="keep mask pixels outside a --box (by default a box's mask stays inside it)")
     seg.set_defaults(func=_cmd_segment)
 
-    from .train.cli import add_eval_parser, add_train_parser  # light: argparse only until a command runs
+    from .train.cli import (  # light: argparse only until a command runs
+        add_eval_parser,
+        add_train_parser,
+    )
 
     add_train_parser(sub)
     add_eval_parser(sub)

@@ -71,7 +71,7 @@ def test_clip_folder_copied_next_to_checkpoint_is_found(tmp_path):
 
 
 def test_unknown_vision_tower_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="mm_vision_tower.*Fix"):
+    with pytest.raises(CheckpointError, match=r"mm_vision_tower.*Fix"):
         MedPLIBConfig.from_pretrained_dict(released_7b_config("/nowhere/my-tower"), tmp_path)
 
 

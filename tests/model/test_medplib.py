@@ -56,8 +56,8 @@ def test_two_regions_are_spliced_in_order(model):
 
 
 def test_placeholder_mismatch_is_a_clear_error(model):
-    ids, masks, pixels = _inputs(model, "What is <region>?", 1)
-    with pytest.raises(ValueError, match="1 region slot.*0 region token"):
+    ids, _masks, pixels = _inputs(model, "What is <region>?", 1)
+    with pytest.raises(ValueError, match=r"1 region slot.*0 region token"):
         model(ids, pixels, region_features=[torch.zeros(0, 32)])
     with pytest.raises(ValueError, match="clip_pixel_values or image_features"):
         model(ids)
@@ -65,7 +65,7 @@ def test_placeholder_mismatch_is_a_clear_error(model):
 
 @torch.no_grad()
 def test_generate_then_ground_in_both_modes(model):
-    ids, masks, pixels = _inputs(model, "Segment the nucleus.", 0)
+    ids, _masks, pixels = _inputs(model, "Segment the nucleus.", 0)
     result = model.generate(ids, pixels, max_new_tokens=3)
     assert len(result.ids) == 3 and isinstance(result.text, str)
     seg_hidden = torch.cat([result.step_hidden[:2]])  # any states: exercise the SAM path
@@ -116,7 +116,7 @@ def test_bad_sam_weights_raise_checkpoint_error(model, tmp_path):
     tensors = load_file(str(folder / "model.safetensors"))
     del tensors["model.visual_model.mask_decoder.iou_token.weight"]
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    with pytest.raises(CheckpointError, match="visual_model.*iou_token"):
+    with pytest.raises(CheckpointError, match=r"visual_model.*iou_token"):
         MedPLIBModel.from_pretrained(folder)
     assert MedPLIBModel.from_pretrained(folder, load_sam=False).sam is None
 

@@ -174,7 +174,7 @@ def test_bf16_on_cpu_stays_close(prompt_outputs):
     assert out.logits.dtype == torch.float32 and torch.isfinite(out.logits).all()
     cosine = torch.nn.functional.cosine_similarity(out.logits[0, -1], reference.logits[0, -1], dim=0)
     assert cosine > 0.98
-    agree = torch.stack([(a.expert_ids == b.expert_ids).float().mean() for a, b in zip(out.routing, reference.routing)])
+    agree = torch.stack([(a.expert_ids == b.expert_ids).float().mean() for a, b in zip(out.routing, reference.routing, strict=True)])
     assert agree.mean() > 0.9
 
 

@@ -156,7 +156,11 @@ def test_geometry_weights_round_trip_through_both_layouts(tmp_path):
 def test_geometry_encoding_spreads_nearby_centroids_apart():
     import torch
 
-    from napari_medplib.model.region_encoder import GEOMETRY_ENCODING, geometry_encoding, region_geometry
+    from napari_medplib.model.region_encoder import (
+        GEOMETRY_ENCODING,
+        geometry_encoding,
+        region_geometry,
+    )
 
     a = torch.zeros(24, 24, dtype=torch.bool)
     b = a.clone()

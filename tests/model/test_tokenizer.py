@@ -106,7 +106,7 @@ def test_templates_and_multi_turn(tok):
 
 
 def test_missing_tokenizer_file_is_a_clear_error(tmp_path):
-    with pytest.raises(CheckpointError, match="tokenizer.model"):
+    with pytest.raises(CheckpointError, match=r"tokenizer\.model"):
         MedPLIBTokenizer.from_pretrained(tmp_path)
 
 

@@ -47,7 +47,7 @@ def test_semantic_labels_split_into_connected_instances():
 
 def test_conversations_from_annotations_are_consistent_and_reproducible():
     image, labels, names = two_class_labels()
-    s, convs = conversations_from_annotations(image, labels, names, seed=3, n_per_task=4)
+    _s, convs = conversations_from_annotations(image, labels, names, seed=3, n_per_task=4)
     _, again = conversations_from_annotations(image, labels, names, seed=3, n_per_task=4)
     assert [(c.question, c.answer) for c in convs] == [(c.question, c.answer) for c in again]
     assert {c.task for c in convs} == {"grounding", "region_vqa", "vqa"}
@@ -63,7 +63,7 @@ def test_conversations_from_annotations_are_consistent_and_reproducible():
 
 
 def test_presence_negatives_come_from_the_vocabulary():
-    image, labels, names = two_class_labels()
+    image, labels, _names = two_class_labels()
     only_cells = np.where(np.isin(labels, [1, 2, 3]), labels, 0)
     cell_names = {1: "cell", 2: "cell", 3: "cell"}
     _, convs = conversations_from_annotations(image, only_cells, cell_names, seed=0, n_per_task=8,

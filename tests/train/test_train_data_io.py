@@ -44,7 +44,7 @@ def test_refuses_to_overwrite_and_names_bad_folders(tmp_path):
         save_dataset(tmp_path / "ds", items(1))
     save_dataset(tmp_path / "ds", items(2), overwrite=True)
     assert len(load_dataset(tmp_path / "ds")) == 2
-    with pytest.raises(DatasetFormatError, match="dataset.json not found"):
+    with pytest.raises(DatasetFormatError, match=r"dataset\.json not found"):
         load_dataset(tmp_path / "nowhere")
     head = tmp_path / "ds" / "dataset.json"
     head.write_text(json.dumps({"format": "something-else"}))
@@ -57,7 +57,7 @@ def test_missing_sample_file_is_named(tmp_path):
     (tmp_path / "ds" / "samples" / "000001.npz").unlink()
     ds = load_dataset(tmp_path / "ds")
     ds[0]
-    with pytest.raises(DatasetFormatError, match="000001.npz is missing"):
+    with pytest.raises(DatasetFormatError, match=r"000001\.npz is missing"):
         ds[1]
 
 

@@ -16,13 +16,13 @@ import torch
 from train_micro import micro_recipe, micro_stages
 
 from napari_medplib.model.medplib import MedPLIBModel
+from napari_medplib.train import trainer as trainer_module
 from napari_medplib.train.build import set_trainable
 from napari_medplib.train.data import write_synthetic_dataset
 from napari_medplib.train.evaluate import resolve_model_folder
 from napari_medplib.train.recipe import RecipeError
 from napari_medplib.train.steps import llm_losses, make_batch
 from napari_medplib.train.stream import Prefetcher, StageStream
-from napari_medplib.train import trainer as trainer_module
 from napari_medplib.train.trainer import Interrupted, Trainer, learning_rate
 
 STEPS = 8

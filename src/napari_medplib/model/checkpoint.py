@@ -82,7 +82,7 @@ def _read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
         try:
             with safe_open(str(path), framework="pt") as handle:
-                for key in handle.keys():  # noqa: SIM118
+                for key in handle.keys():
                     yield key, handle.get_tensor(key)
         except SafetensorError as err:
             raise CheckpointError(f"{path} is not a readable safetensors file ({err}); download it again") from None

@@ -122,7 +122,7 @@ class MedPLIBLanguageModel(nn.Module):
         ``logits_positions`` selects the positions whose logits are computed (e.g. ``slice(-1, None)``
         while generating); ``None`` = all. Logits are returned in float32, as the reference does.
         """
-        batch, query_length, _ = inputs_embeds.shape
+        _, query_length, _ = inputs_embeds.shape
         if use_cache and past_key_values is None:
             past_key_values = self.new_cache()
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0

@@ -19,9 +19,9 @@ the padded 256 frame; :func:`image_to_sam_coords` and :func:`image_to_sam_boxes`
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -129,7 +129,7 @@ def _centre_pad(array: np.ndarray, size: int, value) -> tuple[np.ndarray, tuple[
     """Centre-pad an (H, W[, C]) array to (size, size[, C]) with ``value`` (scalar or per channel)."""
     h, w = array.shape[:2]
     top, left = centre_pad_offsets((h, w), size)
-    out = np.empty((size, size) + array.shape[2:], dtype=array.dtype)
+    out = np.empty((size, size, *array.shape[2:]), dtype=array.dtype)
     out[...] = value
     out[top : top + h, left : left + w] = array
     return out, (top, left)

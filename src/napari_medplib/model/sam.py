@@ -57,7 +57,7 @@ class SamMed2D(nn.Module):
         self.mask_decoder = build_mask_decoder(config)
 
     @classmethod
-    def from_config(cls, config: SamMed2DConfig) -> "SamMed2D":
+    def from_config(cls, config: SamMed2DConfig) -> SamMed2D:
         """Randomly initialised model (tests, training from SAM-Med2D-shaped scratch)."""
         model = cls(config)
         with torch.no_grad():
@@ -147,7 +147,7 @@ class SamMed2D(nn.Module):
             raise ValueError("give points and point_labels together")
         for name, value, shape in (("points", points, (text.shape[0], None, 2)), ("boxes", boxes, (text.shape[0], 4))):
             if value is not None and (value.ndim != len(shape) or any(
-                    want is not None and got != want for got, want in zip(value.shape, shape))):
+                    want is not None and got != want for got, want in zip(value.shape, shape, strict=False))):
                 raise ValueError(f"{name} must be {tuple('P' if w is None else w for w in shape)}, got {tuple(value.shape)}")
         return self._decode(image_embeddings, text.shape[0], False, text_embeds=text,
                             points=points, point_labels=point_labels, boxes=boxes)

@@ -14,7 +14,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 from transformers.models.sam.configuration_sam import SamConfig
-from transformers.models.sam.modeling_sam import SamMaskDecoder, SamPositionalEmbedding, SamPromptEncoder
+from transformers.models.sam.modeling_sam import (
+    SamMaskDecoder,
+    SamPositionalEmbedding,
+    SamPromptEncoder,
+)
 
 from .sam_encoder import SamMed2DConfig
 

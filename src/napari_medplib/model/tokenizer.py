@@ -104,7 +104,7 @@ class MedPLIBTokenizer:
     # ------------------------------------------------------------------ encode
     def tokenize(self, text: str) -> list[str]:
         """Pieces as the 4.31 slow tokenizer gives them (no BOS)."""
-        parts = [p for p in self._split_re.split(text)]
+        parts = list(self._split_re.split(text))
         # Strip whitespace next to added tokens (not next to <s>, </s>, <unk>).
         for i, part in enumerate(parts):
             if part in self.added_tokens_encoder:

@@ -91,7 +91,7 @@ class RegionSpec:
             r0, c0 = max(int(np.ceil(y0)), 0), max(int(np.ceil(x0)), 0)
             out[r0 : int(np.floor(y1)) + 1, c0 : int(np.floor(x1)) + 1] = True
         else:
-            y, x = (int(round(v)) for v in self.point)
+            y, x = (int(round(v)) for v in self.point)  # noqa: RUF046 (numpy floats round to floats)
             out[max(y - point_radius, 0) : y + point_radius + 1,
                 max(x - point_radius, 0) : x + point_radius + 1] = True
         return out

@@ -243,7 +243,7 @@ def _blur(rng: np.random.Generator, signal: np.ndarray, lo: float, hi: float) ->
 def _count(rng: np.random.Generator, shape: tuple[int, int], lo: int, hi: int) -> int:
     """Object count scaled by image area (object size is fixed in pixels)."""
     scale = shape[0] * shape[1] / 256.0**2
-    return max(2, int(round(rng.integers(lo, hi + 1) * scale)))
+    return max(2, int(round(rng.integers(lo, hi + 1) * scale)))  # noqa: RUF046 (a numpy float)
 
 
 def _boundaries(labels: np.ndarray) -> np.ndarray:
@@ -290,7 +290,7 @@ def _cells(rng, shape, channels):
     k = len(cells)
     # nucleus of cell i gets id k + i, confined to that cell
     labels = _paint_blobs(nuclei, shape, first_id=k + 1, labels=cell_labels.copy(), within=cell_labels)
-    kinds = {i: "cytoplasm" for i in range(1, k + 1)} | {k + i: "nucleus" for i in range(1, k + 1)}
+    kinds = dict.fromkeys(range(1, k + 1), "cytoplasm") | {k + i: "nucleus" for i in range(1, k + 1)}
     labels, cats = _finalise(labels, kinds)
     ids = np.arange(len(cats) + 1)
     is_nuc = np.array([False] + [cats[i] == "nucleus" for i in ids[1:]])
@@ -395,7 +395,7 @@ def _he(rng, shape):
         nuclei.append(_random_blob(rng, cy, cx, r, 2.8, 0.08))
     nuc = _paint_blobs(nuclei, shape, first_id=k + 1)
     labels = np.where((labels == 0) & (nuc > 0), nuc, labels)
-    kinds = {i: "lumen" for i in range(1, k + 1)} | {k + i: "nucleus" for i in range(1, n + 1)}
+    kinds = dict.fromkeys(range(1, k + 1), "lumen") | {k + i: "nucleus" for i in range(1, n + 1)}
     labels, cats = _finalise(labels, kinds)
     is_nuc = np.array([False] + [cats[i] == "nucleus" for i in range(1, len(cats) + 1)])
     is_lum = np.array([False] + [cats[i] == "lumen" for i in range(1, len(cats) + 1)])
