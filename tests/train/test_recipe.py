@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from train_micro import micro_recipe, micro_stages
 
@@ -99,7 +101,8 @@ def test_point_region_mask_must_be_known():
 
 def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     """tiny-gpu = tiny-cpu's stages up to sam4 (same settings, same positions, so the same data), two
-    stages on a GPU, then stages III/IV with tiny-cpu's settings on the GPU stages' results."""
+    stages on a GPU, then stages III/IV with tiny-cpu's settings on the GPU stages' results, then
+    stage III continued and a longer stage IV (the bundled model) with its dense pair."""
     cpu, gpu = load_recipe("tiny-cpu"), load_recipe("tiny-gpu")
     assert gpu.model == cpu.model and gpu.data == cpu.data and gpu.seed == cpu.seed
     shared = [s.name for s in cpu.stages][: [s.name for s in cpu.stages].index("sam4") + 1]
@@ -107,7 +110,8 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     for a, b in zip(cpu.stages, gpu.stages[: len(shared)], strict=False):
         assert a == b and gpu.stage_device(b) == "cpu"
     assert {s.name: gpu.stage_device(s) for s in gpu.stages[len(shared):]} == {
-        "sam5": "cuda", "vl3": "cuda", "grounding2": "cpu", "moe2": "cpu", "dense2": "cpu"}
+        "sam5": "cuda", "vl3": "cuda", "grounding2": "cpu", "moe2": "cpu", "dense2": "cpu", "grounding3": "cpu",
+        "moe3": "cpu", "dense3": "cpu"}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -115,4 +119,12 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     for ours, theirs in ((g2, cpu.stage("grounding")), (m2, cpu.stage("moe")), (gpu.stage("dense2"), cpu.stage("dense"))):
         for field in ("steps", "batch_size", "lr", "warmup_steps", "train", "tasks", "loss", "moe", "point_region_mask"):
             assert getattr(ours, field) == getattr(theirs, field), (ours.name, field)
-    assert gpu.final_stage.name == "moe2" and gpu.router_targets(m2) == {"grounding": 0, "region_vqa": 1, "vqa": 1}
+    g3, m3, d3 = gpu.stage("grounding3"), gpu.stage("moe3"), gpu.stage("dense3")
+    assert g3.init == "grounding2" and g3.train == g2.train and g3.loss == g2.loss and g3.copy == {}
+    assert m3.init == d3.init == "grounding3" and m3.experts == ["grounding3", "vl3"]
+    for ours, theirs in ((m3, m2), (d3, gpu.stage("dense2"))):  # the same stage IV, 3000 steps instead of 2000
+        assert dataclasses.replace(ours, name=theirs.name, steps=theirs.steps, init=theirs.init,
+                                   experts=theirs.experts, copy=theirs.copy) == theirs
+        assert ours.steps == 3000
+    assert m3.copy == {"grounding3": ["text_hidden_fcs.*", "sam.*"]}
+    assert gpu.final_stage.name == "moe3" and gpu.router_targets(m3) == {"grounding": 0, "region_vqa": 1, "vqa": 1}
