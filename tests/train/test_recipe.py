@@ -63,6 +63,25 @@ def test_stage_references_must_be_earlier_stages():
         micro_recipe(stages=stages)
 
 
+def test_a_continued_moe_stage_routes_as_the_stage_it_continues():
+    stages = micro_stages()
+    moe = stages[4]
+    moe["loss"] = {**moe["loss"], "router": 0.1}
+    more = {**moe, "name": "moe_more", "init": "moe", "experts": [], "copy": {}}
+    again = {**more, "name": "moe_again", "init": "moe_more"}
+    recipe = micro_recipe(stages=[*stages, more, again])
+    expected = {"grounding": 0, "region_vqa": 1, "vqa": 1}
+    assert recipe.router_targets(recipe.stage("moe")) == expected
+    assert recipe.router_targets(recipe.stage("moe_more")) == expected
+    assert recipe.router_targets(recipe.stage("moe_again")) == expected
+    # a MoE stage from a dense stage has no routing to learn from
+    lone = {**more, "name": "lone", "init": "vl"}
+    with pytest.raises(RecipeError, match="'lone': loss.router needs experts"):
+        micro_recipe(stages=[*stages, lone])
+    with pytest.raises(RecipeError, match="needs moe = true"):
+        micro_recipe(stages=[*stages, {**lone, "moe": False}])
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("kind", "rl", "kind must be"), ("tasks", ["chat"], "unknown task"), ("train", [], "lists no parameters"),
     ("lr", 0.0, "lr > 0"), ("prompt", "mask", "prompt must be"), ("threads", -1, "must be 0 or more"),

@@ -173,15 +173,19 @@ class Recipe:
     def router_targets(self, stage: StageSpec) -> dict[str, int]:
         """Task -> the index of the expert whose source stage trained on it (``loss.router``).
 
+        A stage without experts that continues a MoE stage (``init`` is one) routes as that stage did.
         Raises RecipeError when a task of ``stage`` has no such expert or more than one."""
+        source = stage
+        while not source.experts and source.moe and source.init != "scratch" and self.stage(source.init).moe:
+            source = self.stage(source.init)
         targets: dict[str, list[int]] = {}
-        for index, name in enumerate(stage.experts):
+        for index, name in enumerate(source.experts):
             for task in self.stage(name).tasks:
                 targets.setdefault(task, []).append(index)
         bad = {t: targets.get(t, []) for t in stage.tasks if len(targets.get(t, [])) != 1}
         if bad:
             raise RecipeError(f"stage {stage.name!r}: loss.router needs exactly one expert per task; experts "
-                              f"{stage.experts} were trained on {targets}, "
+                              f"{source.experts} were trained on {targets}, "
                               f"ambiguous or missing: {sorted(bad)}")
         return {task: indices[0] for task, indices in targets.items() if task in stage.tasks}
 
@@ -239,12 +243,23 @@ def _stage(values: dict[str, Any], index: int) -> StageSpec:
         raise RecipeError(f"stage {stage.name!r}: threads and data_workers must be 0 or more")
     if stage.prompt not in ("box", "point", "box+point"):
         raise RecipeError(f"stage {stage.name!r}: prompt must be 'box', 'point' or 'box+point'")
-    if stage.loss.router and not (stage.moe and stage.experts):
-        raise RecipeError(f"stage {stage.name!r}: loss.router supervises the MoE router; it needs moe = true and experts")
+    if stage.loss.router and not stage.moe:
+        raise RecipeError(f"stage {stage.name!r}: loss.router supervises the MoE router; it needs moe = true")
     if stage.point_region_mask not in ("", *POINT_REGION_MASKS):
         raise RecipeError(f"stage {stage.name!r}: point_region_mask must be one of {POINT_REGION_MASKS}, "
                           f"got {stage.point_region_mask!r}")
     return stage
+
+
+def _continues_moe(stage: StageSpec, stages: list[StageSpec]) -> bool:
+    """Whether ``stage`` starts from a MoE stage that has experts, directly or through continuations."""
+    by_name = {s.name: s for s in stages}
+    source = stage
+    while source.init in by_name and by_name[source.init].moe:
+        source = by_name[source.init]
+        if source.experts:
+            return True
+    return False
 
 
 def parse_recipe(data: dict[str, Any], name: str = "recipe", folder: Path | None = None) -> Recipe:
@@ -269,6 +284,9 @@ def parse_recipe(data: dict[str, Any], name: str = "recipe", folder: Path | None
                                   f"(earlier: {seen or 'none'})")
         if stage.experts and not stage.moe:
             raise RecipeError(f"stage {stage.name!r} lists experts but has moe = false")
+        if stage.loss.router and not stage.experts and not _continues_moe(stage, stages):
+            raise RecipeError(f"stage {stage.name!r}: loss.router needs experts, or an init stage that is a MoE "
+                              "with experts (a continued stage IV)")
         seen.append(stage.name)
     recipe = Recipe(
         name=str(data.get("name", name)),
