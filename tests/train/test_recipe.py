@@ -76,7 +76,7 @@ def test_a_continued_moe_stage_routes_as_the_stage_it_continues():
     assert recipe.router_targets(recipe.stage("moe_again")) == expected
     # a MoE stage from a dense stage has no routing to learn from
     lone = {**more, "name": "lone", "init": "vl"}
-    with pytest.raises(RecipeError, match="'lone': loss.router needs experts"):
+    with pytest.raises(RecipeError, match=r"'lone': loss\.router needs experts"):
         micro_recipe(stages=[*stages, lone])
     with pytest.raises(RecipeError, match="needs moe = true"):
         micro_recipe(stages=[*stages, {**lone, "moe": False}])
