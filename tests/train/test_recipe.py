@@ -121,7 +121,7 @@ def test_point_region_mask_must_be_known():
 def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     """tiny-gpu = tiny-cpu's stages up to sam4 (same settings, same positions, so the same data), two
     stages on a GPU, then stages III/IV with tiny-cpu's settings on the GPU stages' results, then
-    stage III continued and a longer stage IV (the bundled model) with its dense pair."""
+    stage III continued and a longer stage IV with its dense pair, then both continued (moe4 bundled)."""
     cpu, gpu = load_recipe("tiny-cpu"), load_recipe("tiny-gpu")
     assert gpu.model == cpu.model and gpu.data == cpu.data and gpu.seed == cpu.seed
     shared = [s.name for s in cpu.stages][: [s.name for s in cpu.stages].index("sam4") + 1]
@@ -130,7 +130,7 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         assert a == b and gpu.stage_device(b) == "cpu"
     assert {s.name: gpu.stage_device(s) for s in gpu.stages[len(shared):]} == {
         "sam5": "cuda", "vl3": "cuda", "grounding2": "cpu", "moe2": "cpu", "dense2": "cpu", "grounding3": "cpu",
-        "moe3": "cpu", "dense3": "cpu"}
+        "moe3": "cpu", "dense3": "cpu", "moe4": "cpu", "moe5": "cpu", "dense4": "cpu"}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -146,4 +146,15 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
                                    experts=theirs.experts, copy=theirs.copy) == theirs
         assert ours.steps == 3000
     assert m3.copy == {"grounding3": ["text_hidden_fcs.*", "sam.*"]}
-    assert gpu.final_stage.name == "moe3" and gpu.router_targets(m3) == {"grounding": 0, "region_vqa": 1, "vqa": 1}
+    routes = {"grounding": 0, "region_vqa": 1, "vqa": 1}
+    assert gpu.router_targets(m3) == routes
+    # stage IV continued: the same stage on its own result, new data (later positions), lower lr
+    for name, init in (("moe4", "moe3"), ("moe5", "moe4")):
+        more = gpu.stage(name)
+        assert more.init == init and more.experts == [] and more.copy == {} and more.lr == 2e-4
+        assert dataclasses.replace(more, name="moe3", init="grounding3", experts=m3.experts, copy=m3.copy,
+                                   lr=m3.lr) == m3
+        assert gpu.router_targets(more) == routes
+    d4 = gpu.stage("dense4")
+    assert d4.init == "dense3" and dataclasses.replace(d4, name="dense3", init="grounding3", lr=d3.lr) == d3
+    assert gpu.final_stage.name == "moe4"
