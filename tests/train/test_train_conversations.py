@@ -10,16 +10,26 @@ from napari_medplib.train.conversations import (
     make_conversations,
     plural,
 )
-from napari_medplib.train.data import Conversation, RegionSpec, normalise_answer
-from napari_medplib.train.synth import ALL_CATEGORIES, STYLES, make_dataset, make_sample
+from napari_medplib.train.data import Conversation, RegionSpec, normalise_answer, synthetic_items
+from napari_medplib.train.synth import (
+    DEFAULT_STYLES,
+    STYLES,
+    make_dataset,
+    make_sample,
+    vocabulary_for,
+)
+
+SIX_STYLES = (*DEFAULT_STYLES, "bacteria")
+VOCABULARY = vocabulary_for(SIX_STYLES)
 
 
 @pytest.fixture(scope="module")
 def corpus():
-    """Three samples of every style with 6 conversations per task each."""
+    """Three samples of every style (the opt-in ``bacteria`` too) with 6 conversations per task each."""
     out = []
-    for s in make_dataset(15, seed=21):
-        out.append((s, make_conversations(s, np.random.default_rng(s.meta["seed"]), n_per_task=6)))
+    for s in make_dataset(18, seed=21, styles=SIX_STYLES):
+        rng = np.random.default_rng(s.meta["seed"])
+        out.append((s, make_conversations(s, rng, n_per_task=6, vocabulary=VOCABULARY)))
     return out
 
 
@@ -148,7 +158,7 @@ def test_image_vqa_answers(corpus):
                 assert int(c.answer) <= 25, "counts beyond max_count are not asked"
             elif c.kind == "presence":
                 assert c.answer == ("yes" if c.meta["category"] in sample.categories.values() else "no")
-                assert c.meta["category"] in ALL_CATEGORIES
+                assert c.meta["category"] in VOCABULARY
                 if c.answer == "no":  # never "no cell" about nuclei, which lie in cells
                     assert c.meta["category"] not in STYLES[sample.style].implied
 
@@ -246,3 +256,19 @@ def test_reproducible_across_processes_with_different_hash_seeds():
         for seed in ("1", "2")
     }
     assert len(digests) == 1
+
+
+def test_a_data_set_with_bacteria_asks_about_them_everywhere():
+    """Opting into ``bacteria`` adds "bacterium" to the presence vocabulary, also as a negative on the
+    other styles' images; data sets without it never mention bacteria."""
+    asked = {"yes": 0, "no": 0}
+    for sample, convs in synthetic_items(36, seed=4, n_per_task=8, styles=SIX_STYLES):
+        for c in convs:
+            if c.kind == "presence" and c.meta["category"] == "bacterium":
+                asked[c.answer] += 1
+                assert c.answer == ("yes" if sample.style == "bacteria" else "no")
+                assert "bacteri" in c.question
+    assert asked["yes"] and asked["no"]
+    assert plural("bacterium") == "bacteria"
+    for _, convs in synthetic_items(12, seed=4, n_per_task=8):
+        assert not any("bacteri" in c.question + c.answer for c in convs)

@@ -6,11 +6,14 @@ import pytest
 from scipy import ndimage as ndi
 
 from napari_medplib.train.synth import (
+    ALL_CATEGORIES,
+    DEFAULT_STYLES,
     MIN_AREA,
     STYLES,
     make_dataset,
     make_sample,
     sample_seed,
+    vocabulary_for,
 )
 
 
@@ -118,7 +121,7 @@ def test_heldout_seeds_and_images_are_disjoint_from_train():
 def test_dataset_is_reproducible_balanced_and_resumable():
     a = list(make_dataset(10, seed=5))
     b = list(make_dataset(10, seed=5))
-    assert [s.style for s in a] == [s.style for s in b] == [*STYLES, *STYLES]
+    assert [s.style for s in a] == [s.style for s in b] == [*DEFAULT_STYLES, *DEFAULT_STYLES]
     assert all(np.array_equal(x.image, y.image) for x, y in zip(a, b, strict=True))
     resumed = list(make_dataset(3, seed=5, start=7))
     assert all(np.array_equal(x.labels, y.labels) for x, y in zip(a[7:], resumed, strict=True))
@@ -127,3 +130,35 @@ def test_dataset_is_reproducible_balanced_and_resumable():
                       channels=a[4].meta["channels"])
     assert np.array_equal(one.image, a[4].image)
     assert {s.meta["bit_depth"] for s in make_dataset(20, seed=0, styles=["nuclei"])} == {8, 16}
+
+
+def test_bacteria_are_dark_touching_rods_with_a_bright_halo():
+    rods, ratios = [], []
+    for seed in range(6):
+        s = make_sample("bacteria", seed)
+        image, labels = s.image.astype(float), s.labels
+        assert set(s.categories.values()) == {"bacterium"}
+        assert touching_pairs(labels), "micro-colonies: some rods touch"
+        inside = labels > 0
+        halo = ndi.binary_dilation(inside, iterations=3) & ~inside
+        far = ~ndi.binary_dilation(inside, iterations=25)
+        background = np.median(image[far])
+        assert np.median(image[inside]) < 0.8 * background < background < np.median(image[halo])
+        for i, sl in enumerate(ndi.find_objects(labels), start=1):
+            ys, xs = np.nonzero(labels[sl] == i)
+            if len(ys) > 80 and sl[0].start > 0 and sl[1].start > 0 and sl[0].stop < 256 and sl[1].stop < 256:
+                evals = np.linalg.eigvalsh(np.cov(np.stack([ys, xs])))
+                ratios.append(np.sqrt(evals[1] / evals[0]))
+        rods.append(len(np.unique(labels)) - 1)
+    assert np.median(ratios) > 2.0, "rods, not blobs"
+    assert min(rods) >= 2
+
+
+def test_bacteria_are_opt_in_so_default_data_sets_do_not_change():
+    assert "bacteria" in STYLES and "bacteria" not in DEFAULT_STYLES
+    assert {s.style for s in make_dataset(12, seed=0)} == set(DEFAULT_STYLES)
+    assert "bacterium" not in ALL_CATEGORIES
+    assert vocabulary_for(DEFAULT_STYLES) == vocabulary_for(["nuclei"]) == ALL_CATEGORIES
+    assert set(vocabulary_for([*DEFAULT_STYLES, "bacteria"])) == {*ALL_CATEGORIES, "bacterium"}
+    six = [s.style for s in make_dataset(12, seed=0, styles=[*DEFAULT_STYLES, "bacteria"])]
+    assert six == [*DEFAULT_STYLES, "bacteria"] * 2

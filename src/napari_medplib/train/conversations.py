@@ -60,7 +60,7 @@ ROUND_BELOW, ELONGATED_ABOVE = 0.6, 0.8
 INTENSITY_MARGIN = 0.08
 
 # ----------------------------------------------------------------------------- nouns
-_PLURALS = {"nucleus": "nuclei", "nucleolus": "nucleoli", "mitochondrion": "mitochondria",
+_PLURALS = {"nucleus": "nuclei", "nucleolus": "nucleoli", "mitochondrion": "mitochondria", "bacterium": "bacteria",
             "cytoplasm": "cytoplasm", "stroma": "stroma", "background": "background"}
 _MASS = {"cytoplasm", "stroma", "background", "tissue"}
 _COUNT_NOUN = {"cytoplasm": "cells"}  # one cytoplasm instance per cell

@@ -292,14 +292,15 @@ def synthetic_items(n: int, seed: int = 0, split: str = "train", n_per_task: int
     """
     # imported here: synth and conversations import this module for the shared types
     from .conversations import make_conversations
-    from .synth import make_dataset
+    from .synth import ALL_CATEGORIES, make_dataset, vocabulary_for
 
+    vocabulary = vocabulary_for(options["styles"]) if options.get("styles") else ALL_CATEGORIES
     for sample in make_dataset(n, seed=seed, split=split, start=start, **options):
         if not conversations:
             yield sample, []
             continue
         rng = np.random.default_rng([sample.meta["seed"], 1])
-        yield sample, make_conversations(sample, rng, n_per_task=n_per_task)
+        yield sample, make_conversations(sample, rng, n_per_task=n_per_task, vocabulary=vocabulary)
 
 
 def write_synthetic_dataset(folder: str | Path, n: int, seed: int = 0, split: str = "train",

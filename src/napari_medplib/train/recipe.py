@@ -78,7 +78,7 @@ class DataSpec:
     seed: int = 0
     n_per_task: int = 4  # conversations per task and sample (synthetic)
     size: int = 256  # synthetic image side
-    styles: list[str] = field(default_factory=list)  # [] = every style
+    styles: list[str] = field(default_factory=list)  # synthetic styles; [] = synth.DEFAULT_STYLES
     turns_per_sequence: int = 6  # conversations of one image packed as one multi-turn sequence
     heldout_source: str = "synthetic"  # "synthetic" (held-out split) or a folder
     heldout_n: int = 100
@@ -150,6 +150,9 @@ class StageSpec:
     #: where this stage trains, when not the recipe's ``device`` ("" = the recipe's): a recipe can
     #: continue on a GPU from stages that were trained on a CPU, and still say how each was made
     device: str = ""
+    #: synthetic styles this stage trains on, when not the data's ``styles`` ([] = the data's): a
+    #: stage can add a style (e.g. ``bacteria``) without changing what the stages before it saw
+    styles: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -199,6 +202,10 @@ class Recipe:
         """A path from the recipe, relative to the recipe file's folder."""
         p = Path(path).expanduser()
         return p if p.is_absolute() or self.folder is None else self.folder / p
+
+    def stage_styles(self, stage: StageSpec) -> tuple[str, ...]:
+        """The synthetic styles ``stage`` trains on (() = the generator's defaults)."""
+        return tuple(stage.styles or self.data.styles)
 
     def stage_device(self, stage: StageSpec) -> str:
         return stage.device or self.device
@@ -300,6 +307,12 @@ def parse_recipe(data: dict[str, Any], name: str = "recipe", folder: Path | None
         folder=folder,
         final=str(data.get("final", "")),
     )
+    from .synth import STYLES
+
+    for where, styles in [("[data]", recipe.data.styles)] + [(f"stage {s.name!r}", s.styles) for s in stages]:
+        bad = sorted(set(styles) - set(STYLES))
+        if bad:
+            raise RecipeError(f"{where}: unknown style(s) {bad}; choose from {list(STYLES)}")
     if recipe.data_workers < 0:
         raise RecipeError(f"data_workers must be 0 (no worker processes) or more, got {recipe.data_workers}")
     if recipe.final:

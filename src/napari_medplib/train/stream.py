@@ -41,8 +41,8 @@ class StageStream:
         data = recipe.data
         self.dataset = None if data.source == "synthetic" else load_dataset(recipe.resolve(data.source))
         self.options = {"size": (data.size, data.size)}
-        if data.styles:
-            self.options["styles"] = tuple(data.styles)
+        if recipe.stage_styles(stage):
+            self.options["styles"] = recipe.stage_styles(stage)
 
     def _sample(self, index: int) -> tuple[Sample, list[Conversation]]:
         data = self.recipe.data

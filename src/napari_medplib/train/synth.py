@@ -13,7 +13,10 @@ Styles (category names in brackets):
   stain) by default, or one channel where both stains are merged;
 * ``organelles`` — mitochondria-like curvy tubes (``mitochondrion``), one channel;
 * ``brightfield`` — dark-edged cells on a bright background (``cell``), one channel;
-* ``he`` — H&E-like histology: pink stroma, purple nuclei, white lumina (``nucleus``, ``lumen``), RGB.
+* ``he`` — H&E-like histology: pink stroma, purple nuclei, white lumina (``nucleus``, ``lumen``), RGB;
+* ``bacteria`` — phase-contrast rod-shaped bacteria in packed micro-colonies (``bacterium``): dark rods
+  with a bright halo and bright seams between touching rods, one channel. Not in `DEFAULT_STYLES`
+  (added after the first models; data sets that do not name it are unchanged).
 
 Labels are int32 instance ids 1..N (0 = background), every instance one connected piece of at least
 ``MIN_AREA`` pixels; ``categories`` maps each id to its category. numpy + scipy only, ~10-30 ms/sample.
@@ -29,7 +32,7 @@ from scipy import ndimage as ndi
 
 from .data import Sample, SyntheticSample
 
-__all__ = ["ALL_CATEGORIES", "STYLES", "Sample", "StyleInfo", "SyntheticSample", "make_dataset",
+__all__ = ["ALL_CATEGORIES", "DEFAULT_STYLES", "STYLES", "Sample", "StyleInfo", "SyntheticSample", "make_dataset",
            "make_sample", "sample_seed"]
 
 #: Smallest instance kept, in pixels: smaller fragments are unlearnable and vanish in the 24x24 grid.
@@ -74,10 +77,25 @@ STYLES: dict[str, StyleInfo] = {
         "H&E histology", "H&E-stained tissue section", ("nucleus", "lumen"), 3,
         {"nucleus": (36.0, 56.0), "lumen": (1550.0, 2350.0)}, implied=("cell", "cytoplasm"),
     ),
+    "bacteria": StyleInfo(
+        "phase-contrast microscopy", "phase-contrast microscopy of bacteria", ("bacterium",), 1,
+        {"bacterium": (210.0, 390.0)}, implied=("cell",),
+    ),
 }
 
-#: Every category any style can produce: the vocabulary for "is there a ... ?" negatives.
-ALL_CATEGORIES: tuple[str, ...] = tuple(sorted({c for s in STYLES.values() for c in s.categories}))
+#: The styles a data set has when it names none: the first five. ``bacteria`` came later and is opted
+#: into (``styles`` of `make_dataset`, a recipe's ``[data]`` or stage ``styles``), so every data set
+#: made before it, and every recipe stage trained on one, stays the same.
+DEFAULT_STYLES: tuple[str, ...] = ("nuclei", "cells", "organelles", "brightfield", "he")
+
+#: The default styles' categories: the vocabulary for "is there a ... ?" negatives (`vocabulary_for`
+#: adds those of opted-in styles).
+ALL_CATEGORIES: tuple[str, ...] = tuple(sorted({c for s in DEFAULT_STYLES for c in STYLES[s].categories}))
+
+
+def vocabulary_for(styles: Sequence[str]) -> tuple[str, ...]:
+    """Categories a data set of `styles` may ask about: `ALL_CATEGORIES` plus the styles' own."""
+    return tuple(sorted({*ALL_CATEGORIES, *(c for s in styles for c in STYLES[s].categories)}))
 
 
 # ----------------------------------------------------------------------------- shapes and placement
@@ -258,6 +276,20 @@ def _boundaries(labels: np.ndarray) -> np.ndarray:
     return edge & (labels > 0)
 
 
+def _touching(labels: np.ndarray) -> np.ndarray:
+    """Pixels of an instance with a 4-neighbour in another instance (not background)."""
+    out = np.zeros(labels.shape, bool)
+    for a, b in ((labels[1:], labels[:-1]), (labels[:, 1:], labels[:, :-1])):
+        meet = (a != b) & (a > 0) & (b > 0)
+        if a.shape[0] != labels.shape[0]:
+            out[1:] |= meet
+            out[:-1] |= meet
+        else:
+            out[:, 1:] |= meet
+            out[:, :-1] |= meet
+    return out
+
+
 # ----------------------------------------------------------------------------- styles
 def _nuclei(rng, shape):
     n = _count(rng, shape, 8, 30)
@@ -411,6 +443,82 @@ def _he(rng, shape):
     return _blur(rng, rgb.astype(np.float32), 0.4, 0.9), labels, cats, "transmitted"
 
 
+def _capsule_distance(cy: float, cx: float, half_length: float, radius: float, angle: float,
+                      shape: tuple[int, int]) -> tuple[tuple[slice, slice], np.ndarray] | None:
+    """Normalised distance (< 1 inside) of a rod (a segment thickened by `radius`) on its patch."""
+    reach = half_length + radius + 1.0
+    y0, y1 = max(int(cy - reach), 0), min(int(cy + reach) + 2, shape[0])
+    x0, x1 = max(int(cx - reach), 0), min(int(cx + reach) + 2, shape[1])
+    if y0 >= y1 or x0 >= x1:
+        return None
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float32)
+    dy, dx = yy - cy, xx - cx
+    along = np.clip(dx * np.cos(angle) + dy * np.sin(angle), -half_length, half_length)
+    dist = np.hypot(dx - along * np.cos(angle), dy - along * np.sin(angle)) / radius
+    return (slice(y0, y1), slice(x0, x1)), dist
+
+
+def _colony(rng: np.random.Generator, shape: tuple[int, int], labels: np.ndarray, best: np.ndarray,
+            n: int, radius: float, first_id: int) -> int:
+    """Grow a micro-colony of up to `n` rods: each new rod lies beside or beyond a placed one, nearly
+    parallel to it (sister cells after division), touching; returns how many were placed."""
+    rods: list[tuple[float, float, float, float]] = []  # cy, cx, half_length, angle
+    placed = 0
+    for _ in range(6 * n):
+        if placed == n:
+            break
+        half = radius * rng.uniform(1.2, 2.8)
+        if not rods:
+            cy, cx = rng.uniform(0.15, 0.85) * shape[0], rng.uniform(0.15, 0.85) * shape[1]
+            angle = rng.uniform(0, np.pi)
+        else:
+            py, px, phalf, pangle = rods[int(rng.integers(len(rods)))]
+            angle = pangle + rng.normal(0, 0.25)
+            ux, uy = np.cos(pangle), np.sin(pangle)
+            if rng.random() < 0.6:  # side by side
+                side = rng.choice([-1.0, 1.0]) * 2.0 * radius * rng.uniform(0.9, 1.0)
+                shift = rng.uniform(-0.6, 0.6) * phalf
+                cy, cx = py + side * ux + shift * uy, px - side * uy + shift * ux
+            else:  # end to end
+                step = rng.choice([-1.0, 1.0]) * (phalf + half + 2.0 * radius) * rng.uniform(0.95, 1.02)
+                cy, cx = py + step * uy, px + step * ux
+        got = _capsule_distance(cy, cx, half, radius, angle, shape)
+        if got is None:
+            continue
+        sl, dist = got
+        inside = dist < 1.0
+        if inside.sum() < MIN_AREA or (labels[sl][inside] > 0).mean() > 0.12:
+            continue  # off the image, or lying on a placed rod
+        take = inside & (dist < best[sl])
+        best[sl][take] = dist[take]
+        labels[sl][take] = first_id + placed
+        rods.append((cy, cx, half, angle))
+        placed += 1
+    return placed
+
+
+def _bacteria(rng, shape):
+    radius = rng.uniform(3.5, 10.0)  # rod half-width: 7-20 px wide rods, 2.4-6.6 widths long
+    labels = np.zeros(shape, np.int32)
+    best = np.full(shape, np.inf, np.float32)
+    total = 0
+    budget = _count(rng, shape, 8, 40) * (6.0 / radius) ** 2  # fewer of the big ones
+    for _ in range(int(rng.integers(1, 3))):
+        total += _colony(rng, shape, labels, best, max(int(budget * rng.uniform(0.4, 0.8)), 2), radius, total + 1)
+    for _ in range(int(rng.integers(0, 4))):  # a few lone cells
+        total += _colony(rng, shape, labels, best, 1, radius, total + 1)
+    labels, cats = _finalise(labels, dict.fromkeys(range(1, total + 1), "bacterium"))
+    rods = (labels > 0).astype(np.float32)
+    darkness = np.concatenate([[0.0], rng.uniform(0.45, 0.75, len(cats))]).astype(np.float32)
+    # phase contrast: dark bodies, a bright halo outside them and bright seams where two rods touch
+    halo = np.clip(ndi.gaussian_filter(rods, radius * rng.uniform(0.3, 0.6)) - rods, 0, None)
+    seams = ndi.gaussian_filter(_touching(labels).astype(np.float32), 0.7)
+    light = 0.55 + 0.1 * _smooth_field(rng, shape) + 0.015 * _texture(rng, shape, 3.0)
+    intensity = light * (1 - darkness[labels] * (1 + 0.08 * _texture(rng, shape, 1.5)))
+    intensity += light * (rng.uniform(0.8, 2.0) * halo + rng.uniform(0.3, 0.8) * np.clip(seams, 0, 1))
+    return _blur(rng, intensity, 0.6, 1.4), labels, cats, "transmitted"
+
+
 # ----------------------------------------------------------------------------- public API
 def make_sample(style: str, seed: int | Sequence[int], size: tuple[int, int] = (256, 256),
                 bit_depth: int = 8, channels: int | None = None) -> Sample:
@@ -435,8 +543,8 @@ def make_sample(style: str, seed: int | Sequence[int], size: tuple[int, int] = (
     if style == "cells":
         signal, labels, cats, optics = _cells(rng, shape, ch)
     else:
-        signal, labels, cats, optics = {"nuclei": _nuclei, "organelles": _organelles,
-                                        "brightfield": _brightfield, "he": _he}[style](rng, shape)
+        signal, labels, cats, optics = {"nuclei": _nuclei, "organelles": _organelles, "brightfield": _brightfield,
+                                        "he": _he, "bacteria": _bacteria}[style](rng, shape)
     camera = _fluorescence_camera if optics == "fluorescence" else _transmitted_camera
     image = camera(rng, signal, bit_depth)
     meta = {
@@ -468,7 +576,7 @@ def sample_seed(seed: int, index: int, split: str = "train") -> int:
     return 2 * (seed * 2**32 + index) + (split == "heldout")
 
 
-def make_dataset(n: int, seed: int = 0, styles: Sequence[str] = tuple(STYLES), split: str = "train",
+def make_dataset(n: int, seed: int = 0, styles: Sequence[str] = DEFAULT_STYLES, split: str = "train",
                  size: tuple[int, int] = (256, 256), bit_depths: Sequence[int] = (8, 16),
                  start: int = 0) -> Iterator[Sample]:
     """Yield `n` samples, cycling through `styles` in order (balanced); lazily, so any n fits memory.
