@@ -4,6 +4,7 @@ reduced real evaluation of a micro model with sane bounds."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -235,3 +236,31 @@ def test_region_questions_read_point_regions_as_the_engine_does(mode, monkeypatc
     else:  # rows 20..39 of the 64x64 low-res frame = a band across the whole image, not the square
         rows, cols = np.nonzero(given[0][0][0].numpy())
         assert cols.min() == 0 and cols.max() == 335 and 100 < rows.min() and rows.max() < 240
+
+
+
+def test_eval_styles_choose_the_held_out_images(monkeypatch):
+    """``medplib eval --styles bacteria`` scores the opt-in style's held-out images; unknown styles and
+    styles with a data folder are errors."""
+    from napari_medplib.cli import main
+    from napari_medplib.train import evaluate as evaluate_module
+
+    real_heldout = evaluate_module.heldout
+    assert {s.style for s, _ in real_heldout(3, styles=["bacteria"])} == {"bacteria"}
+    seen = {}
+
+    def fake_heldout(n, seed=0, n_per_task=4, size=256, styles=None):
+        seen["styles"] = styles
+        return iter(())
+
+    monkeypatch.setattr(evaluate_module, "heldout", fake_heldout)
+    monkeypatch.setattr(evaluate_module, "resolve_model_folder", Path)
+    monkeypatch.setattr(evaluate_module.MedPLIBModel, "from_pretrained", staticmethod(lambda f, dtype: object()))
+    monkeypatch.setattr(evaluate_module, "evaluate_model", lambda model, items, progress: {"n": len(list(items))})
+    monkeypatch.setattr(evaluate_module, "format_table", lambda results: "")
+    assert main(["eval", "somewhere", "--styles", "bacteria, nuclei", "--no-progress"]) == 0
+    assert seen["styles"] == ["bacteria", "nuclei"]
+    with pytest.raises(ValueError, match="unknown style"):
+        evaluate_module.evaluate(["m"], styles=["bacterias"])
+    with pytest.raises(ValueError, match="own"):
+        evaluate_module.evaluate(["m"], styles=["bacteria"], data="folder")

@@ -33,8 +33,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     models = [args.model, *(args.compare or [])]
+    styles = [s.strip() for s in args.styles.split(",") if s.strip()] if args.styles else None
     evaluate(models, n=args.n, seed=args.seed, n_per_task=args.n_per_task, data=args.data,
-             json_path=args.json, progress=not args.no_progress)
+             json_path=args.json, progress=not args.no_progress, styles=styles)
     return 0
 
 
@@ -71,6 +72,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="data seed of the held-out split (default 0)")
     parser.add_argument("--n-per-task", type=int, default=4, help="questions per task and image (default 4)")
     parser.add_argument("--data", help="a data set folder (save_dataset) instead of the synthetic split")
+    parser.add_argument("--styles", help="synthetic styles, comma-separated, e.g. 'bacteria' (default: the "
+                                         "five default styles)")
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads")
     parser.add_argument("--no-progress", action="store_true")

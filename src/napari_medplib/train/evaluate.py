@@ -229,16 +229,24 @@ def heldout(n: int, seed: int = 0, n_per_task: int = 4, size: int = 256,
 
 def evaluate(model_paths: Sequence[str | Path], n: int = 100, seed: int = 0, n_per_task: int = 4,
              data: str | Path | None = None, json_path: str | Path | None = None, progress: bool = True,
-             dtype: str = "float32") -> dict[str, dict[str, Any]]:
-    """Evaluate one or more models on the same held-out items; print the table, write the JSON."""
+             dtype: str = "float32", styles: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """Evaluate one or more models on the same held-out items; print the table, write the JSON.
+    ``styles``: the synthetic styles (default `synth.DEFAULT_STYLES`), e.g. ``["bacteria"]``."""
     from .data import load_dataset
+    from .synth import STYLES
+
+    bad = sorted(set(styles or ()) - set(STYLES))
+    if bad:
+        raise ValueError(f"unknown style(s) {bad}; choose from {list(STYLES)}")
+    if styles and data is not None:
+        raise ValueError("styles choose synthetic held-out images; a --data folder has its own")
 
     results = {}
     for path in model_paths:
         folder = resolve_model_folder(path)
         model = MedPLIBModel.from_pretrained(folder, dtype=dtype)
         if data is None:
-            items = heldout(n, seed=seed, n_per_task=n_per_task)
+            items = heldout(n, seed=seed, n_per_task=n_per_task, styles=styles)
         else:
             dataset = load_dataset(data)
             items = (dataset[i] for i in range(min(n, len(dataset))))
