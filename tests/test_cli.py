@@ -291,3 +291,23 @@ def test_segment_box_masks_stay_in_the_box_unless_asked(model_dir, tmp_path, cap
         assert main(["segment", str(path), "--box", *map(str, box), "--model", str(model_dir),
                      "--labels-out", str(out_path), *flags]) == 0
         np.testing.assert_array_equal(tifffile.imread(out_path) == 1, expected)
+
+
+def test_segment_point_masks_keep_the_clicked_piece_unless_asked(model_dir, tmp_path, monkeypatch):
+    """``--all-pieces`` reaches ``Session.segment(clicked_pieces=False)``; the default keeps the cut."""
+    from napari_medplib.engine import Session
+
+    path = tmp_path / "img.tif"
+    tifffile.imwrite(path, (np.random.default_rng(3).random((40, 50)) * 3000).astype(np.uint16))
+    seen = []
+    real = Session.segment
+
+    def segment(self, image, **kwargs):
+        seen.append(kwargs["clicked_pieces"])
+        return real(self, image, **kwargs)
+
+    monkeypatch.setattr(Session, "segment", segment)
+    for flags in ([], ["--all-pieces"]):
+        assert main(["segment", str(path), "--point", "10", "12", "--model", str(model_dir),
+                     "--labels-out", str(tmp_path / f"s{len(flags)}.tif"), *flags]) == 0
+    assert seen == [True, False]

@@ -242,7 +242,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     results = [
         session.segment(image, **prompt, multimask=args.multimask, mask_mode=args.mask_mode,
                         on_progress=progress, window=args.window, clip_to_box=not args.no_clip_to_box,
-                        **_image_kwargs(args))
+                        clicked_pieces=not args.all_pieces, **_image_kwargs(args))
         for prompt in prompts
     ]
     masks = [r.mask for r in results]
@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(auto, the default: when the image is over 1.5x SAM's input; none: whole image)")
     seg.add_argument("--no-clip-to-box", action="store_true",
                      help="keep mask pixels outside a --box (by default a box's mask stays inside it)")
+    seg.add_argument("--all-pieces", action="store_true",
+                     help="keep every piece of a --point's mask (by default only the pieces under a positive point)")
     seg.set_defaults(func=_cmd_segment)
 
     from .train.cli import (  # light: argparse only until a command runs

@@ -132,6 +132,28 @@ def test_box_masks_are_kept_inside_the_box_as_the_engine_keeps_them(scripted, mo
     assert m["point_mdice"] == m["box_decoder_mdice"]  # points are not cut
 
 
+
+def test_point_masks_keep_the_clicked_piece_as_the_engine_keeps_them(scripted, monkeypatch):
+    """A decoder that paints the instance and a far-off square: "point" scores the piece under the
+    click (the instance, Dice 1), "point_decoder" both pieces."""
+    from scipy import ndimage as ndi
+
+    model, items = scripted
+    sample, convs = items[0]
+    ids = np.unique(sample.labels)
+    mask = sample.labels == np.random.default_rng([0, 5]).choice(ids[ids > 0], size=1, replace=False)[0]
+    far = ndi.distance_transform_edt(~mask)
+    r, c = np.unravel_index(int(np.argmax(far)), mask.shape)
+    square = np.zeros_like(mask)
+    square[max(r - 2, 0) : r + 3, max(c - 2, 0) : c + 3] = True
+    assert far[square].min() > 3  # two separate pieces
+    painted = torch.from_numpy(np.where(mask | square, 10.0, -10.0)).float()
+    monkeypatch.setattr(ev, "prompt_masks", lambda model_, emb, image, masks, prompt, rng=None, jitter=0.0:
+                        painted[None].repeat(len(masks), 1, 1))
+    m = ev.evaluate_model(model, [(sample, convs)], instances_per_image=1)["metrics"]
+    assert m["point_mdice"] == pytest.approx(1.0)
+    assert m["point_decoder_mdice"] == pytest.approx(2 * mask.sum() / (2 * mask.sum() + square.sum()))
+
 def test_grounding_masks_about_a_box_are_kept_inside_it(scripted):
     """As the engine returns them: a <SEG> whose region gave SAM a box is cut to that box; others are not."""
     from napari_medplib.engine.prompts import box_pixels

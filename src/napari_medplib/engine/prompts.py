@@ -126,6 +126,38 @@ def keep_inside_box(mask, box):
     return mask & torch.from_numpy(inside).to(mask.device)
 
 
+def keep_clicked_pieces(mask, points, labels):
+    """``mask`` [H, W] (numpy or torch bool) reduced to its 8-connected pieces that hold a positive click.
+
+    A click says "this object": pieces of SAM's mask away from every positive click are other objects
+    or noise (mostly fragments of touching neighbours). Keeping the clicked pieces raised one-click
+    Dice on held-out synthetic images from 0.777 to 0.788 (docs/model-card.md). A mask that no positive
+    click falls inside (the click on a thin gap, or only negative clicks) is returned as it is.
+    ``points`` (P, 2) are (y, x) image pixels, ``labels`` (P,) 1 = positive."""
+    from scipy import ndimage as ndi
+
+    if points is None or labels is None:
+        return mask
+    is_torch = not isinstance(mask, np.ndarray)
+    array = mask.cpu().numpy() if is_torch else np.asarray(mask)
+    h, w = array.shape[-2:]
+    clicks = np.rint(np.asarray(points, float)[np.asarray(labels) == 1]).astype(int)
+    if not len(clicks) or not array.any():
+        return mask
+    clicks = clicks.clip(0, (h - 1, w - 1))
+    pieces, _ = ndi.label(array, structure=np.ones((3, 3), bool))
+    ids = np.unique(pieces[clicks[:, 0], clicks[:, 1]])
+    ids = ids[ids > 0]
+    if not len(ids):
+        return mask
+    kept = np.isin(pieces, ids)
+    if not is_torch:
+        return kept
+    import torch
+
+    return torch.from_numpy(kept).to(mask.device)
+
+
 def keep_seg_masks_inside_boxes(masks, seg_regions) -> list:
     """``<SEG>`` masks, each kept inside the box its paired region gave SAM (see `keep_inside_box`).
 

@@ -9,7 +9,7 @@ Contract (the napari widget, the CLI and scripts rely on it; see also DESIGN.md 
     stream = session.ask_stream(image, question, regions, **same_kwargs); for piece in stream: ...
     result = session.segment(image, points=None, point_labels=None, box=None, mask=None,
                              multimask=False, contrast_limits=None, rgb=None, window="auto",
-                             clip_to_box=True)
+                             clip_to_box=True, clicked_pieces=True)
     session.cancel(); session.clear_cache(); session.close()
 
 What is cached (keyed by the content hash of the RGB plane the model sees, see ``image.py``):
@@ -56,6 +56,7 @@ from .loading import (
 from .prompts import (
     bind_regions,
     check_prompts,
+    keep_clicked_pieces,
     keep_inside_box,
     keep_seg_masks_inside_boxes,
     seg_region_prompt,
@@ -523,6 +524,7 @@ class Session:
         on_progress: Progress | None = None,
         window: str | int | None = "auto",
         clip_to_box: bool = True,
+        clicked_pieces: bool = True,
     ) -> WindowedSegmentResult:
         """Direct SAM-Med2D prompts, no LLM: points (y, x) with labels 1/0, a box (y0, x0, y1, x1)
         inclusive, and/or a bool (H, W) mask prior. ``multimask`` returns SAM's 3 candidates.
@@ -532,6 +534,8 @@ class Session:
         Masks are full-size either way; ``result.window`` is the area used (see ``window.py``).
         ``clip_to_box``: with a box prompt, mask pixels outside the box are dropped (the box says where
         the object is; see ``prompts.keep_inside_box``); False gives SAM's masks as they are.
+        ``clicked_pieces``: with positive clicks, only the mask's connected pieces under a positive click
+        are kept (see ``prompts.keep_clicked_pieces``); False keeps every piece.
         """
         import torch
 
@@ -544,7 +548,7 @@ class Session:
             plane = self._view(image, contrast_limits, rgb)
             pts, labels, box_arr, prior = check_prompts(points, point_labels, box, mask, plane.image_hw)
             area = choose_window(plane.image_hw, model.sam.config.image_size, pts, box_arr, prior, window)
-            image_box = box_arr  # the box in image pixels (shift_prompts moves box_arr into the crop)
+            image_box, image_pts = box_arr, pts  # in image pixels (shift_prompts moves them into the crop)
             if area is None:
                 view = plane
             else:  # the crop keeps the whole plane's contrast; its content key keys the SAM cache
@@ -570,6 +574,8 @@ class Session:
                 masks = paste_masks(masks, area, plane.image_hw)
             if clip_to_box and box_arr is not None:
                 masks = [keep_inside_box(m, image_box) for m in masks]
+            if clicked_pieces and image_pts is not None:
+                masks = [keep_clicked_pieces(m, image_pts, labels) for m in masks]
             scores = [float(v) for v in iou[0].float().tolist()]
             timings["masks"] = time.perf_counter() - mark
             timings["total"] = time.perf_counter() - start

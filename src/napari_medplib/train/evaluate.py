@@ -5,7 +5,8 @@
   ``postprocess_masks`` -> sigmoid > 0.1); a target without a generated ``<SEG>`` scores 0;
 * box-prompt and point-prompt mDice — SAM-Med2D alone, per instance: the tight box, and the most
   interior pixel as one foreground click; box masks are kept inside the box as ``Session.segment``
-  keeps them (``box_decoder_mdice``: the decoder's masks as they are);
+  keeps them (``box_decoder_mdice``: the decoder's masks as they are), point masks keep only the
+  pieces under the click as ``Session.segment`` keeps them (``point_decoder_mdice``: as they are);
 * region-VQA and image-VQA accuracy — ``normalise_answer`` exact match with the canonical answer;
 * expert-routing shares — the share of answer tokens each expert took, per task (MoE models).
 
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..engine.prompts import keep_inside_box, keep_seg_masks_inside_boxes
+from ..engine.prompts import keep_clicked_pieces, keep_inside_box, keep_seg_masks_inside_boxes
 from ..model.medplib import MedPLIBModel
 from ..model.postprocess import masks_from_logits
 from ..model.seg_prompts import pair_with_segs
@@ -33,7 +34,7 @@ from ..model.tokenizer import encode_question
 from .batches import prepare_image, region_mask, seg_region_prompt
 from .data import Conversation, RegionSpec, Sample, normalise_answer
 from .losses import dice_score
-from .steps import point_object_masks, prompt_masks, tight_box
+from .steps import interior_point, point_object_masks, prompt_masks, tight_box
 
 FLOORS = {"grounding_mdice": 0.80, "box_mdice": 0.90, "point_mdice": 0.80, "region_vqa_acc": 0.85, "vqa_acc": 0.90}
 
@@ -151,11 +152,13 @@ def _prompt_scores(model, sample: Sample, image, embedding, k: int, index: int, 
         predicted = masks_from_logits(prompt_masks(model, embedding, image, masks, prompt))
         for pred, target in zip(predicted, masks, strict=True):
             target = torch.from_numpy(target)
-            if prompt == "box":  # what Session.segment returns: the mask kept inside the box
-                raw = dice_score(pred, target)
-                scores.add("box_decoder", raw)
-                scores.add(f"box_decoder/{sample.style}", raw)
+            raw = dice_score(pred, target)  # what Session.segment returns: the box's mask kept inside it,
+            scores.add(f"{prompt}_decoder", raw)  # the click's mask kept to the pieces under the click
+            scores.add(f"{prompt}_decoder/{sample.style}", raw)
+            if prompt == "box":
                 pred = keep_inside_box(pred, tight_box(target.numpy()))
+            else:
+                pred = keep_clicked_pieces(pred, np.array([interior_point(target.numpy())]), np.ones(1))
             dice = dice_score(pred, target)
             scores.add(prompt, dice)
             scores.add(f"{prompt}/{sample.style}", dice)
@@ -167,6 +170,7 @@ def _summary(scores: _Scores, n_samples: int, seconds: float) -> dict[str, Any]:
         "box_mdice": scores.mean("box"),
         "box_decoder_mdice": scores.mean("box_decoder"),
         "point_mdice": scores.mean("point"),
+        "point_decoder_mdice": scores.mean("point_decoder"),
         "region_vqa_acc": scores.mean("region_vqa"),
         "vqa_acc": scores.mean("vqa"),
     }
@@ -195,7 +199,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     """A plain-text table: one column per model, one row per metric, floors on the right."""
     names = list(results)
     rows = [("metric", *names, "floor")]
-    for key, floor in {**FLOORS, "box_decoder_mdice": None}.items():
+    for key, floor in {**FLOORS, "box_decoder_mdice": None, "point_decoder_mdice": None}.items():
         values = [results[n]["metrics"].get(key) for n in names]
         rows.append((key, *(_cell(v, floor) for v in values), "" if floor is None else f"{floor:.2f}"))
     for name in names:
