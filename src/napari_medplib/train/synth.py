@@ -79,7 +79,7 @@ STYLES: dict[str, StyleInfo] = {
     ),
     "bacteria": StyleInfo(
         "phase-contrast microscopy", "phase-contrast microscopy of bacteria", ("bacterium",), 1,
-        {"bacterium": (210.0, 390.0)}, implied=("cell",),
+        {"bacterium": (275.0, 535.0)}, implied=("cell",),
     ),
 }
 
@@ -467,7 +467,7 @@ def _colony(rng: np.random.Generator, shape: tuple[int, int], labels: np.ndarray
     for _ in range(6 * n):
         if placed == n:
             break
-        half = radius * rng.uniform(1.2, 2.8)
+        half = radius * rng.uniform(1.3, 4.5)  # rods 2.3-5.5 widths long (E. coli: 2-5 um x 1 um)
         if not rods:
             cy, cx = rng.uniform(0.15, 0.85) * shape[0], rng.uniform(0.15, 0.85) * shape[1]
             angle = rng.uniform(0, np.pi)
@@ -498,7 +498,7 @@ def _colony(rng: np.random.Generator, shape: tuple[int, int], labels: np.ndarray
 
 
 def _bacteria(rng, shape):
-    radius = rng.uniform(3.5, 10.0)  # rod half-width: 7-20 px wide rods, 2.4-6.6 widths long
+    radius = rng.uniform(3.5, 11.0)  # rod half-width: 7-22 px wide rods
     labels = np.zeros(shape, np.int32)
     best = np.full(shape, np.inf, np.float32)
     total = 0
