@@ -117,3 +117,23 @@ def test_a_clicked_point_is_read_as_the_clicked_nucleus():
     read, nucleus = seen[-1], region_mask_to_grid(target).mask_336 > 0  # both on the model's 336-px frame
     dice = 2 * (read & nucleus).sum() / (read.sum() + nucleus.sum())
     assert dice > 0.6, dice
+
+
+def test_phase_contrast_bacteria_are_known():
+    """The bundled model saw the opt-in ``bacteria`` style (stages sam6, moe6): a rod is segmented from
+    its box and the modality is named (an untrained style scores ~0.5 box Dice and never says it)."""
+    from napari_medplib.engine.session import Session
+    from napari_medplib.train.evaluate import heldout
+    from napari_medplib.train.steps import tight_box
+
+    session = Session.load(device="cpu")
+    dices, named = [], 0
+    for sample, _ in heldout(3, styles=["bacteria"]):
+        ids, areas = np.unique(sample.labels[sample.labels > 0], return_counts=True)
+        for label in ids[np.argsort(areas)[::-1][:4]]:  # the four largest rods
+            target = sample.labels == label
+            mask = np.asarray(session.segment(sample.image, box=tight_box(target)).mask)
+            dices.append(2 * (mask & target).sum() / (mask.sum() + target.sum()))
+        named += "phase" in session.ask(sample.image, "Which imaging modality is this?").text.lower()
+    assert np.mean(dices) > 0.65, dices
+    assert named >= 2

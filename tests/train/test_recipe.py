@@ -163,7 +163,7 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     assert moe6.init == "moe4" and moe6.copy == {"sam6": ["sam.*"]} and gpu.router_targets(moe6) == routes
     d4 = gpu.stage("dense4")
     assert d4.init == "dense3" and dataclasses.replace(d4, name="dense3", init="grounding3", lr=d3.lr) == d3
-    assert gpu.final_stage.name == "moe4"
+    assert gpu.final_stage.name == "moe6"
 
 
 def test_a_stage_can_add_a_synthetic_style_without_changing_the_others():
