@@ -130,7 +130,8 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         assert a == b and gpu.stage_device(b) == "cpu"
     assert {s.name: gpu.stage_device(s) for s in gpu.stages[len(shared):]} == {
         "sam5": "cuda", "vl3": "cuda", "grounding2": "cpu", "moe2": "cpu", "dense2": "cpu", "grounding3": "cpu",
-        "moe3": "cpu", "dense3": "cpu", "moe4": "cpu", "moe5": "cpu", "dense4": "cpu", "sam6": "cpu", "moe6": "cpu"}
+        "moe3": "cpu", "dense3": "cpu", "moe4": "cpu", "moe5": "cpu", "dense4": "cpu", "sam6": "cpu", "moe6": "cpu",
+        "sam7": "cpu", "moe7": "cpu"}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -155,12 +156,14 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         assert dataclasses.replace(more, name="moe3", init="grounding3", experts=m3.experts, copy=m3.copy,
                                    lr=m3.lr) == m3
         assert gpu.router_targets(more) == routes
-    # the bacteria style: only the last two stages see it; SAM from moe4's, then stage IV on that SAM
-    assert [s.name for s in gpu.stages if s.styles] == ["sam6", "moe6"]
-    sam6, moe6 = gpu.stage("sam6"), gpu.stage("moe6")
-    assert "bacteria" in sam6.styles and set(sam6.styles) == set(moe6.styles) and sam6.copy == {"moe4": ["sam.*"]}
-    assert dataclasses.replace(moe6, name="moe4", init="moe3", copy={}, styles=[]) == gpu.stage("moe4")
-    assert moe6.init == "moe4" and moe6.copy == {"sam6": ["sam.*"]} and gpu.router_targets(moe6) == routes
+    # the bacteria style: only the last stages see it; SAM from the last stage IV's, then stage IV on it
+    assert [s.name for s in gpu.stages if s.styles] == ["sam6", "moe6", "sam7", "moe7"]
+    for sam, moe, before in (("sam6", "moe6", "moe4"), ("sam7", "moe7", "moe6")):
+        sam, moe = gpu.stage(sam), gpu.stage(moe)
+        assert "bacteria" in sam.styles and set(sam.styles) == set(moe.styles) and sam.copy == {before: ["sam.*"]}
+        assert dataclasses.replace(moe, name="moe4", init="moe3", copy={}, styles=[]) == gpu.stage("moe4")
+        assert moe.init == before and moe.copy == {sam.name: ["sam.*"]} and gpu.router_targets(moe) == routes
+        assert dataclasses.replace(sam, name="sam6", copy={"moe4": ["sam.*"]}) == gpu.stage("sam6")
     d4 = gpu.stage("dense4")
     assert d4.init == "dense3" and dataclasses.replace(d4, name="dense3", init="grounding3", lr=d3.lr) == d3
     assert gpu.final_stage.name == "moe6"
