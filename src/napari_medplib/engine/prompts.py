@@ -131,8 +131,9 @@ def keep_clicked_pieces(mask, points, labels):
 
     A click says "this object": pieces of SAM's mask away from every positive click are other objects
     or noise (mostly fragments of touching neighbours). Keeping the clicked pieces raised one-click
-    Dice on held-out synthetic images (100, seed 1) from 0.777 to 0.784 (docs/model-card.md). A mask that no positive
-    click falls inside (the click on a thin gap, or only negative clicks) is returned as it is.
+    Dice on held-out synthetic images (100, seed 1) from 0.777 to 0.784 (docs/model-card.md). A mask
+    that no positive click falls inside (a click on a thin gap, or only negative clicks) is returned
+    as it is.
     ``points`` (P, 2) are (y, x) image pixels, ``labels`` (P,) 1 = positive."""
     from scipy import ndimage as ndi
 
