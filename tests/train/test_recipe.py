@@ -131,7 +131,7 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     assert {s.name: gpu.stage_device(s) for s in gpu.stages[len(shared):]} == {
         "sam5": "cuda", "vl3": "cuda", "grounding2": "cpu", "moe2": "cpu", "dense2": "cpu", "grounding3": "cpu",
         "moe3": "cpu", "dense3": "cpu", "moe4": "cpu", "moe5": "cpu", "dense4": "cpu", "sam6": "cpu", "moe6": "cpu",
-        "sam7": "cpu", "moe7": "cpu"}
+        "sam7": "cpu", "moe7": "cpu", "sam8": "cpu", "moe8": "cpu"}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -157,8 +157,8 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
                                    lr=m3.lr) == m3
         assert gpu.router_targets(more) == routes
     # the bacteria style: only the last stages see it; SAM from the last stage IV's, then stage IV on it
-    assert [s.name for s in gpu.stages if s.styles] == ["sam6", "moe6", "sam7", "moe7"]
-    for sam, moe, before in (("sam6", "moe6", "moe4"), ("sam7", "moe7", "moe6")):
+    assert [s.name for s in gpu.stages if s.styles] == ["sam6", "moe6", "sam7", "moe7", "sam8", "moe8"]
+    for sam, moe, before in (("sam6", "moe6", "moe4"), ("sam7", "moe7", "moe6"), ("sam8", "moe8", "moe7")):
         sam, moe = gpu.stage(sam), gpu.stage(moe)
         assert "bacteria" in sam.styles and set(sam.styles) == set(moe.styles) and sam.copy == {before: ["sam.*"]}
         assert dataclasses.replace(moe, name="moe4", init="moe3", copy={}, styles=[]) == gpu.stage("moe4")
