@@ -166,7 +166,7 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         assert dataclasses.replace(sam, name="sam6", copy={"moe4": ["sam.*"]}) == gpu.stage("sam6")
     d4 = gpu.stage("dense4")
     assert d4.init == "dense3" and dataclasses.replace(d4, name="dense3", init="grounding3", lr=d3.lr) == d3
-    assert gpu.final_stage.name == "moe7"
+    assert gpu.final_stage.name == "moe8"
 
 
 def test_a_stage_can_add_a_synthetic_style_without_changing_the_others():
