@@ -223,6 +223,30 @@ def test_the_inside_box_option_reaches_the_engine_and_is_remembered(make_napari_
     assert session.clip_to_box is False and load_settings().clip_to_box is False
 
 
+def test_the_clicked_piece_option_reaches_the_engine_and_is_remembered(make_napari_viewer, qtbot, blobs):
+    from napari_medplib.ui.settings import load_settings
+
+    viewer = make_napari_viewer()
+    viewer.add_image(blobs, name="cells")
+    session = FakeSession()
+    widget = _dock(viewer, session)
+    points = widget.pickers.add_points_layer()
+    points.add([30, 30])
+    panel = widget.segment_panel
+    assert panel.clicked_only.isChecked()  # default: only the pieces under a positive click
+    panel.segment()
+    qtbot.waitUntil(lambda: panel._worker is None and len(panel.masks) == 1)
+    assert session.clicked_pieces is True
+    n = len(session.calls)
+    panel.clicked_only.setChecked(False)  # the preview is redone with every piece
+    qtbot.waitUntil(lambda: len(session.calls) > n and panel._worker is None, timeout=3000)
+    assert session.clicked_pieces is False and load_settings().clicked_pieces is False
+    assert session.clip_to_box is True  # the other option is untouched
+    # a new dock starts from the remembered choice
+    again = _dock(viewer, FakeSession())
+    assert not again.segment_panel.clicked_only.isChecked()
+
+
 def test_closing_the_dock_unbinds_its_keys(make_napari_viewer, qtbot, blobs):
     viewer = make_napari_viewer()
     widget = MedplibWidget(viewer, session=FakeSession())

@@ -140,9 +140,11 @@ class FakeSession:
         contrast_limits=None,
         rgb=None,
         clip_to_box=True,
+        clicked_pieces=True,
     ):
         self.calls.append(("segment", np.shape(image), box, points))
         self.clip_to_box = clip_to_box
+        self.clicked_pieces = clicked_pieces
         grey = to_model_rgb(np.asarray(image), contrast_limits, rgb=rgb).mean(axis=-1)
         area = np.zeros(grey.shape, bool)
         if box is not None:

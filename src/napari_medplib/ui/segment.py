@@ -2,8 +2,9 @@
 
 "Segment" (Shift-S) turns the prompts of the ticked Points/Shapes layers on the shown plane into
 masks in a preview Labels layer named after the image; "Live" re-segments (debounced) whenever a
-prompt layer's data change; "Commit" (Shift-C) writes the preview masks into the output Labels layer
-with the next free ids, as one undo step.
+prompt layer's data change; "Inside box" and "Clicked piece" switch `Session.segment`'s mask cuts
+(remembered); "Commit" (Shift-C) writes the preview masks into the output Labels layer with the next
+free ids, as one undo step.
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ SEGMENT_KEY = "Shift-S"
 COMMIT_KEY = "Shift-C"
 
 
-def _segment_all(session: Any, plane: Any, prompts: list[dict[str, Any]], clip_to_box: bool) -> list[np.ndarray]:
-    return [np.asarray(segment_job(session, plane, p, clip_to_box).mask, dtype=bool) for p in prompts]
+def _segment_all(session: Any, plane: Any, prompts: list[dict[str, Any]], clip_to_box: bool,
+                 clicked_pieces: bool) -> list[np.ndarray]:
+    return [np.asarray(segment_job(session, plane, p, clip_to_box, clicked_pieces).mask, dtype=bool)
+            for p in prompts]
 
 
 def _unbind(viewer: Any, bound: dict[str, Any]) -> None:
@@ -65,6 +68,13 @@ class SegmentPanel(QWidget):
         )
         self.inside_box.setChecked(dock.settings.clip_to_box)
         self.inside_box.toggled.connect(self._on_inside_box)
+        self.clicked_only = QCheckBox("Clicked piece")
+        self.clicked_only.setToolTip(
+            "Keep only the parts of a click's mask that touch a positive click (the decoder can add "
+            "pieces elsewhere); untick for the decoder's mask as it is"
+        )
+        self.clicked_only.setChecked(dock.settings.clicked_pieces)
+        self.clicked_only.toggled.connect(self._on_clicked_only)
         self.commit_button = QPushButton(f"Commit [{COMMIT_KEY}]")
         self.commit_button.setToolTip("Write the preview mask to the output layer with a new id")
         self.commit_button.clicked.connect(self.commit)
@@ -73,6 +83,7 @@ class SegmentPanel(QWidget):
         row.addWidget(self.segment_button)
         row.addWidget(self.live)
         row.addWidget(self.inside_box)
+        row.addWidget(self.clicked_only)
         row.addWidget(self.commit_button)
 
         self._debounce = QTimer(self)
@@ -110,9 +121,16 @@ class SegmentPanel(QWidget):
         self._rewatch()
 
     def _on_inside_box(self, on: bool) -> None:
-        self.dock.settings.clip_to_box = bool(on)
+        self._option_changed("clip_to_box", on)
+
+    def _on_clicked_only(self, on: bool) -> None:
+        self._option_changed("clicked_pieces", on)
+
+    def _option_changed(self, name: str, on: bool) -> None:
+        """Remember a mask option; the preview follows it."""
+        setattr(self.dock.settings, name, bool(on))
         self.dock.save_settings()
-        if self.masks:  # the preview follows the option
+        if self.masks:
             self.segment(quiet=True)
 
     def _on_data(self, *_: Any) -> None:
@@ -157,6 +175,7 @@ class SegmentPanel(QWidget):
             plane,
             prompts,
             self.inside_box.isChecked(),
+            self.clicked_only.isChecked(),
             desc="MedPLIB: segmenting",
             on_return=self._show,
             on_finish=self._done,

@@ -28,6 +28,7 @@ class WidgetSettings:
     replace: bool = False  # overwrite existing labels
     live: bool = False  # live direct segmentation
     clip_to_box: bool = True  # direct segmentation keeps a box's mask inside the box (Session.segment)
+    clicked_pieces: bool = True  # a click's mask keeps only its pieces under a positive click
 
     @property
     def model_source(self) -> str | None:

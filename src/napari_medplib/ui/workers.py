@@ -160,11 +160,14 @@ def stack_job(
     return out
 
 
-def segment_job(session: Any, plane: ImagePlane, prompts: dict[str, Any], clip_to_box: bool = True) -> Any:
-    """Direct prompt -> mask with `Session.segment` (no LLM); ``clip_to_box`` keeps a box's mask inside it."""
+def segment_job(session: Any, plane: ImagePlane, prompts: dict[str, Any], clip_to_box: bool = True,
+                clicked_pieces: bool = True) -> Any:
+    """Direct prompt -> mask with `Session.segment` (no LLM); ``clip_to_box`` keeps a box's mask inside it,
+    ``clicked_pieces`` keeps only the pieces under a positive click."""
     image = plane.read()
     with lock_for(session):
-        return session.segment(image, **prompts, **_plane_kwargs(plane), clip_to_box=clip_to_box)
+        return session.segment(image, **prompts, **_plane_kwargs(plane), clip_to_box=clip_to_box,
+                               clicked_pieces=clicked_pieces)
 
 
 # ---- prompts for direct segmentation -------------------------------------------------------------
