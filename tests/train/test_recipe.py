@@ -118,6 +118,10 @@ def test_point_region_mask_must_be_known():
         parse_recipe({"model": model, "stages": micro_stages()})
 
 
+#: tiny-gpu's SAM + stage IV rounds on six styles (sam6/moe6 ...), each from the one before.
+ROUNDS = list(range(6, 12))
+
+
 def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     """tiny-gpu = tiny-cpu's stages up to sam4 (same settings, same positions, so the same data), two
     stages on a GPU, then stages III/IV with tiny-cpu's settings on the GPU stages' results, then
@@ -131,7 +135,7 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     assert {s.name: gpu.stage_device(s) for s in gpu.stages[len(shared):]} == {
         "sam5": "cuda", "vl3": "cuda", "grounding2": "cpu", "moe2": "cpu", "dense2": "cpu", "grounding3": "cpu",
         "moe3": "cpu", "dense3": "cpu", "moe4": "cpu", "moe5": "cpu", "dense4": "cpu", "sam6": "cpu", "moe6": "cpu",
-        "sam7": "cpu", "moe7": "cpu", "sam8": "cpu", "moe8": "cpu"}
+        **{f"{kind}{k}": "cpu" for k in ROUNDS for kind in ("sam", "moe")}}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -157,8 +161,9 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
                                    lr=m3.lr) == m3
         assert gpu.router_targets(more) == routes
     # the bacteria style: only the last stages see it; SAM from the last stage IV's, then stage IV on it
-    assert [s.name for s in gpu.stages if s.styles] == ["sam6", "moe6", "sam7", "moe7", "sam8", "moe8"]
-    for sam, moe, before in (("sam6", "moe6", "moe4"), ("sam7", "moe7", "moe6"), ("sam8", "moe8", "moe7")):
+    assert [s.name for s in gpu.stages if s.styles] == [f"{kind}{k}" for k in ROUNDS for kind in ("sam", "moe")]
+    for k, before in zip(ROUNDS, ["moe4"] + [f"moe{k}" for k in ROUNDS[:-1]], strict=True):
+        sam, moe = f"sam{k}", f"moe{k}"
         sam, moe = gpu.stage(sam), gpu.stage(moe)
         assert "bacteria" in sam.styles and set(sam.styles) == set(moe.styles) and sam.copy == {before: ["sam.*"]}
         assert dataclasses.replace(moe, name="moe4", init="moe3", copy={}, styles=[]) == gpu.stage("moe4")
@@ -166,7 +171,7 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         assert dataclasses.replace(sam, name="sam6", copy={"moe4": ["sam.*"]}) == gpu.stage("sam6")
     d4 = gpu.stage("dense4")
     assert d4.init == "dense3" and dataclasses.replace(d4, name="dense3", init="grounding3", lr=d3.lr) == d3
-    assert gpu.final_stage.name == "moe8"
+    assert gpu.final_stage.name == f"moe{ROUNDS[-1]}"
 
 
 def test_a_stage_can_add_a_synthetic_style_without_changing_the_others():
