@@ -203,48 +203,33 @@ def test_direct_segment_and_commit(make_napari_viewer, qtbot, blobs):
     assert not viewer.layers["cells prompt mask"].data.any()
 
 
-def test_the_inside_box_option_reaches_the_engine_and_is_remembered(make_napari_viewer, qtbot, blobs):
+@pytest.mark.parametrize(("checkbox", "option", "other"), [
+    ("inside_box", "clip_to_box", "clicked_pieces"),  # a box's mask stays inside the box
+    ("clicked_only", "clicked_pieces", "clip_to_box"),  # a click's mask: only the pieces under the click
+])
+def test_a_mask_option_reaches_the_engine_and_is_remembered(make_napari_viewer, qtbot, blobs, checkbox, option, other):
     from napari_medplib.ui.settings import load_settings
 
     viewer = make_napari_viewer()
     viewer.add_image(blobs, name="cells")
     session = FakeSession()
     widget = _dock(viewer, session)
-    shapes = widget.pickers.add_shapes_layer()
-    shapes.add_rectangles(np.array([[10, 10], [40, 50]]))
+    widget.pickers.add_shapes_layer().add_rectangles(np.array([[10, 10], [40, 50]]))
+    widget.pickers.add_points_layer().add([30, 30])
     panel = widget.segment_panel
-    assert panel.inside_box.isChecked()  # default: a box's mask stays inside the box
+    box = getattr(panel, checkbox)
+    assert box.isChecked()  # on by default
     panel.segment()
     qtbot.waitUntil(lambda: panel._worker is None and len(panel.masks) == 1)
-    assert session.clip_to_box is True
+    assert getattr(session, option) is True
     n = len(session.calls)
-    panel.inside_box.setChecked(False)  # the preview is redone with the decoder's mask as it is
+    box.setChecked(False)  # the preview is redone with the decoder's mask as it is
     qtbot.waitUntil(lambda: len(session.calls) > n and panel._worker is None, timeout=3000)
-    assert session.clip_to_box is False and load_settings().clip_to_box is False
-
-
-def test_the_clicked_piece_option_reaches_the_engine_and_is_remembered(make_napari_viewer, qtbot, blobs):
-    from napari_medplib.ui.settings import load_settings
-
-    viewer = make_napari_viewer()
-    viewer.add_image(blobs, name="cells")
-    session = FakeSession()
-    widget = _dock(viewer, session)
-    points = widget.pickers.add_points_layer()
-    points.add([30, 30])
-    panel = widget.segment_panel
-    assert panel.clicked_only.isChecked()  # default: only the pieces under a positive click
-    panel.segment()
-    qtbot.waitUntil(lambda: panel._worker is None and len(panel.masks) == 1)
-    assert session.clicked_pieces is True
-    n = len(session.calls)
-    panel.clicked_only.setChecked(False)  # the preview is redone with every piece
-    qtbot.waitUntil(lambda: len(session.calls) > n and panel._worker is None, timeout=3000)
-    assert session.clicked_pieces is False and load_settings().clicked_pieces is False
-    assert session.clip_to_box is True  # the other option is untouched
-    # a new dock starts from the remembered choice
-    again = _dock(viewer, FakeSession())
-    assert not again.segment_panel.clicked_only.isChecked()
+    assert getattr(session, option) is False and getattr(load_settings(), option) is False
+    assert getattr(session, other) is True  # the other option is untouched
+    again = MedplibWidget(viewer, session=FakeSession())  # a new dock starts from the remembered choice
+    assert not getattr(again.segment_panel, checkbox).isChecked()
+    again.deleteLater()
 
 
 def test_closing_the_dock_unbinds_its_keys(make_napari_viewer, qtbot, blobs):

@@ -61,20 +61,16 @@ class SegmentPanel(QWidget):
         self.live.setToolTip("Segment again whenever points or shapes change")
         self.live.setChecked(dock.settings.live)
         self.live.toggled.connect(self._on_live)
-        self.inside_box = QCheckBox("Inside box")
-        self.inside_box.setToolTip(
+        self.inside_box = self._mask_option(
+            "Inside box", "clip_to_box",
             "Keep a box's mask inside the box (SAM's mask can spill onto touching neighbours); "
-            "untick for the decoder's mask as it is"
+            "untick for the decoder's mask as it is",
         )
-        self.inside_box.setChecked(dock.settings.clip_to_box)
-        self.inside_box.toggled.connect(self._on_inside_box)
-        self.clicked_only = QCheckBox("Clicked piece")
-        self.clicked_only.setToolTip(
+        self.clicked_only = self._mask_option(
+            "Clicked piece", "clicked_pieces",
             "Keep only the parts of a click's mask that touch a positive click (the decoder can add "
-            "pieces elsewhere); untick for the decoder's mask as it is"
+            "pieces elsewhere); untick for the decoder's mask as it is",
         )
-        self.clicked_only.setChecked(dock.settings.clicked_pieces)
-        self.clicked_only.toggled.connect(self._on_clicked_only)
         self.commit_button = QPushButton(f"Commit [{COMMIT_KEY}]")
         self.commit_button.setToolTip("Write the preview mask to the output layer with a new id")
         self.commit_button.clicked.connect(self.commit)
@@ -120,15 +116,16 @@ class SegmentPanel(QWidget):
         self.dock.save_settings()
         self._rewatch()
 
-    def _on_inside_box(self, on: bool) -> None:
-        self._option_changed("clip_to_box", on)
+    def _mask_option(self, text: str, setting: str, tip: str) -> QCheckBox:
+        """A remembered `Session.segment` mask option (a `WidgetSettings` bool); the preview follows it."""
+        box = QCheckBox(text)
+        box.setToolTip(tip)
+        box.setChecked(getattr(self.dock.settings, setting))
+        box.toggled.connect(lambda on: self._option_changed(setting, on))
+        return box
 
-    def _on_clicked_only(self, on: bool) -> None:
-        self._option_changed("clicked_pieces", on)
-
-    def _option_changed(self, name: str, on: bool) -> None:
-        """Remember a mask option; the preview follows it."""
-        setattr(self.dock.settings, name, bool(on))
+    def _option_changed(self, setting: str, on: bool) -> None:
+        setattr(self.dock.settings, setting, bool(on))
         self.dock.save_settings()
         if self.masks:
             self.segment(quiet=True)
