@@ -125,7 +125,8 @@ ROUNDS = list(range(6, 13))
 def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     """tiny-gpu = tiny-cpu's stages up to sam4 (same settings, same positions, so the same data), two
     stages on a GPU, then stages III/IV with tiny-cpu's settings on the GPU stages' results, then
-    stage III continued and a longer stage IV with its dense pair, then both continued (moe4 bundled)."""
+    stage III continued and a longer stage IV with its dense pair, then both continued, then SAM +
+    stage IV rounds on six styles (the last round's stage IV bundled)."""
     cpu, gpu = load_recipe("tiny-cpu"), load_recipe("tiny-gpu")
     assert gpu.model == cpu.model and gpu.data == cpu.data and gpu.seed == cpu.seed
     shared = [s.name for s in cpu.stages][: [s.name for s in cpu.stages].index("sam4") + 1]
@@ -163,8 +164,7 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     # the bacteria style: only the last stages see it; SAM from the last stage IV's, then stage IV on it
     assert [s.name for s in gpu.stages if s.styles] == [f"{kind}{k}" for k in ROUNDS for kind in ("sam", "moe")]
     for k, before in zip(ROUNDS, ["moe4"] + [f"moe{k}" for k in ROUNDS[:-1]], strict=True):
-        sam, moe = f"sam{k}", f"moe{k}"
-        sam, moe = gpu.stage(sam), gpu.stage(moe)
+        sam, moe = gpu.stage(f"sam{k}"), gpu.stage(f"moe{k}")
         assert "bacteria" in sam.styles and set(sam.styles) == set(moe.styles) and sam.copy == {before: ["sam.*"]}
         assert dataclasses.replace(moe, name="moe4", init="moe3", copy={}, styles=[]) == gpu.stage("moe4")
         assert moe.init == before and moe.copy == {sam.name: ["sam.*"]} and gpu.router_targets(moe) == routes
