@@ -22,7 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -282,12 +282,14 @@ def load_dataset(folder: str | Path) -> TrainDataset:
 # ----------------------------------------------------------------------------- synthetic data sets
 def synthetic_items(n: int, seed: int = 0, split: str = "train", n_per_task: int | dict[str, int] = 3,
                     start: int = 0, conversations: bool = True,
+                    kinds: dict[str, Sequence[str]] | None = None,
                     **options: Any) -> Iterator[tuple[Sample, list[Conversation]]]:
     """(sample, conversations) pairs of a synthetic split, each fixed by (seed, index, split) alone.
 
     The conversations of sample i use the generator ``default_rng([sample_seed, 1])``, so a data set
     rebuilt from the same arguments (or resumed with `start`) is identical; ``conversations=False``
     gives the same samples with no conversations (SAM stages: a third of the data's CPU time saved).
+    `kinds` replaces the default cycle of question kinds of a task (`conversations.make_conversations`).
     `options` go to `synth.make_dataset` (styles, size, bit_depths).
     """
     # imported here: synth and conversations import this module for the shared types
@@ -300,7 +302,7 @@ def synthetic_items(n: int, seed: int = 0, split: str = "train", n_per_task: int
             yield sample, []
             continue
         rng = np.random.default_rng([sample.meta["seed"], 1])
-        yield sample, make_conversations(sample, rng, n_per_task=n_per_task, vocabulary=vocabulary)
+        yield sample, make_conversations(sample, rng, n_per_task=n_per_task, vocabulary=vocabulary, kinds=kinds)
 
 
 def write_synthetic_dataset(folder: str | Path, n: int, seed: int = 0, split: str = "train",

@@ -108,6 +108,10 @@ class LossWeights:
     #: mask decoder on text prompts (<SEG>) does not make it forget box and point prompts.
     prompt_bce: float = 0.0
     prompt_dice: float = 0.0
+    #: llm stages on synthetic data (our extension): a training-only head on the vision tower's patch
+    #: features regresses each category's object-centroid density (``train.density``), so that the
+    #: image tokens carry counts; needs the vision tower in ``train``.
+    density: float = 0.0
 
 
 @dataclass
@@ -153,6 +157,13 @@ class StageSpec:
     #: synthetic styles this stage trains on, when not the data's ``styles`` ([] = the data's): a
     #: stage can add a style (e.g. ``bacteria``) without changing what the stages before it saw
     styles: list[str] = field(default_factory=list)
+    #: llm stages on synthetic data: the cycle of question kinds per task, when not the default
+    #: (`conversations.DEFAULT_KINDS`; a kind listed twice is asked twice as often), e.g.
+    #: ``{ vqa = ["count", "count", "modality", "description", "presence"] }``
+    kinds: dict[str, list[str]] = field(default_factory=dict)
+    #: llm stages on synthetic data: conversations per task and image, when not the data's ``n_per_task``
+    #: (a task left out keeps the data's number)
+    n_per_task: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -207,6 +218,12 @@ class Recipe:
         """The synthetic styles ``stage`` trains on (() = the generator's defaults)."""
         return tuple(stage.styles or self.data.styles)
 
+    def stage_n_per_task(self, stage: StageSpec) -> int | dict[str, int]:
+        """Conversations per task and image for ``stage`` (the data's, overridden per task)."""
+        if not stage.n_per_task:
+            return self.data.n_per_task
+        return {task: stage.n_per_task.get(task, self.data.n_per_task) for task in TASKS}
+
     def stage_device(self, stage: StageSpec) -> str:
         return stage.device or self.device
 
@@ -255,7 +272,24 @@ def _stage(values: dict[str, Any], index: int) -> StageSpec:
     if stage.point_region_mask not in ("", *POINT_REGION_MASKS):
         raise RecipeError(f"stage {stage.name!r}: point_region_mask must be one of {POINT_REGION_MASKS}, "
                           f"got {stage.point_region_mask!r}")
+    _check_kinds(stage)
     return stage
+
+
+def _check_kinds(stage: StageSpec) -> None:
+    from .conversations import DEFAULT_KINDS
+
+    for task, kinds in stage.kinds.items():
+        if task not in DEFAULT_KINDS:
+            raise RecipeError(f"stage {stage.name!r}: kinds names unknown task {task!r}; choose from {TASKS}")
+        bad = sorted(set(kinds) - set(DEFAULT_KINDS[task]))
+        if bad or not kinds:
+            raise RecipeError(f"stage {stage.name!r}: kinds.{task} = {kinds} has unknown or no kinds {bad}; "
+                              f"choose from {list(dict.fromkeys(DEFAULT_KINDS[task]))}")
+    for task, n in stage.n_per_task.items():
+        if task not in TASKS or not isinstance(n, int) or n < 0:
+            raise RecipeError(f"stage {stage.name!r}: n_per_task.{task} = {n!r}; need a task of {TASKS} "
+                              "and a whole number >= 0")
 
 
 def _continues_moe(stage: StageSpec, stages: list[StageSpec]) -> bool:
@@ -313,6 +347,15 @@ def parse_recipe(data: dict[str, Any], name: str = "recipe", folder: Path | None
         bad = sorted(set(styles) - set(STYLES))
         if bad:
             raise RecipeError(f"{where}: unknown style(s) {bad}; choose from {list(STYLES)}")
+    for stage in stages:
+        if stage.loss.density and (recipe.data.source != "synthetic" or stage.kind != "llm"
+                                   or not any(p.startswith("vision_tower") for p in stage.train)):
+            raise RecipeError(f"stage {stage.name!r}: loss.density trains the vision tower on synthetic "
+                              "counts; it needs kind = \"llm\", [data] source = \"synthetic\" and "
+                              "\"vision_tower.*\" in train")
+        if (stage.kinds or stage.n_per_task) and recipe.data.source != "synthetic":
+            raise RecipeError(f"stage {stage.name!r}: kinds and n_per_task shape synthetic conversations; "
+                              f"[data] source is the folder {recipe.data.source!r}, whose conversations are fixed")
     if recipe.data_workers < 0:
         raise RecipeError(f"data_workers must be 0 (no worker processes) or more, got {recipe.data_workers}")
     if recipe.final:

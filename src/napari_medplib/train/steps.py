@@ -15,6 +15,7 @@ from ..model.medplib import ImageFeatures, MedPLIBModel
 from ..model.postprocess import masks_from_logits, postprocess_masks
 from ..model.preprocess import image_to_sam_boxes, image_to_sam_coords, region_mask_to_grid
 from .batches import Batch, build_sequence, collate, expand_labels, prepare_image
+from .density import density_loss
 from .losses import iou_mse, mask_losses, token_ce
 from .recipe import LossWeights, StageSpec
 from .stream import Item
@@ -107,9 +108,11 @@ def router_loss(model: MedPLIBModel, inputs: Sequence[torch.Tensor], expert_targ
 
 
 def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights,
-               router_targets: dict[str, int] | None = None) -> dict[str, torch.Tensor]:
+               router_targets: dict[str, int] | None = None, density_head: torch.nn.Module | None = None,
+               density_targets: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """CE on the answers + BCE/Dice (+ IoU) on the mask of every ``<SEG>`` + the MoE aux loss, and with
-    ``weights.router`` the router's CE against ``router_targets`` (task -> expert) on every text token."""
+    ``weights.router`` the router's CE against ``router_targets`` (task -> expert) on every text token;
+    with a `density_head`, its maps of the patch features against `density_targets` (``train.density``)."""
     features = encode_images(model, batch.clip_pixels)
     needs_masks = bool(batch.n_seg and (weights.bce or weights.dice or weights.iou))
     needs_objects = model.point_regions_are_objects and any(p is not None for ps in batch.region_points for p in ps)
@@ -144,6 +147,8 @@ def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights,
         losses["bce"], losses["dice"] = mask_losses(logits, targets)
         if weights.iou:
             losses["iou"] = sum(iou_mse(i, m, t) for i, m, t in zip(ious, logits, targets, strict=True)) / len(ious)
+    if density_head is not None and density_targets is not None:
+        losses["density"] = density_loss(density_head(features.patch_features), density_targets)
     aux = [r.aux_loss for r in out.routing if r is not None and r.aux_loss is not None]
     if aux:
         losses["aux"] = torch.stack(aux).mean()

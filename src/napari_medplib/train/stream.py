@@ -47,9 +47,11 @@ class StageStream:
     def _sample(self, index: int) -> tuple[Sample, list[Conversation]]:
         data = self.recipe.data
         if self.dataset is None:
-            return next(synthetic_items(1, seed=data.seed, split="train", n_per_task=data.n_per_task,
+            return next(synthetic_items(1, seed=data.seed, split="train",
+                                        n_per_task=self.recipe.stage_n_per_task(self.stage),
                                         start=self.stage_index * STAGE_OFFSET + index,
-                                        conversations=self.stage.kind != "sam", **self.options))
+                                        conversations=self.stage.kind != "sam",
+                                        kinds=self.stage.kinds or None, **self.options))
         n = len(self.dataset)
         epoch, position = divmod(index, n)
         order = np.random.default_rng([data.seed, self.stage_index, epoch]).permutation(n)

@@ -33,6 +33,7 @@ import torch
 from ..model.convert import save_pretrained
 from ..model.medplib import MedPLIBModel
 from .build import add_lora, build_model, init_model, merge_lora, set_trainable, stage_state
+from .density import DensityHead, density_categories, density_maps
 from .recipe import Recipe, RecipeError, StageSpec, find_recipe, load_recipe
 from .run_lock import run_lock
 from .steps import llm_losses, make_batch, sam_losses
@@ -70,6 +71,7 @@ class Trainer:
         if recipe.path is not None and not (self.run_dir / "recipe.toml").exists():
             shutil.copyfile(recipe.path, self.run_dir / "recipe.toml")
         self.tokenizer_folder = recipe.resolve(recipe.model.tokenizer)
+        self.density_head: DensityHead | None = None  # the running stage's (loss.density), training only
 
     # ------------------------------------------------------------------ paths
     def stage_dir(self, stage: StageSpec) -> Path:
@@ -145,12 +147,17 @@ class Trainer:
         model = self.initial_model(stage).to(self.recipe.stage_device(stage))
         trainable = set_trainable(model, stage.train)
         params = [p for p in model.parameters() if p.requires_grad]
+        self.density_head = self._density_head(model, stage)
+        if self.density_head is not None:
+            params += list(self.density_head.parameters())
         optimizer = torch.optim.AdamW(params, lr=stage.lr, betas=(0.9, 0.95), weight_decay=stage.weight_decay)
         start = 0
         resume = self.stage_dir(stage) / "resume.pt"
         if resume.is_file():
             saved = torch.load(resume, map_location="cpu", weights_only=True)
             model.load_state_dict(saved["model"])
+            if self.density_head is not None:
+                self.density_head.load_state_dict(saved["density_head"])
             optimizer.load_state_dict(saved["optimizer"])
             start = int(saved["step"])
             self.say(f"stage {stage.name}: resuming at step {start}/{stage.steps}")
@@ -197,7 +204,10 @@ class Trainer:
             losses = sam_losses(model, items, stage, np.random.default_rng(seed))
         else:
             targets = self.recipe.router_targets(stage) if stage.loss.router else None
-            losses = llm_losses(model, make_batch(model, items, stage.image_tokens), stage.loss, targets)
+            head = self.density_head
+            density = density_maps([item.sample for item in items], head.categories) if head is not None else None
+            losses = llm_losses(model, make_batch(model, items, stage.image_tokens), stage.loss, targets,
+                                density_head=head, density_targets=density)
             if stage.loss.prompt_bce or stage.loss.prompt_dice:
                 prompt = sam_losses(model, items, stage, np.random.default_rng(seed))
                 losses["prompt_bce"], losses["prompt_dice"] = prompt["bce"], prompt["dice"]
@@ -215,9 +225,18 @@ class Trainer:
                                      "lower the learning rate in the recipe")
         return record
 
+    def _density_head(self, model, stage: StageSpec) -> DensityHead | None:
+        """The stage's training-only density head (``loss.density``; starts at zero, so no seed)."""
+        if not stage.loss.density:
+            return None
+        return DensityHead(model.config.mm_hidden_size, density_categories()).to(self.recipe.stage_device(stage))
+
     def _save_resume(self, model, optimizer, step: int, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}, path)
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step}
+        if self.density_head is not None:
+            state["density_head"] = self.density_head.state_dict()
+        _atomic_save(state, path)
 
     def _finish(self, model, stage: StageSpec) -> None:
         model.eval().cpu()
