@@ -119,7 +119,7 @@ def test_point_region_mask_must_be_known():
 
 
 #: tiny-gpu's SAM + stage IV rounds on six styles (sam6/moe6 ...), each from the one before.
-ROUNDS = list(range(6, 13))
+ROUNDS = list(range(6, 15))
 
 
 def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
@@ -136,7 +136,7 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     assert {s.name: gpu.stage_device(s) for s in gpu.stages[len(shared):]} == {
         "sam5": "cuda", "vl3": "cuda", "grounding2": "cpu", "moe2": "cpu", "dense2": "cpu", "grounding3": "cpu",
         "moe3": "cpu", "dense3": "cpu", "moe4": "cpu", "moe5": "cpu", "dense4": "cpu", "sam6": "cpu", "moe6": "cpu",
-        **{f"{kind}{k}": "cpu" for k in ROUNDS for kind in ("sam", "moe")}}
+        **{f"{kind}{k}": "cpu" for k in ROUNDS for kind in ("sam", "moe")}, "vqa13": "cpu", "count13": "cpu"}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -162,13 +162,21 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
                                    lr=m3.lr) == m3
         assert gpu.router_targets(more) == routes
     # the bacteria style: only the last stages see it; SAM from the last stage IV's, then stage IV on it
-    assert [s.name for s in gpu.stages if s.styles] == [f"{kind}{k}" for k in ROUNDS for kind in ("sam", "moe")]
+    rounds = [f"{kind}{k}" for k in ROUNDS for kind in ("sam", "moe")]
+    assert [s.name for s in gpu.stages if s.styles and s.name in rounds] == rounds
     for k, before in zip(ROUNDS, ["moe4"] + [f"moe{k}" for k in ROUNDS[:-1]], strict=True):
         sam, moe = gpu.stage(f"sam{k}"), gpu.stage(f"moe{k}")
         assert "bacteria" in sam.styles and set(sam.styles) == set(moe.styles) and sam.copy == {before: ["sam.*"]}
         assert dataclasses.replace(moe, name="moe4", init="moe3", copy={}, styles=[]) == gpu.stage("moe4")
         assert moe.init == before and moe.copy == {sam.name: ["sam.*"]} and gpu.router_targets(moe) == routes
         assert dataclasses.replace(sam, name="sam6", copy={"moe4": ["sam.*"]}) == gpu.stage("sam6")
+    # two experiments on moe12 (not bundled): questions the floors miss asked more often, then the same
+    # with the vision tower's density target; SAM untouched, two grounding questions per image kept
+    vqa, count = gpu.stage("vqa13"), gpu.stage("count13")
+    assert vqa.init == count.init == "moe12" and vqa.copy == {} and not any(p.startswith("sam") for p in vqa.train)
+    assert vqa.kinds["vqa"].count("count") == 3 and vqa.n_per_task == {"grounding": 2} and "vision_tower.*" in vqa.train
+    assert dataclasses.replace(count, name="vqa13", loss=vqa.loss) == vqa
+    assert count.loss.density > 0 and vqa.loss.density == 0
     d4 = gpu.stage("dense4")
     assert d4.init == "dense3" and dataclasses.replace(d4, name="dense3", init="grounding3", lr=d3.lr) == d3
     assert gpu.final_stage.name == f"moe{ROUNDS[-1]}"
@@ -190,3 +198,38 @@ def test_a_stage_can_add_a_synthetic_style_without_changing_the_others():
     stages[1]["styles"] = ["bacterias"]
     with pytest.raises(RecipeError, match=r"stage 'regions'.*unknown style.*bacterias"):
         micro_recipe(stages=stages)
+
+
+def test_a_stage_can_ask_some_question_kinds_more_often(tmp_path):
+    """``kinds`` and ``n_per_task`` per stage reshape that stage's synthetic conversations only; a kind
+    or task that does not exist is an error naming it."""
+    from collections import Counter
+
+    from napari_medplib.train.stream import StageStream
+
+    stages = micro_stages()
+    stages[2]["kinds"] = {"vqa": ["count"]}
+    stages[2]["n_per_task"] = {"region_vqa": 1, "vqa": 2}
+    recipe = micro_recipe(stages=stages)
+    assert recipe.stage_n_per_task(recipe.stages[2]) == {"grounding": recipe.data.n_per_task, "region_vqa": 1,
+                                                          "vqa": 2}
+    assert recipe.stage_n_per_task(recipe.stages[1]) == recipe.data.n_per_task
+
+    def kinds(index: int) -> Counter:
+        stream = StageStream(recipe, recipe.stages[index], index)
+        return Counter(c.kind for step in range(6) for item in stream.batch(step)
+                       for c in item.conversations if c.task == "vqa")
+
+    focused, default = kinds(2), kinds(4)
+    # count first whenever an image has a countable category (fallbacks only where it has none)
+    assert focused["count"] > 0.7 * sum(focused.values())
+    assert default["count"] < 0.5 * sum(default.values()) and len(default) >= 3
+    for key, value, message in (("kinds", {"vqa": ["colour"]}, r"kinds\.vqa.*colour"),
+                                ("kinds", {"chat": ["count"]}, "unknown task 'chat'"),
+                                ("n_per_task", {"vqa": -1}, r"n_per_task\.vqa")):
+        bad = micro_stages()
+        bad[2][key] = value
+        with pytest.raises(RecipeError, match=message):
+            micro_recipe(stages=bad)
+    with pytest.raises(RecipeError, match="conversations are fixed"):
+        micro_recipe(stages=stages, data_folder=tmp_path)
