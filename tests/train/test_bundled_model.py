@@ -120,7 +120,7 @@ def test_a_clicked_point_is_read_as_the_clicked_nucleus():
 
 
 def test_phase_contrast_bacteria_are_known():
-    """The bundled model saw the opt-in ``bacteria`` style (stages sam6-moe14): a rod is segmented from
+    """The bundled model saw the opt-in ``bacteria`` style (stages sam6-moe15): a rod is segmented from
     its box and the modality is named (an untrained style scores ~0.5 box Dice and never says it)."""
     from napari_medplib.engine.session import Session
     from napari_medplib.train.evaluate import heldout
