@@ -110,10 +110,108 @@ def test_a_density_stage_trains_the_vision_tower_and_resumes(tmp_path):
 
 @pytest.mark.parametrize(("change", "message"), [
     (lambda s: s.__setitem__("train", ["language_model.*"]), "vision_tower"),
-    (lambda s: s.__setitem__("kind", "sam"), "kind = \"llm\""),
+    (lambda s: s.__setitem__("kind", "sam"), "kind = \"llm\" or \"vision\""),
 ])
 def test_density_needs_an_llm_stage_that_trains_the_vision_tower(change, message):
     stages = _density_stages(1)
     change(stages[2])
+    with pytest.raises(RecipeError, match=message):
+        micro_recipe(stages=stages)
+
+
+# ----------------------------------------------------------------------------- vision stages
+WIDE_TOWER = {"clip_hidden_size": 24, "clip_intermediate_size": 48, "clip_layers": 2}
+NEW_TOWER = ["vision_tower.*", "mm_projector.*", "region_encoder.adapter.*"]
+
+
+def _tower_stages(steps: int) -> list[dict]:
+    """sam, regions, vl; then a wider vision tower trained on density alone, and vl continued on it."""
+    common = {"steps": steps, "batch_size": 2, "warmup_steps": 0, "checkpoint_every": 2}
+    stages = micro_stages(steps)[:3]
+    stages.append({"name": "tower", "kind": "vision", "lr": 3e-3, "model": dict(WIDE_TOWER),
+                   "train": ["vision_tower.*"], "loss": {"density": 1.0}, **common})
+    stages.append({"name": "vl2", "tasks": ["region_vqa", "vqa"], "lr": 3e-3, "init": "vl", "model": dict(WIDE_TOWER),
+                   "reinit": list(NEW_TOWER), "copy": {"tower": ["vision_tower.*"]},
+                   "train": ["mm_projector.*", "region_encoder.*"], **common})
+    stages.append({"name": "vl3", "tasks": ["vqa"], "lr": 3e-3, "init": "vl2", "train": ["mm_projector.*"], **common})
+    return stages
+
+
+def test_a_vision_stage_trains_a_wider_tower_that_later_stages_take_in_place_of_the_old(tmp_path):
+    recipe = micro_recipe(stages=_tower_stages(3))
+    assert recipe.stage_model(recipe.stage("vl")).clip_hidden_size == 16
+    assert recipe.stage_model(recipe.stage("vl3")).clip_hidden_size == 24  # inherited from its init, vl2
+    trainer = Trainer(recipe, tmp_path / "run", progress=False, log=lambda _: None)
+    trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    tower_losses = [r for r in records if r["stage"] == "tower"]
+    assert len(tower_losses) == 3 and set(tower_losses[0]) >= {"density", "loss"} and "ce" not in tower_losses[0]
+
+    def state(name: str) -> dict[str, torch.Tensor]:
+        return MedPLIBModel.from_pretrained(trainer.final_dir(recipe.stage(name))).state_dict()
+
+    vl, tower, vl2, vl3 = state("vl"), state("tower"), state("vl2"), state("vl3")
+    patches = "vision_tower.clip.embeddings.patch_embedding.weight"
+    assert vl[patches].shape[0] == 16 and tower[patches].shape[0] == 24
+    assert all(torch.equal(vl2[k], tower[k]) for k in tower if k.startswith("vision_tower."))  # copied, frozen
+    assert vl2["mm_projector.0.weight"].shape == (32, 24) and vl3["mm_projector.0.weight"].shape == (32, 24)
+    assert all(torch.equal(vl2[k], vl[k]) for k in vl if k.startswith("language_model."))  # the rest from init
+    config = json.loads((trainer.final_dir(recipe.stage("vl3")) / "config.json").read_text())
+    assert config["mm_hidden_size"] == 24 and config["vision_config"]["num_hidden_layers"] == 2
+
+
+def test_vision_losses_fall_on_a_fixed_batch():
+    """The vision stage's step alone: a few optimizer steps on one batch lower its density loss."""
+    from napari_medplib.train.build import build_model
+    from napari_medplib.train.steps import vision_losses
+    from napari_medplib.train.stream import Item
+
+    recipe = micro_recipe(stages=_tower_stages(1))
+    model = build_model(recipe.stage_model(recipe.stage("tower")), recipe.model.tokenizer, moe=False)
+    params = list(model.vision_tower.parameters())
+    items = [Item(s, []) for s in make_dataset(2, seed=0, split="train", size=(64, 64), styles=("nuclei",))]
+    head = DensityHead(24, density_categories())
+    targets = density_maps([item.sample for item in items], head.categories)
+    optimizer = torch.optim.Adam([*params, *head.parameters()], lr=3e-4)
+    losses = []
+    for _ in range(30):
+        loss = vision_losses(model, items, head, targets)["density"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_vision_stage_resumes_to_the_same_weights(tmp_path):
+    stages = [s for s in _tower_stages(4) if s["name"] == "tower"]
+    done = Trainer(micro_recipe(stages=stages), tmp_path / "a", progress=False, log=lambda _: None).run()
+    interrupted = Trainer(micro_recipe(stages=stages), tmp_path / "b", progress=False, log=lambda _: None)
+    with pytest.raises(Interrupted):
+        interrupted.run(stop_after_steps=3)
+    resumed = Trainer(micro_recipe(stages=stages), tmp_path / "b", progress=False, log=lambda _: None).run()
+    ours, theirs = MedPLIBModel.from_pretrained(resumed).state_dict(), MedPLIBModel.from_pretrained(done).state_dict()
+    for key in ours:
+        assert torch.allclose(ours[key], theirs[key], atol=1e-6), key
+
+
+def test_a_resized_part_that_is_not_reinitialised_is_named(tmp_path):
+    stages = _tower_stages(1)
+    stages[4]["reinit"] = ["vision_tower.*"]  # the projector and region adapter still come from vl (16 wide)
+    trainer = Trainer(micro_recipe(stages=stages), tmp_path, progress=False, log=lambda _: None)
+    with pytest.raises(RecipeError, match=r"mm_projector\.0\.weight: shape \(32, 16\).*reinit"):
+        trainer.run()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda s: s.__setitem__("loss", {"ce": 1.0}), "loss.density > 0"),
+    (lambda s: s.__setitem__("moe", True), "moe = false"),
+    (lambda s: s.__setitem__("model", {"clip_width": 8}), "clip_width"),
+    (lambda s: s.__setitem__("model", {"tokenizer": "x"}), "tokenizer"),
+    (lambda s: s.__setitem__("reinit", ["mm_projector.*"]), "starts from scratch"),
+])
+def test_vision_stage_and_model_change_errors(change, message):
+    stages = _tower_stages(1)
+    change(stages[3])
     with pytest.raises(RecipeError, match=message):
         micro_recipe(stages=stages)

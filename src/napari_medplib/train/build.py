@@ -83,12 +83,13 @@ def _matches(name: str, patterns: Sequence[str]) -> bool:
 
 def init_model(model: MedPLIBModel, init_state: dict[str, torch.Tensor] | None,
                experts: Sequence[dict[str, torch.Tensor]] = (),
-               copies: Sequence[tuple[dict[str, torch.Tensor], Sequence[str]]] = ()) -> list[str]:
+               copies: Sequence[tuple[dict[str, torch.Tensor], Sequence[str]]] = (),
+               reinit: Sequence[str] = ()) -> list[str]:
     """Fill ``model`` from earlier stages; returns the names left at their random init (e.g. routers).
 
     ``init_state``: every parameter with the same name and shape (a dense FFN goes to every expert
-    when the model is MoE and ``experts`` is empty); ``experts[e]``: the dense FFN of a stage for
-    expert e; ``copies``: (state, patterns) applied last.
+    when the model is MoE and ``experts`` is empty), except those matching ``reinit``;
+    ``experts[e]``: the dense FFN of a stage for expert e; ``copies``: (state, patterns) applied last.
     """
     own = model.state_dict()
     filled: dict[str, torch.Tensor] = {}
@@ -107,11 +108,12 @@ def init_model(model: MedPLIBModel, init_state: dict[str, torch.Tensor] | None,
                 if target in own and only(target):
                     if own[target].shape != value.shape:
                         raise RecipeError(f"cannot initialise {target}: shape {tuple(value.shape)} in the earlier "
-                                          f"stage, {tuple(own[target].shape)} here (the recipe changed the model size?)")
+                                          f"stage, {tuple(own[target].shape)} here (the recipe changed the model size? a stage "
+                                           "that changes it lists the resized parts in 'reinit')")
                     filled[target] = value
 
     if init_state is not None:
-        take(init_state)
+        take(init_state, lambda k: not _matches(k, reinit))
     for e, state in enumerate(experts):
         for key, value in state.items():
             match = _DENSE_FFN.match(key)

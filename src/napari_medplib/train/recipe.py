@@ -7,11 +7,15 @@ A recipe mirrors MedPLIB's training strategy (reference section 6) at any scale:
 * ``[data]`` — synthetic data (an endless seeded stream, so no sample is seen twice) or a folder written
   by ``train.save_dataset`` (e.g. converted user annotations), plus the held-out split for evaluation;
 * ``[[stages]]`` — in order. ``kind = "sam"`` warms up SAM-Med2D on box/point prompts (our stand-in
-  for the pretrained SAM-Med2D the paper starts from); ``kind = "llm"`` trains on conversations: stage
+  for the pretrained SAM-Med2D the paper starts from); ``kind = "vision"`` trains the vision tower
+  alone on the object-density target (``train.density``; our stand-in for a pretrained CLIP that can
+  count); ``kind = "llm"`` trains on conversations: stage
   II (VQA, dense FFN), stage III (grounding: FFN, mask decoder, T-projector), stage IV (MoE with both
   experts initialised from II and III, router trained). Each stage names what it starts from
   (``init``), which parameters train (``train``, glob patterns on parameter names), optional LoRA
-  (``lora``), loss weights, learning rate, steps and batch size.
+  (``lora``), loss weights, learning rate, steps and batch size. A stage may change the architecture
+  (``model``, e.g. a larger vision tower; later stages that start from it inherit it) and leave parts of
+  its ``init`` stage out (``reinit``), to be trained anew or copied from another stage.
 
 Parsing is strict: an unknown key is an error naming the key, so a typo never silently trains the
 wrong thing. No torch here.
@@ -30,7 +34,7 @@ from ..model.config import POINT_REGION_MASKS
 
 #: Where the recipes shipped with the package live (``medplib train tiny-cpu`` finds them by name).
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-STAGE_KINDS = ("sam", "llm")
+STAGE_KINDS = ("sam", "llm", "vision")
 TASKS = ("grounding", "region_vqa", "vqa")
 
 
@@ -164,6 +168,12 @@ class StageSpec:
     #: llm stages on synthetic data: conversations per task and image, when not the data's ``n_per_task``
     #: (a task left out keeps the data's number)
     n_per_task: dict[str, int] = field(default_factory=dict)
+    #: this stage's architecture changes to ``[model]`` (keys of it, e.g. ``clip_layers``); a stage
+    #: without its own starts from its ``init`` stage's (or ``[model]``'s, from scratch)
+    model: dict[str, Any] = field(default_factory=dict)
+    #: parameters (glob patterns) not taken from ``init``: left at their new random values unless
+    #: ``copy`` fills them; what a changed architecture (``model``) needs for the parts it resized
+    reinit: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -224,6 +234,12 @@ class Recipe:
             return self.data.n_per_task
         return {task: stage.n_per_task.get(task, self.data.n_per_task) for task in TASKS}
 
+    def stage_model(self, stage: StageSpec) -> ModelSpec:
+        """The architecture ``stage`` builds: its own ``model`` changes on top of its ``init`` stage's
+        architecture (``[model]`` for a stage trained from scratch)."""
+        base = self.model if stage.init == "scratch" else self.stage_model(self.stage(stage.init))
+        return dataclasses.replace(base, **stage.model) if stage.model else base
+
     def stage_device(self, stage: StageSpec) -> str:
         return stage.device or self.device
 
@@ -273,6 +289,17 @@ def _stage(values: dict[str, Any], index: int) -> StageSpec:
         raise RecipeError(f"stage {stage.name!r}: point_region_mask must be one of {POINT_REGION_MASKS}, "
                           f"got {stage.point_region_mask!r}")
     _check_kinds(stage)
+    model_keys = {f.name for f in dataclasses.fields(ModelSpec)} - {"tokenizer", "seed"}
+    bad = sorted(set(stage.model) - model_keys)
+    if bad:
+        raise RecipeError(f"stage {stage.name!r}: model changes unknown or fixed key(s) {bad}; "
+                          f"allowed: {sorted(model_keys)}")
+    if stage.reinit and stage.init == "scratch":
+        raise RecipeError(f"stage {stage.name!r}: reinit leaves parameters of the init stage out, "
+                          "but the stage starts from scratch")
+    if stage.kind == "vision" and (stage.loss.density <= 0 or stage.moe or stage.lora is not None):
+        raise RecipeError(f"stage {stage.name!r}: a vision stage trains the vision tower on the density "
+                          "target alone; it needs loss.density > 0, moe = false and no lora")
     return stage
 
 
@@ -348,11 +375,11 @@ def parse_recipe(data: dict[str, Any], name: str = "recipe", folder: Path | None
         if bad:
             raise RecipeError(f"{where}: unknown style(s) {bad}; choose from {list(STYLES)}")
     for stage in stages:
-        if stage.loss.density and (recipe.data.source != "synthetic" or stage.kind != "llm"
+        if stage.loss.density and (recipe.data.source != "synthetic" or stage.kind == "sam"
                                    or not any(p.startswith("vision_tower") for p in stage.train)):
             raise RecipeError(f"stage {stage.name!r}: loss.density trains the vision tower on synthetic "
-                              "counts; it needs kind = \"llm\", [data] source = \"synthetic\" and "
-                              "\"vision_tower.*\" in train")
+                              "counts; it needs kind = \"llm\" or \"vision\", [data] source = \"synthetic\" "
+                              "and \"vision_tower.*\" in train")
         if (stage.kinds or stage.n_per_task) and recipe.data.source != "synthetic":
             raise RecipeError(f"stage {stage.name!r}: kinds and n_per_task shape synthetic conversations; "
                               f"[data] source is the folder {recipe.data.source!r}, whose conversations are fixed")

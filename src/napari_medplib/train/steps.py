@@ -1,4 +1,5 @@
-"""One training step's losses: conversations through the whole model, or prompts through SAM alone."""
+"""One training step's losses: conversations through the whole model, prompts through SAM alone, or
+images through the vision tower alone (the density target)."""
 
 from __future__ import annotations
 
@@ -153,6 +154,14 @@ def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights,
     if aux:
         losses["aux"] = torch.stack(aux).mean()
     return losses
+
+
+def vision_losses(model: MedPLIBModel, items: Sequence[Item], density_head: torch.nn.Module,
+                  density_targets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The density loss of the vision tower's patch features (``kind = "vision"``): no LLM, no SAM."""
+    pixels = torch.cat([prepare_image(item.sample).clip_pixels for item in items]).to(model.device)
+    patch_features = model.vision_tower(pixels)  # [B, 576, Dv]
+    return {"density": density_loss(density_head(patch_features), density_targets)}
 
 
 def _seg_masks(model: MedPLIBModel, batch: Batch, out, embeddings: torch.Tensor):

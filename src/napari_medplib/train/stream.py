@@ -30,7 +30,7 @@ MAX_SKIPS = 50  # samples without a conversation for the stage's tasks, in a row
 @dataclass
 class Item:
     sample: Sample
-    conversations: list[Conversation]  # one packed sequence (llm stages); none for synthetic sam stages
+    conversations: list[Conversation]  # one packed sequence (llm stages); none for synthetic sam/vision stages
 
 
 class StageStream:
@@ -50,7 +50,7 @@ class StageStream:
             return next(synthetic_items(1, seed=data.seed, split="train",
                                         n_per_task=self.recipe.stage_n_per_task(self.stage),
                                         start=self.stage_index * STAGE_OFFSET + index,
-                                        conversations=self.stage.kind != "sam",
+                                        conversations=self.stage.kind == "llm",
                                         kinds=self.stage.kinds or None, **self.options))
         n = len(self.dataset)
         epoch, position = divmod(index, n)
@@ -66,6 +66,9 @@ class StageStream:
         while len(items) < stage.batch_size:
             sample, convs = self._sample(index)
             index += 1
+            if stage.kind == "vision":  # every image teaches the density, an empty one too
+                items.append(Item(sample, convs))
+                continue
             if stage.kind == "sam":
                 if sample.labels.max() > 0:
                     items.append(Item(sample, convs))

@@ -36,7 +36,7 @@ from .build import add_lora, build_model, init_model, merge_lora, set_trainable,
 from .density import DensityHead, density_categories, density_maps
 from .recipe import Recipe, RecipeError, StageSpec, find_recipe, load_recipe
 from .run_lock import run_lock
-from .steps import llm_losses, make_batch, sam_losses
+from .steps import llm_losses, make_batch, sam_losses, vision_losses
 from .stream import Prefetcher, StageStream
 
 
@@ -86,8 +86,8 @@ class Trainer:
     # ------------------------------------------------------------------ model of a stage
     def initial_model(self, stage: StageSpec) -> MedPLIBModel:
         recipe = self.recipe
-        model = build_model(recipe.model, self.tokenizer_folder, moe=stage.moe, seed=recipe.model.seed,
-                            point_region_mask=stage.point_region_mask)
+        model = build_model(recipe.stage_model(stage), self.tokenizer_folder, moe=stage.moe,
+                            seed=recipe.model.seed, point_region_mask=stage.point_region_mask)
         states: dict[str, dict] = {}
 
         def state(name: str) -> dict:
@@ -102,7 +102,7 @@ class Trainer:
         experts = [state(name) for name in stage.experts]
         copies = [(state(name), patterns) for name, patterns in stage.copy.items()]
         if init is not None or experts or copies:
-            init_model(model, init, experts, copies)
+            init_model(model, init, experts, copies, reinit=stage.reinit)
         if stage.lora is not None:
             model = add_lora(model, stage.lora)
         return model
@@ -202,6 +202,9 @@ class Trainer:
             group["lr"] = lr
         if stage.kind == "sam":
             losses = sam_losses(model, items, stage, np.random.default_rng(seed))
+        elif stage.kind == "vision":
+            head = self.density_head
+            losses = vision_losses(model, items, head, density_maps([item.sample for item in items], head.categories))
         else:
             targets = self.recipe.router_targets(stage) if stage.loss.router else None
             head = self.density_head
