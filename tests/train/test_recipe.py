@@ -32,6 +32,14 @@ def test_shipped_recipes_parse_with_the_paper_stages(name):
     assert recipe.path == RECIPES_DIR / f"{name}.toml"
 
 
+def test_gpu_recipe_pretrains_a_counting_vision_tower_first():
+    recipe = load_recipe("gpu")
+    tower, regions = recipe.stage("tower"), recipe.stage("regions")
+    assert tower.kind == "vision" and tower.loss.density > 0 and tower.train == ["vision_tower.*"]
+    assert regions.copy["tower"] == ["vision_tower.*"] and regions.loss.density > 0
+    assert recipe.stage_model(recipe.final_stage).clip_layers == recipe.model.clip_layers
+
+
 def test_recipe_by_path_and_unknown_name(tmp_path):
     path = tmp_path / "r.toml"
     path.write_text('[[stages]]\nname = "a"\nkind = "sam"\ntrain = ["sam.*"]\n')
