@@ -21,9 +21,9 @@ def spy_region_masks(model) -> list:
     seen = []
     original = model.encode_regions
 
-    def spy(patch_features, region_masks, generator=None):
+    def spy(patch_features, region_masks, *args, **kwargs):
         seen.append(np.asarray(region_masks).copy())
-        return original(patch_features, region_masks, generator)
+        return original(patch_features, region_masks, *args, **kwargs)
 
     model.encode_regions = spy
     return seen

@@ -157,3 +157,20 @@ def test_clip_settings_come_from_the_processor_config(tmp_path):
     assert float(clip.pixel_values[0, 0, 112, 112]) == -1.0  # black pixel: (0 - 0.5) / 0.5
     with pytest.raises(ValueError, match="cannot read"):
         read_clip_settings(tmp_path / "missing")
+
+
+def test_frame_brightness_is_the_grey_level_the_clip_tower_sees_and_nan_in_the_padding():
+    import numpy as np
+    import torch
+
+    from napari_medplib.model.preprocess import frame_brightness, prepare_clip_image
+
+    rgb = np.zeros((50, 100, 3), np.uint8)
+    rgb[:, :50] = (255, 0, 0)  # left half red: grey 1/3; right half black
+    clip = prepare_clip_image(rgb)
+    grey = frame_brightness(clip)
+    assert grey.shape == (336, 336) and clip.pad == (84, 0)
+    assert torch.isnan(grey[:84]).all() and torch.isnan(grey[-84:]).all()
+    inside = grey[84:252]
+    assert not torch.isnan(inside).any()
+    assert float(inside[:, :160].mean()) == pytest.approx(1 / 3, abs=1e-3) and float(inside[:, 176:].max()) == 0.0

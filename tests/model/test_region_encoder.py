@@ -291,4 +291,72 @@ def test_geometry_version_sets_the_mlp_width_and_unknown_versions_are_refused():
     tokens, empty = enc(_features(), _frame_mask(slice(28, 34), slice(28, 60))[None])
     assert tokens.shape == (1, 8) and not empty.any()
     with pytest.raises(ValueError, match="region_geometry_version"):
-        encoder(3)
+        encoder(4)
+
+
+# ----------------------------------------------------------------------------- version 3: object + brightness
+def _v3_encoder(hidden: int = 8) -> RegionEncoder:
+    torch.manual_seed(0)
+    return RegionEncoder(MedPLIBConfig(hidden_size=hidden, num_attention_heads=2, mm_hidden_size=4,
+                                       region_geometry=True, region_geometry_version=3))
+
+
+def _frame(value: float = 0.1) -> torch.Tensor:
+    return torch.full((336, 336), value)
+
+
+def test_photometry_ranks_an_object_against_the_frame_and_ignores_the_padding():
+    from napari_medplib.model.region_encoder import PHOTOMETRY_FEATURES, region_photometry
+
+    frame = torch.linspace(0, 1, 336 * 336).reshape(336, 336)  # every grey level once
+    dim, bright = _frame_mask(slice(10, 20), slice(0, 336)).bool(), _frame_mask(slice(300, 310), slice(0, 336)).bool()
+    f_dim, f_bright = region_photometry(dim, frame), region_photometry(bright, frame)
+    assert f_dim.shape == (PHOTOMETRY_FEATURES,)
+    assert float(f_dim[0]) == pytest.approx(float(frame[dim].mean()), abs=1e-5)  # the object's mean
+    assert float(f_dim[2]) == pytest.approx(15 / 336, abs=2e-3) and float(f_bright[2]) == pytest.approx(305 / 336, abs=2e-3)
+    assert float(f_bright[3]) == pytest.approx(2 * (305 / 336 - 0.5), abs=5e-3)  # 2 x (mean - median)
+    # padding (NaN) counts for nothing: the same image with a band of padding gives the same ranks
+    padded = torch.cat([torch.full((40, 336), float("nan")), frame[40:]])
+    f_pad = region_photometry(bright, padded)
+    assert float(f_pad[2]) == pytest.approx(float((frame[40:] < frame[bright].mean()).float().mean()), abs=1e-5)
+    assert torch.count_nonzero(region_photometry(torch.zeros(336, 336, dtype=torch.bool), frame)) == 0
+
+
+def test_version_3_tokens_read_the_object_of_a_box_and_its_brightness():
+    enc = _v3_encoder()
+    box = _frame_mask(slice(100, 200), slice(100, 200))[None]
+    small = _frame_mask(slice(140, 160), slice(140, 160))[None]
+    large = _frame_mask(slice(105, 195), slice(110, 190))[None]
+    frame = _frame(0.1)
+    alone, _ = enc(_features(), box, brightness=frame)
+    same, _ = enc(_features(), box, object_masks=torch.zeros_like(box), brightness=frame)  # no object: the box itself
+    torch.testing.assert_close(alone, same)
+    as_mask, _ = enc(_features(), box, object_masks=box, brightness=frame)
+    torch.testing.assert_close(alone, as_mask)
+    t_small, _ = enc(_features(), box, object_masks=small, brightness=frame)
+    t_large, _ = enc(_features(), box, object_masks=large, brightness=frame)
+    assert not torch.allclose(t_small, t_large)  # same box, different objects: different tokens
+    lit = frame.clone()
+    lit[140:160, 140:160] = 0.9
+    t_lit, _ = enc(_features(), box, object_masks=small, brightness=lit)
+    assert not torch.allclose(t_small, t_lit)  # same object, brighter: a different token
+    with pytest.raises(ValueError, match="brightness"):
+        enc(_features(), box)
+
+
+def test_a_version_2_encoder_widened_to_version_3_gives_the_same_tokens():
+    from napari_medplib.model.region_encoder import region_input_width, widen_geometry_weight
+
+    torch.manual_seed(1)
+    old = RegionEncoder(MedPLIBConfig(hidden_size=8, num_attention_heads=2, mm_hidden_size=4,
+                                      region_geometry=True, region_geometry_version=2))
+    new = _v3_encoder()
+    state = old.state_dict()
+    state["geometry.0.weight"] = widen_geometry_weight(state["geometry.0.weight"], region_input_width(3))
+    new.load_state_dict(state)
+    masks = torch.stack([_frame_mask(slice(28, 34), slice(28, 60)), _frame_mask(slice(200, 260), slice(10, 30))])
+    before, _ = old(_features(), masks)
+    after, _ = new(_features(), masks, object_masks=torch.flip(masks, dims=[0]), brightness=_frame(0.3))
+    torch.testing.assert_close(before, after)  # the new inputs start silent
+    with pytest.raises(ValueError, match="widen"):
+        widen_geometry_weight(torch.zeros(8, 300), region_input_width(3))

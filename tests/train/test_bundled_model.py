@@ -112,7 +112,7 @@ def test_a_clicked_point_is_read_as_the_clicked_nucleus():
     target = sample.labels == ids[np.argmax(areas)]
     seen = []
     original = session.model.encode_regions
-    session.model.encode_regions = lambda f, masks, generator=None: (seen.append(np.asarray(masks)[0] > 0), original(f, masks, generator))[1]
+    session.model.encode_regions = lambda f, masks, *rest: (seen.append(np.asarray(masks)[0] > 0), original(f, masks, *rest))[1]
     session.ask(sample.image, "What is <region>?", [Region.point(*interior_point(target))], max_new_tokens=4)
     read, nucleus = seen[-1], region_mask_to_grid(target).mask_336 > 0  # both on the model's 336-px frame
     dice = 2 * (read & nucleus).sum() / (read.sum() + nucleus.sum())

@@ -69,7 +69,7 @@ def test_object_models_train_on_sams_mask_of_the_clicked_object(mode, monkeypatc
     monkeypatch.setattr(model, "point_object_logits", object_logits)
     seen = []
     original = model.encode_regions
-    monkeypatch.setattr(model, "encode_regions", lambda f, masks, generator=None: (seen.append(masks.clone()), original(f, masks, generator))[1])
+    monkeypatch.setattr(model, "encode_regions", lambda f, masks, *rest: (seen.append(masks.clone()), original(f, masks, *rest))[1])
     batch = make_batch(model, [_point_and_box_item()])
     assert batch.region_points == [[(30.0, 20.0), None]] or batch.region_points == [[None, (30.0, 20.0)]]
     losses = llm_losses(model, batch, LossWeights(ce=1.0))
@@ -238,7 +238,7 @@ def test_llm_losses_decode_the_batch_in_one_call_as_image_by_image(monkeypatch):
     monkeypatch.setattr(model, "point_object_logits", count("objects", object_logits))
     seen = []
     encode = model.encode_regions
-    monkeypatch.setattr(model, "encode_regions", lambda f, masks, generator=None: (seen.append(masks.clone()), encode(f, masks, generator))[1])
+    monkeypatch.setattr(model, "encode_regions", lambda f, masks, *rest: (seen.append(masks.clone()), encode(f, masks, *rest))[1])
     weights = LossWeights(ce=1.0, bce=1.0, dice=1.0, iou=1.0)
     torch.manual_seed(0)
     together = llm_losses(model, batch, weights)
@@ -251,3 +251,43 @@ def test_llm_losses_decode_the_batch_in_one_call_as_image_by_image(monkeypatch):
     for name in ("bce", "dice", "iou", "ce"):
         assert torch.allclose(together[name], alone[name], atol=1e-5), name
     assert all(torch.equal(a, b) for a, b in zip(regions_together, seen, strict=True))
+
+
+@pytest.mark.parametrize("version", [2, 3])
+def test_version_3_models_train_on_sams_object_of_each_box_and_the_frames_brightness(version, monkeypatch):
+    """Training gives the region encoder what the engine gives it: a box region's object (SAM's box mask,
+    kept inside the box; one decode for the batch) and the CLIP frame's brightness."""
+    import torch
+
+
+    recipe = micro_recipe()
+    spec = dataclasses.replace(recipe.model, region_geometry=True, geometry_version=version, point_region_mask="object")
+    model = build_model(spec, recipe.resolve(spec.tokenizer), moe=False).train()
+    asked = []
+
+    def box_logits(image_embeddings, boxes_xyxy):  # the object: a low-res band through the box, wider than it
+        asked.append(boxes_xyxy.clone())
+        out = torch.full((len(boxes_xyxy), 1, 64, 64), -10.0)
+        for k, (_x0, y0, _x1, y1) in enumerate(boxes_xyxy.tolist()):
+            out[k, 0, int((y0 + y1) / 8) - 2 : int((y0 + y1) / 8) + 2, :] = 10.0
+        return out
+
+    monkeypatch.setattr(model, "box_object_logits", box_logits)
+    seen = []
+    encode = model.encode_regions
+    monkeypatch.setattr(model, "encode_regions", lambda f, masks, *rest: (seen.append((masks.clone(), *rest)), encode(f, masks, *rest))[1])
+    batch = make_batch(model, [_point_and_box_item(), _point_and_box_item()])
+    assert [[b is not None for b in boxes] for boxes in batch.region_boxes] == [[p is None for p in ps] for ps in batch.region_points]
+    losses = llm_losses(model, batch, LossWeights(ce=1.0))
+    assert torch.isfinite(losses["ce"])
+    if version == 2:
+        assert asked == [] and all(objects is None and brightness is None for _, _, objects, brightness in seen)
+        return
+    assert len(asked) == 1 and asked[0].shape == (2, 4)  # both images' boxes in one decode
+    for b, (masks, _, objects, brightness) in enumerate(seen):
+        box_slot = batch.region_points[b].index(None)
+        box, obj = masks[box_slot] > 0, objects[box_slot] > 0
+        assert obj.any() and not (obj & ~box).any() and obj.sum() < box.sum()  # cut at the box
+        assert not objects[1 - box_slot].any()  # the clicked object is the region itself
+        assert brightness.shape == (336, 336) and not torch.isnan(brightness).any()  # a square image: no padding
+        torch.testing.assert_close(brightness, batch.images[b].brightness)

@@ -394,3 +394,47 @@ def test_a_stage_trains_on_its_own_device(one_sample, tmp_path, monkeypatch):
     with pytest.raises(Interrupted):
         Trainer(recipe, tmp_path, progress=False, log=lambda _: None).run()
     assert moved == ["cpu", "meta"]
+
+
+def test_a_stage_may_raise_the_geometry_version_of_the_model_it_continues(run, one_sample, tmp_path):
+    """``model = { geometry_version = 3 }`` on a stage continuing a version-2 one: the geometry MLP's input
+    layer is widened by zero columns (the same answers until the new inputs train), then trained."""
+    import shutil
+
+    from napari_medplib.model.region_encoder import region_input_width
+    from napari_medplib.train.evaluate import evaluate_model, heldout
+
+    trainer, _ = run
+    stages = micro_stages(STEPS)
+    v2 = {**stages[1], "name": "v2", "init": "vl", "model": {"geometry_version": 2}, "reinit": ["region_encoder.geometry.*"]}
+    v3 = {**stages[2], "name": "v3", "init": "v2", "tasks": ["region_vqa"], "model": {"geometry_version": 3}}
+    recipe = micro_recipe(STEPS, one_sample, stages=[*stages, v2, v3])
+    for name in ("sam", "regions", "vl", "grounding", "moe"):
+        shutil.copytree(trainer.final_dir(trainer.recipe.stage(name)), tmp_path / "stages" / name / "final")
+    other = Trainer(recipe, tmp_path, progress=False, log=lambda _: None)
+    other.run(only=["v2"])
+    widened = other.initial_model(recipe.stage("v3")).eval()
+    old = MedPLIBModel.from_pretrained(other.final_dir(recipe.stage("v2"))).eval()
+    assert widened.config.region_geometry_version == 3
+    assert widened.region_encoder.geometry[0].in_features == region_input_width(3)
+    items = list(heldout(2, seed=3, n_per_task=2, size=64))
+    assert evaluate_model(widened, items)["examples"] == evaluate_model(old, items)["examples"]  # same answers
+    out = other.run(only=["v3"])
+    trained = MedPLIBModel.from_pretrained(out)
+    assert trained.config.region_geometry_version == 3
+    new_columns = trained.region_encoder.geometry[0].weight[:, old.region_encoder.geometry[0].in_features:]
+    assert new_columns.abs().sum() > 0  # the new inputs trained
+    assert evaluate_model(trained, items)["counts"]["region_vqa"] > 0  # and the saved model answers
+
+
+def test_version_1_geometry_is_not_widened_into_a_later_version(run, one_sample, tmp_path):
+    """Version 1's inputs are laid out differently from version 2's: going from 1 needs ``reinit``."""
+    import shutil
+
+    trainer, _ = run
+    stages = micro_stages(STEPS)
+    v3 = {**stages[2], "name": "v3", "init": "vl", "model": {"geometry_version": 3}}
+    recipe = micro_recipe(STEPS, one_sample, stages=[*stages, v3])
+    shutil.copytree(trainer.final_dir(trainer.recipe.stage("vl")), tmp_path / "stages" / "vl" / "final")
+    with pytest.raises(RecipeError, match=r"cannot initialise region_encoder\.geometry\.0\.weight.*reinit"):
+        Trainer(recipe, tmp_path, progress=False, log=lambda _: None).initial_model(recipe.stage("v3"))

@@ -243,6 +243,7 @@ class Session:
         if features is not None:
             return features
         stored = self._disk.read(view.key) if self._disk is not None else None
+        clip = None
         if stored is not None and "clip_patch" in stored:
             device = self.model.device
             features = ImageFeatures(stored["clip_patch"].to(device), stored["clip_tokens"].to(device))
@@ -255,6 +256,11 @@ class Session:
                 self._disk.write(view.key, {"clip_patch": features.patch_features, "clip_tokens": features.image_tokens}, {})
             if on_progress:
                 on_progress("embedding image (CLIP)", 1, 1)
+        if self.model.regions_read_brightness:  # cheap, so recomputed rather than stored
+            from ..model.preprocess import frame_brightness
+
+            clip = clip or prepare_clip_image(view.rgb, self._clip.size, self._clip.mean, self._clip.std)
+            features.brightness = frame_brightness(clip)[None].to(self.model.device)
         self._features.put(key, features)
         return features
 
@@ -340,6 +346,43 @@ class Session:
                                      image_shape=view.image_hw)
         return out
 
+    def _box_objects(self, regions: list[Region], view: ModelView, on_progress: Progress | None) -> list[Region | None]:
+        """Per region, the object it stands for when that is not the region itself: SAM's mask of the object
+        in each box (kept inside the box), on models whose region tokens read it (region geometry version
+        3); None for every other region and where SAM finds nothing."""
+        out: list[Region | None] = [None] * len(regions)
+        boxed = [i for i, r in enumerate(regions) if r.kind == "box"]
+        if not boxed or not self.model.regions_read_brightness or self.model.sam is None:
+            return out
+        import torch
+
+        embeddings, resize_hw, pad = self._sam_embedding(view, on_progress)
+        boxes = [seg_region_prompt(regions[i]).box for i in boxed]  # (y0, x0, y1, x1), corners ordered
+        xyxy = np.concatenate([sam_prompt_box(box, view, resize_hw, pad) for box in boxes])
+        low_res = self.model.box_object_logits(embeddings, torch.from_numpy(xyxy).float())
+        masks = low_res_to_masks(low_res, view, resize_hw, pad, threshold=self.model.POINT_OBJECT_THRESHOLD)
+        for i, box, mask in zip(boxed, boxes, masks, strict=True):
+            mask = keep_inside_box(mask, box)
+            if mask.any():
+                out[i] = Region.mask(mask, image_shape=view.image_hw)
+        return out
+
+    def _object_masks(self, objects: list[Region | None], view: ModelView):
+        """(R, 336, 336) uint8 masks of `_box_objects` on the CLIP frame (zeros: the region itself), or None
+        when no region has an object of its own."""
+        if not any(o is not None for o in objects):
+            return None
+        import torch
+
+        from ..model.preprocess import region_mask_to_grid
+
+        vision = self.model.config.vision_config
+        size, patch = int(vision["image_size"]), int(vision["patch_size"])
+        empty = np.zeros((size, size), np.uint8)
+        return torch.from_numpy(np.stack([
+            empty if o is None else region_mask_to_grid(region_grid_mask(o, view), size, patch).mask_336 for o in objects
+        ]))
+
     def _region_masks(self, regions: list[Region], view: ModelView):
         """(R, 336, 336) uint8 region masks on the CLIP frame and the indices the model cannot see: no cell of
         the reference's 24x24 grid, or no pixel where the model reads pixels (``region_geometry``)."""
@@ -412,6 +455,7 @@ class Session:
             except ValueError as err:
                 raise SessionInputError(str(err).splitlines()[0]) from None
             frame_masks, empty = self._region_masks(self._regions_as_read(used, view, on_progress), view)
+            object_masks = self._object_masks(self._box_objects(used, view, on_progress), view)
             timings["preprocess"] = time.perf_counter() - start
 
             mark = time.perf_counter()
@@ -423,13 +467,14 @@ class Session:
                 on_progress("generating", 0, config.max_new_tokens)
             mark = time.perf_counter()
             region_masks = [frame_masks[order]] if order else None
+            region_objects = [object_masks[order]] if order and object_masks is not None else None
 
             def stop() -> bool:
                 return session_cancel.is_set() or (cancel is not None and cancel.is_set())
 
             result = model.generate(
                 torch.tensor(ids), region_masks=region_masks, image_features=features, config=config,
-                stream=on_text, should_stop=stop, prefix=prefix,
+                stream=on_text, should_stop=stop, prefix=prefix, region_objects=region_objects,
             )
             timings["generate"] = time.perf_counter() - mark
             if on_progress:

@@ -47,6 +47,9 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 class ImageFeatures:
     patch_features: torch.Tensor  # [B, P, Dv] CLIP hidden_states[-2] without CLS
     image_tokens: torch.Tensor  # [B, P, D] mm_projector output
+    #: [B, S, S] grey level of the CLIP frame, NaN in the padding (`preprocess.frame_brightness`); read
+    #: by version-3 region geometry only, so None elsewhere
+    brightness: torch.Tensor | None = None
 
 
 @dataclass
@@ -159,23 +162,34 @@ class MedPLIBModel(nn.Module):
         return self.language_model.embed_tokens.weight.device
 
     # ------------------------------------------------------------------ encoders
-    def encode_image(self, clip_pixel_values: torch.Tensor) -> ImageFeatures:
+    def encode_image(self, clip_pixel_values: torch.Tensor, brightness: torch.Tensor | None = None) -> ImageFeatures:
         """[B, 3, 336, 336] CLIP-normalised pixels -> patch features and projected image tokens.
 
-        The CLIP tower is frozen (no gradients), as in the reference; the projector is not."""
+        The CLIP tower is frozen (no gradients), as in the reference; the projector is not. ``brightness``
+        ([B, 336, 336], `preprocess.frame_brightness`) is kept for models whose regions read it."""
         with torch.no_grad():
             patch_features = self.vision_tower(clip_pixel_values.to(self.device))  # [B, P, Dv]
         image_tokens = self.mm_projector(patch_features.to(self.dtype))  # [B, P, D]
-        return ImageFeatures(patch_features, image_tokens)
+        return ImageFeatures(patch_features, image_tokens, brightness)
+
+    @property
+    def regions_read_brightness(self) -> bool:
+        """Whether region tokens read the frame's brightness and a box's object (region geometry version 3)."""
+        encoder = self.region_encoder
+        return encoder is not None and encoder.geometry is not None and encoder.geometry_version >= 3
 
     def encode_regions(
-        self, patch_features: torch.Tensor, region_masks: torch.Tensor, generator: torch.Generator | None = None
+        self, patch_features: torch.Tensor, region_masks: torch.Tensor, generator: torch.Generator | None = None,
+        object_masks: torch.Tensor | None = None, brightness: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One image's patch features [P, Dv] + masks [R, 24, 24] (cell grids) or [R, 336, 336] (CLIP frame)
-        -> (tokens [R, D], empty [R] bool); see `RegionEncoder`."""
+        -> (tokens [R, D], empty [R] bool); see `RegionEncoder` (``object_masks``, ``brightness``: version 3)."""
         if self.region_encoder is None:
             raise ValueError("this model has no region_fea_adapter (config.region_fea_adapter is false)")
-        return self.region_encoder(patch_features, torch.as_tensor(region_masks, device=patch_features.device), generator)
+        device = patch_features.device
+        objects = torch.as_tensor(object_masks, device=device) if object_masks is not None else None
+        return self.region_encoder(patch_features, torch.as_tensor(region_masks, device=device), generator,
+                                   objects, brightness)
 
     def seg_prompt_embeddings(self, seg_hidden: torch.Tensor) -> torch.Tensor:
         """[N, D] hidden states that predicted ``<SEG>`` -> [N, out_dim] SAM prompt tokens."""
@@ -256,9 +270,11 @@ class MedPLIBModel(nn.Module):
         use_cache: bool = False,
         logits_positions: torch.Tensor | slice | None = None,
         region_generator: torch.Generator | None = None,
+        region_objects: Sequence[torch.Tensor | None] | None = None,
     ) -> MedPLIBOutput:
         """Prompt forward. ``region_masks[b]``: [R_b, 24, 24] grids or [R_b, 336, 336] frame masks for sequence b's image;
-        ``region_features`` (precomputed [R_b, D]) take precedence."""
+        ``region_features`` (precomputed [R_b, D]) take precedence. ``region_objects[b]``: [R_b, 336, 336]
+        the object each region stands for (version-3 region geometry; None = the regions themselves)."""
         if input_ids.ndim == 1:
             input_ids = input_ids[None]
         needs_image = bool((input_ids == IMAGE_TOKEN_INDEX).any())
@@ -270,7 +286,11 @@ class MedPLIBModel(nn.Module):
         if region_features is None and region_masks is not None:
             if image_features is None:
                 raise ValueError("region masks need the image: give clip_pixel_values or image_features")
-            encoded = [self.encode_regions(image_features.patch_features[b], m, region_generator) for b, m in enumerate(region_masks)]
+            brightness = image_features.brightness
+            encoded = [self.encode_regions(image_features.patch_features[b], m, region_generator,
+                                           region_objects[b] if region_objects is not None else None,
+                                           brightness[b] if brightness is not None else None)
+                       for b, m in enumerate(region_masks)]
             region_features = [tokens for tokens, _ in encoded]
             region_empty = [empty for _, empty in encoded]
         image_tokens = image_features.image_tokens if image_features is not None else None
@@ -311,6 +331,7 @@ class MedPLIBModel(nn.Module):
         should_stop: Callable[[], bool] | threading.Event | None = None,
         return_step_logits: bool = False,
         prefix: PrefixCache | None = None,
+        region_objects: Sequence[torch.Tensor | None] | None = None,
         **generation_kwargs,
     ) -> GenerationResult:
         """Answer one prompt (batch 1). ``generation_kwargs`` fill a ``GenerationConfig``.
@@ -334,7 +355,7 @@ class MedPLIBModel(nn.Module):
             cache = copy.deepcopy(prefix.past_key_values)
         prompt = self(
             input_ids, clip_pixel_values, region_masks, image_features, region_features,
-            past_key_values=cache, use_cache=True, logits_positions=slice(-1, None),
+            past_key_values=cache, use_cache=True, logits_positions=slice(-1, None), region_objects=region_objects,
         )
         cache = prompt.past_key_values
         moe_layers = [m for m in self.language_model.moe_layers() if m is not None]
@@ -434,6 +455,15 @@ class MedPLIBModel(nn.Module):
         labels = torch.ones((points_xy.shape[0], 1), dtype=torch.int64)
         low_res, _ = self.sam.decode_with_prompts(image_embeddings, points=points_xy.reshape(-1, 1, 2),
                                                   point_labels=labels)
+        return low_res
+
+    @torch.no_grad()
+    def box_object_logits(self, image_embeddings: torch.Tensor, boxes_xyxy: torch.Tensor) -> torch.Tensor:
+        """Low-res logits (N, 1, 64, 64) of the object in each box, (N, 4) xyxy in SAM's padded frame: the
+        object a box ``<region>`` stands for in version-3 region geometry (``regions_read_brightness``).
+        Callers upsample them like every SAM mask, keep the pixels above ``POINT_OBJECT_THRESHOLD`` and
+        inside the box (``engine.prompts.keep_inside_box``), and fall back to the box where none is."""
+        low_res, _ = self.sam.decode_with_prompts(image_embeddings, boxes=boxes_xyxy.reshape(-1, 4))
         return low_res
 
     @torch.no_grad()

@@ -203,6 +203,17 @@ def prepare_clip_image(
     )
 
 
+def frame_brightness(clip: ClipInput) -> torch.Tensor:
+    """[size, size] grey level in [0, 1] of what the CLIP tower sees (the mean of its 8-bit RGB), NaN in
+    the padding: the brightness the version-3 region geometry compares regions with
+    (``region_encoder.region_photometry``), measured on the image, never on the pad colour."""
+    grey = torch.from_numpy(clip.padded_uint8.astype(np.float32).mean(axis=0) / 255)
+    valid = torch.zeros_like(grey, dtype=torch.bool)
+    (top, left), (h, w) = clip.pad, clip.resize_hw
+    valid[top : top + h, left : left + w] = True
+    return grey.masked_fill(~valid, float("nan"))
+
+
 def prepare_sam_image(rgb_uint8: np.ndarray, size: int = SAM_SIZE) -> SamInput:
     """SAM-Med2D input: longest side to ``size`` (PIL bilinear), normalise (0-255 space), centre-pad 0."""
     rgb = _check_rgb(rgb_uint8)

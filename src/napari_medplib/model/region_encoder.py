@@ -41,8 +41,13 @@ class EmptyRegionWarning(UserWarning):
     """A region covers no cell of the 24x24 grid (too small or too thin after downsampling)."""
 
 
-#: Number of geometry features per region for each ``config.region_geometry_version``.
-GEOMETRY_FEATURES_BY_VERSION = {1: 10, 2: 12}
+#: Number of shape features of one mask for each ``config.region_geometry_version`` (version 3 measures
+#: version 2's on two masks and adds `PHOTOMETRY_FEATURES`: see `region_inputs`).
+GEOMETRY_FEATURES_BY_VERSION = {1: 10, 2: 12, 3: 12}
+#: Number of brightness features of a region's object (``region_geometry_version`` 3, `region_photometry`).
+PHOTOMETRY_FEATURES = 8
+#: Percentiles of the frame's brightness that `region_photometry` compares the object's mean with.
+PHOTOMETRY_PERCENTILES = (50.0, 75.0, 90.0, 95.0, 99.0)
 #: Version 1's count (our checkpoints up to the fourth run; version 2 since the sixth).
 GEOMETRY_FEATURES = GEOMETRY_FEATURES_BY_VERSION[1]
 
@@ -63,6 +68,7 @@ def region_geometry(mask: torch.Tensor, version: int = 1) -> torch.Tensor:
     hid. Both are standard region properties (skimage ``regionprops``: area, eccentricity).
     """
     count = GEOMETRY_FEATURES_BY_VERSION[version]
+    version = min(version, 2)  # version 3 measures version 2's shape features (`region_inputs`)
     rows, cols = mask.shape
     points = mask.nonzero().float()  # [n, 2] (row, col)
     n = points.shape[0]
@@ -101,6 +107,66 @@ def geometry_encoding_width(features: int = GEOMETRY_FEATURES) -> int:
 
 #: Version 1's encoding width.
 GEOMETRY_ENCODING = geometry_encoding_width()
+
+
+def region_input_width(version: int) -> int:
+    """Width of `region_inputs` for a ``region_geometry_version``: one encoded block per measured part."""
+    width = geometry_encoding_width(GEOMETRY_FEATURES_BY_VERSION[version])
+    if version >= 3:  # + the object's shape and its brightness
+        width += geometry_encoding_width(GEOMETRY_FEATURES_BY_VERSION[version])
+        width += geometry_encoding_width(PHOTOMETRY_FEATURES)
+    return width
+
+
+def region_photometry(object_mask: torch.Tensor, brightness: torch.Tensor) -> torch.Tensor:
+    """How bright a region's object is, against the whole frame -> [PHOTOMETRY_FEATURES] floats of order 1.
+
+    ``brightness`` [S, S]: the CLIP frame's grey level in [0, 1] (the mean of the 8-bit RGB the model sees,
+    NaN in the padding, `preprocess.frame_brightness`). Features: the object's mean and std, the fraction
+    of frame pixels darker than its mean, and 2x its mean minus each of `PHOTOMETRY_PERCENTILES` of the
+    frame. Why: "is the nucleus in <region> dim or bright?" compares an object with the others of its
+    kind; the from-scratch CLIP tower's layer norms keep little of absolute grey levels, and a probe on
+    held-out questions answered it at 0.97 from these features and the category (0.81 from the mean
+    and rank alone). An empty mask gives zeros.
+    """
+    valid = brightness[~brightness.isnan()]
+    values = brightness[object_mask.bool() & ~brightness.isnan()]
+    if values.numel() == 0 or valid.numel() == 0:
+        return torch.zeros(PHOTOMETRY_FEATURES, device=brightness.device)
+    mean = values.mean()
+    quantiles = torch.quantile(valid.float(), torch.tensor(PHOTOMETRY_PERCENTILES, device=valid.device) / 100)
+    rank = (valid < mean).float().mean()
+    return torch.cat([torch.stack([mean, values.std(unbiased=False), rank]), 2 * (mean - quantiles)]).float()
+
+
+def region_inputs(mask: torch.Tensor, version: int, object_mask: torch.Tensor | None = None,
+                  brightness: torch.Tensor | None = None) -> torch.Tensor:
+    """The geometry MLP's input for one region: `geometry_encoding` of its shape features, and in version 3
+    also of its object's shape and brightness (each block encoded on its own, so a version-2 MLP widened
+    with zero columns computes what it did: `widen_geometry_weight`).
+
+    ``object_mask``: the object the region stands for, on the same frame (a box's object is SAM's mask of
+    it; None: the region itself, as for a mask or a clicked object). Why: a box's own shape says how large
+    and elongated the *box* is; "how big is the object in <region>?" asks about the object (a probe
+    answered size from the box's area at 0.35-0.48 on held-out questions, from SAM's mask of it at 0.88-0.95).
+    """
+    blocks = [geometry_encoding(region_geometry(mask, version))]
+    if version >= 3:
+        if brightness is None:
+            raise ValueError("region_geometry_version 3 reads the frame's brightness: pass brightness "
+                             "(ImageFeatures.brightness, from preprocess.frame_brightness)")
+        target = mask if object_mask is None or not object_mask.any() else object_mask.bool()
+        blocks.append(geometry_encoding(region_geometry(target, version)))
+        blocks.append(geometry_encoding(region_photometry(target, brightness.to(mask.device))))
+    return torch.cat(blocks)
+
+
+def widen_geometry_weight(weight: torch.Tensor, width: int) -> torch.Tensor:
+    """A geometry MLP's first weight [D, w] for a narrower input (an earlier version) -> [D, width]: the old
+    columns first, zeros for the new inputs, so the model computes what it did until they train."""
+    if weight.ndim != 2 or weight.shape[1] > width:
+        raise ValueError(f"cannot widen a geometry weight of shape {tuple(weight.shape)} to {width} inputs")
+    return torch.cat([weight, weight.new_zeros(weight.shape[0], width - weight.shape[1])], dim=1)
 
 
 def geometry_encoding(raw: torch.Tensor) -> torch.Tensor:
@@ -142,7 +208,7 @@ class RegionEncoder(nn.Module):
                     f"region_geometry_version must be one of {sorted(GEOMETRY_FEATURES_BY_VERSION)}, "
                     f"got {config.region_geometry_version}"
                 )
-            width = geometry_encoding_width(GEOMETRY_FEATURES_BY_VERSION[config.region_geometry_version])
+            width = region_input_width(config.region_geometry_version)
             self.geometry = nn.Sequential(
                 nn.Linear(width, config.hidden_size), nn.GELU(), nn.Linear(config.hidden_size, config.hidden_size)
             )
@@ -155,11 +221,13 @@ class RegionEncoder(nn.Module):
         self.on_empty = "warn"
 
     def forward(
-        self, patch_features: torch.Tensor, region_masks: torch.Tensor, generator: torch.Generator | None = None
+        self, patch_features: torch.Tensor, region_masks: torch.Tensor, generator: torch.Generator | None = None,
+        object_masks: torch.Tensor | None = None, brightness: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``region_masks``: [R, g, g] cell grids or [R, g*p, g*p] frame-resolution masks (see the module
         docstring). ``generator``: RNG for the >max_sample_point subset (None = torch's global RNG, as the
-        reference)."""
+        reference). Version-3 geometry only: ``object_masks`` [R, g*p, g*p] (the object each region stands
+        for; an empty one, or None, means the region itself) and ``brightness`` [g*p, g*p] (`region_inputs`)."""
         grid = round(patch_features.shape[0] ** 0.5)
         side = region_masks.shape[-1]
         if region_masks.ndim != 3 or region_masks.shape[-2] != side or grid * grid != patch_features.shape[0] or side % grid:
@@ -187,7 +255,8 @@ class RegionEncoder(nn.Module):
             else:
                 token = self._sample_cells(feature_map, mask, generator)
             if self.geometry is not None:
-                geometry = geometry_encoding(region_geometry(mask, self.geometry_version)).to(self.geometry[0].weight.dtype)
+                target = object_masks[index] if object_masks is not None else None
+                geometry = region_inputs(mask, self.geometry_version, target, brightness).to(self.geometry[0].weight.dtype)
                 token = token + self.geometry(geometry).float()
             tokens.append(token.to(adapted.dtype))
             empty.append(False)

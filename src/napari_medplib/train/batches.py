@@ -22,7 +22,13 @@ import torch
 
 from ..imaging import to_model_rgb
 from ..model.config import IGNORE_INDEX
-from ..model.preprocess import CLIP_SIZE, prepare_clip_image, prepare_sam_image, region_mask_to_grid
+from ..model.preprocess import (
+    CLIP_SIZE,
+    frame_brightness,
+    prepare_clip_image,
+    prepare_sam_image,
+    region_mask_to_grid,
+)
 from ..model.seg_prompts import SegRegionPrompt, pair_with_segs
 from ..model.tokenizer import format_question, get_template, tokenize_prompt
 from .data import Conversation, Sample
@@ -43,6 +49,7 @@ class ImageInputs:
     sam_pixels: torch.Tensor  # [1, 3, 256, 256]
     resize_hw: tuple[int, int]  # SAM resize
     pad: tuple[int, int]  # SAM centre padding (top, left)
+    brightness: torch.Tensor | None = None  # [336, 336] grey level of the CLIP frame, NaN in its padding
 
     @property
     def original_hw(self) -> tuple[int, int]:
@@ -61,6 +68,7 @@ class Sequence1:
     seg_regions: list[SegRegionPrompt | None] | None = None  # per <SEG>: the region it is about, if any
     region_points: list[tuple[float, float] | None] | None = None  # per region slot: the point of a point region
     token_tasks: list[str] | None = None  # per id: the task of the turn it belongs to
+    region_boxes: list[tuple[float, float, float, float] | None] | None = None  # per region slot: a box region's box
 
 
 @dataclass
@@ -78,6 +86,13 @@ class Batch:
     seg_regions: list[list[SegRegionPrompt | None]] | None = None  # per sequence, per <SEG>
     region_points: list[list[tuple[float, float] | None]] = field(default_factory=list)  # per sequence, per region
     token_tasks: list[list[str]] = field(default_factory=list)  # per sequence, per id (padding has none)
+    region_boxes: list[list[tuple[float, float, float, float] | None]] = field(default_factory=list)  # per sequence, per region
+
+    @property
+    def brightness(self) -> torch.Tensor | None:
+        """[B, 336, 336] grey levels of the CLIP frames (`ImageInputs.brightness`), None if any is missing."""
+        frames = [im.brightness for im in self.images]
+        return None if any(f is None for f in frames) else torch.stack(frames)
 
     @property
     def n_seg(self) -> int:
@@ -89,7 +104,7 @@ def prepare_image(sample: Sample) -> ImageInputs:
     rgb = to_model_rgb(sample.image)
     clip = prepare_clip_image(rgb)
     sam = prepare_sam_image(rgb)
-    return ImageInputs(rgb, clip.pixel_values, sam.pixel_values, sam.resize_hw, sam.pad)
+    return ImageInputs(rgb, clip.pixel_values, sam.pixel_values, sam.resize_hw, sam.pad, frame_brightness(clip))
 
 
 def region_mask(region, shape: tuple[int, int]) -> np.ndarray:
@@ -127,6 +142,7 @@ def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: t
     targets: list[np.ndarray] = []
     seg_regions: list[SegRegionPrompt | None] = []
     points: list[tuple[float, float] | None] = []
+    boxes: list[tuple[float, float, float, float] | None] = []
     token_tasks: list[str] = []
     for turn, conv in enumerate(conversations):
         text, order = format_question(conv.question, len(conv.regions), with_image=with_image and turn == 0,
@@ -144,15 +160,20 @@ def build_sequence(tokenizer, conversations: Sequence[Conversation], image_hw: t
         token_tasks += [conv.task] * (len(prompt_ids) + len(answer_ids))
         masks += [region_mask(conv.regions[k], image_hw) for k in order]
         points += [_point_of(conv.regions[k]) for k in order]
+        boxes += [_box_of(conv.regions[k]) for k in order]
         targets += [np.asarray(m, bool) for m in conv.target_masks]
         seg_regions += pair_with_segs(n_seg, [seg_region_prompt(conv.regions[k]) for k in order])
     region_masks = torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, CLIP_SIZE, CLIP_SIZE), dtype=torch.uint8)
     return Sequence1(torch.tensor(ids), torch.tensor(labels), region_masks, targets, [c.task for c in conversations],
-                     seg_regions, points, token_tasks)
+                     seg_regions, points, token_tasks, boxes)
 
 
 def _point_of(region) -> tuple[float, float] | None:
     return (float(region.point[0]), float(region.point[1])) if region.kind == "point" else None
+
+
+def _box_of(region) -> tuple[float, float, float, float] | None:
+    return tuple(float(v) for v in region.box) if region.kind == "box" else None
 
 
 def pack_conversations(conversations: Sequence[Conversation], tasks: Sequence[str], turns: int,
@@ -202,6 +223,7 @@ def collate(sequences: Sequence[Sequence1], images: Sequence[ImageInputs], pad_i
         [list(s.seg_regions) if s.seg_regions is not None else [None] * len(s.target_masks) for s in sequences],
         [list(s.region_points) if s.region_points is not None else [None] * len(s.region_masks) for s in sequences],
         [list(s.token_tasks or ()) for s in sequences],
+        [list(s.region_boxes) if s.region_boxes is not None else [None] * len(s.region_masks) for s in sequences],
     )
 
 

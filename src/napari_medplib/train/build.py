@@ -18,6 +18,7 @@ from torch import nn
 
 from ..model.config import CLIP_VIT_L14_336, MedPLIBConfig, MoEConfig
 from ..model.medplib import MedPLIBModel
+from ..model.region_encoder import region_input_width, widen_geometry_weight
 from .recipe import LoraSpec, ModelSpec, RecipeError
 
 _DENSE_FFN = re.compile(r"^(language_model\.layers\.\d+\.mlp\.)(gate_proj|up_proj|down_proj)\.(weight)$")
@@ -106,6 +107,8 @@ def init_model(model: MedPLIBModel, init_state: dict[str, torch.Tensor] | None,
                 targets = [key]
             for target in targets:
                 if target in own and only(target):
+                    if target == GEOMETRY_INPUT and _widens(value, own[target]):
+                        value = widen_geometry_weight(value, own[target].shape[1])  # a newer geometry_version
                     if own[target].shape != value.shape:
                         raise RecipeError(f"cannot initialise {target}: shape {tuple(value.shape)} in the earlier "
                                           f"stage, {tuple(own[target].shape)} here (the recipe changed the model size? a stage "
@@ -126,6 +129,18 @@ def init_model(model: MedPLIBModel, init_state: dict[str, torch.Tensor] | None,
         take(state, lambda k, p=patterns: _matches(k, p))
     missing = model.load_state_dict(filled, strict=False).missing_keys
     return sorted(missing)
+
+
+#: The region geometry MLP's input layer: a newer ``geometry_version`` widens it (`widen_geometry_weight`).
+GEOMETRY_INPUT = "region_encoder.geometry.0.weight"
+
+
+def _widens(old: torch.Tensor, new: torch.Tensor) -> bool:
+    """Whether ``new`` is a version-3 geometry input layer and ``old`` a version-2 one of the same width
+    (version 3's input starts with version 2's; version 1's is laid out differently, so a stage going
+    from 1 to 2 or 3 lists ``region_encoder.geometry.*`` in ``reinit``)."""
+    return (old.ndim == new.ndim == 2 and old.shape[0] == new.shape[0]
+            and old.shape[1] == region_input_width(2) and new.shape[1] == region_input_width(3))
 
 
 def _num_experts(model: MedPLIBModel) -> int:

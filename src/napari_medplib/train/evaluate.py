@@ -34,7 +34,7 @@ from ..model.tokenizer import encode_question
 from .batches import prepare_image, region_mask, seg_region_prompt
 from .data import Conversation, RegionSpec, Sample, normalise_answer
 from .losses import dice_score
-from .steps import interior_point, point_object_masks, prompt_masks, tight_box
+from .steps import box_object_masks, interior_point, point_object_masks, prompt_masks, tight_box
 
 FLOORS = {"grounding_mdice": 0.80, "box_mdice": 0.90, "point_mdice": 0.80, "region_vqa_acc": 0.85, "vqa_acc": 0.90}
 
@@ -78,8 +78,17 @@ def _answer(model: MedPLIBModel, conv: Conversation, image, features, max_new_to
             if mask is not None:
                 regions[j] = RegionSpec("mask", mask=mask)
     masks = [torch.from_numpy(region_mask(region, image.original_hw)) for region in regions]
+    objects = None
+    if masks and sam_embedding is not None and model.regions_read_brightness:
+        boxed = [j for j, r in enumerate(regions) if r.kind == "box"]
+        found = box_object_masks(model, sam_embedding, image, [regions[j].box for j in boxed])
+        objects = torch.zeros((len(masks), *masks[0].shape), dtype=torch.uint8)
+        for j, mask in zip(boxed, found, strict=True):
+            if mask is not None:
+                objects[j] = torch.from_numpy(region_mask(RegionSpec("mask", mask=mask), image.original_hw))
     return model.generate(torch.tensor(ids), image_features=features,
-                          region_masks=[torch.stack(masks)] if masks else None, max_new_tokens=max_new_tokens)
+                          region_masks=[torch.stack(masks)] if masks else None,
+                          region_objects=[objects] if objects is not None else None, max_new_tokens=max_new_tokens)
 
 
 @torch.no_grad()
@@ -96,7 +105,7 @@ def evaluate_model(model: MedPLIBModel, items: Iterable[tuple[Sample, list[Conve
     for index, (sample, convs) in enumerate(items):
         n_samples += 1
         image = prepare_image(sample)
-        features = model.encode_image(image.clip_pixels)
+        features = model.encode_image(image.clip_pixels, image.brightness[None] if model.regions_read_brightness else None)
         embedding = model.sam.encode_image(image.sam_pixels) if model.sam is not None else None
         for conv in convs:
             result = _answer(model, conv, image, features, max_new_tokens, embedding)

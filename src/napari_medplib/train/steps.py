@@ -37,14 +37,14 @@ def make_batch(model: MedPLIBModel, items: Sequence[Item], with_image: bool = Tr
     return collate(sequences, images, model.tokenizer.pad_token_id)
 
 
-def encode_images(model: MedPLIBModel, clip_pixels: torch.Tensor) -> ImageFeatures:
+def encode_images(model: MedPLIBModel, clip_pixels: torch.Tensor, brightness: torch.Tensor | None = None) -> ImageFeatures:
     """Like ``model.encode_image`` but with gradients into CLIP when the stage trains it.
 
     The paper keeps a pretrained CLIP frozen; a model trained from scratch has no pretrained CLIP, so
     a recipe may train it."""
     with _grad_if(_any_trainable(model.vision_tower)):
         patch_features = model.vision_tower(clip_pixels.to(model.device))
-    return ImageFeatures(patch_features, model.mm_projector(patch_features.to(model.dtype)))
+    return ImageFeatures(patch_features, model.mm_projector(patch_features.to(model.dtype)), brightness)
 
 
 def point_object_masks(model: MedPLIBModel, embedding: torch.Tensor, image, points_yx: Sequence[Sequence[float]],
@@ -58,6 +58,23 @@ def point_object_masks(model: MedPLIBModel, embedding: torch.Tensor, image, poin
     masks = masks_from_logits(postprocess_masks(low_res, image.resize_hw, image.original_hw, pad=image.pad),
                               model.POINT_OBJECT_THRESHOLD)
     return [m if m.any() else None for m in masks.reshape(len(coords), *image.original_hw).cpu().numpy()]
+
+
+def box_object_masks(model: MedPLIBModel, embedding: torch.Tensor, image, boxes: Sequence[Sequence[float]],
+                     ) -> list[np.ndarray | None]:
+    """(H, W) bool masks of the objects in (y0, x0, y1, x1) boxes, kept inside the box, None where SAM finds
+    nothing: the object a box region stands for in version-3 region geometry, as the engine makes it.
+    ``embedding`` [1 or N, C, 16, 16] (one per box when the boxes are on different images of one geometry)."""
+    from ..engine.prompts import keep_inside_box
+
+    if not len(boxes):
+        return []
+    xyxy = image_to_sam_boxes(np.asarray(boxes, float), image.original_hw, image.resize_hw, image.pad)
+    low_res = model.box_object_logits(embedding, torch.from_numpy(xyxy).float())
+    masks = masks_from_logits(postprocess_masks(low_res, image.resize_hw, image.original_hw, pad=image.pad),
+                              model.POINT_OBJECT_THRESHOLD).reshape(len(boxes), *image.original_hw).cpu().numpy()
+    masks = [keep_inside_box(m, box) for m, box in zip(masks, boxes, strict=True)]
+    return [m if m.any() else None for m in masks]
 
 
 def _one_geometry(images: Sequence) -> bool:
@@ -88,6 +105,26 @@ def _regions_as_objects(model: MedPLIBModel, batch: Batch, sam_embeddings: torch
     return out
 
 
+def _box_objects(model: MedPLIBModel, batch: Batch, sam_embeddings: torch.Tensor) -> list[torch.Tensor]:
+    """Per sequence [R_b, 336, 336]: SAM's mask of the object in each box region (version-3 region
+    geometry), zeros for the other regions and where SAM finds nothing (the region then stands for
+    itself). No gradient: as for clicks, SAM's choice of object is an input here, as at inference."""
+    out = [torch.zeros_like(masks) for masks in batch.region_masks]
+    boxes = [(b, k, box) for b, per in enumerate(batch.region_boxes) for k, box in enumerate(per) if box is not None]
+    if not boxes:
+        return out
+    rows = [b for b, _, _ in boxes]
+    if _one_geometry([batch.images[b] for b in rows]):
+        masks = box_object_masks(model, sam_embeddings[rows].detach(), batch.images[rows[0]], [x for _, _, x in boxes])
+    else:
+        masks = [box_object_masks(model, sam_embeddings[b : b + 1].detach(), batch.images[b], [x])[0]
+                 for b, _, x in boxes]
+    for (b, k, _), mask in zip(boxes, masks, strict=True):
+        if mask is not None:
+            out[b][k] = torch.from_numpy(region_mask_to_grid(mask).mask_336)
+    return out
+
+
 def _router_inputs(model: MedPLIBModel):
     """Forward pre-hooks that keep each MoE layer's input [B, L, D]; returns (inputs, handles)."""
     inputs: list[torch.Tensor] = []
@@ -114,16 +151,22 @@ def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights,
     """CE on the answers + BCE/Dice (+ IoU) on the mask of every ``<SEG>`` + the MoE aux loss, and with
     ``weights.router`` the router's CE against ``router_targets`` (task -> expert) on every text token;
     with a `density_head`, its maps of the patch features against `density_targets` (``train.density``)."""
-    features = encode_images(model, batch.clip_pixels)
+    reads_brightness = model.regions_read_brightness
+    features = encode_images(model, batch.clip_pixels, batch.brightness if reads_brightness else None)
     needs_masks = bool(batch.n_seg and (weights.bce or weights.dice or weights.iou))
     needs_objects = model.point_regions_are_objects and any(p is not None for ps in batch.region_points for p in ps)
+    needs_boxes = (reads_brightness and model.sam is not None
+                   and any(x is not None for xs in batch.region_boxes for x in xs))
     sam_embeddings = None
-    if needs_masks or needs_objects:  # once for both uses
+    if needs_masks or needs_objects or needs_boxes:  # once for every use
         with _grad_if(needs_masks and _any_trainable(model.sam.image_encoder)):
             sam_embeddings = model.sam.encode_image(batch.sam_pixels)  # [B, C, 16, 16]
     region_masks = _regions_as_objects(model, batch, sam_embeddings) if needs_objects else batch.region_masks
+    objects = _box_objects(model, batch, sam_embeddings) if needs_boxes else [None] * len(region_masks)
+    brightness = features.brightness
     regions = [
-        model.encode_regions(features.patch_features[b], masks)[0] if len(masks)
+        model.encode_regions(features.patch_features[b], masks, None, objects[b],
+                             brightness[b] if brightness is not None else None)[0] if len(masks)
         else features.image_tokens.new_zeros((0, model.config.hidden_size))
         for b, masks in enumerate(region_masks)
     ]  # per sequence [R_b, D] (the model's region path needs at least one region)
