@@ -261,6 +261,35 @@ def test_region_questions_read_point_regions_as_the_engine_does(mode, monkeypatc
 
 
 
+@pytest.mark.parametrize("version", [2, 3])
+def test_box_regions_of_version_3_models_read_sams_object_as_the_engine_does(version, monkeypatch):
+    """``_answer`` gives a version-3 model a box region's object (SAM's box mask, kept inside the box) and
+    the frame's brightness; a version-2 model neither."""
+    from napari_medplib.testing import tiny_model
+    from napari_medplib.train.batches import prepare_image, region_mask
+    from napari_medplib.train.data import Conversation, RegionSpec
+
+    model = tiny_model(0, region_geometry=True, region_geometry_version=version, point_region_mask="object")
+    sample, _ = next(synthetic_items(1, seed=2, size=(64, 64), styles=("nuclei",)))
+    image = prepare_image(sample)
+    monkeypatch.setattr(model, "box_object_logits",  # a band of low-res rows 20..39, across the whole image
+                        lambda emb, xyxy: torch.full((len(xyxy), 1, 64, 64), -10.0).index_fill_(2, torch.arange(20, 40), 10.0))
+    given = []
+    generate = model.generate
+    monkeypatch.setattr(model, "generate", lambda ids, **kw: (given.append(kw), generate(ids, **kw))[1])
+    box = RegionSpec("box", box=(10, 5, 50, 30))
+    conv = Conversation("How big is the object in <region>?", "small", "region_vqa", "size", [box], canonical="small")
+    features = model.encode_image(image.clip_pixels, image.brightness[None] if version == 3 else None)
+    ev._answer(model, conv, image, features, 1, model.sam.encode_image(image.sam_pixels))
+    kw = given[0]
+    assert torch.equal(kw["region_masks"][0][0], torch.from_numpy(region_mask(box, image.original_hw)))  # the box as drawn
+    if version == 2:
+        assert kw["region_objects"] is None
+        return
+    obj, drawn = kw["region_objects"][0][0] > 0, kw["region_masks"][0][0] > 0
+    assert obj.any() and not (obj & ~drawn).any() and obj.sum() < drawn.sum()  # the band, cut at the box
+
+
 def test_eval_styles_choose_the_held_out_images(monkeypatch):
     """``medplib eval --styles bacteria`` scores the opt-in style's held-out images; unknown styles and
     styles with a data folder are errors."""
