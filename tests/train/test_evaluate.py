@@ -34,11 +34,12 @@ class _ScriptedModel:
         self.paint_everything = False  # ground() returns all-True masks instead of the targets
         self.targets = targets  # question -> list of masks
         self.grounded = []  # (conversation, regions given to ground)
+        self.regions_read_brightness = False
 
     def eval(self):
         return self
 
-    def encode_image(self, pixels):
+    def encode_image(self, pixels, brightness=None):
         return torch.zeros(1)
 
     def answer_seg_hidden(self, result):

@@ -144,7 +144,8 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     assert {s.name: gpu.stage_device(s) for s in gpu.stages[len(shared):]} == {
         "sam5": "cuda", "vl3": "cuda", "grounding2": "cpu", "moe2": "cpu", "dense2": "cpu", "grounding3": "cpu",
         "moe3": "cpu", "dense3": "cpu", "moe4": "cpu", "moe5": "cpu", "dense4": "cpu", "sam6": "cpu", "moe6": "cpu",
-        **{f"{kind}{k}": "cpu" for k in ROUNDS for kind in ("sam", "moe")}, "vqa13": "cpu", "count13": "cpu"}
+        **{f"{kind}{k}": "cpu" for k in ROUNDS for kind in ("sam", "moe")}, "vqa13": "cpu", "count13": "cpu",
+        "moe16": "cpu", "moe16c": "cpu"}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -185,6 +186,12 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     assert vqa.kinds["vqa"].count("count") == 3 and vqa.n_per_task == {"grounding": 2} and "vision_tower.*" in vqa.train
     assert dataclasses.replace(count, name="vqa13", loss=vqa.loss) == vqa
     assert count.loss.density > 0 and vqa.loss.density == 0
+    # version-3 region geometry on the last round's stage IV, and its control without it
+    last = gpu.stage(f"moe{ROUNDS[-1]}")
+    v3, control = gpu.stage("moe16"), gpu.stage("moe16c")
+    assert v3.init == control.init == last.name and v3.model == {"geometry_version": 3} and control.model == {}
+    assert dataclasses.replace(v3, name=last.name, init=last.init, copy=last.copy, model={}) == last
+    assert dataclasses.replace(control, name="moe16", model=v3.model) == v3
     d4 = gpu.stage("dense4")
     assert d4.init == "dense3" and dataclasses.replace(d4, name="dense3", init="grounding3", lr=d3.lr) == d3
     assert gpu.final_stage.name == f"moe{ROUNDS[-1]}"
