@@ -86,7 +86,7 @@ def test_the_tiny_gpu_recipe_builds_the_bundled_models_architecture(bundled):
 
     recipe = load_recipe("tiny-gpu")
     final = recipe.final_stage
-    built = build_model(recipe.model, recipe.resolve(recipe.model.tokenizer), moe=final.moe,
+    built = build_model(recipe.stage_model(final), recipe.resolve(recipe.model.tokenizer), moe=final.moe,
                         point_region_mask=final.point_region_mask)
     assert {k: tuple(v.shape) for k, v in built.state_dict().items()} == {
         k: tuple(v.shape) for k, v in bundled.state_dict().items()
@@ -137,3 +137,32 @@ def test_phase_contrast_bacteria_are_known():
         named += "phase" in session.ask(sample.image, "Which imaging modality is this?").text.lower()
     assert np.mean(dices) > 0.65, dices
     assert named >= 2
+
+
+def test_a_box_region_is_read_with_the_boxed_nucleus_and_its_brightness():
+    """Version-3 region geometry end to end: for a box around a nucleus the model also reads the object
+    in it (SAM's mask of the box: mostly that nucleus) and the frame's brightness."""
+    from napari_medplib import Region
+    from napari_medplib.engine.session import Session
+    from napari_medplib.model.preprocess import region_mask_to_grid
+    from napari_medplib.train.evaluate import heldout
+    from napari_medplib.train.steps import tight_box
+
+    session = Session.load(device="cpu")
+    assert session.model.regions_read_brightness
+    sample, _ = next(iter(heldout(1, styles=["nuclei"])))
+    ids, areas = np.unique(sample.labels[sample.labels > 0], return_counts=True)
+    target = sample.labels == ids[np.argmax(areas)]
+    seen = []
+    original = session.model.encode_regions
+
+    def spy(features, masks, generator=None, objects=None, brightness=None):
+        seen.append((np.asarray(objects)[0] > 0, brightness))
+        return original(features, masks, generator, objects, brightness)
+
+    session.model.encode_regions = spy
+    session.ask(sample.image, "How big is the object in <region>?", [Region.box(*tight_box(target))], max_new_tokens=4)
+    read, brightness = seen[-1]
+    nucleus = region_mask_to_grid(target).mask_336 > 0
+    assert 2 * (read & nucleus).sum() / (read.sum() + nucleus.sum()) > 0.7
+    assert brightness is not None and float(brightness[read].mean()) > float(brightness.nanmean())  # a bright nucleus

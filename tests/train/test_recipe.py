@@ -145,7 +145,7 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         "sam5": "cuda", "vl3": "cuda", "grounding2": "cpu", "moe2": "cpu", "dense2": "cpu", "grounding3": "cpu",
         "moe3": "cpu", "dense3": "cpu", "moe4": "cpu", "moe5": "cpu", "dense4": "cpu", "sam6": "cpu", "moe6": "cpu",
         **{f"{kind}{k}": "cpu" for k in ROUNDS for kind in ("sam", "moe")}, "vqa13": "cpu", "count13": "cpu",
-        "moe16": "cpu", "moe16c": "cpu"}
+        "moe16": "cpu", "regions16": "cpu", "regions17": "cpu", "regions18": "cpu"}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -186,15 +186,19 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     assert vqa.kinds["vqa"].count("count") == 3 and vqa.n_per_task == {"grounding": 2} and "vision_tower.*" in vqa.train
     assert dataclasses.replace(count, name="vqa13", loss=vqa.loss) == vqa
     assert count.loss.density > 0 and vqa.loss.density == 0
-    # version-3 region geometry on the last round's stage IV, and its control without it
+    # version-3 region geometry on the last round's stage IV, then the region encoder alone on region questions
     last = gpu.stage(f"moe{ROUNDS[-1]}")
-    v3, control = gpu.stage("moe16"), gpu.stage("moe16c")
-    assert v3.init == control.init == last.name and v3.model == {"geometry_version": 3} and control.model == {}
+    v3, regions = gpu.stage("moe16"), gpu.stage("regions16")
+    assert v3.init == last.name and v3.model == {"geometry_version": 3}
     assert dataclasses.replace(v3, name=last.name, init=last.init, copy=last.copy, model={}) == last
-    assert dataclasses.replace(control, name="moe16", model=v3.model) == v3
+    assert regions.init == "moe16" and regions.train == ["region_encoder.*"] and regions.tasks == ["region_vqa"]
+    for name, init in (("regions17", "regions16"), ("regions18", "regions17")):  # continued, same questions
+        more = gpu.stage(name)
+        assert more.init == init and dataclasses.replace(more, name="regions16", init="moe16", steps=2000,
+                                                         lr=1e-3) == regions
     d4 = gpu.stage("dense4")
     assert d4.init == "dense3" and dataclasses.replace(d4, name="dense3", init="grounding3", lr=d3.lr) == d3
-    assert gpu.final_stage.name == f"moe{ROUNDS[-1]}"
+    assert gpu.final_stage.name == "regions18"
 
 
 def test_a_stage_can_add_a_synthetic_style_without_changing_the_others():
