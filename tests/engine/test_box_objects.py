@@ -22,11 +22,11 @@ def _spy(session: Session) -> list[dict]:
     seen: list[dict] = []
     original = session.model.encode_regions
 
-    def spy(patch_features, region_masks, generator=None, object_masks=None, brightness=None):
+    def spy(patch_features, region_masks, generator=None, object_masks=None, brightness=None, **kwargs):
         seen.append({"masks": np.asarray(region_masks).copy(),
                      "objects": None if object_masks is None else np.asarray(object_masks).copy(),
                      "brightness": None if brightness is None else brightness.clone()})
-        return original(patch_features, region_masks, generator, object_masks, brightness)
+        return original(patch_features, region_masks, generator, object_masks, brightness, **kwargs)
 
     session.model.encode_regions = spy
     return seen
@@ -87,3 +87,21 @@ def test_only_boxes_of_version_3_models_get_an_object(version, fill, region, exp
     objects = seen[-1]["objects"]
     assert (objects is not None and objects.any()) == has_object
     assert (seen[-1]["brightness"] is not None) == (version == 3)
+
+
+def test_the_frames_grey_levels_are_sorted_once_per_image():
+    """Later questions about the same image reuse the sorted levels kept with its cached features."""
+    from napari_medplib.model import medplib
+
+    session = _session(3)
+    calls = []
+    original = medplib.frame_levels
+    medplib.frame_levels = lambda brightness: (calls.append(1), original(brightness))[1]
+    try:
+        image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+        for question in ("What is <region>?", "How bright is the object in <region>?"):
+            session.ask(image, question, [Region.box(10, 10, 30, 30), Region.point(40, 40)], max_new_tokens=1)
+    finally:
+        medplib.frame_levels = original
+        session.close()
+    assert len(calls) == 1

@@ -112,7 +112,7 @@ def test_a_clicked_point_is_read_as_the_clicked_nucleus():
     target = sample.labels == ids[np.argmax(areas)]
     seen = []
     original = session.model.encode_regions
-    session.model.encode_regions = lambda f, masks, *rest: (seen.append(np.asarray(masks)[0] > 0), original(f, masks, *rest))[1]
+    session.model.encode_regions = lambda f, masks, *rest, **kw: (seen.append(np.asarray(masks)[0] > 0), original(f, masks, *rest, **kw))[1]
     session.ask(sample.image, "What is <region>?", [Region.point(*interior_point(target))], max_new_tokens=4)
     read, nucleus = seen[-1], region_mask_to_grid(target).mask_336 > 0  # both on the model's 336-px frame
     dice = 2 * (read & nucleus).sum() / (read.sum() + nucleus.sum())
@@ -156,9 +156,9 @@ def test_a_box_region_is_read_with_the_boxed_nucleus_and_its_brightness():
     seen = []
     original = session.model.encode_regions
 
-    def spy(features, masks, generator=None, objects=None, brightness=None):
+    def spy(features, masks, generator=None, objects=None, brightness=None, **kwargs):
         seen.append((np.asarray(objects)[0] > 0, brightness))
-        return original(features, masks, generator, objects, brightness)
+        return original(features, masks, generator, objects, brightness, **kwargs)
 
     session.model.encode_regions = spy
     session.ask(sample.image, "How big is the object in <region>?", [Region.box(*tight_box(target))], max_new_tokens=4)

@@ -69,7 +69,7 @@ def test_object_models_train_on_sams_mask_of_the_clicked_object(mode, monkeypatc
     monkeypatch.setattr(model, "point_object_logits", object_logits)
     seen = []
     original = model.encode_regions
-    monkeypatch.setattr(model, "encode_regions", lambda f, masks, *rest: (seen.append(masks.clone()), original(f, masks, *rest))[1])
+    monkeypatch.setattr(model, "encode_regions", lambda f, masks, *rest, **kw: (seen.append(masks.clone()), original(f, masks, *rest, **kw))[1])
     batch = make_batch(model, [_point_and_box_item()])
     assert batch.region_points == [[(30.0, 20.0), None]] or batch.region_points == [[None, (30.0, 20.0)]]
     losses = llm_losses(model, batch, LossWeights(ce=1.0))
@@ -238,7 +238,7 @@ def test_llm_losses_decode_the_batch_in_one_call_as_image_by_image(monkeypatch):
     monkeypatch.setattr(model, "point_object_logits", count("objects", object_logits))
     seen = []
     encode = model.encode_regions
-    monkeypatch.setattr(model, "encode_regions", lambda f, masks, *rest: (seen.append(masks.clone()), encode(f, masks, *rest))[1])
+    monkeypatch.setattr(model, "encode_regions", lambda f, masks, *rest, **kw: (seen.append(masks.clone()), encode(f, masks, *rest, **kw))[1])
     weights = LossWeights(ce=1.0, bce=1.0, dice=1.0, iou=1.0)
     torch.manual_seed(0)
     together = llm_losses(model, batch, weights)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 from .config import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, MedPLIBConfig
 from .generation import GenerationConfig, GenerationResult, generate_tokens
 from .llm import LanguageModelOutput, MedPLIBLanguageModel
-from .region_encoder import RegionEncoder
+from .region_encoder import RegionEncoder, frame_levels
 from .seg_prompts import SegRegionPrompt, decode_seg_with_regions, pair_with_segs
 from .vision import CLIPVisionTower, build_mm_projector
 
@@ -50,6 +50,16 @@ class ImageFeatures:
     #: [B, S, S] grey level of the CLIP frame, NaN in the padding (`preprocess.frame_brightness`); read
     #: by version-3 region geometry only, so None elsewhere
     brightness: torch.Tensor | None = None
+    _levels: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def brightness_levels(self, index: int) -> torch.Tensor | None:
+        """Image ``index``'s sorted grey levels (`region_encoder.frame_levels`), sorted once per image and
+        kept with the features, which the engine caches: later questions about the image skip the sort."""
+        if self.brightness is None:
+            return None
+        if index not in self._levels:
+            self._levels[index] = frame_levels(self.brightness[index])
+        return self._levels[index]
 
 
 @dataclass
@@ -181,15 +191,17 @@ class MedPLIBModel(nn.Module):
     def encode_regions(
         self, patch_features: torch.Tensor, region_masks: torch.Tensor, generator: torch.Generator | None = None,
         object_masks: torch.Tensor | None = None, brightness: torch.Tensor | None = None,
+        levels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One image's patch features [P, Dv] + masks [R, 24, 24] (cell grids) or [R, 336, 336] (CLIP frame)
-        -> (tokens [R, D], empty [R] bool); see `RegionEncoder` (``object_masks``, ``brightness``: version 3)."""
+        -> (tokens [R, D], empty [R] bool); see `RegionEncoder` (``object_masks``, ``brightness``, ``levels``:
+        version 3)."""
         if self.region_encoder is None:
             raise ValueError("this model has no region_fea_adapter (config.region_fea_adapter is false)")
         device = patch_features.device
         objects = torch.as_tensor(object_masks, device=device) if object_masks is not None else None
         return self.region_encoder(patch_features, torch.as_tensor(region_masks, device=device), generator,
-                                   objects, brightness)
+                                   objects, brightness, levels)
 
     def seg_prompt_embeddings(self, seg_hidden: torch.Tensor) -> torch.Tensor:
         """[N, D] hidden states that predicted ``<SEG>`` -> [N, out_dim] SAM prompt tokens."""
@@ -289,7 +301,8 @@ class MedPLIBModel(nn.Module):
             brightness = image_features.brightness
             encoded = [self.encode_regions(image_features.patch_features[b], m, region_generator,
                                            region_objects[b] if region_objects is not None else None,
-                                           brightness[b] if brightness is not None else None)
+                                           brightness[b] if brightness is not None else None,
+                                           levels=image_features.brightness_levels(b) if brightness is not None else None)
                        for b, m in enumerate(region_masks)]
             region_features = [tokens for tokens, _ in encoded]
             region_empty = [empty for _, empty in encoded]

@@ -118,29 +118,39 @@ def region_input_width(version: int) -> int:
     return width
 
 
-def region_photometry(object_mask: torch.Tensor, brightness: torch.Tensor) -> torch.Tensor:
+def region_photometry(object_mask: torch.Tensor, brightness: torch.Tensor,
+                      levels: torch.Tensor | None = None) -> torch.Tensor:
     """How bright a region's object is, against the whole frame -> [PHOTOMETRY_FEATURES] floats of order 1.
 
     ``brightness`` [S, S]: the CLIP frame's grey level in [0, 1] (the mean of the 8-bit RGB the model sees,
     NaN in the padding, `preprocess.frame_brightness`). Features: the object's mean and std, the fraction
     of frame pixels darker than its mean, and 2x its mean minus each of `PHOTOMETRY_PERCENTILES` of the
-    frame. Why: "is the nucleus in <region> dim or bright?" compares an object with the others of its
+    frame (``levels``: `frame_levels` of ``brightness``, when the caller has them). Why: "is the nucleus in <region> dim or bright?" compares an object with the others of its
     kind; the from-scratch CLIP tower's layer norms keep little of absolute grey levels, and a probe on
     held-out questions answered it at 0.97 from these features and the category (0.81 from the mean
     and rank alone). An empty mask gives zeros.
     """
-    valid = brightness[~brightness.isnan()]
+    levels = frame_levels(brightness) if levels is None else levels
     values = brightness[object_mask.bool() & ~brightness.isnan()]
-    if values.numel() == 0 or valid.numel() == 0:
+    if values.numel() == 0 or levels.numel() == 0:
         return torch.zeros(PHOTOMETRY_FEATURES, device=brightness.device)
     mean = values.mean()
-    quantiles = torch.quantile(valid.float(), torch.tensor(PHOTOMETRY_PERCENTILES, device=valid.device) / 100)
-    rank = (valid < mean).float().mean()
+    # linear interpolation between order statistics, as torch.quantile; the rank as (levels < mean).mean()
+    position = torch.tensor(PHOTOMETRY_PERCENTILES, dtype=torch.float64, device=levels.device) / 100 * (levels.numel() - 1)
+    low, high = position.floor().long(), position.ceil().long()
+    quantiles = (levels[low] + (levels[high] - levels[low]) * (position - low).to(levels.dtype))
+    rank = torch.searchsorted(levels, mean.reshape(1)).float()[0] / levels.numel()
     return torch.cat([torch.stack([mean, values.std(unbiased=False), rank]), 2 * (mean - quantiles)]).float()
 
 
+def frame_levels(brightness: torch.Tensor) -> torch.Tensor:
+    """The frame's grey levels outside the padding, sorted: computed once per image, read by every region's
+    `region_photometry` (percentiles and ranks are then lookups, not a sort per region)."""
+    return brightness[~brightness.isnan()].float().sort().values
+
+
 def region_inputs(mask: torch.Tensor, version: int, object_mask: torch.Tensor | None = None,
-                  brightness: torch.Tensor | None = None) -> torch.Tensor:
+                  brightness: torch.Tensor | None = None, levels: torch.Tensor | None = None) -> torch.Tensor:
     """The geometry MLP's input for one region: `geometry_encoding` of its shape features, and in version 3
     also of its object's shape and brightness (each block encoded on its own, so a version-2 MLP widened
     with zero columns computes what it did: `widen_geometry_weight`).
@@ -157,7 +167,7 @@ def region_inputs(mask: torch.Tensor, version: int, object_mask: torch.Tensor | 
                              "(ImageFeatures.brightness, from preprocess.frame_brightness)")
         target = mask if object_mask is None or not object_mask.any() else object_mask.bool()
         blocks.append(geometry_encoding(region_geometry(target, version)))
-        blocks.append(geometry_encoding(region_photometry(target, brightness.to(mask.device))))
+        blocks.append(geometry_encoding(region_photometry(target, brightness.to(mask.device), levels)))
     return torch.cat(blocks)
 
 
@@ -223,11 +233,13 @@ class RegionEncoder(nn.Module):
     def forward(
         self, patch_features: torch.Tensor, region_masks: torch.Tensor, generator: torch.Generator | None = None,
         object_masks: torch.Tensor | None = None, brightness: torch.Tensor | None = None,
+        levels: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``region_masks``: [R, g, g] cell grids or [R, g*p, g*p] frame-resolution masks (see the module
         docstring). ``generator``: RNG for the >max_sample_point subset (None = torch's global RNG, as the
         reference). Version-3 geometry only: ``object_masks`` [R, g*p, g*p] (the object each region stands
-        for; an empty one, or None, means the region itself) and ``brightness`` [g*p, g*p] (`region_inputs`)."""
+        for; an empty one, or None, means the region itself), ``brightness`` [g*p, g*p] (`region_inputs`) and
+        its sorted ``levels`` (`frame_levels`; computed here when not given)."""
         grid = round(patch_features.shape[0] ** 0.5)
         side = region_masks.shape[-1]
         if region_masks.ndim != 3 or region_masks.shape[-2] != side or grid * grid != patch_features.shape[0] or side % grid:
@@ -242,6 +254,9 @@ class RegionEncoder(nn.Module):
             step = side // grid
             region_masks = region_masks[:, ::step, ::step]  # the reference's cell grid (top-left pixels)
         tokens, empty = [], []
+        if self.geometry is not None and self.geometry_version >= 3 and brightness is not None:
+            brightness = brightness.to(region_masks.device)
+            levels = frame_levels(brightness) if levels is None else levels.to(region_masks.device)  # once per image
         for index, mask in enumerate(region_masks):
             mask = mask.bool()
             if not mask.any():
@@ -256,7 +271,7 @@ class RegionEncoder(nn.Module):
                 token = self._sample_cells(feature_map, mask, generator)
             if self.geometry is not None:
                 target = object_masks[index] if object_masks is not None else None
-                geometry = region_inputs(mask, self.geometry_version, target, brightness).to(self.geometry[0].weight.dtype)
+                geometry = region_inputs(mask, self.geometry_version, target, brightness, levels).to(self.geometry[0].weight.dtype)
                 token = token + self.geometry(geometry).float()
             tokens.append(token.to(adapted.dtype))
             empty.append(False)
