@@ -259,7 +259,8 @@ class Session:
         if self.model.regions_read_brightness:  # cheap, so recomputed rather than stored
             from ..model.preprocess import frame_brightness
 
-            clip = clip or prepare_clip_image(view.rgb, self._clip.size, self._clip.mean, self._clip.std)
+            if clip is None:  # the features came from the disk cache
+                clip = prepare_clip_image(view.rgb, self._clip.size, self._clip.mean, self._clip.std)
             features.brightness = frame_brightness(clip)[None].to(self.model.device)
         self._features.put(key, features)
         return features

@@ -24,6 +24,10 @@ mask is used as it is: the token is the exact mean of the bilinear samples at ev
 200 px covers 1-3 cells and an H&E nucleus of 40 px often no cell at all (a zero token); a small MLP
 probe on held-out region questions read "round or elongated" from the grid geometry at 0.60 (chance
 0.5) and from the pixel geometry at 0.81, the 3x3 position at 0.90 and 0.95.
+
+Version 3 of the geometry (`region_inputs`) also reads the region's *object* (a box's object is SAM's
+mask of it, made by the caller) and how bright the object is against the frame (`region_photometry`),
+for the questions about the object in a box and about brightness (docs/model-card.md).
 """
 
 from __future__ import annotations
@@ -125,10 +129,11 @@ def region_photometry(object_mask: torch.Tensor, brightness: torch.Tensor,
     ``brightness`` [S, S]: the CLIP frame's grey level in [0, 1] (the mean of the 8-bit RGB the model sees,
     NaN in the padding, `preprocess.frame_brightness`). Features: the object's mean and std, the fraction
     of frame pixels darker than its mean, and 2x its mean minus each of `PHOTOMETRY_PERCENTILES` of the
-    frame (``levels``: `frame_levels` of ``brightness``, when the caller has them). Why: "is the nucleus in <region> dim or bright?" compares an object with the others of its
+    frame (``levels``: `frame_levels` of ``brightness``, when the caller has them). An empty mask gives
+    zeros. Why: "is the nucleus in <region> dim or bright?" compares an object with the others of its
     kind; the from-scratch CLIP tower's layer norms keep little of absolute grey levels, and a probe on
     held-out questions answered it at 0.97 from these features and the category (0.81 from the mean
-    and rank alone). An empty mask gives zeros.
+    and rank alone).
     """
     levels = frame_levels(brightness) if levels is None else levels
     values = brightness[object_mask.bool() & ~brightness.isnan()]
