@@ -145,7 +145,8 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         "sam5": "cuda", "vl3": "cuda", "grounding2": "cpu", "moe2": "cpu", "dense2": "cpu", "grounding3": "cpu",
         "moe3": "cpu", "dense3": "cpu", "moe4": "cpu", "moe5": "cpu", "dense4": "cpu", "sam6": "cpu", "moe6": "cpu",
         **{f"{kind}{k}": "cpu" for k in ROUNDS for kind in ("sam", "moe")}, "vqa13": "cpu", "count13": "cpu",
-        "moe16": "cpu", "regions16": "cpu", "regions17": "cpu", "regions18": "cpu"}
+        "moe16": "cpu", "regions16": "cpu", "regions17": "cpu", "regions18": "cpu",
+        "regions19": "cpu"}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -192,7 +193,7 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     assert v3.init == last.name and v3.model == {"geometry_version": 3}
     assert dataclasses.replace(v3, name=last.name, init=last.init, copy=last.copy, model={}) == last
     assert regions.init == "moe16" and regions.train == ["region_encoder.*"] and regions.tasks == ["region_vqa"]
-    for name, init in (("regions17", "regions16"), ("regions18", "regions17")):  # continued, same questions
+    for name, init in (("regions17", "regions16"), ("regions18", "regions17"), ("regions19", "regions18")):
         more = gpu.stage(name)
         assert more.init == init and dataclasses.replace(more, name="regions16", init="moe16", steps=2000,
                                                          lr=1e-3) == regions
