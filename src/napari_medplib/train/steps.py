@@ -83,21 +83,26 @@ def _one_geometry(images: Sequence) -> bool:
     return len({(tuple(im.original_hw), tuple(im.resize_hw), tuple(im.pad)) for im in images}) <= 1
 
 
-def _regions_as_objects(model: MedPLIBModel, batch: Batch, sam_embeddings: torch.Tensor) -> list[torch.Tensor]:
-    """``batch.region_masks`` with each point region's square replaced by its object's mask, from the
-    batch's SAM embeddings [B, C, 16, 16] (no gradient: SAM's choice of object is an input here, as it
-    is at inference). All the batch's clicks are decoded together when its images share a geometry."""
-    clicks = [(b, k, p) for b, points in enumerate(batch.region_points) for k, p in enumerate(points) if p is not None]
-    if not clicks:
-        return list(batch.region_masks)
-    rows = [b for b, _, _ in clicks]
+def _batch_objects(model: MedPLIBModel, batch: Batch, sam_embeddings: torch.Tensor, prompts, decode):
+    """(b, k, mask or None) for every region k of sequence b with a prompt (``prompts[b][k]`` not None),
+    decoded by ``decode`` (`point_object_masks` or `box_object_masks`) from the batch's SAM embeddings
+    [B, C, 16, 16], without gradient: SAM's choice of object is an input here, as it is at inference.
+    All the batch's prompts are decoded together when its images share a geometry."""
+    found = [(b, k, x) for b, per in enumerate(prompts) for k, x in enumerate(per) if x is not None]
+    if not found:
+        return []
+    rows = [b for b, _, _ in found]
     if _one_geometry([batch.images[b] for b in rows]):
-        masks = point_object_masks(model, sam_embeddings[rows].detach(), batch.images[rows[0]], [p for _, _, p in clicks])
+        masks = decode(model, sam_embeddings[rows].detach(), batch.images[rows[0]], [x for _, _, x in found])
     else:
-        masks = [point_object_masks(model, sam_embeddings[b : b + 1].detach(), batch.images[b], [p])[0]
-                 for b, _, p in clicks]
+        masks = [decode(model, sam_embeddings[b : b + 1].detach(), batch.images[b], [x])[0] for b, _, x in found]
+    return [(b, k, mask) for (b, k, _), mask in zip(found, masks, strict=True)]
+
+
+def _regions_as_objects(model: MedPLIBModel, batch: Batch, sam_embeddings: torch.Tensor) -> list[torch.Tensor]:
+    """``batch.region_masks`` with each point region's square replaced by its object's mask."""
     out = list(batch.region_masks)
-    for (b, k, _), mask in zip(clicks, masks, strict=True):
+    for b, k, mask in _batch_objects(model, batch, sam_embeddings, batch.region_points, point_object_masks):
         if mask is not None:
             if out[b] is batch.region_masks[b]:
                 out[b] = out[b].clone()
@@ -107,19 +112,9 @@ def _regions_as_objects(model: MedPLIBModel, batch: Batch, sam_embeddings: torch
 
 def _box_objects(model: MedPLIBModel, batch: Batch, sam_embeddings: torch.Tensor) -> list[torch.Tensor]:
     """Per sequence [R_b, 336, 336]: SAM's mask of the object in each box region (version-3 region
-    geometry), zeros for the other regions and where SAM finds nothing (the region then stands for
-    itself). No gradient: as for clicks, SAM's choice of object is an input here, as at inference."""
+    geometry), zeros for the other regions and where SAM finds nothing (the region then stands for itself)."""
     out = [torch.zeros_like(masks) for masks in batch.region_masks]
-    boxes = [(b, k, box) for b, per in enumerate(batch.region_boxes) for k, box in enumerate(per) if box is not None]
-    if not boxes:
-        return out
-    rows = [b for b, _, _ in boxes]
-    if _one_geometry([batch.images[b] for b in rows]):
-        masks = box_object_masks(model, sam_embeddings[rows].detach(), batch.images[rows[0]], [x for _, _, x in boxes])
-    else:
-        masks = [box_object_masks(model, sam_embeddings[b : b + 1].detach(), batch.images[b], [x])[0]
-                 for b, _, x in boxes]
-    for (b, k, _), mask in zip(boxes, masks, strict=True):
+    for b, k, mask in _batch_objects(model, batch, sam_embeddings, batch.region_boxes, box_object_masks):
         if mask is not None:
             out[b][k] = torch.from_numpy(region_mask_to_grid(mask).mask_336)
     return out
