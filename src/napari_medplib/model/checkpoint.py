@@ -41,7 +41,7 @@ from .config import CheckpointError, MedPLIBConfig
 __all__ = ["CheckpointError", "empty_parameters", "load_checkpoint_state", "load_into", "map_released_key"]
 
 SAM_PREFIX = "sam."
-OUR_PREFIXES = ("language_model.", "vision_tower.", "mm_projector.", "region_encoder.", "text_hidden_fcs.", SAM_PREFIX)
+OUR_PREFIXES = ("language_model.", "vision_tower.", "mm_projector.", "region_encoder.", "text_hidden_fcs.", "counter.", SAM_PREFIX)
 _MOE = re.compile(r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.(gate\.wg|experts\.deepspeed_experts\.(\d+))\.(.+)$")
 _META = re.compile(r"^model\.layers\.(\d+)\.mlp\.meta_moe\.(.+)$")
 _INV_FREQ = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")

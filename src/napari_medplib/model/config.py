@@ -182,6 +182,13 @@ class MedPLIBConfig:
     #: ``<region>``. "square": MedPLIB's (2*span+1)^2 square around it; "object": SAM-Med2D's mask of
     #: the object under the click (the point as a SAM prompt), the square where SAM finds nothing.
     point_region_mask: str = "square"
+    #: Our extension (not in the released model): the model counts objects of these nouns ("nuclei",
+    #: "cells", ...) with a small centre detector and reads the counts as K tokens after the image
+    #: tokens (``model.counter``); weights ``counter.*``. Empty: no counter, 576 image tokens.
+    count_nouns: list[str] = field(default_factory=list)
+    count_max: int = 40  # counts above it are read as it
+    count_width: int = 32  # the detector's channels at stride 4 (twice that at strides 8 and 16)
+    count_threshold: float = 0.5  # a heatmap peak above this probability is one object
     # SEG head (LISA)
     out_dim: int = 256
     #: The folder the config was read from (for tokenizer and SAM paths); not serialised.

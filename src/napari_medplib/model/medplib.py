@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .config import IMAGE_TOKEN_INDEX, REGION_TOKEN_INDEX, MedPLIBConfig
+from .counter import ObjectCounter
 from .generation import GenerationConfig, GenerationResult, generate_tokens
 from .llm import LanguageModelOutput, MedPLIBLanguageModel
 from .region_encoder import RegionEncoder, frame_levels
@@ -104,6 +105,7 @@ class MedPLIBModel(nn.Module):
         self.vision_tower = CLIPVisionTower(config)
         self.mm_projector = build_mm_projector(config)
         self.region_encoder = RegionEncoder(config) if config.region_fea_adapter else None
+        self.counter = ObjectCounter(config) if config.count_nouns else None
         self.language_model = MedPLIBLanguageModel(config)
         self.text_hidden_fcs = nn.Sequential(  # LISA's T-projector: D -> D -> out_dim
             nn.Linear(config.hidden_size, config.hidden_size),
@@ -179,8 +181,16 @@ class MedPLIBModel(nn.Module):
         ([B, 336, 336], `preprocess.frame_brightness`) is kept for models whose regions read it."""
         with torch.no_grad():
             patch_features = self.vision_tower(clip_pixel_values.to(self.device))  # [B, P, Dv]
+        return ImageFeatures(patch_features, self.image_tokens(patch_features, clip_pixel_values), brightness)
+
+    def image_tokens(self, patch_features: torch.Tensor, clip_pixel_values: torch.Tensor) -> torch.Tensor:
+        """What fills the ``<image>`` slot: projected patch features [B, P, D], followed by the K count
+        tokens [B, K, D] when the model counts (``model.counter``)."""
         image_tokens = self.mm_projector(patch_features.to(self.dtype))  # [B, P, D]
-        return ImageFeatures(patch_features, image_tokens, brightness)
+        if self.counter is None:
+            return image_tokens
+        count_tokens, _ = self.counter(clip_pixel_values.to(self.device))
+        return torch.cat([image_tokens, count_tokens.to(image_tokens.dtype)], dim=1)  # [B, P + K, D]
 
     @property
     def regions_read_brightness(self) -> bool:

@@ -41,6 +41,7 @@ def build_config(spec: ModelSpec, tokenizer_folder: Path, vocab_size: int, moe: 
         out_dim=spec.sam_prompt_dim, region_geometry=spec.region_geometry,
         region_geometry_init_std=spec.geometry_init_std, region_geometry_version=spec.geometry_version,
         seg_region_prompts=spec.seg_region_prompts, point_region_mask=point_region_mask or spec.point_region_mask,
+        count_nouns=list(spec.count_nouns),
         folder=str(tokenizer_folder),
     )
 
@@ -128,7 +129,27 @@ def init_model(model: MedPLIBModel, init_state: dict[str, torch.Tensor] | None,
     for state, patterns in copies:
         take(state, lambda k, p=patterns: _matches(k, p))
     missing = model.load_state_dict(filled, strict=False).missing_keys
+    if model.counter is not None and "counter.noun_embed" in missing:
+        init_count_tokens(model)
     return sorted(missing)
+
+
+def init_count_tokens(model: MedPLIBModel) -> None:
+    """Start each count token as the words it stands for: ``noun_embed[k]`` the mean input embedding of
+    noun k's pieces ("nuclei"), ``count_embed[n]`` that of ``str(n)``'s. An LLM trained before the
+    counter existed then meets "nuclei" + "23" where it already reads such words."""
+    if model.tokenizer is None:
+        return
+    embed = model.language_model.embed_tokens.weight
+
+    def words(text: str) -> torch.Tensor:
+        return embed[model.tokenizer.encode(text, add_bos=False)].mean(0)
+
+    with torch.no_grad():
+        for k, noun in enumerate(model.config.count_nouns):
+            model.counter.noun_embed[k] = words(noun)
+        for n in range(model.config.count_max + 1):
+            model.counter.count_embed.weight[n] = words(str(n))
 
 
 #: The region geometry MLP's input layer: a newer ``geometry_version`` widens it (`widen_geometry_weight`).

@@ -84,7 +84,7 @@ def _phrase(category: str, n: int) -> tuple[str, bool]:
     return plural(category), True
 
 
-def _count_noun(category: str) -> str:
+def count_noun(category: str) -> str:
     return _COUNT_NOUN.get(category, plural(category))
 
 
@@ -366,7 +366,7 @@ def _region_vqa(ctx: _Ctx, kind: str) -> Conversation | None:
         if got is None:
             return None
         box, count = got
-        return Conversation(ctx.pick(_R_COUNT).format(cnoun=_count_noun(cat)), str(count), "region_vqa",
+        return Conversation(ctx.pick(_R_COUNT).format(cnoun=count_noun(cat)), str(count), "region_vqa",
                             kind, [RegionSpec("box", box=box)], canonical=str(count),
                             meta={"category": cat})
     thresholds = ctx.sample.meta.get("size_thresholds", {})
@@ -425,7 +425,7 @@ def _vqa(ctx: _Ctx, kind: str) -> Conversation | None:
             return None
         cat = ctx.pick(countable)
         n = str(len(ctx.sample.instances_of(cat)))
-        return Conversation(ctx.pick(_V_COUNT).format(cnoun=_count_noun(cat)), n, "vqa", kind,
+        return Conversation(ctx.pick(_V_COUNT).format(cnoun=count_noun(cat)), n, "vqa", kind,
                             canonical=n, meta={"category": cat})
     if kind == "presence":
         present = ctx.categories()

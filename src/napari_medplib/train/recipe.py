@@ -9,7 +9,8 @@ A recipe mirrors MedPLIB's training strategy (reference section 6) at any scale:
 * ``[[stages]]`` — in order. ``kind = "sam"`` warms up SAM-Med2D on box/point prompts (our stand-in
   for the pretrained SAM-Med2D the paper starts from); ``kind = "vision"`` trains the vision tower
   alone on the object-density target (``train.density``; our stand-in for a pretrained CLIP that can
-  count); ``kind = "llm"`` trains on conversations: stage
+  count); ``kind = "counter"`` trains the model's object counter alone on instance centres
+  (``model.counter``, ``train.centres``); ``kind = "llm"`` trains on conversations: stage
   II (VQA, dense FFN), stage III (grounding: FFN, mask decoder, T-projector), stage IV (MoE with both
   experts initialised from II and III, router trained). Each stage names what it starts from
   (``init``), which parameters train (``train``, glob patterns on parameter names), optional LoRA
@@ -34,7 +35,7 @@ from ..model.config import POINT_REGION_MASKS
 
 #: Where the recipes shipped with the package live (``medplib train tiny-cpu`` finds them by name).
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-STAGE_KINDS = ("sam", "llm", "vision")
+STAGE_KINDS = ("sam", "llm", "vision", "counter")
 TASKS = ("grounding", "region_vqa", "vqa")
 
 
@@ -71,6 +72,8 @@ class ModelSpec:
     seg_region_prompts: bool = False  # our extension: a <SEG> about a region also gets its box/point (model.seg_prompts)
     #: our extension: "object" makes a point <region> SAM's mask of the clicked object (config.point_region_mask)
     point_region_mask: str = "square"
+    #: our extension: the model counts these nouns' objects and reads the counts as tokens (config.count_nouns)
+    count_nouns: list[str] = field(default_factory=list)
     seed: int = 0
 
 
@@ -116,6 +119,8 @@ class LossWeights:
     #: features regresses each category's object-centroid density (``train.density``), so that the
     #: image tokens carry counts; needs the vision tower in ``train``.
     density: float = 0.0
+    #: counter stages: the object counter's focal loss on instance centres (``train.centres``)
+    centre: float = 0.0
 
 
 @dataclass
@@ -297,6 +302,9 @@ def _stage(values: dict[str, Any], index: int) -> StageSpec:
     if stage.reinit and stage.init == "scratch":
         raise RecipeError(f"stage {stage.name!r}: reinit leaves parameters of the init stage out, "
                           "but the stage starts from scratch")
+    if stage.kind == "counter" and (stage.loss.centre <= 0 or not any(p.startswith("counter") for p in stage.train)):
+        raise RecipeError(f"stage {stage.name!r}: a counter stage trains the object counter on instance "
+                          "centres; it needs loss.centre > 0 and \"counter.*\" in train")
     if stage.kind == "vision" and (stage.loss.density <= 0 or stage.moe or stage.lora is not None):
         raise RecipeError(f"stage {stage.name!r}: a vision stage trains the vision tower on the density "
                           "target alone; it needs loss.density > 0, moe = false and no lora")

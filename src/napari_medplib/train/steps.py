@@ -16,6 +16,7 @@ from ..model.medplib import ImageFeatures, MedPLIBModel
 from ..model.postprocess import masks_from_logits, postprocess_masks
 from ..model.preprocess import image_to_sam_boxes, image_to_sam_coords, region_mask_to_grid
 from .batches import Batch, build_sequence, collate, expand_labels, prepare_image
+from .centres import centre_focal_loss, centre_targets
 from .density import density_loss
 from .losses import iou_mse, mask_losses, token_ce
 from .recipe import LossWeights, StageSpec
@@ -44,7 +45,7 @@ def encode_images(model: MedPLIBModel, clip_pixels: torch.Tensor, brightness: to
     a recipe may train it."""
     with _grad_if(_any_trainable(model.vision_tower)):
         patch_features = model.vision_tower(clip_pixels.to(model.device))
-    return ImageFeatures(patch_features, model.mm_projector(patch_features.to(model.dtype)), brightness)
+    return ImageFeatures(patch_features, model.image_tokens(patch_features, clip_pixels), brightness)
 
 
 def point_object_masks(model: MedPLIBModel, embedding: torch.Tensor, image, points_yx: Sequence[Sequence[float]],
@@ -200,6 +201,15 @@ def vision_losses(model: MedPLIBModel, items: Sequence[Item], density_head: torc
     pixels = torch.cat([prepare_image(item.sample).clip_pixels for item in items]).to(model.device)
     patch_features = model.vision_tower(pixels)  # [B, 576, Dv]
     return {"density": density_loss(density_head(patch_features), density_targets)}
+
+
+def counter_losses(model: MedPLIBModel, items: Sequence[Item]) -> dict[str, torch.Tensor]:
+    """The object counter's centre loss (``kind = "counter"``): no LLM, no SAM, no CLIP."""
+    if model.counter is None:
+        raise ValueError("a counter stage needs a model with count_nouns ([model] or the stage's model)")
+    pixels = torch.cat([prepare_image(item.sample).clip_pixels for item in items]).to(model.device)
+    targets = centre_targets([item.sample for item in items], model.config.count_nouns)
+    return {"centre": centre_focal_loss(model.counter.heatmap(pixels), targets)}
 
 
 def _seg_masks(model: MedPLIBModel, batch: Batch, out, embeddings: torch.Tensor):

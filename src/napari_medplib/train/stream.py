@@ -66,7 +66,7 @@ class StageStream:
         while len(items) < stage.batch_size:
             sample, convs = self._sample(index)
             index += 1
-            if stage.kind == "vision":  # every image teaches the density, an empty one too
+            if stage.kind in ("vision", "counter"):  # every image teaches the density or counts, an empty one too
                 items.append(Item(sample, convs))
                 continue
             if stage.kind == "sam":

@@ -36,7 +36,7 @@ from .build import add_lora, build_model, init_model, merge_lora, set_trainable,
 from .density import DensityHead, density_categories, density_maps
 from .recipe import Recipe, RecipeError, StageSpec, find_recipe, load_recipe
 from .run_lock import run_lock
-from .steps import llm_losses, make_batch, sam_losses, vision_losses
+from .steps import counter_losses, llm_losses, make_batch, sam_losses, vision_losses
 from .stream import Prefetcher, StageStream
 
 
@@ -202,6 +202,8 @@ class Trainer:
             group["lr"] = lr
         if stage.kind == "sam":
             losses = sam_losses(model, items, stage, np.random.default_rng(seed))
+        elif stage.kind == "counter":
+            losses = counter_losses(model, items)
         elif stage.kind == "vision":
             head = self.density_head
             losses = vision_losses(model, items, head, density_maps([item.sample for item in items], head.categories))

@@ -1,0 +1,102 @@
+"""Object counts as image tokens: a small centre detector whose per-noun counts the LLM reads (our extension).
+
+Why: MedPLIB's LLM counts by reading CLIP's 576 patch tokens, and a small vision tower trained from
+scratch does not separate touching instances: image-level counts ("How many nuclei are there?") stayed
+at 0.2-0.3 exact through every stage IV, an auxiliary density loss on the tower did not help, and a
+linear probe on the image tokens counted no better (docs/model-card.md, Findings). Counting is what
+detectors do well, so the model gets one:
+
+1. ``ObjectCounter.heatmap``: a small CNN on the CLIP frame ([B, 3, 336, 336], the pixels CLIP reads)
+   gives one object-centre heatmap per count noun ("nuclei", "cells", ...) at stride 4 ([B, K, 84, 84]),
+   trained as CenterNet is (focal loss against Gaussians at each instance's centre; ``train.centres``);
+2. ``count_peaks``: a local maximum above ``count_threshold`` is one object, so counts are integers;
+3. ``ObjectCounter.tokens``: noun k with count n becomes the token ``noun_embed[k] + count_embed[n]``;
+   the K tokens follow the 576 image tokens in the ``<image>`` slot, so every prompt and the KV cache
+   see them as part of the image.
+
+A model without ``config.count_nouns`` (the released MedPLIB) has no counter and exactly 576 image
+tokens. Weights ``counter.*``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MedPLIBConfig
+
+#: Heatmap cells per CLIP-frame pixel: 336 px -> 84 x 84 cells of 4 px.
+COUNT_STRIDE = 4
+
+
+class _Block(nn.Module):
+    """Pre-norm residual 3x3 conv pair; ``dilation`` widens the receptive field at no cost."""
+
+    def __init__(self, channels: int, dilation: int) -> None:
+        super().__init__()
+        self.norm = nn.GroupNorm(8, channels)
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=dilation, dilation=dilation)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.conv2(F.gelu(self.conv1(F.gelu(self.norm(x)))))
+
+
+def count_peaks(heatmap_logits: torch.Tensor, threshold: float) -> torch.Tensor:
+    """[B, K, h, w] logits -> [B, K, h, w] bool: cells that are a 3x3 local maximum with probability above
+    ``threshold`` (CenterNet's max-pool NMS). Each peak is one object."""
+    probability = torch.sigmoid(heatmap_logits.float())
+    local_max = F.max_pool2d(probability, 3, stride=1, padding=1)
+    return (probability == local_max) & (probability > threshold)
+
+
+class ObjectCounter(nn.Module):
+    """CLIP pixels -> per-noun object-centre heatmaps, counts, and the count tokens the LLM reads."""
+
+    def __init__(self, config: MedPLIBConfig) -> None:
+        super().__init__()
+        nouns = len(config.count_nouns)
+        width = config.count_width
+        self.threshold = config.count_threshold
+        self.max_count = config.count_max
+        self.stem = nn.Sequential(  # 336 -> 168 -> 84
+            nn.Conv2d(3, 16, 3, stride=2, padding=1), nn.GELU(),
+            nn.Conv2d(16, width, 3, stride=2, padding=1), nn.GELU(),
+        )
+        self.fine = nn.Sequential(_Block(width, 1), _Block(width, 2))  # 84
+        self.down1 = nn.Conv2d(width, 2 * width, 3, stride=2, padding=1)  # 42
+        self.middle = nn.Sequential(_Block(2 * width, 1), _Block(2 * width, 2))
+        self.down2 = nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1)  # 21
+        self.coarse = nn.Sequential(_Block(2 * width, 1), _Block(2 * width, 2), _Block(2 * width, 4))
+        self.up = nn.Conv2d(2 * width, width, 1)
+        self.head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, nouns, 1))
+        nn.init.constant_(self.head[-1].bias, -2.19)  # CenterNet's prior: p = 0.1 everywhere at the start
+        self.noun_embed = nn.Parameter(torch.zeros(nouns, config.hidden_size))
+        self.count_embed = nn.Embedding(config.count_max + 1, config.hidden_size)
+        nn.init.normal_(self.noun_embed, std=0.02)
+        nn.init.normal_(self.count_embed.weight, std=0.02)
+
+    def heatmap(self, clip_pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, 336, 336] -> centre logits [B, K, 84, 84]."""
+        x = self.fine(self.stem(clip_pixel_values.to(self.noun_embed.dtype)))  # [B, W, 84, 84]
+        middle = self.middle(self.down1(x))  # [B, 2W, 42, 42]
+        coarse = self.coarse(self.down2(middle))  # [B, 2W, 21, 21]
+        middle = middle + F.interpolate(coarse, size=middle.shape[-2:], mode="bilinear", align_corners=False)
+        x = x + self.up(F.interpolate(middle, size=x.shape[-2:], mode="bilinear", align_corners=False))
+        return self.head(x)
+
+    def peaks(self, clip_pixel_values: torch.Tensor) -> torch.Tensor:
+        """[B, 3, 336, 336] -> [B, K, 84, 84] bool object centres."""
+        return count_peaks(self.heatmap(clip_pixel_values), self.threshold)
+
+    def tokens(self, counts: torch.Tensor) -> torch.Tensor:
+        """[B, K] integer counts -> [B, K, D] count tokens (counts above ``count_max`` read as it)."""
+        index = counts.long().clamp(0, self.max_count)
+        return self.noun_embed[None] + self.count_embed(index)
+
+    def forward(self, clip_pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, 3, 336, 336] -> (count tokens [B, K, D], counts [B, K]); counting needs no gradient."""
+        with torch.no_grad():
+            counts = self.peaks(clip_pixel_values).sum(dim=(-2, -1))
+        return self.tokens(counts), counts
