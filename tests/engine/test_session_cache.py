@@ -158,3 +158,26 @@ def test_repeated_clicks_on_a_plane_skip_the_contrast_mapping(tiny_session, imag
     edited[0, 0] += 1
     tiny_session.segment(edited, points=[(10, 10)])  # other content: new view
     assert len(calls) == 3
+
+
+def test_a_counting_model_answers_the_same_from_the_disk_cache(tmp_path, image16):
+    """The disk cache keeps the image tokens (count tokens included); the object centres that region
+    tokens read are found again, so a box question gets the same answer as with fresh features."""
+    def counting_model():
+        model = tiny_model(count_nouns=["cells", "nuclei"])
+        with torch.no_grad():
+            model.counter.region_count_embed.normal_(generator=torch.Generator().manual_seed(3))
+            model.counter.head[-1].bias.fill_(0.0)  # some centres above 0.5 in a random image
+        return model
+
+    folder = tmp_path / "embeddings"
+    box = [Region.box(2, 2, 14, 14)]
+    first = Session.from_model(counting_model(), name="tiny", embedding_cache_dir=folder)
+    reference = first.ask(image16, "How many nuclei are in <region>?", box, max_new_tokens=4)
+    second = Session.from_model(counting_model(), name="tiny", fingerprint=first.fingerprint,
+                                embedding_cache_dir=folder)
+    again = second.ask(image16, "How many nuclei are in <region>?", box, max_new_tokens=4)
+    assert again.token_ids == reference.token_ids
+    [key] = [k for k in second._features.keys() if k[0] == "clip"]
+    features = second._features.get(key)
+    assert features.count_peaks is not None and features.count_peaks.any()

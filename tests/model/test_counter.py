@@ -73,3 +73,29 @@ def test_counts_need_no_gradient_but_tokens_train(dtype):
     model = tiny_model(count_nouns=NOUNS).to(dtype)
     tokens, counts = model.counter(torch.randn(1, 3, 336, 336, dtype=dtype))
     assert counts.dtype == torch.long and tokens.requires_grad and tokens.dtype == dtype
+
+
+def test_regions_count_the_centres_inside_them():
+    peaks = torch.zeros(2, 84, 84, dtype=torch.bool)
+    peaks[1, 10, 10] = peaks[1, 10, 20] = peaks[0, 50, 50] = True
+    masks = torch.zeros(2, 336, 336, dtype=torch.uint8)
+    masks[0, 36:46, 36:46] = 1  # covers cell (10, 10)'s centre pixel (42, 42) only
+    masks[1, 30:90, 30:220] = 1  # (42, 42) and (42, 82) inside; (202, 202) of cell (50, 50) is not
+    assert ObjectCounter.region_counts(masks, peaks).tolist() == [[0, 1], [0, 2]]
+
+
+@torch.no_grad()
+def test_region_counts_change_region_tokens_only_once_trained():
+    model = tiny_model(count_nouns=NOUNS)
+    pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
+    features = model.encode_image(pixels)
+    peaks = torch.zeros(2, 84, 84, dtype=torch.bool)
+    peaks[1, 10, 10] = True
+    masks = torch.zeros(1, 336, 336, dtype=torch.uint8)
+    masks[0, 20:60, 20:60] = 1
+    plain, _ = model.encode_regions(features.patch_features[0], masks)
+    counted, _ = model.encode_regions(features.patch_features[0], masks, count_peaks=peaks)
+    assert torch.equal(plain, counted)  # zero-initialised: as before the counter
+    model.counter.region_count_embed[1, 1] = 1.0
+    counted, _ = model.encode_regions(features.patch_features[0], masks, count_peaks=peaks)
+    assert torch.allclose(counted, plain + 1.0)

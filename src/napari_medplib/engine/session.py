@@ -256,6 +256,10 @@ class Session:
                 self._disk.write(view.key, {"clip_patch": features.patch_features, "clip_tokens": features.image_tokens}, {})
             if on_progress:
                 on_progress("embedding image (CLIP)", 1, 1)
+        if self.model.counter is not None and features.count_peaks is None:  # the disk cache keeps the tokens only
+            if clip is None:
+                clip = prepare_clip_image(view.rgb, self._clip.size, self._clip.mean, self._clip.std)
+            features.count_peaks = self.model.count_peaks(clip.pixel_values)
         if self.model.regions_read_brightness:  # cheap, so recomputed rather than stored
             from ..model.preprocess import frame_brightness
 

@@ -12,7 +12,9 @@ detectors do well, so the model gets one:
 2. ``count_peaks``: a local maximum above ``count_threshold`` is one object, so counts are integers;
 3. ``ObjectCounter.tokens``: noun k with count n becomes the token ``noun_embed[k] + count_embed[n]``;
    the K tokens follow the 576 image tokens in the ``<image>`` slot, so every prompt and the KV cache
-   see them as part of the image.
+   see them as part of the image;
+4. ``ObjectCounter.region_tokens``: a region's token (``<region>``) gains ``region_count_embed[k, n]``
+   for the n centres of noun k inside it ("How many nuclei are in <region>?").
 
 A model without ``config.count_nouns`` (the released MedPLIB) has no counter and exactly 576 image
 tokens. Weights ``counter.*``.
@@ -76,6 +78,9 @@ class ObjectCounter(nn.Module):
         self.count_embed = nn.Embedding(config.count_max + 1, config.hidden_size)
         nn.init.normal_(self.noun_embed, std=0.02)
         nn.init.normal_(self.count_embed.weight, std=0.02)
+        #: what a region token gains from the objects of each noun inside it; zero until trained, so a
+        #: model answers about regions exactly as before its counter was added
+        self.region_count_embed = nn.Parameter(torch.zeros(nouns, config.count_max + 1, config.hidden_size))
 
     def heatmap(self, clip_pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, 336, 336] -> centre logits [B, K, 84, 84]."""
@@ -100,3 +105,17 @@ class ObjectCounter(nn.Module):
         with torch.no_grad():
             counts = self.peaks(clip_pixel_values).sum(dim=(-2, -1))
         return self.tokens(counts), counts
+
+    @staticmethod
+    def region_counts(region_masks: torch.Tensor, peaks: torch.Tensor) -> torch.Tensor:
+        """Objects of each noun whose centre lies in each region: masks [R, S, S] on the CLIP frame, one
+        image's peaks [K, g, g] -> [R, K] (a peak's cell is in the region when the cell's centre pixel is)."""
+        step = region_masks.shape[-1] // peaks.shape[-1]
+        cells = region_masks[:, step // 2 :: step, step // 2 :: step].bool()  # [R, g, g]
+        return (cells[:, None] & peaks[None].to(cells.device)).sum(dim=(-2, -1))
+
+    def region_tokens(self, counts: torch.Tensor) -> torch.Tensor:
+        """[R, K] counts -> [R, D], the sum over nouns of ``region_count_embed[k, count]``."""
+        index = counts.long().clamp(0, self.max_count)
+        nouns = torch.arange(index.shape[1], device=index.device)
+        return self.region_count_embed[nouns[None], index].sum(dim=1)

@@ -51,6 +51,8 @@ class ImageFeatures:
     #: [B, S, S] grey level of the CLIP frame, NaN in the padding (`preprocess.frame_brightness`); read
     #: by version-3 region geometry only, so None elsewhere
     brightness: torch.Tensor | None = None
+    #: [B, K, 84, 84] bool object centres per count noun (`counter.ObjectCounter.peaks`); None without a counter
+    count_peaks: torch.Tensor | None = None
     _levels: dict = field(default_factory=dict, repr=False, compare=False)
 
     def brightness_levels(self, index: int) -> torch.Tensor | None:
@@ -181,15 +183,25 @@ class MedPLIBModel(nn.Module):
         ([B, 336, 336], `preprocess.frame_brightness`) is kept for models whose regions read it."""
         with torch.no_grad():
             patch_features = self.vision_tower(clip_pixel_values.to(self.device))  # [B, P, Dv]
-        return ImageFeatures(patch_features, self.image_tokens(patch_features, clip_pixel_values), brightness)
+        peaks = self.count_peaks(clip_pixel_values)
+        return ImageFeatures(patch_features, self.image_tokens(patch_features, peaks), brightness, peaks)
 
-    def image_tokens(self, patch_features: torch.Tensor, clip_pixel_values: torch.Tensor) -> torch.Tensor:
+    def count_peaks(self, clip_pixel_values: torch.Tensor) -> torch.Tensor | None:
+        """[B, 3, 336, 336] -> [B, K, 84, 84] bool object centres (``model.counter``); None without a counter."""
+        if self.counter is None:
+            return None
+        with torch.no_grad():
+            return self.counter.peaks(clip_pixel_values.to(self.device))
+
+    def image_tokens(self, patch_features: torch.Tensor, count_peaks: torch.Tensor | None = None) -> torch.Tensor:
         """What fills the ``<image>`` slot: projected patch features [B, P, D], followed by the K count
-        tokens [B, K, D] when the model counts (``model.counter``)."""
+        tokens [B, K, D] when the model counts (``count_peaks`` from `count_peaks`)."""
         image_tokens = self.mm_projector(patch_features.to(self.dtype))  # [B, P, D]
         if self.counter is None:
             return image_tokens
-        count_tokens, _ = self.counter(clip_pixel_values.to(self.device))
+        if count_peaks is None:
+            raise ValueError("this model counts objects (config.count_nouns): give the image's count_peaks")
+        count_tokens = self.counter.tokens(count_peaks.sum(dim=(-2, -1)))
         return torch.cat([image_tokens, count_tokens.to(image_tokens.dtype)], dim=1)  # [B, P + K, D]
 
     @property
@@ -201,17 +213,22 @@ class MedPLIBModel(nn.Module):
     def encode_regions(
         self, patch_features: torch.Tensor, region_masks: torch.Tensor, generator: torch.Generator | None = None,
         object_masks: torch.Tensor | None = None, brightness: torch.Tensor | None = None,
-        levels: torch.Tensor | None = None,
+        levels: torch.Tensor | None = None, count_peaks: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One image's patch features [P, Dv] + masks [R, 24, 24] (cell grids) or [R, 336, 336] (CLIP frame)
         -> (tokens [R, D], empty [R] bool); see `RegionEncoder` (``object_masks``, ``brightness``, ``levels``:
-        version 3)."""
+        version 3). ``count_peaks`` [K, 84, 84] (the image's, `count_peaks`): frame masks also carry the
+        objects counted inside them (``model.counter``)."""
         if self.region_encoder is None:
             raise ValueError("this model has no region_fea_adapter (config.region_fea_adapter is false)")
         device = patch_features.device
+        masks = torch.as_tensor(region_masks, device=device)
         objects = torch.as_tensor(object_masks, device=device) if object_masks is not None else None
-        return self.region_encoder(patch_features, torch.as_tensor(region_masks, device=device), generator,
-                                   objects, brightness, levels)
+        tokens, empty = self.region_encoder(patch_features, masks, generator, objects, brightness, levels)
+        if self.counter is not None and count_peaks is not None and masks.shape[-1] > count_peaks.shape[-1]:
+            counted = self.counter.region_tokens(self.counter.region_counts(masks, count_peaks))  # [R, D]
+            tokens = tokens + (counted * ~empty[:, None].to(device)).to(tokens.dtype)
+        return tokens, empty
 
     def seg_prompt_embeddings(self, seg_hidden: torch.Tensor) -> torch.Tensor:
         """[N, D] hidden states that predicted ``<SEG>`` -> [N, out_dim] SAM prompt tokens."""
@@ -308,11 +325,12 @@ class MedPLIBModel(nn.Module):
         if region_features is None and region_masks is not None:
             if image_features is None:
                 raise ValueError("region masks need the image: give clip_pixel_values or image_features")
-            brightness = image_features.brightness
+            brightness, peaks = image_features.brightness, image_features.count_peaks
             encoded = [self.encode_regions(image_features.patch_features[b], m, region_generator,
                                            region_objects[b] if region_objects is not None else None,
                                            brightness[b] if brightness is not None else None,
-                                           levels=image_features.brightness_levels(b) if brightness is not None else None)
+                                           levels=image_features.brightness_levels(b) if brightness is not None else None,
+                                           count_peaks=peaks[b] if peaks is not None else None)
                        for b, m in enumerate(region_masks)]
             region_features = [tokens for tokens, _ in encoded]
             region_empty = [empty for _, empty in encoded]

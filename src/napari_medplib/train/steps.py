@@ -45,7 +45,8 @@ def encode_images(model: MedPLIBModel, clip_pixels: torch.Tensor, brightness: to
     a recipe may train it."""
     with _grad_if(_any_trainable(model.vision_tower)):
         patch_features = model.vision_tower(clip_pixels.to(model.device))
-    return ImageFeatures(patch_features, model.image_tokens(patch_features, clip_pixels), brightness)
+    peaks = model.count_peaks(clip_pixels)
+    return ImageFeatures(patch_features, model.image_tokens(patch_features, peaks), brightness, peaks)
 
 
 def point_object_masks(model: MedPLIBModel, embedding: torch.Tensor, image, points_yx: Sequence[Sequence[float]],
@@ -159,10 +160,11 @@ def llm_losses(model: MedPLIBModel, batch: Batch, weights: LossWeights,
             sam_embeddings = model.sam.encode_image(batch.sam_pixels)  # [B, C, 16, 16]
     region_masks = _regions_as_objects(model, batch, sam_embeddings) if needs_objects else batch.region_masks
     objects = _box_objects(model, batch, sam_embeddings) if needs_boxes else [None] * len(region_masks)
-    brightness = features.brightness
+    brightness, peaks = features.brightness, features.count_peaks
     regions = [
         model.encode_regions(features.patch_features[b], masks, None, objects[b],
-                             brightness[b] if brightness is not None else None)[0] if len(masks)
+                             brightness[b] if brightness is not None else None,
+                             count_peaks=peaks[b] if peaks is not None else None)[0] if len(masks)
         else features.image_tokens.new_zeros((0, model.config.hidden_size))
         for b, masks in enumerate(region_masks)
     ]  # per sequence [R_b, D] (the model's region path needs at least one region)
