@@ -24,16 +24,19 @@ def _sample(labels: np.ndarray, categories: dict[int, str]) -> Sample:
     return Sample(image=np.zeros(labels.shape, np.uint8), labels=labels, categories=categories, style="test")
 
 
-def test_centres_lie_inside_touching_and_curved_instances():
+def test_centres_are_centroids_of_the_filled_instances():
     labels = np.zeros((40, 60), np.int32)
     labels[5:25, 5:15] = 1
     labels[5:25, 15:25] = 2  # touches 1
     labels[5:35, 35:55] = 3
-    labels[5:30, 40:50] = 0  # 3 is a U: its centroid (on the gap) is not in it
+    labels[5:30, 40:50] = 0  # 3 is a U: its centroid lies in the gap
+    labels[30:39, 2:11] = 4
+    labels[33:36, 5:8] = 5  # 4 is a ring around 5: its centre is 5's
     ids, centres, radii = instance_centres(labels)
-    assert ids == [1, 2, 3]
-    for label_id, (row, col) in zip(ids, centres.astype(int), strict=True):
-        assert labels[row, col] == label_id
+    assert ids == [1, 2, 3, 4, 5]
+    np.testing.assert_allclose(centres[:2], [[14.5, 9.5], [14.5, 19.5]])
+    assert labels[tuple(centres[2].round().astype(int))] == 0 and 35 < centres[2][1] < 55
+    np.testing.assert_allclose(centres[3], centres[4])
     assert radii[0] > radii[2]  # the 10-wide blocks are deeper than the U's 5-wide arms
 
 
@@ -48,7 +51,7 @@ def test_targets_have_one_exact_peak_per_instance_on_its_nouns_channel():
     assert heat.shape == (3, 84, 84)
     assert (heat == 1).sum(dim=(-2, -1)).tolist() == [1, 0, 2]  # cytoplasm counts as cells; no mitochondria channel
     assert float(heat.max()) == 1.0 and float(heat[1].max()) == 0.0
-    # the first nucleus: deepest pixel (14, 14) -> frame (14.5 * 1.75 + 84, 14.5 * 1.75) -> cell (27, 6)
+    # the first nucleus: centroid (14.5, 14.5) -> frame (15 * 1.75 + 84, 15 * 1.75) -> cell (27, 6)
     assert float(heat[2, 27, 6]) == 1.0
 
 

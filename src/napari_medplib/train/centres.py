@@ -1,9 +1,11 @@
 """Object-centre targets and loss for the model's counter (``model.counter``; ``kind = "counter"`` stages).
 
 Each instance becomes a Gaussian on its count noun's heatmap channel, peaking at exactly 1 in the cell
-of its centre — the pixel deepest inside it (the maximum of its distance to anything else, so a curved
-tube's or a ring's centre still lies on it) — with a width that grows with the instance's inscribed
-radius, so one large cell makes one peak, not several. The loss is CenterNet's penalty-reduced focal
+of its centre — the centroid of the instance with its holes filled — with a width that grows with the
+instance's inscribed radius, so one large cell makes one peak, not several. The centroid, not a point
+inside the instance: the first counter (``counter22``) was trained on the pixel deepest inside each
+instance, which is nowhere in particular along a tube of even width or a ring of cytoplasm, and it
+undercounted mitochondria by 8.8 and cells by 3.1 per image; a centroid is one well-defined point. The loss is CenterNet's penalty-reduced focal
 loss (Zhou et al. 2019): a peak cell is pulled to 1, every other cell to 0, less so near a centre.
 """
 
@@ -22,7 +24,8 @@ from .data import Sample
 
 
 def instance_centres(labels: np.ndarray) -> tuple[list[int], np.ndarray, np.ndarray]:
-    """(ids, centres [N, 2] (row, col) pixels, inscribed radii [N] pixels) of a label image's instances."""
+    """(ids, centres [N, 2] (row, col) pixels, inscribed radii [N] pixels) of a label image's instances:
+    the centroid of each instance with its holes filled (a ring's is its middle)."""
     ids = [int(i) for i in np.unique(labels) if i]
     if not ids:
         return [], np.zeros((0, 2)), np.zeros(0)
@@ -31,7 +34,12 @@ def instance_centres(labels: np.ndarray) -> tuple[list[int], np.ndarray, np.ndar
     for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
         same &= padded[dy:dy + labels.shape[0], dx:dx + labels.shape[1]] == labels
     depth = ndi.distance_transform_edt((labels > 0) & same)
-    centres = np.asarray(ndi.maximum_position(depth, labels, ids), dtype=np.float64).reshape(-1, 2)
+    slices = ndi.find_objects(labels)
+    centres = np.zeros((len(ids), 2))
+    for n, label_id in enumerate(ids):
+        where = slices[label_id - 1]
+        rows, cols = np.nonzero(ndi.binary_fill_holes(labels[where] == label_id))
+        centres[n] = rows.mean() + where[0].start, cols.mean() + where[1].start
     radii = np.asarray(ndi.maximum(depth, labels, ids), dtype=np.float64).reshape(-1) + 0.5
     return ids, centres, radii
 
