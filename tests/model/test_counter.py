@@ -24,36 +24,46 @@ def test_each_peak_above_the_threshold_is_one_object():
     assert count_peaks(logits, 0.3).sum(dim=(-2, -1)).tolist() == [[1, 3]]  # sigmoid(-0.5) = 0.38
 
 
-def test_heatmap_shape_and_count_tokens():
+def test_heatmap_shape_and_count_tables():
     model = tiny_model(count_nouns=NOUNS)
     counter = model.counter
     assert isinstance(counter, ObjectCounter)
     heat = counter.heatmap(torch.randn(2, 3, 336, 336))
     assert heat.shape == (2, 2, 336 // COUNT_STRIDE, 336 // COUNT_STRIDE)
-    tokens = counter.tokens(torch.tensor([[0, 3], [3, 1000]]))
-    assert tokens.shape == (2, 2, model.config.hidden_size)
-    assert torch.allclose(tokens[0, 1], tokens[1, 0] - counter.noun_embed[0] + counter.noun_embed[1])  # same count 3
-    expected = counter.noun_embed[1] + counter.count_embed.weight[model.config.count_max]
-    assert torch.allclose(tokens[1, 1], expected)  # 1000 objects read as count_max
+    with torch.no_grad():
+        counter.image_count_embed.normal_()
+    bias = counter.image_bias(torch.tensor([[0, 3], [2, 1000]]))
+    assert bias.shape == (2, model.config.hidden_size)
+    table = counter.image_count_embed
+    assert torch.allclose(bias[0], table[0, 0] + table[1, 3])
+    assert torch.allclose(bias[1], table[0, 2] + table[1, model.config.count_max])  # 1000 objects read as count_max
 
 
 @torch.no_grad()
-def test_count_tokens_follow_the_image_tokens_and_change_the_answer():
+def test_counts_condition_every_image_token_once_trained():
     plain, counting = tiny_model(), tiny_model(count_nouns=NOUNS)
     assert plain.counter is None
     pixels = torch.randn(1, 3, 336, 336, generator=torch.Generator().manual_seed(0))
-    assert plain.encode_image(pixels).image_tokens.shape[1] == 576
+    before = plain.encode_image(pixels)
     features = counting.encode_image(pixels)
-    assert features.image_tokens.shape[1] == 576 + len(NOUNS)
-    _, counts = counting.counter(pixels)
-    assert torch.equal(features.image_tokens[0, 576:], counting.counter.tokens(counts)[0])
+    assert features.image_tokens.shape == before.image_tokens.shape == (1, 576, counting.config.hidden_size)
+    assert features.count_peaks.shape == (1, len(NOUNS), 84, 84)
+    assert torch.equal(features.image_tokens, counting.mm_projector(features.patch_features))  # zero tables
+    counting.counter.image_count_embed.normal_(generator=torch.Generator().manual_seed(1))
+    counted = counting.encode_image(pixels)
+    counts = features.count_peaks.sum(dim=(-2, -1))
+    expected = features.image_tokens + counting.counter.image_bias(counts)[:, None]
+    assert torch.allclose(counted.image_tokens, expected)
     ids = torch.tensor([1, 5, -200, 7, 9])
-    out = counting(ids, image_features=features)
-    assert out.hidden_states.shape[1] == len(ids) - 1 + 576 + len(NOUNS)
-    other = features.image_tokens.clone()
-    other[0, 576:] = counting.counter.tokens(counts + 1)[0]
-    moved = counting(ids, image_features=type(features)(features.patch_features, other))
-    assert not torch.allclose(moved.hidden_states[0, -1], out.hidden_states[0, -1])  # the LLM reads them
+    out = counting(ids, image_features=counted)
+    assert out.hidden_states.shape[1] == len(ids) - 1 + 576
+    more = counted.count_peaks.clone()
+    more[0, 1, 10:20:3, 10:20:3] = True  # nine more nuclei
+    other = counting.image_tokens(counted.patch_features, more)
+    moved = counting(ids, image_features=type(counted)(counted.patch_features, other))
+    assert not torch.allclose(moved.hidden_states[0, -1], out.hidden_states[0, -1])  # the LLM reads the counts
+    with pytest.raises(ValueError, match="count_peaks"):
+        counting.image_tokens(counted.patch_features)
 
 
 def test_the_counter_survives_save_and_load(tmp_path):
@@ -69,10 +79,14 @@ def test_the_counter_survives_save_and_load(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_counts_need_no_gradient_but_tokens_train(dtype):
+def test_counts_need_no_gradient_but_the_tables_train(dtype):
     model = tiny_model(count_nouns=NOUNS).to(dtype)
-    tokens, counts = model.counter(torch.randn(1, 3, 336, 336, dtype=dtype))
-    assert counts.dtype == torch.long and tokens.requires_grad and tokens.dtype == dtype
+    peaks = model.count_peaks(torch.randn(1, 3, 336, 336, dtype=dtype))
+    assert peaks.dtype == torch.bool and not peaks.requires_grad
+    tokens = model.image_tokens(torch.randn(1, 576, model.config.mm_hidden_size, dtype=dtype), peaks)
+    assert tokens.requires_grad and tokens.dtype == dtype
+    tokens.sum().backward()
+    assert model.counter.image_count_embed.grad is not None
 
 
 def test_regions_count_the_centres_inside_them():

@@ -99,9 +99,7 @@ def test_a_counter_stage_trains_the_counter_alone_and_its_loss_falls(tmp_path):
     state = after.state_dict()
     for key, value in before.items():
         assert torch.equal(state[key], value), key  # nothing but the counter trained
-    # the count tokens start as the words they stand for
-    words = after.language_model.embed_tokens.weight[after.tokenizer.encode("nuclei", add_bos=False)].mean(0)
-    assert torch.allclose(after.counter.noun_embed[1], words)
+    assert float(after.counter.image_count_embed.abs().sum()) == 0  # no gradient reaches the tables here
 
 
 def test_a_counter_stage_needs_its_loss_and_parameters():

@@ -141,6 +141,18 @@ def test_moe_stage_starts_from_stages_two_and_three(run):
     assert torch.equal(state[mask_key], grounding[mask_key])
 
 
+def test_a_dense_stage_cannot_start_from_a_moe_stage(run):
+    """A stage that forgets ``moe = true`` after a MoE stage would start with a random FFN (the experts'
+    weights have nowhere to go): refused, naming the fix."""
+    import copy
+
+    trainer, _ = run
+    stage = copy.copy(trainer.recipe.stage("moe"))
+    stage.init, stage.moe, stage.experts, stage.copy = "moe", False, [], {}
+    with pytest.raises(RecipeError, match="moe = true"):
+        trainer.initial_model(stage)
+
+
 def test_interrupted_run_resumes_to_the_same_weights(run, one_sample, tmp_path):
     _, final = run
     messages = []

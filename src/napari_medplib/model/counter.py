@@ -1,4 +1,5 @@
-"""Object counts as image tokens: a small centre detector whose per-noun counts the LLM reads (our extension).
+"""Object counts for the LLM: a small centre detector whose per-noun counts condition the image and
+region tokens (our extension).
 
 Why: MedPLIB's LLM counts by reading CLIP's 576 patch tokens, and a small vision tower trained from
 scratch does not separate touching instances: image-level counts ("How many nuclei are there?") stayed
@@ -10,14 +11,15 @@ detectors do well, so the model gets one:
    gives one object-centre heatmap per count noun ("nuclei", "cells", ...) at stride 4 ([B, K, 84, 84]),
    trained as CenterNet is (focal loss against Gaussians at each instance's centre; ``train.centres``);
 2. ``count_peaks``: a local maximum above ``count_threshold`` is one object, so counts are integers;
-3. ``ObjectCounter.tokens``: noun k with count n becomes the token ``noun_embed[k] + count_embed[n]``;
-   the K tokens follow the 576 image tokens in the ``<image>`` slot, so every prompt and the KV cache
-   see them as part of the image;
-4. ``ObjectCounter.region_tokens``: a region's token (``<region>``) gains ``region_count_embed[k, n]``
+3. ``ObjectCounter.image_bias``: every image token gains ``sum_k image_count_embed[k, n_k]`` for the
+   n_k objects of noun k in the image — a global conditioning vector, read through the attention the
+   LLM already pays to the image (separate count tokens after the image were tried first: a trained
+   LLM did not learn to attend to five new tokens among 581, docs/model-card.md);
+4. ``ObjectCounter.region_bias``: a region's token (``<region>``) gains ``region_count_embed[k, n]``
    for the n centres of noun k inside it ("How many nuclei are in <region>?").
 
-A model without ``config.count_nouns`` (the released MedPLIB) has no counter and exactly 576 image
-tokens. Weights ``counter.*``.
+Both tables start at zero, so adding a counter to a trained model changes no answer until they train.
+A model without ``config.count_nouns`` (the released MedPLIB) has no counter. Weights ``counter.*``.
 """
 
 from __future__ import annotations
@@ -74,17 +76,14 @@ class ObjectCounter(nn.Module):
         self.up = nn.Conv2d(2 * width, width, 1)
         self.head = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.GELU(), nn.Conv2d(width, nouns, 1))
         nn.init.constant_(self.head[-1].bias, -2.19)  # CenterNet's prior: p = 0.1 everywhere at the start
-        self.noun_embed = nn.Parameter(torch.zeros(nouns, config.hidden_size))
-        self.count_embed = nn.Embedding(config.count_max + 1, config.hidden_size)
-        nn.init.normal_(self.noun_embed, std=0.02)
-        nn.init.normal_(self.count_embed.weight, std=0.02)
-        #: what a region token gains from the objects of each noun inside it; zero until trained, so a
-        #: model answers about regions exactly as before its counter was added
+        #: what every image token gains from the image's objects of each noun, and a region token from
+        #: those inside it; zero until trained, so a model answers exactly as before its counter was added
+        self.image_count_embed = nn.Parameter(torch.zeros(nouns, config.count_max + 1, config.hidden_size))
         self.region_count_embed = nn.Parameter(torch.zeros(nouns, config.count_max + 1, config.hidden_size))
 
     def heatmap(self, clip_pixel_values: torch.Tensor) -> torch.Tensor:
         """[B, 3, 336, 336] -> centre logits [B, K, 84, 84]."""
-        x = self.fine(self.stem(clip_pixel_values.to(self.noun_embed.dtype)))  # [B, W, 84, 84]
+        x = self.fine(self.stem(clip_pixel_values.to(self.up.weight.dtype)))  # [B, W, 84, 84]
         middle = self.middle(self.down1(x))  # [B, 2W, 42, 42]
         coarse = self.coarse(self.down2(middle))  # [B, 2W, 21, 21]
         middle = middle + F.interpolate(coarse, size=middle.shape[-2:], mode="bilinear", align_corners=False)
@@ -95,16 +94,16 @@ class ObjectCounter(nn.Module):
         """[B, 3, 336, 336] -> [B, K, 84, 84] bool object centres."""
         return count_peaks(self.heatmap(clip_pixel_values), self.threshold)
 
-    def tokens(self, counts: torch.Tensor) -> torch.Tensor:
-        """[B, K] integer counts -> [B, K, D] count tokens (counts above ``count_max`` read as it)."""
+    def _table(self, table: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """[N, K] counts -> [N, D], the sum over nouns k of ``table[k, count]`` (counts above
+        ``count_max`` read as it)."""
         index = counts.long().clamp(0, self.max_count)
-        return self.noun_embed[None] + self.count_embed(index)
+        nouns = torch.arange(index.shape[1], device=index.device)
+        return table[nouns[None], index].sum(dim=1)
 
-    def forward(self, clip_pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[B, 3, 336, 336] -> (count tokens [B, K, D], counts [B, K]); counting needs no gradient."""
-        with torch.no_grad():
-            counts = self.peaks(clip_pixel_values).sum(dim=(-2, -1))
-        return self.tokens(counts), counts
+    def image_bias(self, counts: torch.Tensor) -> torch.Tensor:
+        """[B, K] counts in each image -> [B, D], added to every one of its image tokens."""
+        return self._table(self.image_count_embed, counts)
 
     @staticmethod
     def region_counts(region_masks: torch.Tensor, peaks: torch.Tensor) -> torch.Tensor:
@@ -114,8 +113,6 @@ class ObjectCounter(nn.Module):
         cells = region_masks[:, step // 2 :: step, step // 2 :: step].bool()  # [R, g, g]
         return (cells[:, None] & peaks[None].to(cells.device)).sum(dim=(-2, -1))
 
-    def region_tokens(self, counts: torch.Tensor) -> torch.Tensor:
-        """[R, K] counts -> [R, D], the sum over nouns of ``region_count_embed[k, count]``."""
-        index = counts.long().clamp(0, self.max_count)
-        nouns = torch.arange(index.shape[1], device=index.device)
-        return self.region_count_embed[nouns[None], index].sum(dim=1)
+    def region_bias(self, counts: torch.Tensor) -> torch.Tensor:
+        """[R, K] counts in each region -> [R, D], added to its region token."""
+        return self._table(self.region_count_embed, counts)

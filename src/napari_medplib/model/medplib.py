@@ -194,15 +194,15 @@ class MedPLIBModel(nn.Module):
             return self.counter.peaks(clip_pixel_values.to(self.device))
 
     def image_tokens(self, patch_features: torch.Tensor, count_peaks: torch.Tensor | None = None) -> torch.Tensor:
-        """What fills the ``<image>`` slot: projected patch features [B, P, D], followed by the K count
-        tokens [B, K, D] when the model counts (``count_peaks`` from `count_peaks`)."""
+        """What fills the ``<image>`` slot: projected patch features [B, P, D], each plus the image's count
+        vector when the model counts (``count_peaks`` from `count_peaks`; ``model.counter``)."""
         image_tokens = self.mm_projector(patch_features.to(self.dtype))  # [B, P, D]
         if self.counter is None:
             return image_tokens
         if count_peaks is None:
             raise ValueError("this model counts objects (config.count_nouns): give the image's count_peaks")
-        count_tokens = self.counter.tokens(count_peaks.sum(dim=(-2, -1)))
-        return torch.cat([image_tokens, count_tokens.to(image_tokens.dtype)], dim=1)  # [B, P + K, D]
+        bias = self.counter.image_bias(count_peaks.sum(dim=(-2, -1)))  # [B, D]
+        return image_tokens + bias[:, None].to(image_tokens.dtype)
 
     @property
     def regions_read_brightness(self) -> bool:
@@ -226,7 +226,7 @@ class MedPLIBModel(nn.Module):
         objects = torch.as_tensor(object_masks, device=device) if object_masks is not None else None
         tokens, empty = self.region_encoder(patch_features, masks, generator, objects, brightness, levels)
         if self.counter is not None and count_peaks is not None and masks.shape[-1] > count_peaks.shape[-1]:
-            counted = self.counter.region_tokens(self.counter.region_counts(masks, count_peaks))  # [R, D]
+            counted = self.counter.region_bias(self.counter.region_counts(masks, count_peaks))  # [R, D]
             tokens = tokens + (counted * ~empty[:, None].to(device)).to(tokens.dtype)
         return tokens, empty
 

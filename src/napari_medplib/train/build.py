@@ -95,6 +95,10 @@ def init_model(model: MedPLIBModel, init_state: dict[str, torch.Tensor] | None,
     """
     own = model.state_dict()
     filled: dict[str, torch.Tensor] = {}
+    if init_state is not None and _num_experts(model) == 0 and any(_EXPERT_FFN.match(k) for k in init_state):
+        raise RecipeError("the stage starts from a mixture-of-experts stage but builds a dense FFN, whose "
+                          "weights would start random: set moe = true in the stage (the dense FFN of a MoE "
+                          "stage is not defined)")
 
     def take(state: dict[str, torch.Tensor], only: Callable[[str], bool] = lambda k: True) -> None:
         for key, value in state.items():
@@ -129,27 +133,7 @@ def init_model(model: MedPLIBModel, init_state: dict[str, torch.Tensor] | None,
     for state, patterns in copies:
         take(state, lambda k, p=patterns: _matches(k, p))
     missing = model.load_state_dict(filled, strict=False).missing_keys
-    if model.counter is not None and "counter.noun_embed" in missing:
-        init_count_tokens(model)
     return sorted(missing)
-
-
-def init_count_tokens(model: MedPLIBModel) -> None:
-    """Start each count token as the words it stands for: ``noun_embed[k]`` the mean input embedding of
-    noun k's pieces ("nuclei"), ``count_embed[n]`` that of ``str(n)``'s. An LLM trained before the
-    counter existed then meets "nuclei" + "23" where it already reads such words."""
-    if model.tokenizer is None:
-        return
-    embed = model.language_model.embed_tokens.weight
-
-    def words(text: str) -> torch.Tensor:
-        return embed[model.tokenizer.encode(text, add_bos=False)].mean(0)
-
-    with torch.no_grad():
-        for k, noun in enumerate(model.config.count_nouns):
-            model.counter.noun_embed[k] = words(noun)
-        for n in range(model.config.count_max + 1):
-            model.counter.count_embed.weight[n] = words(str(n))
 
 
 #: The region geometry MLP's input layer: a newer ``geometry_version`` widens it (`widen_geometry_weight`).
