@@ -146,7 +146,8 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         "moe3": "cpu", "dense3": "cpu", "moe4": "cpu", "moe5": "cpu", "dense4": "cpu", "sam6": "cpu", "moe6": "cpu",
         **{f"{kind}{k}": "cpu" for k in ROUNDS for kind in ("sam", "moe")}, "vqa13": "cpu", "count13": "cpu",
         "moe16": "cpu", "regions16": "cpu", "regions17": "cpu", "regions18": "cpu",
-        "regions19": "cpu"}
+        "regions19": "cpu", "counter22": "cpu", "counter23": "cpu",
+        **{f"counts{k}": "cpu" for k in range(22, 27)}}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -199,7 +200,22 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
                                                          lr=1e-3) == regions
     d4 = gpu.stage("dense4")
     assert d4.init == "dense3" and dataclasses.replace(d4, name="dense3", init="grounding3", lr=d3.lr) == d3
-    assert gpu.final_stage.name == "regions18"
+    # the object counter under regions18 (the LLM frozen), then its count tables and the LLM in turn
+    c22, c23 = gpu.stage("counter22"), gpu.stage("counter23")
+    assert c22.kind == c23.kind == "counter" and c22.init == "regions18" and c23.init == "counter22"
+    assert c22.moe and c22.point_region_mask == "object" and c22.model["count_nouns"] == [
+        "bacteria", "cells", "lumens", "mitochondria", "nuclei"]
+    assert c22.train == c23.train == ["counter.*"] and c22.loss.centre > 0 and c23.model == {}
+    tables = ["counter.image_count_embed", "counter.region_count_embed"]
+    for name, init, llm in (("counts22", "counter23", False), ("counts23", "counts22", True),
+                            ("counts24", "counts23", False), ("counts25", "counts24", True),
+                            ("counts26", "counts25", False)):
+        stage = gpu.stage(name)
+        assert stage.init == init and stage.moe and stage.kinds["vqa"].count("count") == 3
+        assert not any(p.startswith(("sam", "vision_tower", "counter.stem", "counter.head")) for p in stage.train)
+        assert stage.train[-2:] == tables and (len(stage.train) > 2) == llm
+        assert stage.lr == (2e-4 if llm else 2e-2)
+    assert gpu.final_stage.name == "counts26"
 
 
 def test_a_stage_can_add_a_synthetic_style_without_changing_the_others():
