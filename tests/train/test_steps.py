@@ -275,7 +275,7 @@ def test_version_3_models_train_on_sams_object_of_each_box_and_the_frames_bright
     monkeypatch.setattr(model, "box_object_logits", box_logits)
     seen = []
     encode = model.encode_regions
-    monkeypatch.setattr(model, "encode_regions", lambda f, masks, *rest: (seen.append((masks.clone(), *rest)), encode(f, masks, *rest))[1])
+    monkeypatch.setattr(model, "encode_regions", lambda f, masks, *rest, **kw: (seen.append((masks.clone(), *rest)), encode(f, masks, *rest, **kw))[1])
     batch = make_batch(model, [_point_and_box_item(), _point_and_box_item()])
     assert [[b is not None for b in boxes] for boxes in batch.region_boxes] == [[p is None for p in ps] for ps in batch.region_points]
     losses = llm_losses(model, batch, LossWeights(ce=1.0))
