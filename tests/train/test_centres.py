@@ -102,6 +102,22 @@ def test_a_counter_stage_trains_the_counter_alone_and_its_loss_falls(tmp_path):
     assert float(after.counter.image_count_embed.detach().abs().sum()) == 0  # no gradient reaches the tables here
 
 
+def test_an_llm_stage_trains_the_count_tables_of_a_counting_model(tmp_path):
+    """The counts stages: conversations through a model with a counter; the image and region count
+    tables get gradients (every image token and each region token reads them), nothing else trains."""
+    stages = _counter_stages(2)
+    stages.append({"name": "counts", "tasks": ["region_vqa", "vqa"], "init": "counter", "steps": 6,
+                   "batch_size": 1, "lr": 5e-2, "warmup_steps": 0, "checkpoint_every": 4,
+                   "kinds": {"vqa": ["count"], "region_vqa": ["count"]},
+                   "train": ["counter.image_count_embed", "counter.region_count_embed"]})
+    trainer = Trainer(micro_recipe(stages=stages), tmp_path, progress=False, log=lambda _: None)
+    final = trainer.run()
+    before = MedPLIBModel.from_pretrained(trainer.final_dir(trainer.recipe.stage("counter"))).state_dict()
+    after = MedPLIBModel.from_pretrained(final).state_dict()
+    changed = {key for key in before if not torch.equal(before[key], after[key])}
+    assert changed == {"counter.image_count_embed", "counter.region_count_embed"}
+
+
 def test_a_counter_stage_needs_its_loss_and_parameters():
     stages = _counter_stages(1)
     stages[2]["train"] = ["language_model.*"]
