@@ -147,7 +147,7 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         **{f"{kind}{k}": "cpu" for k in ROUNDS for kind in ("sam", "moe")}, "vqa13": "cpu", "count13": "cpu",
         "moe16": "cpu", "regions16": "cpu", "regions17": "cpu", "regions18": "cpu",
         "regions19": "cpu", "counter22": "cpu", "counter23": "cpu",
-        **{f"counts{k}": "cpu" for k in range(22, 27)}}
+        **{f"counts{k}": "cpu" for k in range(22, 27)}, "counter24": "cpu"}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -215,6 +215,8 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         assert not any(p.startswith(("sam", "vision_tower", "counter.stem", "counter.head")) for p in stage.train)
         assert stage.train[-2:] == tables and (len(stage.train) > 2) == llm
         assert stage.lr == (2e-4 if llm else 2e-2)
+    c24 = gpu.stage("counter24")  # the counter continued under the final LLM (not bundled)
+    assert c24.init == "counts26" and dataclasses.replace(c24, name="counter23", init="counter22", lr=1e-3) == c23
     assert gpu.final_stage.name == "counts26"
 
 
