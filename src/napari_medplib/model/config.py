@@ -183,8 +183,8 @@ class MedPLIBConfig:
     #: the object under the click (the point as a SAM prompt), the square where SAM finds nothing.
     point_region_mask: str = "square"
     #: Our extension (not in the released model): the model counts objects of these nouns ("nuclei",
-    #: "cells", ...) with a small centre detector and reads the counts as K tokens after the image
-    #: tokens (``model.counter``); weights ``counter.*``. Empty: no counter, 576 image tokens.
+    #: "cells", ...) with a small centre detector, and its image and region tokens carry the counts
+    #: (``model.counter``); weights ``counter.*``. Empty: no counter (the released model).
     count_nouns: list[str] = field(default_factory=list)
     count_max: int = 40  # counts above it are read as it
     count_width: int = 32  # the detector's channels at stride 4 (twice that at strides 8 and 16)

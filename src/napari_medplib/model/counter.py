@@ -56,7 +56,7 @@ def count_peaks(heatmap_logits: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 class ObjectCounter(nn.Module):
-    """CLIP pixels -> per-noun object-centre heatmaps, counts, and the count tokens the LLM reads."""
+    """CLIP pixels -> per-noun object-centre heatmaps and peaks; the count vectors image and region tokens gain."""
 
     def __init__(self, config: MedPLIBConfig) -> None:
         super().__init__()

@@ -72,7 +72,7 @@ class ModelSpec:
     seg_region_prompts: bool = False  # our extension: a <SEG> about a region also gets its box/point (model.seg_prompts)
     #: our extension: "object" makes a point <region> SAM's mask of the clicked object (config.point_region_mask)
     point_region_mask: str = "square"
-    #: our extension: the model counts these nouns' objects and reads the counts as tokens (config.count_nouns)
+    #: our extension: the model counts these nouns' objects; its image and region tokens carry the counts (config.count_nouns)
     count_nouns: list[str] = field(default_factory=list)
     seed: int = 0
 
