@@ -146,6 +146,9 @@ class StageSpec:
     checkpoint_every: int = 50  # steps between resumable step checkpoints
     prompt: str = "box+point"  # sam stages: "box", "point" or "box+point"
     instances_per_image: int = 8  # sam stages
+    #: sam stages: "" (images as drawn) or "realistic" (`augment.realistic`: rescaled, cut at the
+    #: engine's object scale around one object, photometrically changed like real microscopy)
+    augment: str = ""
     #: llm stages: false leaves the 576 image tokens out of the sequence (region tokens are still made
     #: from the image). A from-scratch LLM facing ~800 tokens never learns to attend to the one region
     #: token; without the image tokens it has ~30 to choose from.
@@ -288,6 +291,10 @@ def _stage(values: dict[str, Any], index: int) -> StageSpec:
         raise RecipeError(f"stage {stage.name!r}: threads and data_workers must be 0 or more")
     if stage.prompt not in ("box", "point", "box+point"):
         raise RecipeError(f"stage {stage.name!r}: prompt must be 'box', 'point' or 'box+point'")
+    if stage.augment not in ("", "realistic"):
+        raise RecipeError(f"stage {stage.name!r}: augment must be '' or 'realistic', got {stage.augment!r}")
+    if stage.augment and stage.kind != "sam":
+        raise RecipeError(f"stage {stage.name!r}: augment applies to sam stages only")
     if stage.loss.router and not stage.moe:
         raise RecipeError(f"stage {stage.name!r}: loss.router supervises the MoE router; it needs moe = true")
     if stage.point_region_mask not in ("", *POINT_REGION_MASKS):

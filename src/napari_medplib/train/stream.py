@@ -70,6 +70,10 @@ class StageStream:
                 items.append(Item(sample, convs))
                 continue
             if stage.kind == "sam":
+                if stage.augment == "realistic":
+                    from .augment import realistic
+
+                    sample = realistic(sample, np.random.default_rng([self.recipe.seed, self.stage_index, step, index]))
                 if sample.labels.max() > 0:
                     items.append(Item(sample, convs))
                     continue

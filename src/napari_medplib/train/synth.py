@@ -17,6 +17,12 @@ Styles (category names in brackets):
 * ``bacteria`` — phase-contrast rod-shaped bacteria in packed micro-colonies (``bacterium``): dark rods
   with a bright halo and bright seams between touching rods, one channel. Not in `DEFAULT_STYLES`
   (added after the first models; data sets that do not name it are unchanged).
+* ``em_neurites`` — transmission EM of neuropil (``neurite``): a tessellation of pale, grainy profiles
+  separated by dark membranes, with dark mitochondria and vesicles inside, one channel (like serial-section
+  TEM of nervous tissue);
+* ``em_axons`` — EM of myelinated axons in cross-section (``axon``): pale axoplasm ringed by a thick dark
+  myelin sheath, packed in a grey, textured background, one channel (like SEM/TEM of nerve or spinal cord).
+  Both EM styles are opted into like ``bacteria``.
 
 Labels are int32 instance ids 1..N (0 = background), every instance one connected piece of at least
 ``MIN_AREA`` pixels; ``categories`` maps each id to its category. numpy + scipy only, ~10-30 ms/sample.
@@ -80,6 +86,14 @@ STYLES: dict[str, StyleInfo] = {
     "bacteria": StyleInfo(
         "phase-contrast microscopy", "phase-contrast microscopy of bacteria", ("bacterium",), 1,
         {"bacterium": (275.0, 535.0)}, implied=("cell",),
+    ),
+    "em_neurites": StyleInfo(
+        "electron microscopy", "electron microscopy of neurites", ("neurite",), 1,
+        {"neurite": (250.0, 700.0)}, implied=("mitochondrion",),
+    ),
+    "em_axons": StyleInfo(
+        "electron microscopy", "electron microscopy of myelinated axons", ("axon",), 1,
+        {"axon": (120.0, 400.0)}, implied=("cell",),
     ),
 }
 
@@ -519,6 +533,69 @@ def _bacteria(rng, shape):
     return _blur(rng, intensity, 0.6, 1.4), labels, cats, "transmitted"
 
 
+def _em_camera(rng: np.random.Generator, intensity: np.ndarray) -> np.ndarray:
+    """EM detector: grain (Gaussian + a little shot noise) on an intensity in [0, 1]."""
+    grain = rng.uniform(0.03, 0.09) * _texture(rng, intensity.shape, rng.uniform(0.5, 1.0))
+    return np.clip(intensity + grain, 0.0, 1.0)
+
+
+def _em_neurites(rng, shape):
+    """Neuropil: a Voronoi-like tessellation (watershed of random seeds on a noisy field) whose walls are
+    dark membranes; the profiles (neurites) are the instances."""
+    from skimage.segmentation import watershed
+
+    n = _count(rng, shape, 25, 90)
+    seeds = np.zeros(shape, np.int32)
+    seeds[rng.integers(0, shape[0], n), rng.integers(0, shape[1], n)] = np.arange(1, n + 1)
+    relief = ndi.gaussian_filter(rng.standard_normal(shape).astype(np.float32), rng.uniform(4, 10))
+    relief *= rng.uniform(0.0, 12.0) / (relief.std() + 1e-9)
+    cells = watershed(ndi.distance_transform_edt(seeds == 0) + relief, seeds)  # Voronoi with wavy walls
+    small = np.flatnonzero(np.bincount(cells.ravel(), minlength=n + 1)[1:] < 60) + 1
+    if small.size:  # slivers squeezed between neighbours: flood again without their seeds
+        seeds[np.isin(seeds, small)] = 0
+        cells = watershed(ndi.distance_transform_edt(seeds == 0) + relief, seeds)
+    membrane = _boundaries(cells)
+    if rng.random() < 0.5:  # thicker membranes (iterations=0 would dilate until nothing changes)
+        membrane = ndi.binary_dilation(membrane)
+    labels = np.where(membrane, 0, cells).astype(np.int32)
+    labels, cats = _finalise(labels, dict.fromkeys(range(1, n + 1), "neurite"))
+    shade = np.concatenate([[0.0], rng.uniform(0.55, 0.85, len(cats))]).astype(np.float32)
+    intensity = shade[labels] * (1 + 0.06 * _texture(rng, shape, 1.2))
+    intensity[membrane] = rng.uniform(0.05, 0.3)
+    for _ in range(int(rng.integers(0, 8))):  # mitochondria: dark, elongated, inside a profile
+        blob = _random_blob(rng, rng.uniform(0, shape[0]), rng.uniform(0, shape[1]), rng.uniform(3, 8), 3.0, 0.1)
+        found = _blob_distance(blob, shape)
+        if found is not None:
+            sl, dist = found
+            intensity[sl][dist < 1] *= rng.uniform(0.3, 0.6)
+    dots = rng.random(shape) < rng.uniform(0.0, 0.004)  # vesicles
+    intensity[ndi.binary_dilation(dots)] *= 0.6
+    intensity = _blur(rng, intensity, 0.4, 1.0)
+    return _em_camera(rng, intensity), labels, cats, "em"
+
+
+def _em_axons(rng, shape):
+    """Myelinated axons in cross-section: pale discs (the instances) in thick dark rings, packed."""
+    n = _count(rng, shape, 6, 30)
+    r0 = rng.uniform(5.0, 16.0)
+    radii = r0 * rng.lognormal(0, 0.35, n)
+    sheath = rng.uniform(0.25, 0.6)  # myelin thickness relative to the axon radius
+    centres = _place(rng, shape, radii * (1 + sheath), p_touch=0.6)
+    axons = [_random_blob(rng, cy, cx, r, 1.8, rng.uniform(0.02, 0.12))
+             for (cy, cx), r in zip(centres, radii, strict=True) if cy == cy]
+    rings = [_Blob(b.cy, b.cx, b.a * (1 + sheath), b.b * (1 + sheath), b.angle, b.harmonics) for b in axons]
+    myelin = _paint_blobs(rings, shape) > 0
+    labels, cats = _finalise(_paint_blobs(axons, shape), dict.fromkeys(range(1, len(axons) + 1), "axon"))
+    background = rng.uniform(0.35, 0.6) * (1 + 0.15 * _texture(rng, shape, rng.uniform(1.0, 3.0)))
+    inside = np.concatenate([[0.0], rng.uniform(0.65, 0.95, len(cats))]).astype(np.float32)
+    intensity = np.where(myelin, rng.uniform(0.03, 0.2), background).astype(np.float32)
+    intensity = np.where(labels > 0, inside[labels] * (1 + 0.05 * _texture(rng, shape, 1.5)), intensity)
+    if rng.random() < 0.3:  # some preparations show myelin bright and axoplasm dark (inverted contrast)
+        intensity = 1.0 - intensity
+    intensity = _blur(rng, intensity, 0.4, 1.0)
+    return _em_camera(rng, intensity), labels, cats, "em"
+
+
 # ----------------------------------------------------------------------------- public API
 def make_sample(style: str, seed: int | Sequence[int], size: tuple[int, int] = (256, 256),
                 bit_depth: int = 8, channels: int | None = None) -> Sample:
@@ -544,9 +621,13 @@ def make_sample(style: str, seed: int | Sequence[int], size: tuple[int, int] = (
         signal, labels, cats, optics = _cells(rng, shape, ch)
     else:
         signal, labels, cats, optics = {"nuclei": _nuclei, "organelles": _organelles, "brightfield": _brightfield,
-                                        "he": _he, "bacteria": _bacteria}[style](rng, shape)
-    camera = _fluorescence_camera if optics == "fluorescence" else _transmitted_camera
-    image = camera(rng, signal, bit_depth)
+                                        "he": _he, "bacteria": _bacteria, "em_neurites": _em_neurites,
+                                        "em_axons": _em_axons}[style](rng, shape)
+    if optics == "em":  # the signal is already detector grey levels in [0, 1]
+        image = _to_dtype(signal * (255.0 if bit_depth == 8 else rng.uniform(4000, 60000)), bit_depth)
+    else:
+        camera = _fluorescence_camera if optics == "fluorescence" else _transmitted_camera
+        image = camera(rng, signal, bit_depth)
     meta = {
         "seed": int(seed) if np.ndim(seed) == 0 else [int(v) for v in seed],  # type: ignore[union-attr]
         "bit_depth": bit_depth,
