@@ -148,6 +148,37 @@ def _isbi(slice_: int, sha_img: str, sha_lab: str, split: str) -> Entry:
     )
 
 
+_DLF = "nadeemlab/DeepLIIF"
+_DLF_COMMIT = "eab8bddd031d42cf6b12546d9081babb41f6b7e5"
+_DLF_LICENCE = ("not stated for the data in the repository (repository: Apache-2.0 with Commons Clause; the "
+                "DeepLIIF datasets are distributed on Zenodo record 4751737; tiles are from BCData, Huang et al. "
+                "2020)")
+_DLF_CITE = ("Ghahremani P. et al., Deep learning-inferred multiplex immunofluorescence for immunohistochemical "
+             "image quantification, Nat. Mach. Intell. 4, 401-412 (2022) (BC-DeepLIIF test set); Huang Z. et al., "
+             "BCData: a large-scale dataset and benchmark for cell detection and counting, MICCAI 2020")
+_DLF_DERIVED = ("instances = 4-connected components of the Ki67+ (red: R>0, G=B=0) and Ki67- (blue: B>0, R=G=0) "
+                "fill of the colour-coded ground-truth mask, labelled separately so a red and a blue nucleus never merge; "
+                "components under 5 px (1-px fragments cut off by outline lines) are dropped; the green outline "
+                "pixels (1-4 px wide, drawn between and around nuclei) are then given to the nearest nucleus "
+                "within 4 px, so each mask covers fill + outline")
+
+
+def _deepliif(tile: str, sha_img: str, sha_lab: str, split: str) -> Entry:
+    folder = "Datasets/Sample_Dataset"
+    return Entry(
+        name=f"deepliif_ihc_{tile}", modality="ihc", objects="nuclei", origin="github", source=_DLF,
+        version=_DLF_COMMIT,
+        image=RawFile(f"{folder}/test_cli/{tile}.png", sha_img),
+        labels=RawFile(f"{folder}/test_groundtruth/{tile}.png", sha_lab),
+        loader="png_rgb+colour_seg", frame=None, crop=None, reference="manual", derived=_DLF_DERIVED,
+        licence=_DLF_LICENCE, redistributable=False, citation=_DLF_CITE, split=split,
+        description=f"Ki67 IHC (DAB + hematoxylin) breast carcinoma tile {tile}, 512x512 RGB, from the "
+                    "BC-DeepLIIF test set (BCData tiles that the DeepLIIF authors segmented by hand; README: "
+                    "'randomly selected and manually segmented 41 images'); same image as the first panel of "
+                    f"{folder}/test/{tile}.png",
+    )
+
+
 CATALOG: tuple[Entry, ...] = (
     # ---------------------------------------------------------------- fluorescence (PyPI)
     Entry(
@@ -233,6 +264,15 @@ CATALOG: tuple[Entry, ...] = (
     _cpm("03", "20x", "report"),
     _cpm("08", "40x", "tune"),
     _cpm("12", "40x", "report"),
+    # ---------------------------------------------------------------- IHC (GitHub, DeepLIIF sample test set)
+    _deepliif("22_2", "1fb79c96ab96d008fb075310a096ed3ee822d8faf41062e5c1e3341ba796d057",
+              "4bc354ad4993b7cc62ceecf3935b23958b25dbe1182d106f4fbb593c1fdb17a8", "tune"),
+    _deepliif("34_3", "5dbc997ac749278c175a8b17ae301d36a42e6650a99c7e1b619f52dadb9c03e7",
+              "f8b8efc977378b18107f3d245166758fa70492b42a70166c347466b44e875594", "report"),
+    _deepliif("6_2", "dd610f8476afc2d0787d4d882d8a30ac05c4345f0920a56dda80e764d188efe5",
+              "75ba21d3fefd3de91acea8596cf419b2b74e45a141f408aa9a95e18948ef92f2", "tune"),
+    _deepliif("799_2", "301496c71555692b94e9ef87ef04d3119310b8db732aff5a1c5aa4fd46ec4dc4",
+              "42a82652f1a1fb125f62cd7ffe090b22a440e3be3610ef9284e04aa138ace46d", "report"),
 )
 
 BY_NAME = {e.name: e for e in CATALOG}
@@ -450,6 +490,31 @@ def _load_membrane(entry: Entry, img: Path, lab: Path):
     return image, _components(membrane_map > 127)
 
 
+def _load_colour_seg(entry: Entry, img: Path, lab: Path):
+    """DeepLIIF-style colour mask: red fill = positive, blue fill = negative nucleus, green = outlines."""
+    from scipy import ndimage as ndi
+
+    image = _read_png(img)
+    seg = _read_png(lab)
+    if seg.ndim != 3:
+        raise CatalogError(f"{lab}: expected an RGB colour-coded mask")
+    r, g, b = (seg[..., i].astype(np.int32) for i in range(3))
+    labels = np.zeros(seg.shape[:2], np.int32)
+    for fill in ((r > 0) & (g == 0) & (b == 0), (b > 0) & (r == 0) & (g == 0)):
+        comp = _components(fill)
+        areas = np.bincount(comp.ravel())
+        keep = areas >= 5
+        keep[0] = False
+        ids = np.cumsum(keep).astype(np.int32) * keep
+        comp = ids[comp]
+        labels[comp > 0] = comp[comp > 0] + labels.max()
+    outline = (g > 0) & (r == 0) & (b == 0)
+    dist, (iy, ix) = ndi.distance_transform_edt(labels == 0, return_indices=True)
+    grow = outline & (dist <= 4)
+    labels[grow] = labels[iy[grow], ix[grow]]
+    return image, labels
+
+
 def _load_ascii_labels(entry: Entry, img: Path, lab: Path):
     image = _read_png(img)  # RGBA tiles -> RGB
     with open(lab, "rb") as handle:
@@ -472,6 +537,7 @@ LOADERS = {
     "png_gray+axon_class_cc": _load_axon_class,
     "png_gray+membrane_cc": _load_membrane,
     "png_rgb+ascii_labels": _load_ascii_labels,
+    "png_rgb+colour_seg": _load_colour_seg,
 }
 
 
