@@ -1,4 +1,5 @@
-"""`Session.segment(window=...)`: large planes are segmented in a native-resolution crop around the prompts.
+"""`Session.segment(window=...)`: SAM runs on a crop around the prompts, sized so the object spans about
+``scale.MODEL_OBJECT_EXTENT`` of SAM's 256-px input (as in the model's training frames).
 
 The tiny random SAM gives arbitrary masks, so where a mask's place matters the mask decoder is replaced by
 a fake that puts positive logits where the prompt landed in SAM's 256 frame (or echoes the mask prior):
@@ -7,14 +8,22 @@ the mask then shows where the engine mapped the prompt in and the logits out.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
 from napari_medplib.engine import SessionInputError
+from napari_medplib.engine.image import make_view
 from napari_medplib.engine.prompts import check_prompts
+from napari_medplib.engine.scale import MODEL_OBJECT_EXTENT
+from napari_medplib.engine.session import CLICK_EXTENT_FACTOR
 from napari_medplib.engine.window import (
     MARGIN,
+    MIN_CONTEXT,
+    MIN_SIDE,
+    auto_side,
     check_window,
     choose_window,
     whole_plane_limits,
@@ -23,23 +32,43 @@ from napari_medplib.imaging import DEFAULT_PERCENTILES, to_model_rgb
 from napari_medplib.model.preprocess import prepare_sam_image
 
 SAM = 256
+TARGET = MODEL_OBJECT_EXTENT
 
 
-def window_for(image_hw, points=None, box=None, mask=None, window="auto"):
+def window_for(image_hw, points=None, box=None, mask=None, window="auto", object_extent=None):
     pts, _, box_arr, prior = check_prompts(points, None, box, mask, image_hw)
-    return choose_window(image_hw, SAM, pts, box_arr, prior, window)
+    return choose_window(image_hw, SAM, pts, box_arr, prior, window, object_extent=object_extent)
 
 
 def contains(window, y0, x0, y1, x1) -> bool:
     return window[0] <= y0 and window[1] <= x0 and y1 < window[2] and x1 < window[3]
 
 
+def sides(window) -> tuple[int, int]:
+    return window[2] - window[0], window[3] - window[1]
+
+
+def box_extent(box) -> int:
+    return max(box[2] - box[0] + 1, box[3] - box[1] + 1)
+
+
+def add_disc(image, cy, cx, diameter, value=20000):
+    rows, cols = np.ogrid[: image.shape[0], : image.shape[1]]
+    image[(rows - cy) ** 2 + (cols - cx) ** 2 <= (diameter / 2) ** 2] += value
+
+
+#: Small bright discs of big_image (centre, diameter): clicks on them get a crop near SAM's size.
+DISCS = {(310, 700): 12, (150, 300): 12, (100, 200): 12, (600, 1000): 12, (300, 450): 16}
+
+
 @pytest.fixture
 def big_image():
-    """700x1100 uint16 (the HeLa frame size): dim noise, one bright blob on the right."""
+    """700x1100 uint16 (the HeLa frame size): dim noise, one large bright block on the right, small bright discs."""
     rng = np.random.default_rng(0)
     image = (rng.random((700, 1100)) * 100 + 100).astype(np.uint16)
     image[300:380, 850:950] += 20000
+    for centre, diameter in DISCS.items():
+        add_disc(image, *centre, diameter)
     return image
 
 
@@ -67,77 +96,158 @@ def centroid(mask):
     return rows.mean(), cols.mean()
 
 
-# ------------------------------------------------------------------------------------ geometry
-def test_small_image_has_no_window():
-    assert window_for((300, 380), points=[(150, 200)]) is None  # 380 <= 1.5 x 256
-    assert window_for((300, 380), points=[(150, 200)], window=128) is not None  # an int always windows
+def clicked_side(session, image, point) -> int:
+    """The auto crop side the session picks for one positive click (its estimated object extent + 1 px)."""
+    extent = session._clicked_extent(make_view(image), np.array([point], float), np.array([1]))
+    return auto_side(1 + extent, SAM, TARGET)
 
 
-def test_point_in_the_middle_gets_a_sam_sized_window_around_it():
-    win = window_for((700, 1100), points=[(350, 600)])
-    assert (win[2] - win[0], win[3] - win[1]) == (SAM, SAM)
+# ------------------------------------------------------------------------------------ the side rule
+def test_auto_side_puts_the_object_at_the_models_extent():
+    previous = 0
+    for extent in range(1, 600):
+        side = auto_side(extent, SAM, TARGET)
+        assert side >= previous, "a larger object never gets a smaller crop"
+        previous = side
+        assert side >= extent + MIN_CONTEXT and side >= MIN_SIDE
+        if extent * SAM / TARGET > max(extent + MIN_CONTEXT, MIN_SIDE):  # no floor in force
+            # the object spans TARGET SAM px, less by at most the quarter-octave rounding (2 ** 0.25)
+            assert TARGET / 2**0.25 - 0.2 <= extent * SAM / side <= TARGET
+    assert auto_side(28, SAM, 28.0) == SAM  # an object of the training size: the crop is SAM's input
+    assert auto_side(1, SAM, TARGET) == MIN_SIDE
+    assert auto_side(5, SAM, TARGET) == 54  # 45.7 px wanted, rounded up to 2 ** (23 / 4)
+    assert auto_side(100, SAM, 2 * TARGET) == auto_side(50, SAM, TARGET)  # target_extent is honoured
+
+
+def test_sides_are_quarter_octaves_so_similar_objects_share_a_crop():
+    values = {auto_side(e, SAM, TARGET) for e in range(5, 600)}
+    assert values <= {math.ceil(2 ** (k / 4)) for k in range(80)}
+    assert len(values) <= 4 * math.log2(600 / 5) + 2  # ~4 sides per doubling, not one per pixel
+    # two boxes of extent 26 and 28 around nearly the same centre: one crop, one cached SAM embedding
+    a = window_for((700, 1100), box=(300, 500, 325, 525))
+    b = window_for((700, 1100), box=(301, 502, 328, 529))
+    assert a == b and sides(a) == (SAM, SAM)
+
+
+@pytest.mark.parametrize("extent", [6, 10, 20])
+def test_a_small_box_gets_a_small_crop_that_sam_upsamples(extent):
+    box = (340, 540, 340 + extent - 1, 540 + extent - 1)
+    win = window_for((700, 1100), box=box)
+    side = auto_side(extent, SAM, TARGET)
+    assert sides(win) == (side, side) and side < SAM
+    assert contains(win, *box)
+    assert 0.8 * TARGET <= extent * SAM / side <= TARGET  # the box spans about TARGET SAM pixels
+
+
+@pytest.mark.parametrize("box", [(200, 400, 319, 489), (100, 1000, 299, 1149)])  # extents 120 and 200
+def test_a_large_box_gets_a_large_crop(box):
+    win = window_for((3000, 4000), box=box)
+    side = auto_side(box_extent(box), SAM, TARGET)
+    assert sides(win) == (side, side) and side > 4 * SAM
+    assert contains(win, *box)
+    assert 0.8 * TARGET <= box_extent(box) * SAM / side <= TARGET
+
+
+def test_small_planes_are_cropped_when_the_object_is_small():
+    win = window_for((300, 380), box=(150, 200, 159, 209))  # a 10-px object on a small plane
+    assert sides(win) == (auto_side(10, SAM, TARGET),) * 2 and contains(win, 150, 200, 159, 209)
+    win = window_for((300, 380), points=[(150, 200)], object_extent=8)  # a click on an 8-px object
+    assert sides(win) == (auto_side(1 + 8, SAM, TARGET),) * 2 and contains(win, 150, 200, 150, 200)
+    # an object of the model's size on the same plane needs more than the plane: the whole plane
+    assert window_for((300, 380), box=(100, 100, 149, 149)) is None
+
+
+def test_clicks_use_their_spread_plus_the_object_extent():
+    assert sides(window_for((2000, 2000), points=[(1000, 1000)], object_extent=40)) == (auto_side(41, SAM, TARGET),) * 2
+    two = window_for((2000, 2000), points=[(1000, 1000), (1000, 1029)], object_extent=40)
+    assert sides(two) == (auto_side(30 + 40, SAM, TARGET),) * 2 and contains(two, 1000, 1000, 1000, 1029)
+    # without an estimate a click stands for an object of the model's own size
+    unknown = window_for((2000, 2000), points=[(1000, 1000)])
+    assert sides(unknown) == (auto_side(1 + TARGET, SAM, TARGET),) * 2
+    # a box or a prior gives the extent itself: an object_extent is ignored with them
+    boxed = window_for((2000, 2000), points=[(1000, 1000)], box=(990, 990, 1009, 1009), object_extent=500)
+    assert sides(boxed) == (auto_side(20, SAM, TARGET),) * 2
+
+
+# ------------------------------------------------------------------------------------ placement
+def test_point_in_the_middle_gets_a_window_centred_on_it():
+    win = window_for((700, 1100), points=[(350, 600)], object_extent=TARGET - 1)  # extent 28: a SAM-sized crop
+    assert sides(win) == (SAM, SAM)
     centre = ((win[0] + win[2]) / 2, (win[1] + win[3]) / 2)
     assert abs(centre[0] - 350.5) <= SAM / 8 and abs(centre[1] - 600.5) <= SAM / 8
     assert contains(win, 350 - MARGIN // 2, 600 - MARGIN // 2, 350 + MARGIN // 2, 600 + MARGIN // 2)
 
 
 @pytest.mark.parametrize("point", [(2, 3), (697, 1098), (0, 1099), (699, 0)])
-def test_corner_prompts_shift_the_window_inside_the_image(point):
-    win = window_for((700, 1100), points=[point])
+@pytest.mark.parametrize("object_extent", [5, 27, 60])
+def test_corner_prompts_shift_the_window_inside_the_image(point, object_extent):
+    win = window_for((700, 1100), points=[point], object_extent=object_extent)
+    side = auto_side(1 + object_extent, SAM, TARGET)
     assert 0 <= win[0] and 0 <= win[1] and win[2] <= 700 and win[3] <= 1100
-    assert (win[2] - win[0], win[3] - win[1]) == (SAM, SAM)
+    assert sides(win) == (side, side)
     assert contains(win, *point, *point)
-
-
-def test_box_larger_than_the_sam_input_gets_twice_its_extent():
-    box = (200, 400, 499, 579)  # 300 x 180 px
-    win = window_for((700, 1100), box=box)
-    side = win[3] - win[1]
-    assert side == 2 * 300 + MARGIN and win[2] - win[0] == side
-    assert contains(win, *box)
+    assert win[0] in (0, 700 - side) and win[1] in (0, 1100 - side)  # flush with the corner's two edges
 
 
 def test_wide_spread_points_use_the_whole_image():
-    assert window_for((700, 1100), points=[(10, 10), (690, 1090)], box=None) is None
+    assert window_for((700, 1100), points=[(10, 10), (690, 1090)], object_extent=10) is None
+
+
+def test_a_side_reaching_the_image_is_the_whole_image():
+    box = (300, 500, 399, 599)  # extent 100 -> side 1024
+    assert window_for((700, 1100), box=box) is not None
+    assert window_for((700, 1024), box=box) is None  # the side equals the longer side
+    assert window_for((1024, 700), box=box) is None
 
 
 def test_window_taller_than_the_image_is_clipped_on_that_axis():
-    win = window_for((500, 1100), points=[(50, 300), (450, 500)])  # extent 401 -> side 866
-    assert win[0] == 0 and win[2] == 500 and win[3] - win[1] == 2 * 401 + MARGIN
-    assert contains(win, 50, 300, 450, 500)
+    box = (50, 1000, 149, 1099)  # extent 100 -> side 1024, on a 500-px-high plane
+    win = window_for((500, 3000), box=box)
+    side = auto_side(100, SAM, TARGET)
+    assert win[0] == 0 and win[2] == 500 and win[3] - win[1] == side
+    assert contains(win, *box)
 
 
 def test_int_window_is_the_side_unless_the_prompts_need_more():
     win = window_for((700, 1100), points=[(300, 300)], window=128)
-    assert (win[2] - win[0], win[3] - win[1]) == (128, 128) and contains(win, 300, 300, 300, 300)
+    assert sides(win) == (128, 128) and contains(win, 300, 300, 300, 300)
     win = window_for((700, 1100), box=(100, 100, 299, 199), window=128)
     assert win[2] - win[0] == 200 + MARGIN and contains(win, 100, 100, 299, 199)
+    # an int windows small planes too, and ignores the object's size
+    assert sides(window_for((300, 380), points=[(150, 200)], window=128, object_extent=200)) == (128, 128)
 
 
 def test_mask_prior_counts_in_the_extent():
-    prior = np.zeros((700, 1100), bool)
-    prior[600:690, 20:100] = True
-    win = window_for((700, 1100), mask=prior)
-    assert contains(win, 600, 20, 689, 99)
+    prior = np.zeros((1500, 2000), bool)
+    prior[1300:1390, 20:100] = True  # 90 x 80 px
+    win = window_for((1500, 2000), mask=prior)
+    assert sides(win) == (auto_side(90, SAM, TARGET),) * 2
+    assert contains(win, 1300, 20, 1389, 99)
 
 
-def test_random_prompts_always_fit_inside_their_window():
+def test_random_boxes_always_fit_inside_their_window_with_spare_room():
     rng = np.random.default_rng(3)
-    for _ in range(200):
-        h, w = int(rng.integers(400, 1500)), int(rng.integers(400, 1500))
+    cropped = 0
+    for _ in range(300):
+        h, w = int(rng.integers(100, 3000)), int(rng.integers(100, 3000))
         y0, x0 = int(rng.integers(0, h)), int(rng.integers(0, w))
-        y1, x1 = min(h - 1, y0 + int(rng.integers(0, 300))), min(w - 1, x0 + int(rng.integers(0, 300)))
+        y1, x1 = min(h - 1, y0 + int(rng.integers(0, 150))), min(w - 1, x0 + int(rng.integers(0, 150)))
         win = window_for((h, w), box=(y0, x0, y1, x1))
+        side = auto_side(max(y1 - y0 + 1, x1 - x0 + 1), SAM, TARGET)
         if win is None:
-            assert 2 * max(y1 - y0 + 1, x1 - x0 + 1) + MARGIN >= max(h, w)
+            assert side >= max(h, w)
             continue
+        cropped += 1
         assert 0 <= win[0] < win[2] <= h and 0 <= win[1] < win[3] <= w
-        spare = MARGIN // 2
+        assert win[2] - win[0] == min(side, h) and win[3] - win[1] == min(side, w)
         assert contains(win, y0, x0, y1, x1)
-        assert win[0] == 0 or y0 - win[0] >= spare
-        assert win[1] == 0 or x0 - win[1] >= spare
-        assert win[2] == h or win[2] - 1 - y1 >= spare
-        assert win[3] == w or win[3] - 1 - x1 >= spare
+        spare_y = min(MARGIN // 2, (side - (y1 - y0 + 1)) // 4)
+        spare_x = min(MARGIN // 2, (side - (x1 - x0 + 1)) // 4)
+        assert win[0] == 0 or y0 - win[0] >= spare_y
+        assert win[1] == 0 or x0 - win[1] >= spare_x
+        assert win[2] == h or win[2] - 1 - y1 >= spare_y
+        assert win[3] == w or win[3] - 1 - x1 >= spare_x
+    assert cropped > 150
 
 
 @pytest.mark.parametrize("side", [100, 200, 300])
@@ -149,7 +259,7 @@ def test_int_windows_keep_a_margin_around_large_prompts(side):
         box = (y0, x0, y0 + size, x0 + size // 2)
         win = window_for((1000, 1400), box=box, window=side)
         assert min(box[0] - win[0], box[1] - win[1], win[2] - 1 - box[2], win[3] - 1 - box[3]) >= min(
-            MARGIN // 2, (win[2] - win[0] - size - 1) // 2)
+            MARGIN // 2, (win[2] - win[0] - size - 1) // 4)
 
 
 @pytest.mark.parametrize("bad", [-3, "big", True, 2.5])
@@ -163,6 +273,55 @@ def test_window_values():
         "auto", "auto", None, None, None, None, 300, 300]
 
 
+# ------------------------------------------------------------------------------------ clicked extent
+@pytest.mark.parametrize("diameter", [10, 24, 50])
+def test_clicked_extent_follows_the_object_under_the_click(tiny_session, diameter):
+    rng = np.random.default_rng(diameter)
+    image = (rng.random((600, 800)) * 200 + 1000).astype(np.uint16)
+    add_disc(image, 300, 400, diameter)
+    extent = tiny_session._clicked_extent(make_view(image), np.array([(300.0, 400.0)]), np.array([1]))
+    assert extent == pytest.approx(CLICK_EXTENT_FACTOR * diameter, rel=0.3)
+
+
+def test_clicked_extent_uses_the_first_positive_click_and_the_full_resolution_scale(tiny_session, monkeypatch):
+    import napari_medplib.engine.image as image_module
+
+    rng = np.random.default_rng(1)
+    image = (rng.random((800, 1200)) * 200 + 1000).astype(np.uint16)
+    add_disc(image, 200, 300, 16)
+    add_disc(image, 500, 900, 60)
+    view = make_view(image)
+    points = np.array([(200.0, 300.0), (500.0, 900.0)])
+    small = tiny_session._clicked_extent(view, points, np.array([1, 1]))
+    big = tiny_session._clicked_extent(view, points, np.array([0, 1]))  # the negative click is skipped
+    assert small == pytest.approx(CLICK_EXTENT_FACTOR * 16, rel=0.3)
+    assert big == pytest.approx(CLICK_EXTENT_FACTOR * 60, rel=0.3)
+    assert tiny_session._clicked_extent(view, points, np.array([0, 0])) is None
+    monkeypatch.setattr(image_module, "LARGE_SIDE", 400)  # a 3x block-reduced view: still image pixels
+    reduced = make_view(image)
+    assert reduced.factor == 3
+    assert tiny_session._clicked_extent(reduced, points[1:], np.array([1])) == pytest.approx(big, rel=0.3)
+
+
+def test_a_click_on_a_big_object_gets_a_bigger_crop(tiny_session):
+    rng = np.random.default_rng(2)
+    image = (rng.random((1500, 2000)) * 200 + 1000).astype(np.uint16)
+    add_disc(image, 400, 500, 10)
+    add_disc(image, 1000, 1400, 60)
+    small = tiny_session.segment(image, points=[(400, 500)])
+    big = tiny_session.segment(image, points=[(1000, 1400)])
+    assert sides(small.window) == (clicked_side(tiny_session, image, (400, 500)),) * 2
+    assert sides(big.window) == (clicked_side(tiny_session, image, (1000, 1400)),) * 2
+    assert 3 * sides(small.window)[0] < sides(big.window)[0] < 2000
+    # each object spans about TARGET SAM pixels in its crop: 2x the blob diameter is the extent assumed
+    for diameter, result in ((10, small), (60, big)):
+        spanned = CLICK_EXTENT_FACTOR * diameter * SAM / sides(result.window)[0]
+        assert 0.6 * TARGET < spanned < 1.4 * TARGET
+    # a click with window=None or an int window does not look at the object at all
+    fixed = tiny_session.segment(image, points=[(1000, 1400)], window=128).window
+    assert sides(fixed) == (128, 128) and contains(fixed, 1000, 1400, 1000, 1400)
+
+
 # ------------------------------------------------------------------------------------ segment
 def test_point_lands_at_the_same_place_in_the_crop(tiny_session, big_image, monkeypatch):
     fake_decoder(tiny_session, monkeypatch)
@@ -172,43 +331,49 @@ def test_point_lands_at_the_same_place_in_the_crop(tiny_session, big_image, monk
     for result in (windowed, whole):
         assert result.mask.shape == big_image.shape and result.mask[click]
     y0, x0, y1, x1 = windowed.window
-    assert (y1 - y0, x1 - x0) == (SAM, SAM)
+    side = clicked_side(tiny_session, big_image, click)
+    assert (y1 - y0, x1 - x0) == (side, side) and side < 300
     assert not windowed.mask[:y0].any() and not windowed.mask[y1:].any()
     assert not windowed.mask[:, :x0].any() and not windowed.mask[:, x1:].any()
     cy, cx = centroid(windowed.mask)
     assert abs(cy - click[0]) <= 4 and abs(cx - click[1]) <= 4
-    # 3x3 low-res cells = 12 SAM px: 12 image px in the native window, 1100/256 times more on the frame
-    assert np.ptp(np.nonzero(windowed.mask)[1]) <= 20 < np.ptp(np.nonzero(whole.mask)[1])
+    # 3x3 low-res cells = 12 SAM px: 12 x side / 256 image px in the crop, 1100/256 times more on the frame
+    assert np.ptp(np.nonzero(windowed.mask)[1]) <= 12 * side / SAM + 4 < np.ptp(np.nonzero(whole.mask)[1])
     assert whole.window == (0, 0, *big_image.shape)
 
 
-def test_box_near_a_corner_maps_in_and_out(tiny_session, big_image, monkeypatch):
+@pytest.mark.parametrize(("box", "window", "sam_box"), [
+    ((5, 1068, 32, 1095), (0, 844, 256, 1100), [224, 5, 251, 32]),  # extent 28: crop = SAM input, 1:1
+    ((5, 1082, 18, 1095), (0, 972, 128, 1100), [220, 10, 246, 36]),  # extent 14: a 128-px crop, 2x up
+    ((5, 1040, 60, 1095), (0, 588, 512, 1100), [226, 2.5, 253.5, 30]),  # extent 56: a 512-px crop, 2x down
+])
+def test_box_near_a_corner_maps_in_and_out(tiny_session, big_image, monkeypatch, box, window, sam_box):
     calls = fake_decoder(tiny_session, monkeypatch)
-    box = (5, 1040, 40, 1095)
     result = tiny_session.segment(big_image, box=box)
-    assert result.window == (0, 1100 - SAM, SAM, 1100)
-    # in the crop the box is at (5, 196, 40, 251), 1 crop px = 1 SAM px: SAM gets (x0, y0, x1, y1)
-    np.testing.assert_allclose(calls[0]["boxes"][0], [196, 5, 251, 40])
+    assert result.window == window
+    np.testing.assert_allclose(calls[0]["boxes"][0], sam_box)  # SAM gets (x0, y0, x1, y1)
     cy, cx = centroid(result.mask)
-    assert abs(cy - 22.5) <= 4 and abs(cx - 1067.5) <= 4
+    pixel = (window[2] - window[0]) / SAM  # image pixels per SAM pixel
+    assert abs(cy - (box[0] + box[2]) / 2) <= 4 * pixel and abs(cx - (box[1] + box[3]) / 2) <= 4 * pixel
 
 
 def test_mask_prior_is_cut_to_the_same_window(tiny_session, big_image, monkeypatch):
     fake_decoder(tiny_session, monkeypatch)  # a mask-only prompt: the decoder echoes the prior
     prior = np.zeros(big_image.shape, bool)
-    prior[600:660, 30:110] = True
+    prior[600:640, 30:70] = True  # 40 px -> a 431-px crop
     result = tiny_session.segment(big_image, mask=prior)
-    assert contains(result.window, 600, 30, 659, 109) and result.window != (0, 0, 700, 1100)
+    assert contains(result.window, 600, 30, 639, 69) and sides(result.window) == (auto_side(40, SAM, TARGET),) * 2
     iou = (result.mask & prior).sum() / (result.mask | prior).sum()
     assert iou > 0.8
 
 
-def test_sam_sees_the_crop_with_the_whole_planes_contrast(tiny_session, big_image, count_calls, monkeypatch):
+def test_sam_sees_the_crop_with_the_whole_planes_contrast(tiny_session, big_image, monkeypatch):
     seen = []
     original = tiny_session.model.sam.encode_image
     monkeypatch.setattr(tiny_session.model.sam, "encode_image", lambda px: seen.append(px) or original(px))
-    result = tiny_session.segment(big_image, points=[(100, 200)])  # dim background, far from the blob
+    result = tiny_session.segment(big_image, points=[(100, 200)])  # a small disc far from the big block
     y0, x0, y1, x1 = result.window
+    assert (y1 - y0, x1 - x0) != big_image.shape and not contains(result.window, 300, 850, 379, 949)
     expected = prepare_sam_image(to_model_rgb(big_image)[y0:y1, x0:x1], SAM).pixel_values
     restretched = prepare_sam_image(to_model_rgb(big_image[y0:y1, x0:x1]), SAM).pixel_values
     assert torch.equal(seen[0], expected)
@@ -218,11 +383,13 @@ def test_sam_sees_the_crop_with_the_whole_planes_contrast(tiny_session, big_imag
 def test_explicit_contrast_limits_and_rgb_are_kept(tiny_session, monkeypatch):
     rng = np.random.default_rng(1)
     image = rng.integers(0, 255, (600, 900, 3), dtype=np.uint8)
+    image[290:310, 440:460] = 255  # a white square under the click: a crop well inside the image
     seen = []
     original = tiny_session.model.sam.encode_image
     monkeypatch.setattr(tiny_session.model.sam, "encode_image", lambda px: seen.append(px) or original(px))
     result = tiny_session.segment(image, points=[(300, 450)], contrast_limits=(50, 200), rgb=True)
     y0, x0, y1, x1 = result.window
+    assert (y1 - y0, x1 - x0) != image.shape[:2]
     expected = prepare_sam_image(to_model_rgb(image, (50, 200), rgb=True)[y0:y1, x0:x1], SAM).pixel_values
     assert torch.equal(seen[0], expected)
 
@@ -230,17 +397,18 @@ def test_explicit_contrast_limits_and_rgb_are_kept(tiny_session, monkeypatch):
 def test_block_reduced_planes_crop_the_raw_data_with_whole_plane_limits(tiny_session, big_image, monkeypatch):
     import napari_medplib.engine.image as image_module
 
-    monkeypatch.setattr(image_module, "LARGE_SIDE", 300)  # 1100 px -> a 4x reduced view
+    monkeypatch.setattr(image_module, "LARGE_SIDE", 400)  # 1100 px -> a 3x reduced view
     fake_decoder(tiny_session, monkeypatch)
     seen = []
     original = tiny_session.model.sam.encode_image
     monkeypatch.setattr(tiny_session.model.sam, "encode_image", lambda px: seen.append(px) or original(px))
-    click = (150, 300)
+    click = (150, 300)  # a 12-px disc: 4 px on the reduced plane, measured there, scaled back
     result = tiny_session.segment(big_image, points=[click])
     y0, x0, y1, x1 = result.window
+    assert y1 - y0 == x1 - x0 < 400 and contains(result.window, *click, *click)  # a native-resolution crop
     limits = whole_plane_limits(big_image, False)
-    assert abs(limits[1] - np.percentile(big_image, DEFAULT_PERCENTILES[1])) < 500  # the blob is counted
-    assert limits[1] > np.percentile(big_image[y0:y1, x0:x1], 100) + 1000  # not the crop's own range
+    assert abs(limits[1] - np.percentile(big_image, DEFAULT_PERCENTILES[1])) < 500  # the block is counted
+    assert limits[1] > np.percentile(big_image[y0:y1, x0:x1], 99) + 1000  # not the crop's own range
     expected = prepare_sam_image(to_model_rgb(big_image[y0:y1, x0:x1], limits), SAM).pixel_values
     assert torch.equal(seen[0], expected)
     cy, cx = centroid(result.mask)
@@ -249,8 +417,8 @@ def test_block_reduced_planes_crop_the_raw_data_with_whole_plane_limits(tiny_ses
 
 def test_a_second_click_in_the_same_window_reuses_the_embedding(tiny_session, big_image, count_calls):
     encode = count_calls(tiny_session.model.sam, "encode_image")
-    first = tiny_session.segment(big_image, points=[(300, 450)])
-    second = tiny_session.segment(big_image, points=[(304, 447)], point_labels=[1])
+    first = tiny_session.segment(big_image, points=[(300, 450)])  # a 16-px disc
+    second = tiny_session.segment(big_image, points=[(302, 448)], point_labels=[1])  # 3 px away on it
     assert second.window == first.window and second.image_key == first.image_key
     assert encode.calls == 1
     far = tiny_session.segment(big_image, points=[(600, 1000)])
@@ -266,12 +434,14 @@ def test_window_none_and_small_images_take_the_whole_plane_path(tiny_session, im
         assert a.window == b.window == (0, 0, *image.shape)
         assert a.image_key == b.image_key == tiny_session.embed(image)
         assert all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks, strict=True)) and a.scores == b.scores
-    auto = tiny_session.segment(image16, points=[(30, 50)])
-    assert auto.window == (0, 0, *image16.shape)
+    # a click on image16's 30x40 block: its crop exceeds the small plane
+    assert tiny_session.segment(image16, points=[(30, 50)]).window == (0, 0, *image16.shape)
+    # big_image's 80x100 block: a 1024-px crop, clipped to the plane's 700 rows
+    assert tiny_session.segment(big_image, box=(300, 850, 379, 949)).window == (0, 76, 700, 1100)
 
 
 def test_window_none_matches_the_documented_whole_plane_pipeline(tiny_session, big_image):
-    from napari_medplib.engine.image import low_res_to_masks, make_view, sam_prompt_coords
+    from napari_medplib.engine.image import low_res_to_masks, sam_prompt_coords
 
     sam = tiny_session.model.sam
     result = tiny_session.segment(big_image, points=[(310, 700)], window=None, multimask=True)
@@ -307,7 +477,8 @@ def test_cli_window_flag_parsing():
     assert exc.value.code == EXIT_BAD_INPUT
 
 
-def test_cli_passes_the_window_to_the_session(tiny_model_folder, big_image, tmp_path, monkeypatch, capsys):
+def test_cli_passes_the_window_to_the_session(tiny_model_folder, tiny_session, big_image, tmp_path, monkeypatch,
+                                              capsys):
     import tifffile
 
     from napari_medplib.cli import main
@@ -330,5 +501,5 @@ def test_cli_passes_the_window_to_the_session(tiny_model_folder, big_image, tmp_
     assert main([*base, "--window", "none"]) == 0
     capsys.readouterr()
     assert [w for w, _ in windows] == [128, "auto", None]
-    sides = [(r[2] - r[0], r[3] - r[1]) for _, r in windows]
-    assert sides == [(128, 128), (SAM, SAM), big_image.shape]
+    side = clicked_side(tiny_session, big_image, (300, 450))
+    assert [sides(r) for _, r in windows] == [(128, 128), (side, side), big_image.shape]

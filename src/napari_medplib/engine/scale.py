@@ -36,7 +36,7 @@ def gray_plane(array: np.ndarray) -> np.ndarray:
     lo, hi = np.percentile(plane[:: max(1, plane.shape[0] // 256), :: max(1, plane.shape[1] // 256)], (0.5, 99.5))
     if hi <= lo:
         return np.zeros(plane.shape, np.float32)
-    return np.clip((plane - lo) / (hi - lo), 0.0, 1.0)
+    return np.clip((plane - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)  # float32 scalars: no float64 upcast
 
 
 def _sigmas(lo_diameter: float, hi_diameter: float) -> np.ndarray:
@@ -75,12 +75,16 @@ def local_object_diameter(gray: np.ndarray, point: tuple[float, float], max_diam
         raise ValueError(f"point {point} is outside the plane of shape {gray.shape}")
     max_diameter = min(max_diameter, 2.0 * max(h, w))
     best, best_sigma = 0.0, None
-    for sigma in _sigmas(MIN_DIAMETER, max_diameter):
+    sigmas = _sigmas(MIN_DIAMETER, max_diameter)
+    for sigma in sigmas:
         reach = int(math.ceil(4 * sigma))
         y0, y1, x0, x1 = max(0, y - reach), min(h, y + reach + 1), max(0, x - reach), min(w, x + reach + 1)
-        step = max(1, int(sigma // 4))  # filter big scales on a strided patch: same response, fewer pixels
-        patch = gray[y0:y1:step, x0:x1:step]
-        value = abs(float(_normalised_log(patch, sigma / step)[(y - y0) // step, (x - x0) // step]))
+        step = max(1, int(sigma // 4))  # big scales on a block-averaged patch: same response, fewer pixels
+        patch = _block_mean(gray[y0:y1, x0:x1], step)  # averaged, not strided: noise must shrink as it would
+        if min(patch.shape) < 3:
+            break
+        row, col = min((y - y0) // step, patch.shape[0] - 1), min((x - x0) // step, patch.shape[1] - 1)
+        value = abs(float(_normalised_log(patch, sigma / step)[row, col]))
         if value > best:
             best, best_sigma = value, sigma
     if best_sigma is None or best < 1e-3:

@@ -1,17 +1,23 @@
-"""Prompt windows: segment a large plane inside a native-resolution crop around the prompts.
+"""Prompt windows: segment inside a crop chosen so the prompted object has the size the model knows.
 
-SAM-Med2D sees a 256-px input. A 1000-px microscopy frame resized to 256 px shrinks a nucleus to a
-few SAM pixels and box/point Dice collapses, so (like micro-sam and SAM-Med2D users who crop or tile)
-``Session.segment`` runs SAM on a square crop around the prompts and pastes the masks back.
+SAM-Med2D sees a 256-px input. The bundled model learnt on 256-px synthetic frames whose objects span
+about 28 pixels (``scale.MODEL_OBJECT_EXTENT``); real objects span 5 to 300 pixels. Squeezing a
+1000-px frame into 256 px shrinks a nucleus to a few SAM pixels, and a 5-px bacterium on a 256-px
+crop is as foreign to the model as a 250-px cell. So (like micro-sam and SAM-Med2D users who crop or
+tile) ``Session.segment`` runs SAM on a square crop around the prompts, resized to SAM's input, and
+pastes the masks back.
 
-Crop rule (``window="auto"``, planes whose longer side is above ``AUTO_FACTOR`` x the SAM input size):
+Crop rule (``window="auto"``):
 
-* side = max(SAM input size, 2 x the prompts' extent + ``MARGIN``); the extent is the larger of the
-  height/width of the bounding box of all prompts (box, points, and the mask prior if one is given);
+* the object's extent: a box's (or mask prior's) longer side; for clicks, the spread of the clicks plus
+  the clicked object's estimated size (``object_extent``, from ``scale.local_object_diameter``);
+* side = extent x SAM input / ``target_extent`` (the object then spans about ``target_extent`` SAM
+  pixels, as in training), at least extent + ``MIN_CONTEXT`` and ``MIN_SIDE``, rounded up to a quarter
+  octave so nearby prompts of similar size share a crop (and its cached SAM embedding);
 * an int ``window`` asks for that side instead (grown to extent + ``MARGIN`` if the prompts need it);
 * the crop is centred on the prompts, its origin snapped to a grid of a quarter side, so clicks a few
-  pixels apart share the same crop and hence the cached SAM embedding; the prompts stay at least
-  ``MARGIN / 2`` pixels from the crop's edges (less only at the image border);
+  pixels apart share the same crop; the prompts stay at least ``MARGIN / 2`` pixels (or a quarter of the
+  spare room) from the crop's edges (less only at the image border);
 * it is shifted to stay inside the image (clipped on an axis the image is shorter than the side);
   a side reaching the image's longer side means the whole image (``None``).
 
@@ -34,10 +40,11 @@ from .errors import SessionInputError
 from .image import ModelView, make_view
 from .reply import SegmentResult
 
-#: "auto" windows only planes whose longer side exceeds this multiple of the SAM input size.
-AUTO_FACTOR = 1.5
-#: Pixels added to twice the prompts' extent (context around small prompts, room for snapping).
+#: Pixels added to the prompts' extent for an explicit int window (room for snapping).
 MARGIN = 64
+#: An "auto" crop is at least this many pixels wider than the object, and at least MIN_SIDE wide.
+MIN_CONTEXT = 8
+MIN_SIDE = 32
 
 Window = tuple[int, int, int, int]  # (y0, x0, y1, x1), end-exclusive image pixels
 
@@ -98,24 +105,40 @@ def _axis(lo: int, hi: int, length: int, side: int) -> tuple[int, int]:
         return 0, length
     step = max(1, side // 4)
     start = round(((lo + hi + 1) / 2 - side / 2) / step) * step
-    spare = min(MARGIN // 2, (side - (hi - lo + 1)) // 2)  # keep the prompts this far from the crop edge
+    spare = min(MARGIN // 2, (side - (hi - lo + 1)) // 4)  # keep the prompts this far from the crop edge
     start = max(min(start, lo - spare), hi + 1 + spare - side)
     start = int(min(max(start, 0), length - side))
     return start, start + side
 
 
-def choose_window(image_hw, sam_size: int, points, box, prior, window="auto") -> Window | None:
-    """The crop (y0, x0, y1, x1) to segment in, or None for the whole plane (see the module docstring)."""
+def auto_side(extent: float, sam_size: int, target_extent: float) -> int:
+    """Crop side for an object spanning ``extent`` pixels: it then spans ``target_extent`` of SAM's input.
+
+    Rounded up to a quarter octave (2 ** (k / 4)) so nearby prompts of similar size share a crop.
+    """
+    wanted = max(extent * sam_size / target_extent, extent + MIN_CONTEXT, MIN_SIDE)
+    return int(math.ceil(2 ** (math.ceil(4 * math.log2(wanted) - 1e-9) / 4)))
+
+
+def choose_window(image_hw, sam_size: int, points, box, prior, window="auto", *,
+                  object_extent: float | None = None, target_extent: float | None = None) -> Window | None:
+    """The crop (y0, x0, y1, x1) to segment in, or None for the whole plane (see the module docstring).
+
+    ``object_extent``: the clicked object's estimated extent in pixels (clicks only; a box or prior
+    gives its own); ``target_extent``: the extent the model's objects had in its SAM frame.
+    """
+    from .scale import MODEL_OBJECT_EXTENT
+
     window = check_window(window)
     if window is None:
         return None
     h, w = (int(v) for v in image_hw)
-    if window == "auto" and max(h, w) <= AUTO_FACTOR * sam_size:
-        return None
     y0, x0, y1, x1 = prompts_bbox(points, box, prior)
     extent = max(y1 - y0 + 1, x1 - x0 + 1)
     if window == "auto":
-        side = max(int(sam_size), 2 * extent + MARGIN)
+        if box is None and prior is None:  # clicks: their spread plus the object they stand on
+            extent = extent + (object_extent if object_extent else MODEL_OBJECT_EXTENT)
+        side = auto_side(extent, sam_size, target_extent or MODEL_OBJECT_EXTENT)
     else:
         side = max(int(window), extent + MARGIN)
     if side >= max(h, w):
@@ -177,3 +200,42 @@ def paste_masks(masks: list[np.ndarray], window: Window, image_hw) -> list[np.nd
         full[y0:y1, x0:x1] = mask
         out.append(full)
     return out
+
+
+def mirror_prompts(view: ModelView, points, box, prior, flip_y: bool, flip_x: bool):
+    """(mirrored view, points, box, prior): the view's RGB and the prompts (view pixels) flipped.
+
+    Only for unreduced views (``factor == 1``), where a view pixel is an image pixel.
+    """
+    if not (flip_y or flip_x):
+        return view, points, box, prior
+    h, w = view.rgb.shape[:2]
+    rgb = view.rgb[::-1] if flip_y else view.rgb
+    rgb = np.ascontiguousarray(rgb[:, ::-1] if flip_x else rgb)
+    rgb.setflags(write=False)
+    mirrored = ModelView(rgb, content_key(rgb), view.image_hw, view.factor)
+    if points is not None:
+        points = points.copy()
+        if flip_y:
+            points[:, 0] = h - 1 - points[:, 0]
+        if flip_x:
+            points[:, 1] = w - 1 - points[:, 1]
+    if box is not None:
+        y0, x0, y1, x1 = (float(v) for v in box)
+        if flip_y:
+            y0, y1 = h - 1 - y1, h - 1 - y0
+        if flip_x:
+            x0, x1 = w - 1 - x1, w - 1 - x0
+        box = np.array([y0, x0, y1, x1], dtype=np.asarray(box).dtype)
+    if prior is not None:
+        prior = unmirror(np.asarray(prior), flip_y, flip_x)
+    return mirrored, points, box, prior
+
+
+def unmirror(mask: np.ndarray, flip_y: bool, flip_x: bool) -> np.ndarray:
+    """A mask of a mirrored view back in the view's orientation (mirroring is its own inverse)."""
+    if flip_y:
+        mask = mask[::-1]
+    if flip_x:
+        mask = mask[:, ::-1]
+    return np.ascontiguousarray(mask)
