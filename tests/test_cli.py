@@ -104,11 +104,12 @@ def test_ask_writes_one_label_per_seg(model_dir, image_file, tmp_path, capsys, m
     path, image = image_file
     out_path = tmp_path / "labels.tif"
     rc = main(["ask", str(path), "Segment the cells.", "--model", str(model_dir), "--max-new-tokens", "2",
-               "--labels-out", str(out_path), "--json"])
+               "--labels-out", str(out_path), "--json", "--no-instances"])
     out, err = capsys.readouterr()
     assert rc == 0, err
     result = json.loads(out)
     assert result["masks"] == [1, 2] and result["labels_out"] == str(out_path)
+    assert result["instances"] == [] and result["objects"] == []
     labels = tifffile.imread(out_path)
     assert labels.shape == image.shape and labels.dtype == np.uint16
     assert set(np.unique(labels)) <= {0, 1, 2}

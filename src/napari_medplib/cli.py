@@ -138,6 +138,57 @@ def _write_labels(path: Path | None, masks: Sequence[Any], shape: tuple[int, int
     return ids
 
 
+def _check_table_out(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    out = Path(path)
+    if out.suffix.lower() != ".csv":
+        raise BadInput(f"--table {path}: must be a .csv file")
+    if not out.parent.exists():
+        raise BadInput(f"--table {path}: folder {out.parent} does not exist")
+    return out
+
+
+def _write_table(path: Path | None, table: dict[str, Any] | None) -> None:
+    """The per-object table as CSV, written to a temporary file and renamed (no half-written tables)."""
+    if path is None:
+        return
+    import csv
+    import tempfile
+
+    from .engine.measure import COLUMNS, empty_table, table_rows
+
+    rows = table_rows(table if table is not None else empty_table())
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", newline="") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else list(COLUMNS))
+            writer.writeheader()
+            writer.writerows(rows)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _instance_labels(reply, shape: tuple[int, int]):
+    """One label image of all ``<SEG>`` s' objects: the k-th answer mask's objects follow the (k-1)-th's ids."""
+    import numpy as np
+
+    total = sum(int(labels.max()) for labels in reply.instances)
+    out = np.zeros(shape, np.uint16 if total <= np.iinfo(np.uint16).max else np.uint32)
+    tables, offset = [], 0
+    for labels, table in zip(reply.instances, reply.tables, strict=True):
+        free = (labels > 0) & (out == 0)
+        out[free] = labels[free] + offset
+        shifted = dict(table)
+        shifted["label"] = table["label"] + offset
+        tables.append(shifted)
+        offset += int(labels.max())
+    merged = {name: np.concatenate([t[name] for t in tables]) for name in tables[0]} if tables else None
+    return out, merged
+
+
 def _load_session(args: argparse.Namespace, progress: _Progress):
     from .engine import Session
 
@@ -155,6 +206,7 @@ def _image_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_ask(args: argparse.Namespace) -> int:
     """Answer a question about one image plane; write masks as a label TIFF."""
     labels_out = _check_labels_out(args.labels_out)
+    table_out = _check_table_out(args.table)
     image = _read_image(args)
     regions = _read_regions(args.regions, image.shape[:2]) if args.regions else []
     progress = _Progress()
@@ -168,24 +220,43 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     reply = session.ask(
         image, args.question, regions, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         mask_mode=args.mask_mode, on_text=on_text if streamed else None, on_progress=progress,
-        **_image_kwargs(args),
+        instances=not args.no_instances, **_image_kwargs(args),
     )
-    ids = _write_labels(labels_out, reply.masks, image.shape[:2])
+    table = None
+    if reply.instances:  # one label id per object in the file, numbered across the answer's masks
+        labels, table = _instance_labels(reply, image.shape[:2])
+        ids = sorted(int(i) for i in table["label"])
+        if labels_out is not None:
+            import tifffile
+
+            tifffile.imwrite(labels_out, labels)
+    else:
+        ids = _write_labels(labels_out, reply.masks, image.shape[:2])
+    _write_table(table_out, table)
     if args.json:
+        from .engine.measure import table_rows
+
         print(json.dumps({
             "text": reply.text, "masks": ids, "labels_out": str(labels_out) if labels_out else None,
             "model": reply.model, "timings": reply.timings, "finish_reason": reply.finish_reason,
             "mask_areas": [int(m.sum()) for m in reply.masks], "mask_scores": reply.mask_scores,
             "regions": len(reply.regions), "expert_share_mean": reply.expert_share_mean,
             "warnings": reply.warnings,
+            "instances": [int(labels.max()) for labels in reply.instances],
+            "objects": table_rows(table) if table is not None else [],
+            "measured_count": reply.measured_count, "count_noun": reply.count_noun,
+            "table_out": str(table_out) if table_out else None,
         }))
     else:
         print()
         for warning in reply.warnings:
             print(f"warning: {warning}", file=sys.stderr)
+        if reply.measured_count is not None:
+            print(f"Measured: {reply.measured_count} {reply.count_noun} (grounded instances)", file=sys.stderr)
         if reply.masks:
             where = f"written to {labels_out}" if labels_out else "not saved (use --labels-out PATH.tif)"
-            print(f"{len(reply.masks)} mask(s) {where}", file=sys.stderr)
+            objects = f" ({len(ids)} objects)" if reply.instances else ""
+            print(f"{len(reply.masks)} mask(s){objects} {where}", file=sys.stderr)
     return 0
 
 
@@ -235,6 +306,7 @@ def _window_json(result) -> list[int] | None:
 def _cmd_segment(args: argparse.Namespace) -> int:
     """Direct prompts through SAM-Med2D (no LLM); one label id per prompt set."""
     labels_out = _check_labels_out(args.labels_out)
+    table_out = _check_table_out(args.table)
     image = _read_image(args)
     prompts = _segment_prompts(args, image.shape[:2])
     progress = _Progress()
@@ -248,11 +320,17 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     masks = [r.mask for r in results]
     ids = _write_labels(labels_out, masks, image.shape[:2])
     timings = {k: sum(r.timings.get(k, 0.0) for r in results) for k in results[0].timings}
+    from .engine.measure import measure, table_rows
+
+    table = measure(labels_from_masks(masks, image.shape[:2]).astype("int64"),
+                    image if image.ndim == 2 or image.shape[-1] <= 4 else None)
+    _write_table(table_out, table)
     if args.json:
         print(json.dumps({
             "masks": ids, "labels_out": str(labels_out) if labels_out else None, "model": session.model_name,
             "scores": [max(r.scores) for r in results], "mask_areas": [int(m.sum()) for m in masks],
             "windows": [_window_json(r) for r in results], "timings": timings,
+            "objects": table_rows(table), "table_out": str(table_out) if table_out else None,
         }))
     else:
         where = f"written to {labels_out}" if labels_out else "not saved (use --labels-out PATH.tif)"
@@ -273,6 +351,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="contrast limits (default: robust percentiles for non-8-bit data)")
     parser.add_argument("--labels-out", default=None, metavar="PATH.tif", help="write the masks as a label TIFF")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--table", default=None, metavar="PATH.csv",
+                        help="write the per-object table (label, area, centroid, bbox, mean intensity, eccentricity)")
     parser.add_argument("--mask-mode", default="corrected", choices=("corrected", "reference"))
     parser.add_argument("--embedding-cache", default=None, metavar="DIR",
                         help="keep image embeddings in this folder (reused by later runs)")
@@ -293,6 +373,8 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--regions", default=None, metavar="FILE", help="GeoJSON, ImageJ .roi/.zip or COCO .json")
     ask.add_argument("--max-new-tokens", type=int, default=256)
     ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ask.add_argument("--no-instances", action="store_true",
+                     help="one label per answer mask instead of one per object (no table, no measured count)")
     ask.set_defaults(func=_cmd_ask)
 
     seg = sub.add_parser("segment", help="segment from point/box prompts (no language model)")

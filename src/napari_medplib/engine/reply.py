@@ -29,6 +29,14 @@ class Reply:
     mask_scores: list[float] = field(default_factory=list)  # SAM's IoU prediction per mask
     token_ids: list[int] = field(default_factory=list)
     image_key: str = ""  # content key of what the model saw (the cache key)
+    #: per ``<SEG>``: int32 (H, W) labels, one id per object (1..n, 0 background); empty with instances=False
+    instances: list[np.ndarray] = field(default_factory=list)
+    #: per ``<SEG>``: the per-object table of its instances (``engine.measure.COLUMNS``)
+    tables: list[dict[str, np.ndarray]] = field(default_factory=list)
+    #: how-many questions: objects counted by grounding ``count_noun`` and splitting its mask (None otherwise)
+    measured_count: int | None = None
+    count_noun: str | None = None
+    count_labels: np.ndarray | None = None  # the instances that were counted (int32 (H, W))
 
 
 @dataclass
@@ -40,6 +48,8 @@ class SegmentResult:
     scores: list[float]
     timings: dict[str, float] = field(default_factory=dict)
     image_key: str = ""
+    #: the best mask measured as one object, label 1 (``engine.measure.COLUMNS``; no rows for an empty mask)
+    table: dict[str, np.ndarray] | None = None
 
 
 def expert_shares(counts) -> tuple[list[list[float]] | None, list[float] | None]:

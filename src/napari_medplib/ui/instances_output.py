@@ -1,0 +1,87 @@
+"""Objects of a grounded answer -> the output Labels layer: one fresh id per object, its table in ``features``.
+
+The engine splits each ``<SEG>`` mask into objects (``Reply.instances``, ``Reply.tables``). Here the
+objects are scanned into pixel lists in the worker thread (`object_pixels`) and written on the Qt thread
+by `output.write_planes`, which gives every object the next free id and never overwrites existing labels;
+`append_features` adds one row per new id to ``layer.features`` (napari looks rows up by the ``index``
+column, the label id), keeping the rows already there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from .output import MaskPixels
+
+
+def object_pixels(labels: np.ndarray) -> list[MaskPixels]:
+    """Int (H, W) labels 1..n -> the pixels of each object in label order (one pass over the plane)."""
+    labels = np.asarray(labels)
+    rows, cols = np.nonzero(labels)
+    values = labels[rows, cols]
+    order = np.argsort(values, kind="stable")
+    rows, cols, values = rows[order], cols[order], values[order]
+    ids, starts = np.unique(values, return_index=True)
+    bounds = [*starts.tolist(), len(values)]
+    return [MaskPixels(labels.shape, rows[a:b], cols[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
+def answer_objects(reply: Any) -> tuple[list[MaskPixels], list[dict[str, Any]]] | None:
+    """(pixels of every object of every ``<SEG>``, in order; their table rows as dicts of columns per
+    ``<SEG>``), or None when the reply has no objects (instances switched off, or a fake session)."""
+    instances = getattr(reply, "instances", None) or []
+    tables = getattr(reply, "tables", None) or []
+    if not instances or len(tables) != len(instances):
+        return None
+    pixels: list[MaskPixels] = []
+    for labels in instances:
+        pixels.extend(object_pixels(labels))
+    return pixels, list(tables)
+
+
+def table_rows_for(ids: Sequence[int], tables: Sequence[dict[str, Any]], image: str, question: str):
+    """A pandas DataFrame of the objects' rows with their layer ids (``index`` and ``label``) and where
+    they came from; ``ids`` are in the order of the tables' rows (empty objects were not written)."""
+    import pandas as pd
+
+    frames = [pd.DataFrame({k: np.asarray(v) for k, v in t.items()}) for t in tables if len(next(iter(t.values()), []))]
+    if not frames:
+        return pd.DataFrame()
+    table = pd.concat(frames, ignore_index=True)
+    if len(ids) != len(table):  # an object was not written (its pixels were all taken): drop by order
+        table = table.iloc[: len(ids)]
+    table = table.rename(columns={"label": "object"})
+    table.insert(0, "index", np.asarray(ids, np.int64))
+    table.insert(1, "label", np.asarray(ids, np.int64))
+    table["image"] = image
+    table["question"] = question
+    return table
+
+
+def append_features(layer: Any, rows) -> None:
+    """Add ``rows`` to ``layer.features`` (rows of ids already there are replaced)."""
+    import pandas as pd
+
+    if rows is None or len(rows) == 0:
+        return
+    current = getattr(layer, "features", None)
+    if current is None or len(current) == 0:
+        layer.features = rows.reset_index(drop=True)
+        return
+    current = current.copy()
+    if "index" not in current:  # rows without ids: napari's default is row i <-> label i
+        current.insert(0, "index", np.arange(len(current), dtype=np.int64))
+    kept = current[~current["index"].isin(rows["index"])]
+    layer.features = pd.concat([kept, rows], ignore_index=True)
+
+
+def measured_note(reply: Any) -> str:
+    """'Measured: 118 nuclei (grounded instances)' for how-many questions, else ''."""
+    count = getattr(reply, "measured_count", None)
+    noun = getattr(reply, "count_noun", None)
+    if count is None or not noun:
+        return ""
+    return f"Measured: {count} {noun} (grounded instances)"
