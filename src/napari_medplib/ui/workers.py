@@ -76,14 +76,18 @@ def _plane_kwargs(plane: ImagePlane) -> dict[str, Any]:
 
 @dataclass
 class Answer:
-    """The engine's Reply plus its masks as pixel lists (scanned here, not on the Qt thread)."""
+    """The engine's Reply plus its masks as pixel lists (scanned here, not on the Qt thread);
+    ``objects``: the pixels of every object of its ``<SEG>`` s and their tables (None: no objects)."""
 
     reply: Any
     pixels: list[MaskPixels]
+    objects: tuple[list[MaskPixels], list[dict[str, Any]]] | None = None
 
 
 def _answer(reply: Any) -> Answer:
-    return Answer(reply, [mask_pixels(m) for m in getattr(reply, "masks", None) or []])
+    from .instances_output import answer_objects
+
+    return Answer(reply, [mask_pixels(m) for m in getattr(reply, "masks", None) or []], answer_objects(reply))
 
 
 def ask_job(
@@ -111,11 +115,23 @@ def ask_job(
 
 @dataclass
 class StackResult:
-    """Answers of a whole-stack question: one `Answer` per plane index, in order."""
+    """Answers of a whole-stack question: one `Answer` per plane index, in order.
+
+    ``labels`` (planes, H, W) int32: the answers' objects linked across planes (the same id for the same
+    object on neighbouring planes, `engine.stack.link_replies`); ``objects`` the same as
+    ``[(plane index, [pixels of object 1, object 2, ...]), ...]`` for `output.write_planes`. Both None
+    when the planes were not linked.
+    """
 
     axis: int
     planes: list[tuple[tuple[int, ...], Answer]]
     cancelled: bool = False
+    labels: np.ndarray | None = None
+    objects: list[tuple[tuple[int, ...], list[MaskPixels]]] | None = None
+
+
+#: Planes per `Session.ask_planes` call in `stack_job`: the progress bar and Stop act between them.
+STACK_BATCH = 8
 
 
 def stack_job(
@@ -126,38 +142,93 @@ def stack_job(
     regions: Sequence[Any],
     cancel: threading.Event,
     options: dict[str, Any] | None = None,
+    link: bool = True,
+    min_iou: float = 0.2,
 ) -> Generator[int, None, StackResult]:
     """Ask ``question`` on every plane along spatial ``axis`` (others stay at the current plane).
 
-    Yields the number of planes done (drives the progress bar); returns a `StackResult`.
+    Planes go to `Session.ask_planes` in batches (sessions without it are asked plane by plane), all
+    with one contrast: the layer's limits, else the stack's (`engine.stack.stack_contrast_limits`), so
+    an empty plane is not stretched into texture. With ``link`` the objects of neighbouring planes are
+    matched by overlap (``min_iou``) into 3-D objects. Yields the number of planes done (drives the
+    progress bar); returns a `StackResult`.
     """
+    from ..engine.stack import stack_contrast_limits
+
     lead = plane.ndim - 2
     if not 0 <= axis < lead:
         raise ValueError(
             f"whole-stack axis must be one of the image's non-displayed axes 0..{lead - 1}, "
             f"got {axis}"
         )
-    out = StackResult(axis, [])
+    these = []
     for i in range(plane.spatial_shape[axis]):
+        index = list(plane.index)
+        index[axis] = i
+        these.append(plane.with_index(index))
+    kwargs = _plane_kwargs(plane)
+    if kwargs["contrast_limits"] is None:
+        kwargs["contrast_limits"] = stack_contrast_limits(_LazyPlanes(these), plane.rgb)
+    batched = hasattr(session, "ask_planes")
+    step = STACK_BATCH if batched else 1
+    out = StackResult(axis, [])
+    for first in range(0, len(these), step):
         if cancel.is_set():
             out.cancelled = True
             break
-        index = list(plane.index)
-        index[axis] = i
-        this = plane.with_index(index)
-        image = this.read()
+        chunk = these[first : first + step]
+        images = [this.read() for this in chunk]
         with lock_for(session):
-            reply = session.ask(
-                image,
-                question,
-                list(regions),
-                cancel=cancel,
-                **_plane_kwargs(this),
-                **(options or {}),
-            )
-        out.planes.append((this.index, _answer(reply)))
-        yield i + 1
+            if batched:
+                replies = session.ask_planes(images, question, list(regions), cancel=cancel,
+                                             batch_size=step, **kwargs, **(options or {}))
+            else:
+                replies = [session.ask(images[0], question, list(regions), cancel=cancel, **kwargs,
+                                       **(options or {}))]
+        out.planes.extend((this.index, _answer(reply)) for this, reply in zip(chunk, replies))
+        if len(replies) < len(chunk) or any(
+            getattr(r, "finish_reason", "") == "cancelled" for r in replies
+        ):
+            out.cancelled = True
+            break
+        yield len(out.planes)
+    if link and out.planes:
+        from ..engine.stack import link_replies
+
+        out.labels = link_replies([answer.reply for _, answer in out.planes], min_iou,
+                                  shape=plane.plane_shape)
+        n = int(out.labels.max(initial=0))
+        out.objects = [(index, object_pixels(labels, n)) for (index, _), labels in
+                       zip(out.planes, out.labels, strict=True)]
     return out
+
+
+class _LazyPlanes:
+    """The planes of a stack as a sequence read on indexing (the contrast samples only some)."""
+
+    def __init__(self, planes: Sequence[ImagePlane]) -> None:
+        self._planes = planes
+
+    def __len__(self) -> int:
+        return len(self._planes)
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, slice):
+            return [p.read() for p in self._planes[key]]
+        return self._planes[key].read()
+
+
+def object_pixels(labels: np.ndarray, n: int) -> list[MaskPixels]:
+    """Labels (H, W) -> pixels of objects 1..n on this plane (empty where an object is absent), so that
+    the k-th entry of every plane is the same 3-D object for `output.write_planes`."""
+    shape = (int(labels.shape[0]), int(labels.shape[1]))
+    rows, cols = np.nonzero(labels)
+    values = labels[rows, cols]
+    order = np.argsort(values, kind="stable")
+    rows, cols, values = rows[order], cols[order], values[order]
+    bounds = np.searchsorted(values, np.arange(1, n + 2))
+    return [MaskPixels(shape, rows[bounds[k] : bounds[k + 1]], cols[bounds[k] : bounds[k + 1]])
+            for k in range(n)]
 
 
 def segment_job(session: Any, plane: ImagePlane, prompts: dict[str, Any], clip_to_box: bool = True,
