@@ -64,6 +64,8 @@ from .prompts import (
 from .reply import AnyEvent, AskStream, CancelledSince, Reply, expert_shares
 from .window import (
     WindowedSegmentResult,
+    mirror_prompts,
+    unmirror,
     check_window,
     choose_window,
     crop_view,
@@ -72,6 +74,8 @@ from .window import (
 )
 
 MASK_MODES = ("corrected", "reference")
+#: A click's crop assumes its object is this many times the blob diameter measured under it.
+CLICK_EXTENT_FACTOR = 2.0
 
 
 class Session:
@@ -422,11 +426,15 @@ class Session:
         history: Sequence[tuple[str, str]] = (),
         seed: int | None = None,
         template: str | None = None,
+        instances: bool = True,
     ) -> Reply:
         """Answer ``question`` about one plane; one mask per ``<SEG>`` in the answer.
 
         ``question`` may name regions with ``<region>`` (next in order) or ``<regionK>``; regions not
         named are appended at its end. ``on_text(piece)`` gets the streamed text (calling thread);
+        ``instances``: split every ``<SEG>`` mask into one label per object (``Reply.instances``, with a
+        per-object table in ``Reply.tables``) and, for a how-many question, ground its noun and count
+        (``Reply.measured_count``); False gives the model's masks alone (see ``instance_grounding.py``).
         ``cancel`` (an Event) or `cancel()` stops at the next token (``finish_reason == "cancelled"``,
         no masks). ``history``: earlier (question, answer) turns on the same image.
         """
@@ -488,12 +496,17 @@ class Session:
                 empty = sorted(set(empty) | {order[j] for j, e in enumerate(result.region_empty) if e})
 
             mark = time.perf_counter()
-            masks, scores = [], []
+            masks, scores, split = [], [], None
             seg_indices = result.seg_indices(model.tokenizer.seg_token_id)
             if seg_indices and result.finish_reason != "cancelled":
-                masks, scores = self._ground(model.answer_seg_hidden(result), view, mask_mode, on_progress,
-                                             [used[i] for i in order])
+                seg_hidden = model.answer_seg_hidden(result)
+                masks, scores = self._ground(seg_hidden, view, mask_mode, on_progress, [used[i] for i in order])
+                if instances:
+                    masks, split = self._split_instances(seg_hidden, masks, view, image, question, used, mask_mode,
+                                                         contrast_limits, rgb, on_progress, timings)
             timings["masks"] = time.perf_counter() - mark
+            counted = (self._measured_count(view, image, question, used, template, contrast_limits, rgb, on_progress,
+                                            timings) if instances and result.finish_reason != "cancelled" else None)
             timings["total"] = time.perf_counter() - start
 
             share, share_mean = expert_shares(result.expert_counts)
@@ -505,6 +518,7 @@ class Session:
                 finish_reason=result.finish_reason, timings=timings, expert_share=share,
                 expert_share_mean=share_mean, warnings=warnings, empty_regions=empty, mask_scores=scores,
                 token_ids=list(result.ids), image_key=view.key,
+                **self._instance_fields(split, counted, image, warnings),
             )
 
     def _empty_region_warning(self, index: int, region: Region, view: ModelView) -> str:
@@ -535,6 +549,102 @@ class Session:
         if model.config.seg_region_prompts:  # SAM was given the regions' boxes: keep the masks inside them
             masks = keep_seg_masks_inside_boxes(masks, seg_regions)
         return masks, [float(v) for v in iou.float().flatten().tolist()]
+
+    def _split_instances(self, seg_hidden, masks, view: ModelView, image, question: str, regions: Sequence[Region],
+                         mask_mode: str, contrast_limits, rgb, on_progress: Progress | None,
+                         timings: dict[str, float]):
+        """(masks, `instance_grounding.SplitResult`) of the answer's ``<SEG>`` masks: one label per object;
+        large planes are grounded again in tiles at the model's scale (their merged masks replace ``masks``).
+        Tiles only without regions (a region's box prompts SAM on the whole plane) and in corrected mode."""
+        from .counting import segment_noun
+        from .instance_grounding import split_grounding
+
+        mark = time.perf_counter()
+        prompts = self.model.seg_prompt_embeddings(seg_hidden)
+        split = split_grounding(self, view, image, prompts, masks, noun=segment_noun(question),
+                                contrast_limits=contrast_limits, rgb=rgb,
+                                tile=not regions and mask_mode == "corrected", on_progress=on_progress)
+        timings["instances"] = time.perf_counter() - mark
+        return split.masks, split
+
+    def _measured_count(self, view: ModelView, image, question: str, regions: Sequence[Region], template: str,
+                        contrast_limits, rgb, on_progress: Progress | None, timings: dict[str, float]):
+        """For a how-many question: (noun, instance labels or None, count or None) from grounding the noun with
+        the model's grounding question and splitting its mask; None when the question counts nothing.
+        With regions, objects whose centroid lies in any of them are counted."""
+        import torch
+
+        from ..model.generation import GenerationConfig
+        from ..model.tokenizer import encode_question, get_template
+        from .counting import grounding_question, how_many_noun
+        from .measure import count_instances
+
+        noun = how_many_noun(question)
+        if noun is None:
+            return None
+        mark = time.perf_counter()
+        model = self.model
+        ids, _ = encode_question(model.tokenizer, grounding_question(noun), 0, template, ())
+        features = self._clip_features(view, on_progress)
+        prefix, _ = self._prefix(view, template, ids, features)
+        config = GenerationConfig(max_new_tokens=16, temperature=0.0, stop_strings=get_template(template).stop_strings,
+                                  eos_token_id=model.config.eos_token_id)
+        result = model.generate(torch.tensor(ids), image_features=features, config=config, prefix=prefix)
+        labels = count = None
+        if result.seg_indices(model.tokenizer.seg_token_id):
+            seg_hidden = model.answer_seg_hidden(result)[:1]
+            masks, _ = self._ground(seg_hidden, view, "corrected", on_progress)
+            _, split = self._split_instances(seg_hidden, masks, view, image, grounding_question(noun), (),
+                                             "corrected", contrast_limits, rgb, on_progress, {})
+            labels = split.labels[0]
+            within = None
+            if regions:
+                within = np.zeros(view.image_hw, bool)
+                for region in regions:
+                    within |= region.to_mask(view.image_hw)
+            count = count_instances(labels, within)
+        timings["count"] = time.perf_counter() - mark
+        return noun, labels, count
+
+    @staticmethod
+    def _instance_fields(split, counted, image, warnings: list[str]) -> dict[str, Any]:
+        """The Reply fields of instance splitting and counting (tables measured on the caller's plane)."""
+        from .measure import measure
+
+        fields: dict[str, Any] = {}
+        if split is not None:
+            plane = np.asarray(image)
+            intensity = plane if plane.ndim == 2 or plane.shape[-1] <= 4 else None
+            fields["instances"] = [labels.astype(np.int32, copy=False) for labels in split.labels]
+            fields["tables"] = [measure(labels, intensity) for labels in split.labels]
+        if counted is not None:
+            noun, labels, count = counted
+            fields.update(count_noun=noun, measured_count=count, count_labels=labels)
+            if count is None:
+                warnings.append(f"the model grounded no mask for '{noun}', so nothing was counted")
+        return fields
+
+    def _clicked_extent(self, plane: ModelView, points: np.ndarray, labels: np.ndarray) -> float | None:
+        """Estimated extent (pixels) of the object under the first positive click, for the crop choice.
+
+        Scale-space blob size at the click (``scale.local_object_diameter``) on the grey plane the model
+        sees, times ``CLICK_EXTENT_FACTOR``: blob detection measures an object's width, and a crop with
+        room for a longer object costs less than one that cuts it.
+        """
+        from .scale import gray_plane, local_object_diameter
+
+        positive = np.flatnonzero(labels > 0)
+        if positive.size == 0:
+            return None
+        key = ("gray", plane.key)
+        grey = self._features.get(key)
+        if grey is None:
+            grey = gray_plane(plane.rgb)
+            self._features.put(key, grey)
+        y, x = (float(v) / plane.factor for v in points[positive[0]])  # a very large plane is seen reduced
+        point = (min(max(y, 0), grey.shape[0] - 1), min(max(x, 0), grey.shape[1] - 1))
+        diameter = local_object_diameter(grey, point)
+        return None if diameter is None else CLICK_EXTENT_FACTOR * diameter * plane.factor
 
     def ask_stream(self, image, question: str, regions: Sequence[Region] = (), **kwargs: Any) -> AskStream:
         """Like `ask`, as an iterator of text pieces; ``stream.reply`` holds the Reply afterwards.
@@ -575,17 +685,21 @@ class Session:
         window: str | int | None = "auto",
         clip_to_box: bool = True,
         clicked_pieces: bool = True,
+        flips: bool = False,
     ) -> WindowedSegmentResult:
         """Direct SAM-Med2D prompts, no LLM: points (y, x) with labels 1/0, a box (y0, x0, y1, x1)
         inclusive, and/or a bool (H, W) mask prior. ``multimask`` returns SAM's 3 candidates.
 
-        ``window``: "auto" segments a large plane (longer side > 1.5x SAM's input) inside a crop around
-        the prompts at native resolution; an int asks for that crop side; None uses the whole plane.
+        ``window``: "auto" segments inside a crop around the prompts sized so the object spans what the
+        model's objects spanned in training (a box's own size; a click's object size estimated under it),
+        resized to SAM's input; an int asks for that crop side; None uses the whole plane.
         Masks are full-size either way; ``result.window`` is the area used (see ``window.py``).
         ``clip_to_box``: with a box prompt, mask pixels outside the box are dropped (the box says where
         the object is; see ``prompts.keep_inside_box``); False gives SAM's masks as they are.
         ``clicked_pieces``: with positive clicks, only the mask's connected pieces under a positive click
         are kept (see ``prompts.keep_clicked_pieces``); False keeps every piece.
+        ``flips``: segment the crop and its three mirror images and keep the pixels at least two of the four
+        masks hold (test-time augmentation: smoother, less biased outlines for 4x the SAM work).
         """
         import torch
 
@@ -597,7 +711,11 @@ class Session:
             start = time.perf_counter()
             plane = self._view(image, contrast_limits, rgb)
             pts, labels, box_arr, prior = check_prompts(points, point_labels, box, mask, plane.image_hw)
-            area = choose_window(plane.image_hw, model.sam.config.image_size, pts, box_arr, prior, window)
+            extent = None
+            if window == "auto" and box_arr is None and prior is None and pts is not None:
+                extent = self._clicked_extent(plane, pts, labels)
+            area = choose_window(plane.image_hw, model.sam.config.image_size, pts, box_arr, prior, window,
+                                 object_extent=extent)
             image_box, image_pts = box_arr, pts  # in image pixels (shift_prompts moves them into the crop)
             if area is None:
                 view = plane
@@ -605,30 +723,132 @@ class Session:
                 view = crop_view(plane, image, area, contrast_limits, rgb)
                 pts, box_arr, prior = shift_prompts(area, pts, box_arr, prior)
             timings = {"preprocess": time.perf_counter() - start}
+            if flips and view.factor == 1:  # the four mirror images vote; ties count as object
+                votes, scores = None, np.zeros(1)
+                for flip_y, flip_x in ((False, False), (True, False), (False, True), (True, True)):
+                    mirrored, m_pts, m_box, m_prior = mirror_prompts(view, pts, box_arr, prior, flip_y, flip_x)
+                    m_masks, m_scores = self._decode_view(mirrored, m_pts, labels, m_box, m_prior, multimask,
+                                                          mask_mode, on_progress, timings)
+                    m_masks = [unmirror(m, flip_y, flip_x) for m in m_masks]
+                    votes = [v + m for v, m in zip(votes, m_masks, strict=True)] if votes else [
+                        m.astype(np.int8) for m in m_masks]
+                    scores = scores + np.asarray(m_scores) / 4
+                masks, scores = [v >= 2 for v in votes], [float(v) for v in scores]
+            else:
+                masks, scores = self._decode_view(view, pts, labels, box_arr, prior, multimask, mask_mode, on_progress,
+                                                  timings)
             mark = time.perf_counter()
-            embeddings, resize_hw, pad = self._sam_embedding(view, on_progress)
-            timings["vision"] = time.perf_counter() - mark
-            mark = time.perf_counter()
-            low_res, iou = model.sam.decode_with_prompts(
-                embeddings,
-                points=None if pts is None else sam_prompt_coords(pts, view, resize_hw, pad)[None],
-                point_labels=None if labels is None else labels[None],
-                boxes=None if box_arr is None else sam_prompt_box(box_arr, view, resize_hw, pad),
-                mask_inputs=None if prior is None else mask_to_low_res(prior, view, resize_hw, pad),
-                multimask_output=bool(multimask),
-            )  # (1, K, 64, 64), (1, K)
-            timings["decode"] = time.perf_counter() - mark
-            mark = time.perf_counter()
-            masks = low_res_to_masks(low_res[0][:, None], view, resize_hw, pad, mask_mode)
             if area is not None:
                 masks = paste_masks(masks, area, plane.image_hw)
             if clip_to_box and box_arr is not None:
                 masks = [keep_inside_box(m, image_box) for m in masks]
             if clicked_pieces and image_pts is not None:
                 masks = [keep_clicked_pieces(m, image_pts, labels) for m in masks]
-            scores = [float(v) for v in iou[0].float().tolist()]
             timings["masks"] = time.perf_counter() - mark
             timings["total"] = time.perf_counter() - start
             best = int(np.argmax(scores))
             used = area if area is not None else (0, 0, *plane.image_hw)
-            return WindowedSegmentResult(masks[best], masks, scores, timings, view.key, window=used)
+            from .measure import measure
+
+            table = measure(masks[best].astype(np.int32), np.asarray(image) if np.ndim(image) == 2 else None)
+            return WindowedSegmentResult(masks[best], masks, scores, timings, view.key, table=table, window=used)
+
+    def _decode_view(self, view: ModelView, pts, labels, box_arr, prior, multimask: bool, mask_mode: str,
+                     on_progress: Progress | None, timings: dict[str, float]):
+        """SAM's masks (view-size bool arrays) and IoU scores for prompts in the view's pixels."""
+        model = self.model
+        mark = time.perf_counter()
+        embeddings, resize_hw, pad = self._sam_embedding(view, on_progress)
+        timings["vision"] = timings.get("vision", 0.0) + time.perf_counter() - mark
+        mark = time.perf_counter()
+        low_res, iou = model.sam.decode_with_prompts(
+            embeddings,
+            points=None if pts is None else sam_prompt_coords(pts, view, resize_hw, pad)[None],
+            point_labels=None if labels is None else labels[None],
+            boxes=None if box_arr is None else sam_prompt_box(box_arr, view, resize_hw, pad),
+            mask_inputs=None if prior is None else mask_to_low_res(prior, view, resize_hw, pad),
+            multimask_output=bool(multimask),
+        )  # (1, K, 64, 64), (1, K)
+        masks = low_res_to_masks(low_res[0][:, None], view, resize_hw, pad, mask_mode)
+        timings["decode"] = timings.get("decode", 0.0) + time.perf_counter() - mark
+        return masks, [float(v) for v in iou[0].float().tolist()]
+
+    # ------------------------------------------------------------------------------ many planes
+    def ask_planes(
+        self,
+        planes,
+        question: str,
+        regions: Sequence[Region] = (),
+        *,
+        batch_size: int = 8,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        contrast_limits=None,
+        rgb: bool | None = None,
+        mask_mode: str = "corrected",
+        instances: bool = True,
+        on_progress: Progress | None = None,
+        cancel: threading.Event | None = None,
+        seed: int | None = None,
+        template: str | None = None,
+        threads: int | None = None,
+    ) -> list[Reply]:
+        """Answer ``question`` on every plane of a stack; one `Reply` per plane, as `ask` gives it.
+
+        ``planes``: an array (Z, H, W) / (Z, H, W, C) or a list of 2-D planes; ``regions`` apply to every
+        plane. Planes run ``batch_size`` at a time through the encoders, the prompt and each decoding
+        step (see ``planes.py``): many times faster than calling `ask` per plane, same greedy answers.
+        ``contrast_limits=None`` uses one contrast for the whole stack (`stack.stack_contrast_limits`),
+        not each plane's own percentiles, which make an empty plane's noise look like objects.
+        ``on_progress("grounding planes", done, total)`` runs after each batch; ``cancel`` (an Event) or
+        `cancel()` stops at the next batch or decoding step and returns the planes finished before it.
+        ``threads``: torch CPU threads while it runs; None is one for small models (`planes.cpu_threads`:
+        spinning OpenMP threads make a small model many times slower when other work shares the cores).
+        """
+        import torch
+
+        from ..model.generation import GenerationConfig
+        from ..model.tokenizer import get_template
+        from .planes import as_planes, ask_batch, cpu_threads
+        from .stack import stack_contrast_limits
+
+        session_cancel = self._cancelled_since()
+        if not isinstance(question, str) or not question.strip():
+            raise SessionInputError("the question is empty; type a question about the image")
+        if mask_mode not in MASK_MODES:
+            raise SessionInputError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+        if int(batch_size) < 1:
+            raise SessionInputError(f"batch_size must be at least 1, got {batch_size}")
+        stack = as_planes(planes)
+        template = template or self.template
+        try:
+            config = GenerationConfig(
+                max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                stop_strings=get_template(template).stop_strings, eos_token_id=self.model.config.eos_token_id,
+                seed=seed,
+            )
+        except ValueError as err:
+            raise SessionInputError(str(err)) from None
+        if contrast_limits is None:
+            contrast_limits = stack_contrast_limits(stack, rgb)
+
+        def stop() -> bool:
+            return session_cancel.is_set() or (cancel is not None and cancel.is_set())
+
+        replies: list[Reply] = []
+        if on_progress:
+            on_progress("grounding planes", 0, len(stack))
+        for first in range(0, len(stack), int(batch_size)):
+            if stop():
+                break
+            with self._lock, torch.inference_mode(), cpu_threads(self.model, threads):
+                done = ask_batch(self, stack[first : first + int(batch_size)], question, regions, config=config,
+                                 template=template, contrast_limits=contrast_limits, rgb=rgb, mask_mode=mask_mode,
+                                 instances=instances, stop=stop)
+            if done is None:
+                break
+            replies.extend(done)
+            if on_progress:
+                on_progress("grounding planes", len(replies), len(stack))
+        return replies

@@ -365,8 +365,9 @@ class MedplibWidget(QWidget):
             self.pickers.set_output(layer)
         return layer
 
-    def _write(self, q: _Question, planes: list, reply: Any) -> str:
-        """Write masks + provenance; return the transcript note."""
+    def _write(self, q: _Question, planes: list, reply: Any, objects: Any = None) -> str:
+        """Write masks + provenance; return the transcript note. ``objects`` (`workers.Answer.objects`):
+        one plane's objects, written one id each with their table in ``layer.features``."""
         masks = [m for _, ms in planes for m in ms if m.size]
         entry = provenance_entry(
             question=q.text,
@@ -383,12 +384,21 @@ class MedplibWidget(QWidget):
         if not masks:
             return ""
         layer = self.output_for(q.plane, q.output, q.image_layer)
-        ids, written = write_planes(layer, planes, replace=q.replace)
+        if objects is not None:
+            from .instances_output import append_features, table_rows_for
+
+            pixels, tables = objects
+            ids, written = write_planes(layer, [(q.plane.index, pixels)], replace=q.replace)
+            append_features(layer, table_rows_for(ids, tables, q.plane.name, q.text))
+        else:
+            ids, written = write_planes(layer, planes, replace=q.replace)
         entry["label_ids"] = ids
         entry["labels_layer"] = layer.name
         record_provenance(layer, entry)
         if not ids:
             return "the masks were empty; nothing written"
+        if objects is not None and len(ids) > 1:
+            return f"wrote {len(ids)} objects (labels {ids[0]}-{ids[-1]}) to '{layer.name}' ({written:,} px)"
         return (
             f"wrote label{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} to "
             f"'{layer.name}' ({written:,} px)"
@@ -396,16 +406,23 @@ class MedplibWidget(QWidget):
 
     def _on_answer(self, q: _Question, answer: Answer) -> None:
         reply = answer.reply
+        objects = getattr(answer, "objects", None)
         try:
-            note = self._write(q, [(q.plane.index, answer.pixels)], reply)
+            note = self._write(q, [(q.plane.index, answer.pixels)], reply, objects)
         except ValueError as exc:
             report_error(exc)
             note = describe_error(exc)
         footer = " · ".join(p for p in (answer_footer(reply), note) if p)
         self.chat.finish_answer(reply.text, footer)
+        from .instances_output import measured_note
+
+        if measured := measured_note(reply):
+            self.chat.add_note(measured)
 
     def _on_stack(self, q: _Question, result: StackResult) -> None:
         planes = [(index, answer.pixels) for index, answer in result.planes]
+        if getattr(result, "objects", None) is not None:  # objects linked across planes: one id each
+            planes = result.objects
         current = next((a.reply for i, a in result.planes if i == q.plane.index), None)
         shown = current or (result.planes[0][1].reply if result.planes else None)
         try:
@@ -418,6 +435,8 @@ class MedplibWidget(QWidget):
         text = shown.text if shown is not None else ""
         count = sum(1 for _, ms in planes for m in ms if m.size)
         found = f"masks on {sum(1 for _, ms in planes if any(m.size for m in ms))} planes"
+        if getattr(result, "labels", None) is not None and count:
+            found += f", {int(result.labels.max())} objects linked across planes"
         self.chat.finish_answer(
             text, " · ".join(p for p in (done, found if count else "no mask", note) if p)
         )
