@@ -1,16 +1,17 @@
 """Object counts of a model on real microscopy images with reference instance masks.
 
 The bundled model counts with its object counter (``model/counter.py``), trained on synthetic images
-only. This asks it "How many nuclei/bacteria are there?" about 256-px windows of the real frames that
-``benchmarks/real_images.py`` uses (same sources, same fetching, same contrast limits: the frame's
-(0.5, 99.5) percentiles), and compares the answer, and the counter's own count, with the reference:
+only. This asks it "How many nuclei/bacteria are there?" about 256-px windows of the real frames of
+``benchmarks/real_data/catalog.py`` whose objects are nuclei or bacteria (the counter's nouns; same
+fetching and cache as ``benchmarks/real_images.py``; contrast limits: the frame's (0.5, 99.5)
+percentiles), and compares the answer, and the counter's own count, with the reference:
 the instances with at least 12 pixels in the window (the synthetic data's ``MIN_AREA``; an instance cut
 by the window's edge counts, as one cut by a synthetic image's edge does). Windows on a grid with
 half-window stride; windows with more than ``--max-count`` (default 40, what the counter reads)
 or no reference instance are left out.
 
-    python benchmarks/real_counts.py                        # bundled model, CPU
-    python benchmarks/real_counts.py --model FOLDER --json out.json
+    python benchmarks/real_counts.py                        # bundled model, CPU, every split
+    python benchmarks/real_counts.py --split tune --model FOLDER --json out.json
 """
 
 from __future__ import annotations
@@ -24,12 +25,29 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from real_images import DEFAULT_CACHE, SOURCES, load_source, window_starts
+from real_images import DEFAULT_CACHE, load_catalog
 
-#: What is counted in each source (a count noun of the bundled model's counter).
-NOUNS = {"dsb2018_nuclei": "nuclei", "ecoli_phase": "bacteria", "hela_ctc": "nuclei"}
+#: Catalog objects that the bundled model's counter counts (its count nouns).
+COUNTED = ("nuclei", "bacteria")
 #: Smallest piece of an instance that counts in a window (synthetic ``MIN_AREA``).
 MIN_PIXELS = 12
+
+
+def window_starts(length: int, window: int) -> list[int]:
+    """Start offsets of windows along one axis, half-window stride, the last one flush with the end."""
+    if window <= 0 or window >= length:
+        return [0]
+    stride = max(1, window // 2)
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] != length - window:
+        starts.append(length - window)
+    return starts
+
+
+def counted_entries(catalog, split: str = "all", only=None) -> list:
+    """Catalog entries whose objects the counter counts, of ``split`` ("tune", "report" or "all")."""
+    return [e for e in catalog.CATALOG if e.objects in COUNTED and (split == "all" or e.split == split)
+            and (only is None or e.name in only)]
 
 
 def window_count(labels: np.ndarray, min_pixels: int = MIN_PIXELS) -> int:
@@ -87,6 +105,8 @@ def summary(rows: list[dict]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: the bundled model)")
+    parser.add_argument("--split", choices=("tune", "report", "all"), default="all")
+    parser.add_argument("--only", nargs="*", default=None, help="catalog names to run")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE)
     parser.add_argument("--window", type=int, default=256)
     parser.add_argument("--max-count", type=int, default=40)
@@ -95,16 +115,20 @@ def main(argv=None) -> int:
 
     from napari_medplib.engine import Session
 
+    catalog = load_catalog()
+    entries = counted_entries(catalog, args.split, args.only)
+    if not entries:
+        parser.error(f"no catalog image of {' or '.join(COUNTED)} matches --split/--only")
     session = Session.load(args.model, device="cpu") if args.model else Session.load(device="cpu")
     results = {}
     print(f"{'image':16s} {'noun':9s} {'windows':>7s} {'truth':>6s} {'answer exact':>12s} {'MAE':>5s} "
           f"{'counter exact':>13s} {'MAE':>5s}")
-    for spec in SOURCES:
-        image, labels = load_source(spec, args.cache)
-        rows = count_windows(session, image, labels, NOUNS[spec.name], window=args.window, max_count=args.max_count)
+    for entry in entries:
+        image, labels = catalog.load(entry, args.cache.expanduser())
+        rows = count_windows(session, image, labels, entry.objects, window=args.window, max_count=args.max_count)
         s = summary(rows)
-        results[spec.name] = {"summary": s, "windows": rows}
-        print(f"{spec.name:16s} {NOUNS[spec.name]:9s} {s['windows']:7d} {s['mean_truth']:6.1f} "
+        results[entry.name] = {"split": entry.split, "summary": s, "windows": rows}
+        print(f"{entry.name:16s} {entry.objects:9s} {s['windows']:7d} {s['mean_truth']:6.1f} "
               f"{s['answer_exact']:12.2f} {s['answer_mae']:5.2f} {s['counter_exact']:13.2f} {s['counter_mae']:5.2f}")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -93,7 +93,7 @@ def test_a_continued_moe_stage_routes_as_the_stage_it_continues():
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("kind", "rl", "kind must be"), ("tasks", ["chat"], "unknown task"), ("train", [], "lists no parameters"),
     ("lr", 0.0, "lr > 0"), ("prompt", "mask", "prompt must be"), ("threads", -1, "must be 0 or more"),
-    ("data_workers", -2, "must be 0 or more"),
+    ("data_workers", -2, "must be 0 or more"), ("augment", "strong", r"augment must be '' or 'realistic'.*strong"),
 ])
 def test_bad_stage_values(key, value, message):
     stages = micro_stages()
@@ -147,7 +147,7 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         **{f"{kind}{k}": "cpu" for k in ROUNDS for kind in ("sam", "moe")}, "vqa13": "cpu", "count13": "cpu",
         "moe16": "cpu", "regions16": "cpu", "regions17": "cpu", "regions18": "cpu",
         "regions19": "cpu", "counter22": "cpu", "counter23": "cpu",
-        **{f"counts{k}": "cpu" for k in range(22, 27)}, "counter24": "cpu"}
+        **{f"counts{k}": "cpu" for k in range(22, 27)}, "counter24": "cpu", "sam27": "cpu", "ground27": "cpu"}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -218,6 +218,16 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     c24 = gpu.stage("counter24")  # the counter continued under the final LLM (not bundled)
     assert c24.init == "counts26" and dataclasses.replace(c24, name="counter23", init="counter22", lr=1e-3) == c23
     assert gpu.final_stage.name == "counts26"
+    # SAM on samples cut at the engine's object scale (augment.realistic) with the two EM styles, from the
+    # bundled model's SAM; then the grounding path refitted to it on the six earlier styles (not bundled)
+    sam27, ground27 = gpu.stage("sam27"), gpu.stage("ground27")
+    assert sam27.kind == "sam" and sam27.augment == "realistic" and sam27.copy == {"counts26": ["sam.*"]}
+    assert sam27.train == ["sam.*"] and {"em_neurites", "em_axons"} < set(sam27.styles)
+    assert set(sam27.styles) - {"em_neurites", "em_axons"} == set(ground27.styles)
+    assert ground27.init == "counts26" and ground27.copy == {"sam27": ["sam.*"]} and ground27.augment == ""
+    assert ground27.tasks == ["grounding"]
+    assert not any(p.startswith(("language_model", "sam.image")) for p in ground27.train)
+    assert [s.name for s in gpu.stages if s.augment] == ["sam27"]
 
 
 def test_a_stage_can_add_a_synthetic_style_without_changing_the_others():
@@ -271,3 +281,29 @@ def test_a_stage_can_ask_some_question_kinds_more_often(tmp_path):
             micro_recipe(stages=bad)
     with pytest.raises(RecipeError, match="conversations are fixed"):
         micro_recipe(stages=stages, data_folder=tmp_path)
+
+
+def test_a_sam_stage_can_train_on_realistic_augmented_samples():
+    """``augment = "realistic"`` (sam stages only): the stage's samples go through `augment.realistic`,
+    seeded by (recipe seed, stage, step, index), so a batch is the same each time it is drawn."""
+    import numpy as np
+
+    from napari_medplib.train.stream import StageStream
+
+    stages = micro_stages()
+    assert micro_recipe(stages=stages).stages[0].augment == ""
+    stages[0]["augment"] = "realistic"
+    recipe = micro_recipe(stages=stages)
+    assert recipe.stages[0].augment == "realistic"
+    stream = StageStream(recipe, recipe.stages[0], 0)
+    first, again = stream.batch(0), StageStream(recipe, recipe.stages[0], 0).batch(0)
+    assert first and all(item.sample.meta.get("augmented") == "realistic" for item in first)
+    assert all(item.sample.image.dtype == np.uint8 and item.sample.labels.max() > 0 for item in first)
+    assert all(np.array_equal(a.sample.image, b.sample.image) for a, b in zip(first, again, strict=True))
+    plain = micro_recipe()
+    assert not any("augmented" in item.sample.meta for item in StageStream(plain, plain.stages[0], 0).batch(0))
+    for index in range(1, len(stages)):  # llm stages refuse it
+        wrong = micro_stages()
+        wrong[index]["augment"] = "realistic"
+        with pytest.raises(RecipeError, match=rf"stage '{wrong[index]['name']}': augment applies to sam stages only"):
+            micro_recipe(stages=wrong)

@@ -162,3 +162,58 @@ def test_bacteria_are_opt_in_so_default_data_sets_do_not_change():
     assert set(vocabulary_for([*DEFAULT_STYLES, "bacteria"])) == {*ALL_CATEGORIES, "bacterium"}
     six = [s.style for s in make_dataset(12, seed=0, styles=[*DEFAULT_STYLES, "bacteria"])]
     assert six == [*DEFAULT_STYLES, "bacteria"] * 2
+
+
+# ------------------------------------------------------------------------------------ electron microscopy
+EM_STYLES = ("em_neurites", "em_axons")
+
+
+@pytest.mark.parametrize("style", EM_STYLES)
+def test_em_styles_are_many_objects_in_one_grey_channel(style):
+    for seed in range(4):
+        for bit_depth in (8, 16):
+            s = make_sample(style, seed, bit_depth=bit_depth)
+            assert s.image.shape == s.labels.shape == (256, 256)  # one channel
+            assert s.image.dtype == (np.uint8 if bit_depth == 8 else np.uint16)
+            if bit_depth == 16:
+                assert s.image.max() > 255
+            n = int(s.labels.max())
+            assert n > 10 and set(np.unique(s.labels).tolist()) == set(range(n + 1))  # 1..N, contiguous
+            assert np.bincount(s.labels.ravel())[1:].min() >= MIN_AREA
+            assert set(s.categories.values()) == set(STYLES[style].categories)
+            assert s.meta["description"] == STYLES[style].description
+
+
+def test_em_neurites_are_pale_profiles_between_dark_membranes():
+    for seed in range(5):
+        s = make_sample("em_neurites", seed)
+        image, labels = s.image.astype(float), s.labels
+        assert set(s.categories.values()) == {"neurite"}
+        membrane = labels == 0
+        assert np.median(image[membrane]) < 0.7 * np.median(image[~membrane])
+        assert 0.05 < membrane.mean() < 0.5, "thin walls, not a background"
+        assert len(touching_pairs(ndi.grey_dilation(labels, size=3) * (labels == 0) + labels)) > 10  # a tessellation
+
+
+def test_em_axons_are_discs_ringed_by_myelin_of_either_contrast():
+    darker_rings = []
+    for seed in range(20):
+        s = make_sample("em_axons", seed)
+        image, labels = s.image.astype(float), s.labels
+        assert set(s.categories.values()) == {"axon"}
+        axons = labels > 0
+        ring = ndi.binary_dilation(axons, iterations=2) & ~axons
+        axoplasm, myelin = np.median(image[axons]), np.median(image[ring])
+        assert abs(axoplasm - myelin) > 40  # a sheath of clear contrast around every profile
+        darker_rings.append(myelin < axoplasm)
+    assert 12 <= sum(darker_rings) < 20, "mostly dark myelin, sometimes inverted"
+
+
+def test_em_styles_are_opt_in():
+    assert not set(EM_STYLES) & set(DEFAULT_STYLES)
+    assert {s.style for s in make_dataset(12, seed=0)} == set(DEFAULT_STYLES)
+    assert {"neurite", "axon"}.isdisjoint(ALL_CATEGORIES)
+    assert set(vocabulary_for([*DEFAULT_STYLES, *EM_STYLES])) == {*ALL_CATEGORIES, "neurite", "axon"}
+    assert {STYLES[s].modality for s in EM_STYLES} == {"electron microscopy"}
+    mixed = [s.style for s in make_dataset(8, seed=0, styles=["nuclei", *EM_STYLES, "bacteria"])]
+    assert mixed == ["nuclei", *EM_STYLES, "bacteria"] * 2

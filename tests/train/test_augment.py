@@ -1,0 +1,84 @@
+"""``train/augment.realistic``: synthetic samples rescaled, cut at the engine's object scale and changed like
+real microscopy; valid samples, reproducible, with the prompted object at the size the engine shows it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from napari_medplib.engine.scale import MODEL_OBJECT_EXTENT
+from napari_medplib.train import augment
+from napari_medplib.train.augment import realistic
+from napari_medplib.train.synth import STYLES, make_sample
+
+
+def edge_ids(labels: np.ndarray) -> set[int]:
+    return set(np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]])).tolist()) - {0}
+
+
+@pytest.mark.parametrize("style", list(STYLES))
+@pytest.mark.parametrize("bit_depth", [8, 16])
+def test_realistic_gives_valid_samples(style, bit_depth):
+    sample = make_sample(style, 3, bit_depth=bit_depth)
+    for seed in range(6):
+        out = realistic(sample, np.random.default_rng(seed))
+        assert out.image.dtype == np.uint8 and out.labels.dtype == np.int32
+        assert out.image.shape[:2] == out.labels.shape and min(out.labels.shape) >= 32
+        assert out.image.ndim == 2 or out.image.shape[2] == 3  # one or three channels
+        ids = set(np.unique(out.labels).tolist()) - {0}
+        assert ids, "an augmented sample keeps at least one instance"
+        assert ids == set(out.categories) <= set(sample.categories)
+        assert all(out.categories[i] == sample.categories[i] for i in ids)
+        assert out.style == sample.style and out.meta["augmented"] == "realistic"
+        assert out.meta["seed"] == sample.meta["seed"]
+        cut = edge_ids(out.labels)
+        assert not cut or cut == ids, "instances cut by the edge are dropped unless none would remain"
+    assert "augmented" not in sample.meta  # the input sample is left as it was
+
+
+def test_realistic_is_deterministic_for_a_generator_seed():
+    sample = make_sample("nuclei", 0, bit_depth=16)
+    a, b = realistic(sample, np.random.default_rng(7)), realistic(sample, np.random.default_rng(7))
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels) and a.categories == b.categories
+    others = [realistic(sample, np.random.default_rng(seed)) for seed in (8, 9)]
+    assert any(o.image.shape != a.image.shape or not np.array_equal(o.image, a.image) for o in others)
+
+
+def test_objects_span_about_the_model_extent_of_the_crop():
+    """On a large frame (so a crop is always cut), the crop side is about 256 / MODEL_OBJECT_EXTENT
+    times the objects' extent, as ``Session.segment`` cuts it (the target extent is jittered)."""
+    sample = make_sample("nuclei", 1, size=(384, 384))
+    ratios, sizes = [], []
+    for seed in range(16):
+        out = realistic(sample, np.random.default_rng(seed))
+        assert out.labels.shape[0] == out.labels.shape[1], "a crop is square"
+        sizes.append(out.labels.shape[0])
+        extents = [max(s[0].stop - s[0].start, s[1].stop - s[1].start) for s in ndi.find_objects(out.labels) if s]
+        ratios.append(np.median(extents) / out.labels.shape[0])
+    expected = MODEL_OBJECT_EXTENT / 256
+    assert 0.6 * expected < np.median(ratios) < 1.5 * expected
+    assert 0.25 * expected < min(ratios) and max(ratios) < 3 * expected
+    assert max(sizes) > 2 * min(sizes), "objects are rescaled, so the crops differ in size"
+
+
+def test_photometric_changes_include_inverted_polarity():
+    """Fluorescence nuclei are bright; some augmented ones are dark on a bright ground (EM, transmitted light)."""
+    sample = make_sample("nuclei", 2)
+    brighter = []
+    for seed in range(30):
+        out = realistic(sample, np.random.default_rng(seed))
+        grey = out.image.astype(float) if out.image.ndim == 2 else out.image.astype(float).mean(axis=-1)
+        brighter.append(np.median(grey[out.labels > 0]) > np.median(grey[out.labels == 0]))
+    assert 3 <= sum(not b for b in brighter) <= 20 and sum(brighter) >= 10
+
+
+def test_drop_cut_removes_edge_instances_unless_none_would_remain():
+    labels = np.zeros((20, 20), np.int32)
+    labels[0:4, 5:9] = 1  # touches the top edge
+    labels[8:12, 8:12] = 2  # inside
+    labels[15:20, 15:20] = 3  # touches the bottom-right corner
+    kept = augment._drop_cut(labels)
+    assert set(np.unique(kept).tolist()) == {0, 2} and np.array_equal(kept == 2, labels == 2)
+    only_cut = np.where(labels == 2, 0, labels)
+    assert np.array_equal(augment._drop_cut(only_cut), only_cut)
