@@ -1,6 +1,6 @@
 """SAM prompt-training step: one mask-decoder call per batch (``steps.sam_losses``) vs one per image.
 
-Session 8 found GPU training steps launch-bound: a SAM stage decoded each image's box prompts and
+Timed on an H100, GPU training steps were launch-bound: a SAM stage decoded each image's box prompts and
 point prompts in their own decoder calls (16 calls for a batch of 8), each a few hundred small kernels.
 ``sam_losses`` now gathers every image's prompts of a kind into one call (``steps.decode_prompts``).
 This times a forward + backward of the SAM losses both ways on the same batch, in one run: the batched

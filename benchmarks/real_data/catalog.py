@@ -21,8 +21,8 @@ within each modality, entries sorted by name alternate tune, report, tune, ...; 
 image puts it in ``report``. ``previously_scored`` marks the three images that ``benchmarks/real_images.py``
 had already scored before this catalog existed (they are not unseen, whatever their split says).
 
-    python benchmarks/real_data/catalog.py --cache /work/real_cache          # fetch all, print a table
-    python benchmarks/real_data/catalog.py --cache /work/real_cache --time   # also time load() from cache
+    python benchmarks/real_data/catalog.py --cache CACHE_DIR          # fetch all, print a table
+    python benchmarks/real_data/catalog.py --cache CACHE_DIR --time   # also time load() from cache
 
 Only numpy, scipy (connected components), Pillow and tifffile are needed; no torch.
 """

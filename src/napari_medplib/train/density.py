@@ -9,10 +9,10 @@ counting): the map sums to the count, so the mean of the patch features then car
 one direction per category, and the LLM can learn to read it. The head is thrown away after training;
 the model's architecture and checkpoints are unchanged.
 
-Measured (thirteenth session, docs/model-card.md "Findings"): with the tiny recipes' vision tower (2
+Measured (docs/model-card.md "Findings"): with the tiny recipes' vision tower (2
 layers, 64 wide, 14-px patches) it does not work — the density loss hardly fell, in ``count13`` and
 in 8,200 density-only steps, and held-out counts stayed at 0.1-0.2 exact. A fresh 7-layer, 192-wide
-tower trained on it alone (fourteenth session, 3,000 steps of 8 on a CPU) rose from 0.01 to 0.18 exact
+tower trained on it alone (3,000 steps of 8 on a CPU) rose from 0.01 to 0.18 exact
 and was still rising: ``kind = "vision"`` stages (``gpu.toml``'s ``tower``) train a tower so.
 """
 
