@@ -133,3 +133,21 @@ def test_an_object_larger_than_the_overlap_is_joined_across_the_seam():
     tiles = inst.tile_grid((300, 300), 128, 32)
     merged = inst.merge_tiles([(t, (truth[t[0]:t[2], t[1]:t[3]] > 0).astype(np.int32)) for t in tiles], (300, 300))
     assert merged.max() == 1 and ((merged > 0) == (truth > 0)).all()
+
+
+def test_fragments_join_the_neighbour_they_touch_most_or_vanish():
+    from napari_medplib.engine.instances import absorb_fragments
+
+    labels = np.zeros((40, 60), np.int32)
+    labels[5:25, 5:25] = 1  # 400 px
+    labels[5:25, 30:50] = 2  # 400 px
+    labels[25:28, 10:15] = 3  # a 15-px sliver under object 1 (median area 100: under 25 px): joins it
+    labels[30:40, 0:10] = 4  # 100 px: a quarter of the median area or more, an object of its own
+    labels[35:37, 55:57] = 5  # 4 px touching nothing: dropped
+    out = absorb_fragments(labels, ratio=0.25)
+    assert len(np.unique(out)) - 1 == 3
+    assert len(np.unique(out[5:28, 5:25])) == 2 and (out[25:28, 10:15] == out[10, 10]).all()
+    assert not out[35:37, 55:57].any() and out[35, 5] > 0
+    even = np.zeros((10, 30), np.int32)
+    even[:, :10], even[:, 10:20], even[:, 20:] = 1, 2, 3  # equal objects: nothing changes
+    assert (absorb_fragments(even) == even).all()

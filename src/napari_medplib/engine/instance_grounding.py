@@ -208,8 +208,8 @@ def split_grounding(session, view: ModelView, image, prompts, masks: Sequence[np
         if counted is not None:
             features = session._clip_features(view, on_progress)
             centres = inst.counter_seeds(features.count_peaks[0, counted].cpu().numpy(), view.frame_hw)
-        labels = [split_view(sam, embeddings, resize_hw, pad, view, np.asarray(m, bool), centres, diameter,
-                             min_object_area(diameter)) for m in masks]
+        labels = [inst.absorb_fragments(split_view(sam, embeddings, resize_hw, pad, view, np.asarray(m, bool), centres,
+                                                   diameter, min_object_area(diameter))) for m in masks]
         return SplitResult([np.asarray(m, bool) for m in masks], labels, [], seeds_from)
     side, overlap = plan
     return _split_tiled(session, view, image, prompts, len(masks), side, overlap, counted, diameter,
@@ -292,5 +292,5 @@ def _split_tiled(session, view, image, prompts, n_seg, side, overlap, counted, d
         start = stop
     if on_progress:
         on_progress("grounding tiles", len(tiles), len(tiles))
-    labels = [inst.merge_tiles(tl, (h, w)) for tl in tile_labels]
+    labels = [inst.absorb_fragments(inst.merge_tiles(tl, (h, w))) for tl in tile_labels]
     return SplitResult(semantic, labels, tiles, seeds_from)

@@ -303,6 +303,40 @@ def assemble_labels(
     return relabel_sequential(labels, min_area)
 
 
+def absorb_fragments(labels: np.ndarray, ratio: float = 0.25) -> np.ndarray:
+    """Objects smaller than ``ratio`` x the median object area are fragments, not objects: each joins the
+    neighbour it shares the longest border with, or is dropped when it touches none.
+
+    Why: where SAM's point masks overlap, the painting leaves slivers between neighbours and along seams
+    (on a real nuclei frame: 193 objects for 125 nuclei, most extra ones under a seventh of a nucleus).
+    The typical size comes from the objects themselves, so this holds at any magnification.
+    """
+    from scipy import ndimage as ndi
+
+    labels = np.asarray(labels)
+    areas = np.bincount(labels.ravel())
+    ids = np.flatnonzero(areas[1:]) + 1
+    if len(ids) < 3:
+        return labels
+    small = ids[areas[ids] < ratio * float(np.median(areas[ids]))]
+    if not len(small):
+        return labels
+    out = labels.copy()
+    found = ndi.find_objects(labels)
+    for label in sorted(small, key=lambda i: areas[i]):  # smallest first: a fragment may join a fragment
+        rows, cols = found[label - 1]
+        r0, c0 = max(rows.start - 1, 0), max(cols.start - 1, 0)
+        window = out[r0 : rows.stop + 1, c0 : cols.stop + 1]
+        piece = window == label
+        if not piece.any():
+            continue
+        ring = ndi.binary_dilation(piece) & ~piece
+        neighbours = window[ring]
+        neighbours = neighbours[(neighbours > 0) & (neighbours != label)]
+        window[piece] = np.bincount(neighbours).argmax() if neighbours.size else 0
+    return relabel_sequential(out)
+
+
 # ------------------------------------------------------------------------------------------ tiles
 Tile = tuple[int, int, int, int]  # (y0, x0, y1, x1), end-exclusive
 
