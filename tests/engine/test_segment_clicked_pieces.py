@@ -64,15 +64,15 @@ def paint_two_pieces(session, monkeypatch):
 
 @pytest.mark.parametrize("multimask", [False, True])
 def test_segment_keeps_the_clicked_piece_unless_asked(tiny_session, monkeypatch, multimask):
-    paint_two_pieces(tiny_session, monkeypatch)
+    paint_two_pieces(tiny_session, monkeypatch)  # on the whole plane (window=None): the fake paints its halves
     image = (np.random.default_rng(1).random((128, 128)) * 3000).astype(np.uint16)
-    raw = tiny_session.segment(image, points=[(64, 16)], multimask=multimask, clicked_pieces=False)
+    raw = tiny_session.segment(image, points=[(64, 16)], multimask=multimask, clicked_pieces=False, window=None)
     left, right = raw.mask[:, :64], raw.mask[:, 64:]
     assert left.any() and right.any()  # both pieces, else this test could not tell the two apart
-    result = tiny_session.segment(image, points=[(64, 16)], multimask=multimask)
+    result = tiny_session.segment(image, points=[(64, 16)], multimask=multimask, window=None)
     for mask in result.masks:
         assert (mask[:, :64] == left).all() and not mask[:, 64:].any()
-    on_right = tiny_session.segment(image, points=[(64, 16), (64, 112)], point_labels=[0, 1]).mask
+    on_right = tiny_session.segment(image, points=[(64, 16), (64, 112)], point_labels=[0, 1], window=None).mask
     assert on_right[:, 64:].any() and not on_right[:, :64].any()
-    boxed = tiny_session.segment(image, box=(0, 0, 127, 127))  # a box alone is not a click
+    boxed = tiny_session.segment(image, box=(0, 0, 127, 127), window=None)  # a box alone is not a click
     assert boxed.mask[:, :64].any() and boxed.mask[:, 64:].any()

@@ -51,17 +51,25 @@ def measure(labels: np.ndarray, intensity: np.ndarray | None = None) -> dict[str
     labels = np.asarray(labels)
     if labels.ndim != 2 or not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"measure() takes an integer (H, W) label image, got {labels.dtype} of shape {labels.shape}")
-    plane = _plane_intensity(intensity, labels.shape)
-    if not labels.any():
+    if intensity is not None and np.shape(intensity)[:2] != labels.shape:
+        _plane_intensity(intensity, labels.shape)  # raises the readable error
+    rows, cols = np.flatnonzero(labels.any(axis=1)), np.flatnonzero(labels.any(axis=0))
+    if not rows.size:
         return empty_table()
+    # measure inside the labels' bounding box (one clicked object on a 4096-px plane: a few hundred pixels)
+    y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+    labels = labels[y0:y1, x0:x1]
+    plane = None if intensity is None else _plane_intensity(np.asarray(intensity)[y0:y1, x0:x1], labels.shape)
     properties = ["label", "area", "centroid", "bbox", "eccentricity"]
     if plane is not None:
         properties.append("intensity_mean")
     raw = regionprops_table(labels, intensity_image=plane, properties=properties)
     n = len(raw["label"])
     table = {
-        "label": raw["label"], "area": raw["area"], "centroid_y": raw["centroid-0"], "centroid_x": raw["centroid-1"],
-        "bbox_y0": raw["bbox-0"], "bbox_x0": raw["bbox-1"], "bbox_y1": raw["bbox-2"], "bbox_x1": raw["bbox-3"],
+        "label": raw["label"], "area": raw["area"],
+        "centroid_y": raw["centroid-0"] + y0, "centroid_x": raw["centroid-1"] + x0,
+        "bbox_y0": raw["bbox-0"] + y0, "bbox_x0": raw["bbox-1"] + x0, "bbox_y1": raw["bbox-2"] + y0,
+        "bbox_x1": raw["bbox-3"] + x0,
         "mean_intensity": raw["intensity_mean"] if plane is not None else np.full(n, np.nan),
         "eccentricity": raw["eccentricity"],
     }

@@ -19,11 +19,17 @@ import numpy as np
 
 #: Median box side (pixels) of a training object in the model's 256-px SAM frame.
 MODEL_OBJECT_EXTENT = 28.0
+#: The extent a prompt's object is given in SAM's 256-px input (``window.py``): larger than in training,
+#: for a finer outline (SAM's mask is 64 x 64), and the realistic SAM stages train across both sizes.
+#: Chosen on the tune images of the real-image benchmark (box / click Dice at 28, 40, 48, 56, 64:
+#: 0.832 / 0.48, 0.849 / 0.62, 0.854 / 0.65, 0.851 / 0.66, 0.846 / 0.66 with sam27's SAM).
+PROMPT_OBJECT_EXTENT = 48.0
 #: The same as an equivalent diameter (sqrt(4 area / pi)); the synthetic styles' median is about 17.
 MODEL_OBJECT_DIAMETER = 18.0
 #: Object diameters (pixels) the estimators consider.
 MIN_DIAMETER, MAX_DIAMETER = 4.0, 400.0
-#: Scales tried per octave.
+#: Scales tried per octave (plane estimate; a click's estimate, which a crop side rounds to a quarter
+#: octave anyway and which runs on every click, tries half as many).
 _PER_OCTAVE = 4
 
 
@@ -39,10 +45,10 @@ def gray_plane(array: np.ndarray) -> np.ndarray:
     return np.clip((plane - np.float32(lo)) / np.float32(hi - lo), 0.0, 1.0)  # float32 scalars: no float64 upcast
 
 
-def _sigmas(lo_diameter: float, hi_diameter: float) -> np.ndarray:
+def _sigmas(lo_diameter: float, hi_diameter: float, per_octave: int = _PER_OCTAVE) -> np.ndarray:
     """Geometric series of LoG sigmas for blob diameters lo..hi (a disc of diameter d peaks at d / (2 sqrt 2))."""
     lo, hi = lo_diameter / (2 * math.sqrt(2)), hi_diameter / (2 * math.sqrt(2))
-    n = max(2, int(math.ceil(math.log2(hi / lo) * _PER_OCTAVE)) + 1)
+    n = max(2, int(math.ceil(math.log2(hi / lo) * per_octave)) + 1)
     return np.geomspace(lo, hi, n)
 
 
@@ -75,7 +81,7 @@ def local_object_diameter(gray: np.ndarray, point: tuple[float, float], max_diam
         raise ValueError(f"point {point} is outside the plane of shape {gray.shape}")
     max_diameter = min(max_diameter, 2.0 * max(h, w))
     best, best_sigma = 0.0, None
-    sigmas = _sigmas(MIN_DIAMETER, max_diameter)
+    sigmas = _sigmas(MIN_DIAMETER, max_diameter, per_octave=max(1, _PER_OCTAVE // 2))
     for sigma in sigmas:
         reach = int(math.ceil(4 * sigma))
         y0, y1, x0, x1 = max(0, y - reach), min(h, y + reach + 1), max(0, x - reach), min(w, x + reach + 1)

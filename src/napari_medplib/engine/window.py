@@ -1,7 +1,8 @@
 """Prompt windows: segment inside a crop chosen so the prompted object has the size the model knows.
 
 SAM-Med2D sees a 256-px input. The bundled model learnt on 256-px synthetic frames whose objects span
-about 28 pixels (``scale.MODEL_OBJECT_EXTENT``); real objects span 5 to 300 pixels. Squeezing a
+about 28 pixels (``scale.MODEL_OBJECT_EXTENT``), and its realistic SAM stages on crops where they span
+about 15 to 90; real objects span 5 to 300 pixels. Squeezing a
 1000-px frame into 256 px shrinks a nucleus to a few SAM pixels, and a 5-px bacterium on a 256-px
 crop is as foreign to the model as a 250-px cell. So (like micro-sam and SAM-Med2D users who crop or
 tile) ``Session.segment`` runs SAM on a square crop around the prompts, resized to SAM's input, and
@@ -12,7 +13,7 @@ Crop rule (``window="auto"``):
 * the object's extent: a box's (or mask prior's) longer side; for clicks, the spread of the clicks plus
   the clicked object's estimated size (``object_extent``, from ``scale.local_object_diameter``);
 * side = extent x SAM input / ``target_extent`` (the object then spans about ``target_extent`` SAM
-  pixels, as in training), at least extent + ``MIN_CONTEXT`` and ``MIN_SIDE``, rounded up to a quarter
+  pixels; default ``scale.PROMPT_OBJECT_EXTENT``, 48), at least extent + ``MIN_CONTEXT`` and ``MIN_SIDE``, rounded up to a quarter
   octave so nearby prompts of similar size share a crop (and its cached SAM embedding);
 * an int ``window`` asks for that side instead (grown to extent + ``MARGIN`` if the prompts need it);
 * the crop is centred on the prompts, its origin snapped to a grid of a quarter side, so clicks a few
@@ -125,9 +126,10 @@ def choose_window(image_hw, sam_size: int, points, box, prior, window="auto", *,
     """The crop (y0, x0, y1, x1) to segment in, or None for the whole plane (see the module docstring).
 
     ``object_extent``: the clicked object's estimated extent in pixels (clicks only; a box or prior
-    gives its own); ``target_extent``: the extent the model's objects had in its SAM frame.
+    gives its own); ``target_extent``: the extent the object gets in SAM's frame (default
+    ``scale.PROMPT_OBJECT_EXTENT``).
     """
-    from .scale import MODEL_OBJECT_EXTENT
+    from .scale import MODEL_OBJECT_EXTENT, PROMPT_OBJECT_EXTENT
 
     window = check_window(window)
     if window is None:
@@ -138,7 +140,7 @@ def choose_window(image_hw, sam_size: int, points, box, prior, window="auto", *,
     if window == "auto":
         if box is None and prior is None:  # clicks: their spread plus the object they stand on
             extent = extent + (object_extent if object_extent else MODEL_OBJECT_EXTENT)
-        side = auto_side(extent, sam_size, target_extent or MODEL_OBJECT_EXTENT)
+        side = auto_side(extent, sam_size, target_extent or PROMPT_OBJECT_EXTENT)
     else:
         side = max(int(window), extent + MARGIN)
     if side >= max(h, w):

@@ -1,8 +1,8 @@
 """Augmentation towards real microscopy, for SAM stages: objects at the scale the engine shows them.
 
 Synthetic images draw objects at one size per style; real objects span 5 to 300 pixels, and the
-engine (``engine/window.py``) crops around a prompt so that its object spans about
-``scale.MODEL_OBJECT_EXTENT`` of SAM's 256-px input. ``realistic`` makes a training sample the same
+engine (``engine/window.py``) crops around a prompt so that its object spans a set part of SAM's
+256-px input (``scale.PROMPT_OBJECT_EXTENT``). ``realistic`` makes a training sample the same
 way: it rescales the synthetic image (objects 0.35x to 3x their drawn size, so upsampled blur and
 downsampled aliasing are both seen), then cuts the crop the engine would cut around one of its objects
 (with the target extent jittered), and changes what real images change: polarity (dark objects on
@@ -69,9 +69,9 @@ def _rescale(rng: np.random.Generator, x: np.ndarray, labels: np.ndarray) -> tup
     return image.astype(np.float32), labels
 
 
-def _object_crop(rng: np.random.Generator, x: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The crop ``Session.segment(box=...)`` would cut around a random object (target extent jittered)."""
-    from ..engine.scale import MODEL_OBJECT_EXTENT
+def _object_crop(rng: np.random.Generator, x: np.ndarray, labels: np.ndarray,
+                 extent: float) -> tuple[np.ndarray, np.ndarray]:
+    """The crop ``Session.segment(box=...)`` would cut around a random object (target ``extent`` jittered)."""
     from ..engine.window import choose_window
 
     boxes = [s for s in ndi.find_objects(labels) if s is not None]
@@ -79,7 +79,7 @@ def _object_crop(rng: np.random.Generator, x: np.ndarray, labels: np.ndarray) ->
         return x, labels
     rows, cols = boxes[int(rng.integers(len(boxes)))]
     box = np.array([rows.start, cols.start, rows.stop - 1, cols.stop - 1], float)
-    target = MODEL_OBJECT_EXTENT * math.exp(rng.normal(0.0, TARGET_JITTER))
+    target = extent * math.exp(rng.normal(0.0, TARGET_JITTER))
     window = choose_window(labels.shape, 256, None, box, None, "auto", target_extent=target)
     if window is None:
         return x, labels
@@ -113,11 +113,16 @@ def _degrade(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
     return out
 
 
-def realistic(sample: Sample, rng: np.random.Generator) -> Sample:
-    """A new `Sample`: rescaled, cropped at the engine's object scale, and photometrically changed."""
+def realistic(sample: Sample, rng: np.random.Generator, extent: float | None = None) -> Sample:
+    """A new `Sample`: rescaled, cropped so one object spans about ``extent`` of SAM's 256 pixels (default
+    ``scale.MODEL_OBJECT_EXTENT``, the synthetic frames' own), and photometrically changed."""
+    from ..engine.scale import MODEL_OBJECT_EXTENT
+
+    if extent is not None and not extent > 0:
+        raise ValueError(f"extent must be positive (or None for the default), got {extent!r}")
     x = _photometric(rng, _unit(sample.image))
     x, labels = _rescale(rng, x, sample.labels)
-    x, labels = _object_crop(rng, x, labels)
+    x, labels = _object_crop(rng, x, labels, MODEL_OBJECT_EXTENT if extent is None else float(extent))
     labels = _drop_cut(labels)
     image = _degrade(rng, x)
     image = image[..., 0] if image.shape[-1] == 1 else image

@@ -149,6 +149,9 @@ class StageSpec:
     #: sam stages: "" (images as drawn) or "realistic" (`augment.realistic`: rescaled, cut at the
     #: engine's object scale around one object, photometrically changed like real microscopy)
     augment: str = ""
+    #: sam stages with augment: the extent (SAM pixels) an object is cut to, before jitter; 0 = the
+    #: synthetic frames' own (``scale.MODEL_OBJECT_EXTENT``)
+    augment_extent: float = 0.0
     #: llm stages: false leaves the 576 image tokens out of the sequence (region tokens are still made
     #: from the image). A from-scratch LLM facing ~800 tokens never learns to attend to the one region
     #: token; without the image tokens it has ~30 to choose from.
@@ -295,6 +298,10 @@ def _stage(values: dict[str, Any], index: int) -> StageSpec:
         raise RecipeError(f"stage {stage.name!r}: augment must be '' or 'realistic', got {stage.augment!r}")
     if stage.augment and stage.kind != "sam":
         raise RecipeError(f"stage {stage.name!r}: augment applies to sam stages only")
+    if stage.augment_extent < 0:
+        raise RecipeError(f"stage {stage.name!r}: augment_extent must be 0 or more, got {stage.augment_extent!r}")
+    if stage.augment_extent and not stage.augment:
+        raise RecipeError(f"stage {stage.name!r}: augment_extent needs augment = 'realistic'")
     if stage.loss.router and not stage.moe:
         raise RecipeError(f"stage {stage.name!r}: loss.router supervises the MoE router; it needs moe = true")
     if stage.point_region_mask not in ("", *POINT_REGION_MASKS):

@@ -73,7 +73,8 @@ class StageStream:
                 if stage.augment == "realistic":
                     from .augment import realistic
 
-                    sample = realistic(sample, np.random.default_rng([self.recipe.seed, self.stage_index, step, index]))
+                    sample = realistic(sample, np.random.default_rng([self.recipe.seed, self.stage_index, step, index]),
+                                       stage.augment_extent or None)
                 if sample.labels.max() > 0:
                     items.append(Item(sample, convs))
                     continue
