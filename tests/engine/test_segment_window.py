@@ -1,5 +1,6 @@
 """`Session.segment(window=...)`: SAM runs on a crop around the prompts, sized so the object spans about
-``scale.MODEL_OBJECT_EXTENT`` of SAM's 256-px input (as in the model's training frames).
+``scale.PROMPT_OBJECT_EXTENT`` of SAM's 256-px input (a click on an object of unknown size assumes
+``scale.MODEL_OBJECT_EXTENT`` pixels, the training frames' typical object).
 
 The tiny random SAM gives arbitrary masks, so where a mask's place matters the mask decoder is replaced by
 a fake that puts positive logits where the prompt landed in SAM's 256 frame (or echoes the mask prior):
@@ -17,8 +18,9 @@ import torch
 from napari_medplib.engine import SessionInputError
 from napari_medplib.engine.image import make_view
 from napari_medplib.engine.prompts import check_prompts
-from napari_medplib.engine.scale import MODEL_OBJECT_EXTENT
+from napari_medplib.engine.scale import MODEL_OBJECT_EXTENT, PROMPT_OBJECT_EXTENT
 from napari_medplib.engine.session import CLICK_EXTENT_FACTOR
+from napari_medplib.cache import content_key
 from napari_medplib.engine.window import (
     MARGIN,
     MIN_CONTEXT,
@@ -26,13 +28,15 @@ from napari_medplib.engine.window import (
     auto_side,
     check_window,
     choose_window,
+    mirror_prompts,
+    unmirror,
     whole_plane_limits,
 )
 from napari_medplib.imaging import DEFAULT_PERCENTILES, to_model_rgb
 from napari_medplib.model.preprocess import prepare_sam_image
 
 SAM = 256
-TARGET = MODEL_OBJECT_EXTENT
+TARGET = PROMPT_OBJECT_EXTENT
 
 
 def window_for(image_hw, points=None, box=None, mask=None, window="auto", object_extent=None):
@@ -115,7 +119,7 @@ def test_auto_side_puts_the_object_at_the_models_extent():
             assert TARGET / 2**0.25 - 0.2 <= extent * SAM / side <= TARGET
     assert auto_side(28, SAM, 28.0) == SAM  # an object of the training size: the crop is SAM's input
     assert auto_side(1, SAM, TARGET) == MIN_SIDE
-    assert auto_side(5, SAM, TARGET) == 54  # 45.7 px wanted, rounded up to 2 ** (23 / 4)
+    assert auto_side(10, SAM, TARGET) == 54  # 53.3 px wanted, rounded up to 2 ** (23 / 4)
     assert auto_side(100, SAM, 2 * TARGET) == auto_side(50, SAM, TARGET)  # target_extent is honoured
 
 
@@ -123,10 +127,12 @@ def test_sides_are_quarter_octaves_so_similar_objects_share_a_crop():
     values = {auto_side(e, SAM, TARGET) for e in range(5, 600)}
     assert values <= {math.ceil(2 ** (k / 4)) for k in range(80)}
     assert len(values) <= 4 * math.log2(600 / 5) + 2  # ~4 sides per doubling, not one per pixel
-    # two boxes of extent 26 and 28 around nearly the same centre: one crop, one cached SAM embedding
-    a = window_for((700, 1100), box=(300, 500, 325, 525))
-    b = window_for((700, 1100), box=(301, 502, 328, 529))
-    assert a == b and sides(a) == (SAM, SAM)
+    # two boxes of extent 45 and 48 (= TARGET) around nearly the same centre: one crop, one cached SAM
+    # embedding, and an object of the prompt extent gets a crop of SAM's own input size
+    a = window_for((700, 1100), box=(300, 500, 344, 544))
+    b = window_for((700, 1100), box=(301, 502, 348, 549))
+    assert box_extent((301, 502, 348, 549)) == TARGET
+    assert a == b and sides(a) == (auto_side(45, SAM, TARGET),) * 2 == (SAM, SAM)
 
 
 @pytest.mark.parametrize("extent", [6, 10, 20])
@@ -143,7 +149,7 @@ def test_a_small_box_gets_a_small_crop_that_sam_upsamples(extent):
 def test_a_large_box_gets_a_large_crop(box):
     win = window_for((3000, 4000), box=box)
     side = auto_side(box_extent(box), SAM, TARGET)
-    assert sides(win) == (side, side) and side > 4 * SAM
+    assert sides(win) == (side, side) and side >= box_extent(box) * SAM / TARGET > 2 * SAM  # SAM shrinks it
     assert contains(win, *box)
     assert 0.8 * TARGET <= box_extent(box) * SAM / side <= TARGET
 
@@ -153,8 +159,10 @@ def test_small_planes_are_cropped_when_the_object_is_small():
     assert sides(win) == (auto_side(10, SAM, TARGET),) * 2 and contains(win, 150, 200, 159, 209)
     win = window_for((300, 380), points=[(150, 200)], object_extent=8)  # a click on an 8-px object
     assert sides(win) == (auto_side(1 + 8, SAM, TARGET),) * 2 and contains(win, 150, 200, 150, 200)
-    # an object of the model's size on the same plane needs more than the plane: the whole plane
-    assert window_for((300, 380), box=(100, 100, 149, 149)) is None
+    # a 70-px object on the same plane needs a crop larger than the plane: the whole plane
+    assert auto_side(70, SAM, TARGET) >= 380 > auto_side(60, SAM, TARGET)
+    assert window_for((300, 380), box=(100, 100, 169, 169)) is None
+    assert window_for((300, 380), box=(100, 100, 159, 159)) is not None
 
 
 def test_clicks_use_their_spread_plus_the_object_extent():
@@ -163,7 +171,7 @@ def test_clicks_use_their_spread_plus_the_object_extent():
     assert sides(two) == (auto_side(30 + 40, SAM, TARGET),) * 2 and contains(two, 1000, 1000, 1000, 1029)
     # without an estimate a click stands for an object of the model's own size
     unknown = window_for((2000, 2000), points=[(1000, 1000)])
-    assert sides(unknown) == (auto_side(1 + TARGET, SAM, TARGET),) * 2
+    assert sides(unknown) == (auto_side(1 + MODEL_OBJECT_EXTENT, SAM, TARGET),) * 2
     # a box or a prior gives the extent itself: an object_extent is ignored with them
     boxed = window_for((2000, 2000), points=[(1000, 1000)], box=(990, 990, 1009, 1009), object_extent=500)
     assert sides(boxed) == (auto_side(20, SAM, TARGET),) * 2
@@ -171,7 +179,7 @@ def test_clicks_use_their_spread_plus_the_object_extent():
 
 # ------------------------------------------------------------------------------------ placement
 def test_point_in_the_middle_gets_a_window_centred_on_it():
-    win = window_for((700, 1100), points=[(350, 600)], object_extent=TARGET - 1)  # extent 28: a SAM-sized crop
+    win = window_for((700, 1100), points=[(350, 600)], object_extent=TARGET - 1)  # extent 48: a SAM-sized crop
     assert sides(win) == (SAM, SAM)
     centre = ((win[0] + win[2]) / 2, (win[1] + win[3]) / 2)
     assert abs(centre[0] - 350.5) <= SAM / 8 and abs(centre[1] - 600.5) <= SAM / 8
@@ -194,14 +202,17 @@ def test_wide_spread_points_use_the_whole_image():
 
 
 def test_a_side_reaching_the_image_is_the_whole_image():
-    box = (300, 500, 399, 599)  # extent 100 -> side 1024
+    box = (300, 300, 399, 399)  # extent 100 -> side 609
+    side = auto_side(100, SAM, TARGET)
+    assert side == 609
     assert window_for((700, 1100), box=box) is not None
-    assert window_for((700, 1024), box=box) is None  # the side equals the longer side
-    assert window_for((1024, 700), box=box) is None
+    assert window_for((500, side), box=box) is None  # the side equals the longer side
+    assert window_for((side, 500), box=box) is None
+    assert window_for((500, side + 1), box=box) is not None  # one pixel more: a crop
 
 
 def test_window_taller_than_the_image_is_clipped_on_that_axis():
-    box = (50, 1000, 149, 1099)  # extent 100 -> side 1024, on a 500-px-high plane
+    box = (50, 1000, 149, 1099)  # extent 100 -> side 609, on a 500-px-high plane
     win = window_for((500, 3000), box=box)
     side = auto_side(100, SAM, TARGET)
     assert win[0] == 0 and win[2] == 500 and win[3] - win[1] == side
@@ -313,7 +324,8 @@ def test_a_click_on_a_big_object_gets_a_bigger_crop(tiny_session):
     assert sides(small.window) == (clicked_side(tiny_session, image, (400, 500)),) * 2
     assert sides(big.window) == (clicked_side(tiny_session, image, (1000, 1400)),) * 2
     assert 3 * sides(small.window)[0] < sides(big.window)[0] < 2000
-    # each object spans about TARGET SAM pixels in its crop: 2x the blob diameter is the extent assumed
+    # each object spans about TARGET SAM pixels in its crop: CLICK_EXTENT_FACTOR x the blob diameter is the
+    # extent assumed
     for diameter, result in ((10, small), (60, big)):
         spanned = CLICK_EXTENT_FACTOR * diameter * SAM / sides(result.window)[0]
         assert 0.6 * TARGET < spanned < 1.4 * TARGET
@@ -343,14 +355,16 @@ def test_point_lands_at_the_same_place_in_the_crop(tiny_session, big_image, monk
 
 
 @pytest.mark.parametrize(("box", "window", "sam_box"), [
-    ((5, 1068, 32, 1095), (0, 844, 256, 1100), [224, 5, 251, 32]),  # extent 28: crop = SAM input, 1:1
-    ((5, 1082, 18, 1095), (0, 972, 128, 1100), [220, 10, 246, 36]),  # extent 14: a 128-px crop, 2x up
-    ((5, 1040, 60, 1095), (0, 588, 512, 1100), [226, 2.5, 253.5, 30]),  # extent 56: a 512-px crop, 2x down
+    ((5, 1048, 52, 1095), (0, 844, 256, 1100), [204, 5, 251, 52]),  # extent 48 (TARGET): crop = SAM input, 1:1
+    ((5, 1072, 28, 1095), (0, 972, 128, 1100), [200, 10, 246, 56]),  # extent 24: a 128-px crop, 2x up
+    ((5, 1000, 100, 1095), (0, 588, 512, 1100), [206, 2.5, 253.5, 50]),  # extent 96: a 512-px crop, 2x down
 ])
 def test_box_near_a_corner_maps_in_and_out(tiny_session, big_image, monkeypatch, box, window, sam_box):
     calls = fake_decoder(tiny_session, monkeypatch)
     result = tiny_session.segment(big_image, box=box)
-    assert result.window == window
+    side = auto_side(box_extent(box), SAM, TARGET)
+    assert side == SAM * box_extent(box) / TARGET  # the box spans exactly TARGET SAM pixels
+    assert result.window == window == (0, 1100 - side, side, 1100)  # flush with the top-right corner
     np.testing.assert_allclose(calls[0]["boxes"][0], sam_box)  # SAM gets (x0, y0, x1, y1)
     cy, cx = centroid(result.mask)
     pixel = (window[2] - window[0]) / SAM  # image pixels per SAM pixel
@@ -360,7 +374,7 @@ def test_box_near_a_corner_maps_in_and_out(tiny_session, big_image, monkeypatch,
 def test_mask_prior_is_cut_to_the_same_window(tiny_session, big_image, monkeypatch):
     fake_decoder(tiny_session, monkeypatch)  # a mask-only prompt: the decoder echoes the prior
     prior = np.zeros(big_image.shape, bool)
-    prior[600:640, 30:70] = True  # 40 px -> a 431-px crop
+    prior[600:640, 30:70] = True  # 40 px -> a 216-px crop
     result = tiny_session.segment(big_image, mask=prior)
     assert contains(result.window, 600, 30, 639, 69) and sides(result.window) == (auto_side(40, SAM, TARGET),) * 2
     iou = (result.mask & prior).sum() / (result.mask | prior).sum()
@@ -436,8 +450,10 @@ def test_window_none_and_small_images_take_the_whole_plane_path(tiny_session, im
         assert all(np.array_equal(x, y) for x, y in zip(a.masks, b.masks, strict=True)) and a.scores == b.scores
     # a click on image16's 30x40 block: its crop exceeds the small plane
     assert tiny_session.segment(image16, points=[(30, 50)]).window == (0, 0, *image16.shape)
-    # big_image's 80x100 block: a 1024-px crop, clipped to the plane's 700 rows
-    assert tiny_session.segment(big_image, box=(300, 850, 379, 949)).window == (0, 76, 700, 1100)
+    # big_image's 80x100 block: a 609-px crop, flush with the plane's top and right edges
+    side = auto_side(box_extent((300, 850, 379, 949)), SAM, TARGET)
+    assert side == 609
+    assert tiny_session.segment(big_image, box=(300, 850, 379, 949)).window == (0, 1100 - side, side, 1100)
 
 
 def test_window_none_matches_the_documented_whole_plane_pipeline(tiny_session, big_image):
@@ -460,6 +476,239 @@ def test_window_none_matches_the_documented_whole_plane_pipeline(tiny_session, b
 def test_bad_window_is_refused_by_segment(tiny_session, big_image):
     with pytest.raises(SessionInputError, match="window must be"):
         tiny_session.segment(big_image, points=[(10, 10)], window="large")
+
+
+# ------------------------------------------------------------------------------------ flips (mirror voting)
+#: (flip_y, flip_x) of the four views segment(flips=True) decodes.
+FLIPS = {(False, False), (True, False), (False, True), (True, True)}
+
+
+def flipped(array, flip_y: bool, flip_x: bool) -> np.ndarray:
+    """``array`` mirrored top-bottom and/or left-right (written with np.flip, apart from window.unmirror)."""
+    axes = tuple(a for a, f in ((0, flip_y), (1, flip_x)) if f)
+    return np.flip(array, axes) if axes else np.asarray(array)
+
+
+def flip_of(rgb, upright) -> tuple[bool, bool]:
+    """Which mirror image of ``upright`` a decoded view's RGB is (noise content: exactly one matches)."""
+    found = [f for f in sorted(FLIPS) if np.array_equal(rgb, flipped(upright, *f))]
+    assert len(found) == 1, "a decoded view is one mirror image of the crop"
+    return found[0]
+
+
+def mirrored_yx(yx, hw, flip_y: bool, flip_x: bool) -> tuple[float, float]:
+    y, x = yx
+    return (hw[0] - 1 - y if flip_y else y, hw[1] - 1 - x if flip_x else x)
+
+
+def record_views(session, monkeypatch):
+    """Spy on ``Session._decode_view``: each decoded view's RGB, prompts (view pixels), masks and scores."""
+    seen = []
+    original = session._decode_view
+
+    def spy(view, pts, labels, box_arr, prior, *args, **kwargs):
+        masks, scores = original(view, pts, labels, box_arr, prior, *args, **kwargs)
+        seen.append({"rgb": view.rgb, "points": pts, "box": box_arr, "prior": prior, "masks": masks,
+                     "scores": scores})
+        return masks, scores
+
+    monkeypatch.setattr(session, "_decode_view", spy)
+    return seen
+
+
+def numbered_scores(session, monkeypatch):
+    """The (fake) decoder's IoU score becomes 1, 2, 3, ... per call, so averaging shows."""
+    decode, count = session.model.sam.decode_with_prompts, iter(range(1, 1000))
+
+    def numbered(*args, **kwargs):
+        logits, _ = decode(*args, **kwargs)
+        return logits, torch.full((1, 1), float(next(count)))
+
+    monkeypatch.setattr(session.model.sam, "decode_with_prompts", numbered)
+
+
+def prompt_centre(prompt) -> tuple[float, float]:
+    """Where the fake decoder puts its mask: the click, or the box's centre (image pixels)."""
+    if "points" in prompt:
+        return tuple(float(v) for v in prompt["points"][0])
+    y0, x0, y1, x1 = prompt["box"]
+    return (y0 + y1) / 2, (x0 + x1) / 2
+
+
+def check_mirror_views(seen, upright, prompt, origin) -> None:
+    """Each of the four views got the prompt mirrored with it, and the fake's mask landed on it there."""
+    hw = upright.shape[:2]
+    centre = (prompt_centre(prompt)[0] - origin[0], prompt_centre(prompt)[1] - origin[1])  # view pixels
+    pixel = max(hw) / SAM  # view pixels per SAM pixel
+    assert len(seen) == 4 and {flip_of(v["rgb"], upright) for v in seen} == FLIPS
+    for v in seen:
+        flip = flip_of(v["rgb"], upright)
+        where = mirrored_yx(centre, hw, *flip)
+        if "points" in prompt:
+            np.testing.assert_allclose(v["points"][0], where)
+        else:  # corners mirrored and re-ordered (y0 <= y1, x0 <= x1)
+            y0, x0, y1, x1 = (float(c) - o for c, o in zip(prompt["box"], (*origin, *origin), strict=True))
+            a, b = mirrored_yx((y0, x0), hw, *flip), mirrored_yx((y1, x1), hw, *flip)
+            np.testing.assert_allclose(v["box"], [min(a[0], b[0]), min(a[1], b[1]), max(a[0], b[0]), max(a[1], b[1])])
+        mask = v["masks"][0]
+        assert mask.shape == hw and mask[round(where[0]), round(where[1])], "the mask is on the mirrored prompt"
+        cy, cx = centroid(mask)
+        assert abs(cy - where[0]) <= 4 * pixel + 1 and abs(cx - where[1]) <= 4 * pixel + 1
+        back = flipped(mask, *flip)  # the mask mapped back to the crop lands on the prompt there too
+        assert back[round(centre[0]), round(centre[1])]
+
+
+@pytest.mark.parametrize("prompt", [{"points": [(310, 700)]}, {"box": (300, 690, 320, 710)}])
+def test_flips_map_the_prompt_into_each_mirror_image_of_the_crop_and_vote(tiny_session, big_image, monkeypatch,
+                                                                           prompt):
+    fake_decoder(tiny_session, monkeypatch)
+    plain = tiny_session.segment(big_image, **prompt)
+    numbered_scores(tiny_session, monkeypatch)
+    seen = record_views(tiny_session, monkeypatch)
+    result = tiny_session.segment(big_image, **prompt, flips=True)
+    # the same crop (and SAM cache key) as without flips; four decodes of its mirror images
+    assert result.window == plain.window and result.image_key == plain.image_key
+    y0, x0, y1, x1 = result.window
+    assert (y1 - y0, x1 - x0) != big_image.shape
+    check_mirror_views(seen, to_model_rgb(big_image)[y0:y1, x0:x1], prompt, (y0, x0))
+    # the vote: a full-size mask centred on the prompt in image pixels, nothing outside the crop
+    assert result.mask.shape == big_image.shape and len(result.masks) == 1
+    cy, cx = prompt_centre(prompt)
+    assert result.mask[round(cy), round(cx)]
+    my, mx = centroid(result.mask)
+    pixel = (y1 - y0) / SAM
+    assert abs(my - cy) <= 2 * pixel + 1 and abs(mx - cx) <= 2 * pixel + 1
+    assert not result.mask[:y0].any() and not result.mask[y1:].any()
+    assert not result.mask[:, :x0].any() and not result.mask[:, x1:].any()
+    # pixels at least two of the four views hold: what each view's mask, mapped back, says
+    votes = sum(flipped(v["masks"][0], *flip_of(v["rgb"], seen[0]["rgb"])).astype(int) for v in seen)
+    np.testing.assert_array_equal(result.mask[y0:y1, x0:x1], votes >= 2)
+    assert result.scores == [pytest.approx((1 + 2 + 3 + 4) / 4)]  # the four views' scores averaged
+
+
+@pytest.mark.parametrize("prompt", [{"points": [(30, 50)]}, {"box": (22, 35, 47, 64)}])
+def test_flips_on_the_whole_plane(tiny_session, image16, monkeypatch, prompt):
+    """A non-square plane (SAM's frame padded): the prompt is mirrored in image pixels, the vote full size."""
+    fake_decoder(tiny_session, monkeypatch)
+    numbered_scores(tiny_session, monkeypatch)
+    seen = record_views(tiny_session, monkeypatch)
+    result = tiny_session.segment(image16, **prompt, window=None, flips=True)
+    assert result.window == (0, 0, *image16.shape) and result.image_key == tiny_session.embed(image16)
+    check_mirror_views(seen, to_model_rgb(image16), prompt, (0, 0))
+    assert result.mask.shape == image16.shape
+    cy, cx = prompt_centre(prompt)
+    assert result.mask[round(cy), round(cx)]
+    my, mx = centroid(result.mask)
+    pixel = max(image16.shape) / SAM
+    assert abs(my - cy) <= 2 * pixel + 1 and abs(mx - cx) <= 2 * pixel + 1
+    assert result.scores == [pytest.approx(2.5)]
+
+
+@pytest.mark.parametrize("prompt", [
+    {"box": (2, 1070, 9, 1097)},  # 8 x 28 px in the top-right corner: its mirror images sit in the other corners
+    {"points": [(0, 1099)], "window": 128},  # the corner pixel itself (on noise: an int window gives a crop)
+    {"points": [(697, 3)]},  # near the bottom-left corner
+])
+def test_flips_cover_an_asymmetric_prompt_in_a_corner(tiny_session, big_image, monkeypatch, prompt):
+    fake_decoder(tiny_session, monkeypatch)
+    seen = record_views(tiny_session, monkeypatch)
+    result = tiny_session.segment(big_image, **prompt, flips=True)
+    y0, x0, y1, x1 = result.window
+    assert (y1 - y0, x1 - x0) != big_image.shape  # a crop, flush with the corner
+    assert y0 in (0, 700 - (y1 - y0)) and x0 in (0, 1100 - (x1 - x0))
+    check_mirror_views(seen, to_model_rgb(big_image)[y0:y1, x0:x1], prompt, (y0, x0))
+    cy, cx = prompt_centre(prompt)
+    assert result.mask[round(cy), round(cx)], "the voted mask covers the prompt"
+    if "box" in prompt:
+        b0, b1, b2, b3 = prompt["box"]
+        assert result.mask[b0 : b2 + 1, b1 : b3 + 1].sum() == result.mask.sum()  # clipped to the box
+    my, mx = centroid(result.mask)
+    pixel = (y1 - y0) / SAM
+    assert abs(my - cy) <= 4 * pixel + 1 and abs(mx - cx) <= 4 * pixel + 1
+
+
+def test_flips_mirror_a_mask_prior_too(tiny_session, big_image, monkeypatch):
+    fake_decoder(tiny_session, monkeypatch)  # a mask-only prompt: the decoder echoes the (mirrored) prior
+    seen = record_views(tiny_session, monkeypatch)
+    prior = np.zeros(big_image.shape, bool)
+    prior[600:640, 30:70] = True
+    prior[600:610, 30:45] = False  # not symmetric
+    result = tiny_session.segment(big_image, mask=prior, flips=True)
+    y0, x0, y1, x1 = result.window
+    upright = to_model_rgb(big_image)[y0:y1, x0:x1]
+    assert len(seen) == 4 and {flip_of(v["rgb"], upright) for v in seen} == FLIPS
+    for v in seen:
+        np.testing.assert_array_equal(v["prior"], flipped(prior[y0:y1, x0:x1], *flip_of(v["rgb"], upright)))
+    assert result.mask.shape == prior.shape
+    assert (result.mask & prior).sum() / (result.mask | prior).sum() > 0.8
+
+
+def test_flips_are_skipped_on_a_block_reduced_plane(tiny_session, big_image, monkeypatch):
+    """Mirroring needs view pixels = image pixels; a reduced whole plane is decoded once, as without flips."""
+    import napari_medplib.engine.image as image_module
+
+    monkeypatch.setattr(image_module, "LARGE_SIDE", 400)
+    fake_decoder(tiny_session, monkeypatch)
+    seen = record_views(tiny_session, monkeypatch)
+    plain = tiny_session.segment(big_image, points=[(310, 700)], window=None)
+    flips = tiny_session.segment(big_image, points=[(310, 700)], window=None, flips=True)
+    assert len(seen) == 2 and np.array_equal(plain.mask, flips.mask) and plain.scores == flips.scores
+
+
+@pytest.mark.parametrize("flip_y", [False, True])
+@pytest.mark.parametrize("flip_x", [False, True])
+def test_mirror_prompts_and_unmirror_round_trip(flip_y, flip_x):
+    rng = np.random.default_rng(4)
+    view = make_view(rng.integers(0, 4000, (5, 7)).astype(np.uint16))
+    points = np.array([[0.0, 0.0], [1.0, 5.0], [4.0, 6.0], [2.0, 3.0]])
+    box = np.array([1.0, 2.0, 3.0, 6.0])
+    prior = np.zeros((5, 7), bool)
+    prior[1:3, 2:6] = True
+    prior[4, 0] = True
+    kept = points.copy(), box.copy(), prior.copy()
+    mirrored, m_pts, m_box, m_prior = mirror_prompts(view, points, box, prior, flip_y, flip_x)
+    # the view's RGB mirrored (a new content key unless nothing is flipped), same plane size and factor
+    assert np.array_equal(mirrored.rgb, flipped(view.rgb, flip_y, flip_x))
+    assert mirrored.image_hw == view.image_hw and mirrored.factor == view.factor == 1
+    assert mirrored.key == content_key(mirrored.rgb) and (mirrored.key != view.key) == (flip_y or flip_x)
+    # points: on the same content, at (h - 1 - y, w - 1 - x) where flipped
+    for (y, x), (my, mx) in zip(points, m_pts, strict=True):
+        assert (my, mx) == mirrored_yx((y, x), (5, 7), flip_y, flip_x)
+        assert np.array_equal(view.rgb[int(y), int(x)], mirrored.rgb[int(my), int(mx)])
+    # box: corners ordered again, covering exactly the mirrored pixels
+    assert m_box[0] <= m_box[2] and m_box[1] <= m_box[3] and m_box.dtype == box.dtype
+
+    def box_mask(b):
+        mask = np.zeros((5, 7), bool)
+        mask[int(b[0]) : int(b[2]) + 1, int(b[1]) : int(b[3]) + 1] = True
+        return mask
+
+    np.testing.assert_array_equal(box_mask(m_box), flipped(box_mask(box), flip_y, flip_x))
+    np.testing.assert_array_equal(m_prior, flipped(prior, flip_y, flip_x))
+    # the inputs are left as they were
+    assert all(np.array_equal(a, b) for a, b in zip((points, box, prior), kept, strict=True))
+    # mirroring is its own inverse: twice gives back the view and the prompts; unmirror undoes a mask
+    view2, pts2, box2, prior2 = mirror_prompts(mirrored, m_pts, m_box, m_prior, flip_y, flip_x)
+    assert np.array_equal(view2.rgb, view.rgb) and view2.key == view.key
+    np.testing.assert_array_equal(pts2, points)
+    np.testing.assert_array_equal(box2, box)
+    np.testing.assert_array_equal(prior2, prior)
+    back = unmirror(m_prior, flip_y, flip_x)
+    np.testing.assert_array_equal(back, prior)
+    assert back.flags.c_contiguous
+    np.testing.assert_array_equal(unmirror(flipped(view.rgb[..., 0], flip_y, flip_x), flip_y, flip_x),
+                                  view.rgb[..., 0])
+    # absent prompts stay absent
+    assert mirror_prompts(view, None, None, None, flip_y, flip_x)[1:] == (None, None, None)
+
+
+def test_mirror_prompts_without_a_flip_changes_nothing():
+    view = make_view(np.random.default_rng(5).integers(0, 255, (6, 9), dtype=np.uint8))
+    points, box = np.array([[1.0, 2.0]]), np.array([0.0, 1.0, 4.0, 7.0])
+    out = mirror_prompts(view, points, box, None, False, False)
+    assert out[0] is view and out[1] is points and out[2] is box and out[3] is None
+    mirrored = mirror_prompts(view, points, box, None, True, True)[0]
+    assert not mirrored.rgb.flags.writeable and mirrored.rgb.flags.c_contiguous  # safe to cache
 
 
 # ------------------------------------------------------------------------------------ CLI

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from napari_medplib.engine.scale import MODEL_OBJECT_EXTENT
+from napari_medplib.engine.scale import MODEL_OBJECT_EXTENT, PROMPT_OBJECT_EXTENT
 from napari_medplib.train import augment
 from napari_medplib.train.augment import realistic
 from napari_medplib.train.synth import STYLES, make_sample
@@ -45,21 +45,45 @@ def test_realistic_is_deterministic_for_a_generator_seed():
     assert any(o.image.shape != a.image.shape or not np.array_equal(o.image, a.image) for o in others)
 
 
-def test_objects_span_about_the_model_extent_of_the_crop():
-    """On a large frame (so a crop is always cut), the crop side is about 256 / MODEL_OBJECT_EXTENT
-    times the objects' extent, as ``Session.segment`` cuts it (the target extent is jittered)."""
-    sample = make_sample("nuclei", 1, size=(384, 384))
+def crop_ratios(sample, extent=None, seeds=range(16)) -> tuple[list[float], list[int]]:
+    """Per seed: the median object extent / crop side of ``realistic(sample, rng, extent)``, and the side."""
     ratios, sizes = [], []
-    for seed in range(16):
-        out = realistic(sample, np.random.default_rng(seed))
+    for seed in seeds:
+        out = realistic(sample, np.random.default_rng(seed), extent)
         assert out.labels.shape[0] == out.labels.shape[1], "a crop is square"
         sizes.append(out.labels.shape[0])
         extents = [max(s[0].stop - s[0].start, s[1].stop - s[1].start) for s in ndi.find_objects(out.labels) if s]
         ratios.append(np.median(extents) / out.labels.shape[0])
-    expected = MODEL_OBJECT_EXTENT / 256
+    return ratios, sizes
+
+
+@pytest.mark.parametrize(("extent", "target"), [
+    (None, MODEL_OBJECT_EXTENT), (PROMPT_OBJECT_EXTENT, PROMPT_OBJECT_EXTENT),
+])
+def test_objects_span_about_the_target_extent_of_the_crop(extent, target):
+    """On a large frame (so a crop is always cut), the crop side is about 256 / ``extent`` times the
+    objects' extent, as ``Session.segment`` cuts it (the target extent is jittered); the default is the
+    synthetic frames' own MODEL_OBJECT_EXTENT, and the engine's PROMPT_OBJECT_EXTENT (48) is asked for."""
+    sample = make_sample("nuclei", 1, size=(384, 384))
+    ratios, sizes = crop_ratios(sample, extent)
+    expected = target / 256
     assert 0.6 * expected < np.median(ratios) < 1.5 * expected
     assert 0.25 * expected < min(ratios) and max(ratios) < 3 * expected
     assert max(sizes) > 2 * min(sizes), "objects are rescaled, so the crops differ in size"
+
+
+def test_a_larger_extent_cuts_a_tighter_crop_around_the_same_object():
+    """Same generator seed = same rescale, object and jitter: only the crop side changes, by about 48 / 28."""
+    sample = make_sample("nuclei", 1, size=(512, 512))
+    small, small_sizes = crop_ratios(sample, MODEL_OBJECT_EXTENT, range(12))
+    large, large_sizes = crop_ratios(sample, PROMPT_OBJECT_EXTENT, range(12))
+    assert all(a <= b for a, b in zip(large_sizes, small_sizes, strict=True))
+    factor = np.median(np.array(large) / np.array(small))
+    assert 0.75 * PROMPT_OBJECT_EXTENT / MODEL_OBJECT_EXTENT < factor < 1.3 * PROMPT_OBJECT_EXTENT / MODEL_OBJECT_EXTENT
+    # no extent is the synthetic frames' own: the same sample as asking for MODEL_OBJECT_EXTENT
+    a = realistic(sample, np.random.default_rng(3))
+    b = realistic(sample, np.random.default_rng(3), MODEL_OBJECT_EXTENT)
+    assert np.array_equal(a.image, b.image) and np.array_equal(a.labels, b.labels)
 
 
 def test_photometric_changes_include_inverted_polarity():
@@ -82,3 +106,10 @@ def test_drop_cut_removes_edge_instances_unless_none_would_remain():
     assert set(np.unique(kept).tolist()) == {0, 2} and np.array_equal(kept == 2, labels == 2)
     only_cut = np.where(labels == 2, 0, labels)
     assert np.array_equal(augment._drop_cut(only_cut), only_cut)
+
+
+@pytest.mark.parametrize("extent", [0, 0.0, -PROMPT_OBJECT_EXTENT])
+def test_a_non_positive_extent_is_refused(extent):
+    """None is the default; 0 or a negative extent would silently cut crops at some other scale."""
+    with pytest.raises(ValueError, match="extent must be positive"):
+        realistic(make_sample("nuclei", 0), np.random.default_rng(0), extent)

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 from train_micro import micro_recipe, micro_stages
 
+from napari_medplib.engine.scale import PROMPT_OBJECT_EXTENT
 from napari_medplib.train.recipe import (
     RECIPES_DIR,
     RecipeError,
@@ -94,6 +95,7 @@ def test_a_continued_moe_stage_routes_as_the_stage_it_continues():
     ("kind", "rl", "kind must be"), ("tasks", ["chat"], "unknown task"), ("train", [], "lists no parameters"),
     ("lr", 0.0, "lr > 0"), ("prompt", "mask", "prompt must be"), ("threads", -1, "must be 0 or more"),
     ("data_workers", -2, "must be 0 or more"), ("augment", "strong", r"augment must be '' or 'realistic'.*strong"),
+    ("augment_extent", 48.0, "augment_extent needs augment = 'realistic'"),
 ])
 def test_bad_stage_values(key, value, message):
     stages = micro_stages()
@@ -147,7 +149,8 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         **{f"{kind}{k}": "cpu" for k in ROUNDS for kind in ("sam", "moe")}, "vqa13": "cpu", "count13": "cpu",
         "moe16": "cpu", "regions16": "cpu", "regions17": "cpu", "regions18": "cpu",
         "regions19": "cpu", "counter22": "cpu", "counter23": "cpu",
-        **{f"counts{k}": "cpu" for k in range(22, 27)}, "counter24": "cpu", "sam27": "cpu", "ground27": "cpu"}
+        **{f"counts{k}": "cpu" for k in range(22, 27)}, "counter24": "cpu", "sam27": "cpu", "ground27": "cpu",
+        "sam28": "cpu", "ground28": "cpu"}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -227,7 +230,18 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     assert ground27.init == "counts26" and ground27.copy == {"sam27": ["sam.*"]} and ground27.augment == ""
     assert ground27.tasks == ["grounding"]
     assert not any(p.startswith(("language_model", "sam.image")) for p in ground27.train)
-    assert [s.name for s in gpu.stages if s.augment] == ["sam27"]
+    assert sam27.augment_extent == 0  # cut at the synthetic frames' own object extent
+    # sam27 continued on objects cut to the engine's prompt extent at a lower learning rate, otherwise the
+    # same stage; then ground27 redone on it (neither bundled)
+    sam28, ground28 = gpu.stage("sam28"), gpu.stage("ground28")
+    assert sam28.augment == "realistic" and sam28.augment_extent == PROMPT_OBJECT_EXTENT
+    assert sam28.copy == {"sam27": ["sam.*"]} and sam28.lr < sam27.lr
+    assert dataclasses.replace(sam28, name="sam27", copy=sam27.copy, lr=sam27.lr, augment_extent=0.0) == sam27
+    assert ground28.init == "counts26" and ground28.copy == {"sam28": ["sam.*"]} and ground28.augment == ""
+    assert dataclasses.replace(ground28, name="ground27", copy=ground27.copy) == ground27
+    assert [s.name for s in gpu.stages][-4:] == ["sam27", "ground27", "sam28", "ground28"]
+    assert [s.name for s in gpu.stages if s.augment] == ["sam27", "sam28"]
+    assert [s.name for s in gpu.stages if s.augment_extent] == ["sam28"]
 
 
 def test_a_stage_can_add_a_synthetic_style_without_changing_the_others():
@@ -307,3 +321,38 @@ def test_a_sam_stage_can_train_on_realistic_augmented_samples():
         wrong[index]["augment"] = "realistic"
         with pytest.raises(RecipeError, match=rf"stage '{wrong[index]['name']}': augment applies to sam stages only"):
             micro_recipe(stages=wrong)
+
+
+def test_augment_extent_sets_the_object_extent_of_realistic_crops(monkeypatch):
+    """``augment_extent`` (sam stages with augment): the SAM-pixel extent `augment.realistic` cuts objects
+    to; 0 (the default) leaves realistic's own default, the synthetic frames' extent."""
+    from napari_medplib.train import augment
+    from napari_medplib.train.stream import StageStream
+
+    extents = []
+    original = augment.realistic
+    monkeypatch.setattr(augment, "realistic", lambda sample, rng, extent=None: extents.append(extent) or original(
+        sample, rng, extent))
+    stages = micro_stages()
+    stages[0]["augment"] = "realistic"
+    plain = micro_recipe(stages=stages)
+    assert plain.stages[0].augment_extent == 0.0
+    assert StageStream(plain, plain.stages[0], 0).batch(0) and extents and set(extents) == {None}
+    extents.clear()
+    stages[0]["augment_extent"] = PROMPT_OBJECT_EXTENT
+    recipe = micro_recipe(stages=stages)
+    assert recipe.stages[0].augment_extent == PROMPT_OBJECT_EXTENT
+    wider = StageStream(recipe, recipe.stages[0], 0).batch(0)
+    assert wider and extents and set(extents) == {PROMPT_OBJECT_EXTENT}
+    assert all(item.sample.meta.get("augmented") == "realistic" for item in wider)
+    # (what the extent does to the crops: tests/train/test_augment.py)
+    stages[0]["augment_extent"] = -1.0
+    with pytest.raises(RecipeError, match=r"stage 'sam': augment_extent must be 0 or more, got -1\.0"):
+        micro_recipe(stages=stages)
+
+
+def test_augment_extent_reads_from_toml(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text('[[stages]]\nname = "a"\nkind = "sam"\ntrain = ["sam.*"]\naugment = "realistic"\n'
+                    'augment_extent = 48\n')
+    assert load_recipe(path).stages[0].augment_extent == 48
