@@ -113,3 +113,33 @@ def test_a_non_positive_extent_is_refused(extent):
     """None is the default; 0 or a negative extent would silently cut crops at some other scale."""
     with pytest.raises(ValueError, match="extent must be positive"):
         realistic(make_sample("nuclei", 0), np.random.default_rng(0), extent)
+
+
+def test_empty_frames_paint_objects_over_and_empty_the_grounding_masks():
+    from napari_medplib.train.augment import empty_frame
+    from napari_medplib.train.data import synthetic_items
+
+    (sample, conversations), = list(synthetic_items(1, seed=5, n_per_task=2))
+    blank, kept = empty_frame(sample, conversations, np.random.default_rng(0))
+    assert blank.image.shape == sample.image.shape and blank.image.dtype == sample.image.dtype
+    assert blank.labels.max() == 0 and not blank.categories
+    objects = sample.labels > 0
+    # the objects are gone: their pixels now look like the background around them
+    before = sample.image[objects].mean() - sample.image[~objects].mean()
+    after = blank.image[objects].mean() - blank.image[~objects].mean()
+    assert abs(after) < 0.15 * abs(before)
+    grounding = [c for c in conversations if c.task == "grounding" and not c.regions]
+    assert grounding and len(kept) == len(grounding)
+    for old, new in zip(grounding, kept, strict=True):
+        assert new.question == old.question and new.answer == old.answer
+        assert len(new.target_masks) == len(old.target_masks) and not any(m.any() for m in new.target_masks)
+    again = empty_frame(sample, conversations, np.random.default_rng(0))[0]
+    assert np.array_equal(again.image, blank.image)  # deterministic for a seeded generator
+
+
+def test_empty_frames_keep_rgb_frames_rgb():
+    from napari_medplib.train.augment import empty_frame
+
+    sample = make_sample("he", [1, 2])
+    blank, kept = empty_frame(sample, [], np.random.default_rng(1))
+    assert blank.image.shape == sample.image.shape and blank.image.dtype == np.uint8 and kept == []

@@ -96,6 +96,8 @@ def test_a_continued_moe_stage_routes_as_the_stage_it_continues():
     ("lr", 0.0, "lr > 0"), ("prompt", "mask", "prompt must be"), ("threads", -1, "must be 0 or more"),
     ("data_workers", -2, "must be 0 or more"), ("augment", "strong", r"augment must be '' or 'realistic'.*strong"),
     ("augment_extent", 48.0, "augment_extent needs augment = 'realistic'"),
+    ("empty_frames", 1.0, r"empty_frames must be in \[0, 1\)"),
+    ("empty_frames", 0.2, "empty_frames applies to llm stages with the grounding task"),
 ])
 def test_bad_stage_values(key, value, message):
     stages = micro_stages()
@@ -239,7 +241,12 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
     assert dataclasses.replace(sam28, name="sam27", copy=sam27.copy, lr=sam27.lr, augment_extent=0.0) == sam27
     assert ground28.init == "counts26" and ground28.copy == {"sam28": ["sam.*"]} and ground28.augment == ""
     assert dataclasses.replace(ground28, name="ground27", copy=ground27.copy) == ground27
-    assert [s.name for s in gpu.stages][-4:] == ["sam27", "ground27", "sam28", "ground28"]
+    # ground28 continued with a fifth of its frames emptied: the bundled model
+    ground29 = gpu.stage("ground29")
+    assert ground29.init == "ground28" and ground29.empty_frames == 0.2 and ground29.tasks == ["grounding"]
+    assert ground29.train == ground28.train and gpu.final_stage is ground29
+    assert [s.name for s in gpu.stages if s.empty_frames] == ["ground29"]
+    assert [s.name for s in gpu.stages][-5:] == ["sam27", "ground27", "sam28", "ground28", "ground29"]
     assert [s.name for s in gpu.stages if s.augment] == ["sam27", "sam28"]
     assert [s.name for s in gpu.stages if s.augment_extent] == ["sam28"]
 

@@ -19,7 +19,7 @@ import math
 import numpy as np
 from scipy import ndimage as ndi
 
-from .data import Sample
+from .data import Conversation, Sample
 
 #: Object rescale range (log-uniform) before cropping.
 ZOOM = (0.35, 3.0)
@@ -129,3 +129,36 @@ def realistic(sample: Sample, rng: np.random.Generator, extent: float | None = N
     kept = {int(i): sample.categories[int(i)] for i in np.unique(labels) if i > 0 and int(i) in sample.categories}
     return Sample(np.ascontiguousarray(image), np.ascontiguousarray(labels), kept, sample.style,
                   dict(sample.meta, augmented="realistic"))
+
+
+def empty_frame(sample: Sample, conversations: list[Conversation],
+                rng: np.random.Generator) -> tuple[Sample, list[Conversation]]:
+    """The same frame with its objects painted over by the nearest background and that background's grain:
+    every grounding conversation without a region keeps its question and answer, with empty target masks;
+    the others are dropped (their regions would point at nothing).
+
+    Why: a grounding stage whose every frame holds objects learns to mark something on any frame, so the
+    empty planes at the ends of a z-stack came back two-thirds marked. Such frames teach "nothing here".
+    """
+    labels = np.asarray(sample.labels)
+    image = np.asarray(sample.image)
+    objects = ndi.binary_dilation(labels > 0, iterations=5)  # blurred rims too
+    if objects.all() or not objects.any():
+        return sample, conversations
+    _, (rows, cols) = ndi.distance_transform_edt(objects, return_indices=True)
+    filled = image[rows, cols].astype(np.float32)
+    background = image.astype(np.float32)
+    smooth = ndi.gaussian_filter(background, (1.5, 1.5) + (0,) * (image.ndim - 2))
+    grain = (background - smooth)[~objects]
+    filled = ndi.gaussian_filter(filled, (2.0, 2.0) + (0,) * (image.ndim - 2))
+    if grain.size:  # background grain resampled pixel by pixel (all channels of a pixel together)
+        filled += grain[rng.integers(len(grain), size=filled.shape[:2])]
+    info = np.iinfo(image.dtype) if np.issubdtype(image.dtype, np.integer) else None
+    if info is not None:
+        filled = np.clip(np.rint(filled), info.min, info.max)
+    blank = Sample(filled.astype(image.dtype), np.zeros_like(labels), {}, sample.style,
+                   dict(sample.meta, augmented="empty"))
+    kept = [Conversation(c.question, c.answer, c.task, c.kind, [], [np.zeros_like(m, dtype=bool) for m in c.target_masks],
+                         c.canonical, c.choices, dict(c.meta, empty=True))
+            for c in conversations if c.task == "grounding" and not c.regions]
+    return blank, kept

@@ -152,6 +152,9 @@ class StageSpec:
     #: sam stages with augment: the extent (SAM pixels) an object is cut to, before jitter; 0 = the
     #: synthetic frames' own (``scale.MODEL_OBJECT_EXTENT``)
     augment_extent: float = 0.0
+    #: llm stages on grounding: the share of frames whose objects are painted over (`augment.empty_frame`),
+    #: their grounding answers' masks empty, so the model learns to mark nothing where nothing is
+    empty_frames: float = 0.0
     #: llm stages: false leaves the 576 image tokens out of the sequence (region tokens are still made
     #: from the image). A from-scratch LLM facing ~800 tokens never learns to attend to the one region
     #: token; without the image tokens it has ~30 to choose from.
@@ -294,6 +297,10 @@ def _stage(values: dict[str, Any], index: int) -> StageSpec:
         raise RecipeError(f"stage {stage.name!r}: threads and data_workers must be 0 or more")
     if stage.prompt not in ("box", "point", "box+point"):
         raise RecipeError(f"stage {stage.name!r}: prompt must be 'box', 'point' or 'box+point'")
+    if not 0.0 <= stage.empty_frames < 1.0:
+        raise RecipeError(f"stage {stage.name!r}: empty_frames must be in [0, 1), got {stage.empty_frames!r}")
+    if stage.empty_frames and (stage.kind != "llm" or "grounding" not in stage.tasks):
+        raise RecipeError(f"stage {stage.name!r}: empty_frames applies to llm stages with the grounding task")
     if stage.augment not in ("", "realistic"):
         raise RecipeError(f"stage {stage.name!r}: augment must be '' or 'realistic', got {stage.augment!r}")
     if stage.augment and stage.kind != "sam":

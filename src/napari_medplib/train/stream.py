@@ -79,6 +79,10 @@ class StageStream:
                     items.append(Item(sample, convs))
                     continue
             else:
+                if stage.empty_frames and rng.random() < stage.empty_frames:
+                    from .augment import empty_frame
+
+                    sample, convs = empty_frame(sample, convs, rng)
                 chunks = pack_conversations(convs, stage.tasks, stage.turns or self.recipe.data.turns_per_sequence, rng)
                 if chunks:
                     items.append(Item(sample, chunks[int(rng.integers(len(chunks)))]))
