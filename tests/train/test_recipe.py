@@ -152,7 +152,7 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         "moe16": "cpu", "regions16": "cpu", "regions17": "cpu", "regions18": "cpu",
         "regions19": "cpu", "counter22": "cpu", "counter23": "cpu",
         **{f"counts{k}": "cpu" for k in range(22, 27)}, "counter24": "cpu", "sam27": "cpu", "ground27": "cpu",
-        "sam28": "cpu", "ground28": "cpu"}
+        "sam28": "cpu", "ground28": "cpu", "ground29": "cpu"}
     assert gpu.stage("sam5").copy == {"sam4": ["sam.*"]} and gpu.stage("vl3").init == "vl2"
     g2, m2 = gpu.stage("grounding2"), gpu.stage("moe2")
     assert g2.init == "vl3" and g2.copy == {"sam5": ["sam.*"]}
@@ -222,9 +222,8 @@ def test_tiny_gpu_continues_tiny_cpu_and_says_where_each_stage_ran():
         assert stage.lr == (2e-4 if llm else 2e-2)
     c24 = gpu.stage("counter24")  # the counter continued under the final LLM (not bundled)
     assert c24.init == "counts26" and dataclasses.replace(c24, name="counter23", init="counter22", lr=1e-3) == c23
-    assert gpu.final_stage.name == "counts26"
-    # SAM on samples cut at the engine's object scale (augment.realistic) with the two EM styles, from the
-    # bundled model's SAM; then the grounding path refitted to it on the six earlier styles (not bundled)
+    # SAM on samples cut at the engine's object scale (augment.realistic) with the two EM styles, from
+    # counts26's SAM; then the grounding path refitted to it on the six earlier styles
     sam27, ground27 = gpu.stage("sam27"), gpu.stage("ground27")
     assert sam27.kind == "sam" and sam27.augment == "realistic" and sam27.copy == {"counts26": ["sam.*"]}
     assert sam27.train == ["sam.*"] and {"em_neurites", "em_axons"} < set(sam27.styles)
