@@ -24,8 +24,13 @@ def test_ground_data_with_box_and_stack(session, blobs):
     stack = np.stack([blobs, blobs[::-1]])
     out = grounding.ground_data(stack, "Please segment the bright things", session=session)
     assert out.shape == stack.shape
-    assert out[0, 15, 15] == 1 and out[1, 64 - 1 - 15, 15] == 1
+    # one id per object; the flipped plane's objects lie elsewhere, so they are new objects
+    assert out[0, 15, 15] > 0 and out[1, 64 - 1 - 15, 15] > 0 and out[0, 15, 15] != out[1, 64 - 1 - 15, 15]
     assert len(session.calls) == 3
+    same = grounding.ground_data(np.stack([blobs, blobs, blobs]), "Please segment the bright things",
+                                 session=session)
+    assert (same[0] == same[1]).all() and (same[1] == same[2]).all()  # an object keeps its id through the stack
+    assert len(np.unique(same[0])) - 1 == len(np.unique(out[0])) - 1 >= 2  # touching nothing: one id each
 
 
 def test_region_tag_without_regions_is_a_clear_error(session, blobs):

@@ -74,10 +74,12 @@ def ground_data(
     session: Any | None = None,
     rgb: bool | None = None,
 ) -> np.ndarray:
-    """Ask ``question`` on every 2-D plane of ``image``; return int32 labels (mask k -> k + 1).
+    """Ask ``question`` on every 2-D plane of ``image``; return int32 labels, one id per grounded object.
 
     ``<region>`` tags in the question refer to ``shapes`` then ``points``, which apply to every
-    plane. Without a tag they are not used.
+    plane. Without a tag they are not used. A stack is asked with one contrast for all its planes
+    (`engine.stack.stack_contrast_limits`), and a 3-D stack's objects keep their id from plane to plane
+    (`engine.stack.link_planes`).
     """
     session = session if session is not None else _session()
     image = np.asarray(image)
@@ -92,13 +94,21 @@ def ground_data(
         raise RegionError("the question names <region> but no shape or point was given")
     from .sessions import lock_for
 
+    from ..engine.stack import link_planes, reply_instances, stack_contrast_limits
+
+    lead = spatial[:-2]
+    planes = [image[index] for index in np.ndindex(*lead)]
+    limits = stack_contrast_limits(planes, rgb) if len(planes) > 1 else None
     out = np.zeros(spatial, dtype=np.int32)
-    for index in np.ndindex(*spatial[:-2]):
+    for index, plane_image in zip(np.ndindex(*lead), planes, strict=True):
         with lock_for(session):
-            reply = session.ask(image[index], question, regions, rgb=rgb)
+            reply = session.ask(plane_image, question, regions, rgb=rgb, contrast_limits=limits)
         view = out[index]
-        for k, mask in enumerate(reply.masks):
-            view[np.asarray(mask, bool) & (view == 0)] = k + 1
+        for objects in reply_instances(reply):  # one label image per <SEG>, ids after the previous ones
+            new = (objects > 0) & (view == 0)
+            view[new] = objects[new] + view.max()
+    if len(lead) == 1 and len(planes) > 1:
+        out = link_planes(list(out))
     return out
 
 
