@@ -242,7 +242,9 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"count error {summary['count_error_mean_of_images']:.3f} vs {summary['ws_count_error_mean_of_images']:.3f}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"model": session.model_name, "split": args.split, "window": args.window,
+        folder = session.folder
+        model_name = folder.parent.name if folder is not None and folder.name == "final" else session.model_name
+        args.json.write_text(json.dumps({"model": model_name, "split": args.split, "window": args.window,
                                          "max_instances": args.max_instances, "seed": args.seed,
                                          "overall": summary, "images": rows}, indent=1, default=float))
     return 0

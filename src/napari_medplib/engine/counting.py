@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 
 _STOP = {"are", "is", "do", "does", "can", "could", "there", "in", "inside", "within", "on", "of", "you", "we",
-         "i", "appear", "visible", "present", "seen", "this", "the", "image", "shown", "here", "at", "does"}
+         "i", "appear", "visible", "present", "seen", "this", "the", "image", "shown", "here", "at"}
 _HOW_MANY = re.compile(r"\bhow\s+many\s+((?:[a-z][a-z\-]*\s*){1,4})", re.I)
 _SEGMENT = re.compile(
     r"\b(?:segment|ground|outline|delineate|mark|find|detect|show)\s+(?:all\s+|each\s+|every\s+)?(?:of\s+)?(?:the\s+)?"
