@@ -56,51 +56,14 @@ def load_catalog():
 def evaluate_prompts(session, image: np.ndarray, labels: np.ndarray, *, max_instances: int = 30, seed: int = 0,
                      window="auto", contrast_limits=None) -> dict:
     """Box and click Dice per instance, each with its baseline (ellipse, Otsu component)."""
-    from napari_medplib.scoring import (
-        dice,
-        ellipse_in_box,
-        instance_boxes,
-        interior_point,
-        otsu_component,
-        otsu_split,
-        select_instances,
-    )
+    from napari_medplib.scoring import instance_boxes, otsu_split, prompt_scores, select_instances
 
     boxes = instance_boxes(labels)
     above, _ = otsu_split(image)
-    rows = []
-    for label in select_instances(list(boxes), max_instances, seed):
-        y0, x0, y1, x1 = boxes[label]
-        # score inside a margin around the object: same Dice as on the whole plane, far less work
-        m = max(y1 - y0, x1 - x0) + 16
-        r0, c0 = max(0, y0 - m), max(0, x0 - m)
-        r1, c1 = min(labels.shape[0], y1 + m + 1), min(labels.shape[1], x1 + m + 1)
-        target = labels[r0:r1, c0:c1] == label
-        point = interior_point(labels == label) if target.size > 4e6 else tuple(
-            np.add(interior_point(target), (r0, c0)))
-        by_box = session.segment(image, box=[y0, x0, y1, x1], window=window, contrast_limits=contrast_limits)
-        by_click = session.segment(image, points=[list(point)], point_labels=[1], window=window,
-                                   contrast_limits=contrast_limits)
-        ellipse = ellipse_in_box((y0 - r0, x0 - c0, y1 - r0, x1 - c0), target.shape)
-        component = otsu_component(image, point, above)
-        outside_box = int(by_box.mask.sum()) - int(by_box.mask[r0:r1, c0:c1].sum())
-        outside_click = int(by_click.mask.sum()) - int(by_click.mask[r0:r1, c0:c1].sum())
-        rows.append({
-            "label": int(label), "area": int(target.sum()), "extent": int(max(y1 - y0, x1 - x0) + 1),
-            "box_dice": _dice_with_spill(by_box.mask[r0:r1, c0:c1], target, outside_box),
-            "ellipse_dice": dice(ellipse, target),
-            "point_dice": _dice_with_spill(by_click.mask[r0:r1, c0:c1], target, outside_click),
-            "otsu_dice": _dice_with_spill(component[r0:r1, c0:c1], target,
-                                          int(component.sum()) - int(component[r0:r1, c0:c1].sum())),
-            "window": list(by_click.window) if by_click.window is not None else None,
-        })
+    rows = [prompt_scores(session, image, labels, label, window=window, contrast_limits=contrast_limits,
+                          box=boxes[label], above=above)
+            for label in select_instances(list(boxes), max_instances, seed)]
     return _summarise(rows, ("box_dice", "ellipse_dice", "point_dice", "otsu_dice")) | {"instances": rows}
-
-
-def _dice_with_spill(crop: np.ndarray, target: np.ndarray, outside: int) -> float:
-    """Dice of a mask cut to the scoring crop, counting its pixels outside the crop as false positives."""
-    total = int(crop.sum()) + outside + int(target.sum())
-    return 1.0 if total == 0 else 2.0 * int(np.logical_and(crop, target).sum()) / total
 
 
 def _summarise(rows: list[dict], keys: Sequence[str]) -> dict:

@@ -185,3 +185,45 @@ def match_instances(reference: np.ndarray, predicted: np.ndarray, threshold: flo
     iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
     matched = iou[iou > threshold]
     return InstanceMatch(n_ref, n_pred, int(matched.size), float(matched.mean()) if matched.size else float("nan"))
+
+
+# ------------------------------------------------------------------------------------- prompts
+def _dice_with_spill(crop: np.ndarray, target: np.ndarray, outside: int) -> float:
+    """Dice of a mask cut to the scoring crop, counting its pixels outside the crop as false positives."""
+    total = int(crop.sum()) + outside + int(target.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(crop, target).sum()) / total
+
+
+def prompt_scores(session, image: np.ndarray, labels: np.ndarray, label: int, *, window="auto", contrast_limits=None,
+                  box: Box | None = None, above: np.ndarray | None = None) -> dict:
+    """One object's box-prompt and click Dice through ``session.segment`` (as the widget sends them: the
+    object's tight box; one click on its deepest interior pixel), beside the ellipse in the box and the
+    Otsu component under the click. ``box``: the object's tight box when known; ``above``: the plane's
+    Otsu split (``otsu_split``) when scoring many objects of one plane."""
+    if box is None:
+        box = instance_boxes((np.asarray(labels) == label).astype(np.uint8))[1]
+    y0, x0, y1, x1 = box
+    # score inside a margin around the object: the same Dice as on the whole plane, far less work
+    m = max(y1 - y0, x1 - x0) + 16
+    r0, c0 = max(0, y0 - m), max(0, x0 - m)
+    r1, c1 = min(labels.shape[0], y1 + m + 1), min(labels.shape[1], x1 + m + 1)
+    target = labels[r0:r1, c0:c1] == label
+    point = tuple(int(v) for v in np.add(interior_point(target), (r0, c0)))
+    by_box = session.segment(image, box=[y0, x0, y1, x1], window=window, contrast_limits=contrast_limits)
+    by_click = session.segment(image, points=[list(point)], point_labels=[1], window=window,
+                               contrast_limits=contrast_limits)
+    if above is None:
+        above, _ = otsu_split(image)
+    ellipse = ellipse_in_box((y0 - r0, x0 - c0, y1 - r0, x1 - c0), target.shape)
+    component = otsu_component(image, point, above)
+
+    def spill(mask: np.ndarray) -> float:
+        inside = mask[r0:r1, c0:c1]
+        return _dice_with_spill(inside, target, int(mask.sum()) - int(inside.sum()))
+
+    return {
+        "label": int(label), "area": int(target.sum()), "extent": int(max(y1 - y0, x1 - x0) + 1),
+        "box_dice": spill(by_box.mask), "ellipse_dice": dice(ellipse, target),
+        "point_dice": spill(by_click.mask), "otsu_dice": spill(component),
+        "window": list(by_click.window) if getattr(by_click, "window", None) is not None else None,
+    }

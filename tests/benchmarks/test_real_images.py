@@ -28,17 +28,19 @@ def catalog(bench):
 
 
 # ------------------------------------------------------------------------------------ scoring
-def test_dice_with_spill_counts_pixels_outside_the_crop_as_false_positives(bench):
+def test_dice_with_spill_counts_pixels_outside_the_crop_as_false_positives():
+    from napari_medplib.scoring import _dice_with_spill
+
     target = np.zeros((10, 10), bool)
     target[2:6, 2:6] = True  # 16 px
-    assert bench._dice_with_spill(target, target, 0) == 1.0
-    assert bench._dice_with_spill(target, target, 16) == pytest.approx(2 * 16 / (16 + 16 + 16))
+    assert _dice_with_spill(target, target, 0) == 1.0
+    assert _dice_with_spill(target, target, 16) == pytest.approx(2 * 16 / (16 + 16 + 16))
     half = np.zeros_like(target)
     half[2:6, 2:4] = True
-    assert bench._dice_with_spill(half, target, 0) == pytest.approx(2 * 8 / 24)
-    assert bench._dice_with_spill(half, target, 8) == pytest.approx(2 * 8 / 32)
+    assert _dice_with_spill(half, target, 0) == pytest.approx(2 * 8 / 24)
+    assert _dice_with_spill(half, target, 8) == pytest.approx(2 * 8 / 32)
     empty = np.zeros_like(target)
-    assert bench._dice_with_spill(empty, empty, 0) == 1.0 and bench._dice_with_spill(empty, empty, 3) == 0.0
+    assert _dice_with_spill(empty, empty, 0) == 1.0 and _dice_with_spill(empty, empty, 3) == 0.0
 
 
 def test_first_number(bench):
