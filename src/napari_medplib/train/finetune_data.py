@@ -131,6 +131,9 @@ def _classes(ids: np.ndarray, class_names, index: int, where: str) -> dict[int, 
             name = per_image[index]
             if isinstance(name, Mapping):
                 name = name.get(label, name.get(str(label)))
+                if name is None:
+                    raise FinetuneInputError(f"{where}: label {label} has no class name; name every label id, "
+                                             "or give one name for all objects")
         if not isinstance(name, str) or not name.strip():
             raise FinetuneInputError(f"{where}: class name {name!r} for label {label} must be a word such as "
                                      "'nucleus'")

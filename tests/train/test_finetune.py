@@ -1,0 +1,217 @@
+"""Fine-tuning core: checked inputs, the held-out split, the engine's crops, resume = uninterrupted."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+from napari_medplib.train.finetune_data import (  # noqa: E402
+    MAX_OBJECTS_PER_PLANE,
+    FinetuneInputError,
+    annotated_planes,
+    split_objects,
+)
+
+
+def blobs(n: int = 8, size: int = 96, seed: int = 0, radius: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    """A grey plane with ``n`` bright discs on a dim ground, and their instance labels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    image = rng.normal(20, 3, (size, size))
+    labels = np.zeros((size, size), np.int32)
+    centres = [(16 + 22 * (i // 4), 14 + 22 * (i % 4)) for i in range(n)]
+    for i, (cy, cx) in enumerate(centres, start=1):
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+        labels[disc] = i
+        image[disc] += 80
+    return np.clip(image, 0, 255).astype(np.uint8), labels
+
+
+# ------------------------------------------------------------------------------------ inputs
+def test_planes_keep_classes_and_drop_unannotated_stack_planes():
+    image, labels = blobs()
+    stack_img, stack_lab = np.stack([image, image]), np.stack([labels, np.zeros_like(labels)])
+    planes = annotated_planes([image, stack_img], [labels, stack_lab], ["nucleus", {i: "cell" for i in range(1, 9)}],
+                              names=["a", "b"])
+    assert [p.name for p in planes] == ["a", "b plane 0"]  # the empty plane is left out
+    assert set(planes[0].classes.values()) == {"nucleus"} and set(planes[1].classes.values()) == {"cell"}
+    assert planes[0].ids == list(range(1, 9))
+
+
+def test_images_of_different_sizes_are_separate_planes():
+    a, la = blobs(4, 96)
+    b, lb = blobs(4, 120, seed=1)
+    planes = annotated_planes([a, b], [la, lb])
+    assert [p.image.shape for p in planes] == [(96, 96), (120, 120)]
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda im, lab: ([im], [np.zeros_like(lab)]), "no objects"),
+    (lambda im, lab: ([im], [(lab == 1).astype(np.int32)]), "at least 4"),
+    (lambda im, lab: ([im], [lab[:50]]), "do not match"),
+    (lambda im, lab: ([im], [np.stack([lab] * 3, -1)]), "RGB"),
+    (lambda im, lab: ([im], [lab.astype(np.float32)]), "whole numbers"),
+    (lambda im, lab: ([im], [-lab]), "negative"),
+    (lambda im, lab: ([im, im], [lab]), "one label image per image"),
+    (lambda im, lab: ([], []), "no images"),
+    (lambda im, lab: ([np.zeros((2, 3, 4, 5, 6))], [lab]), "one plane"),
+])
+def test_bad_inputs_name_the_fix(make, message):
+    image, labels = blobs()
+    images, label_images = make(image, labels)
+    with pytest.raises(FinetuneInputError, match=message):
+        annotated_planes(images, label_images)
+
+
+def test_a_grey_level_image_picked_as_labels_is_refused_before_per_id_work():
+    image = np.zeros((256, 256), np.uint8)
+    many = np.arange(256 * 256, dtype=np.uint16).reshape(256, 256) % 40000  # 40,000 ids
+    with pytest.raises(FinetuneInputError, match=f"{MAX_OBJECTS_PER_PLANE:,}"):
+        annotated_planes([image], [many])
+
+
+def test_class_names_must_be_words_without_special_tokens():
+    image, labels = blobs()
+    with pytest.raises(FinetuneInputError, match="reserves"):
+        annotated_planes([image], [labels], "<SEG>")
+    with pytest.raises(FinetuneInputError, match="no class name"):
+        annotated_planes([image], [labels], [{1: "a"}])
+
+
+def test_split_holds_out_a_share_at_least_three_and_is_disjoint():
+    image, labels = blobs(8)
+    planes = annotated_planes([image, image], [labels, labels])
+    split = split_objects(planes, holdout=0.2, seed=3)
+    assert len(split.heldout) == 3 and len(split.train) == 13
+    assert not set(split.train) & set(split.heldout)
+    assert split_objects(planes, seed=3).heldout == split.heldout  # seeded
+    assert len(split_objects(planes, holdout=0.5).heldout) == 8
+
+
+# ------------------------------------------------------------------------------------ examples
+def test_examples_are_engine_crops_of_training_objects_only():
+    from napari_medplib.train.finetune import _prepare, step_examples
+
+    image, labels = blobs(8, size=200, radius=5)
+    planes = annotated_planes([image], [labels])
+    split = split_objects(planes, seed=0)
+    prepared = [_prepare(planes[0], [o.label for o in split.train])]
+    held = {o.label for o in split.heldout}
+    for step in range(4):
+        for ex in step_examples(prepared, split.train, step, 6, seed=0):
+            assert ex.crop.shape[:2] == ex.target.shape and ex.crop.dtype == np.uint8
+            assert ex.target.any()
+            if ex.kind == "box":
+                rows, cols = np.nonzero(ex.target)
+                y0, x0, y1, x1 = ex.box
+                # the jittered box still frames the object (corners move by at most 6 % of its size)
+                assert abs(rows.min() - y0) <= 2 and abs(cols.max() - x1) <= 2
+            else:
+                y, x = np.round(ex.point).astype(int)
+                assert ex.target[y, x]  # the click is on the object
+            # the crop is the engine's: about 256 * extent / 48 px for a ~11 px object, not the whole plane
+            assert max(ex.crop.shape[:2]) < 200
+    trained_labels = {o.label for o in split.train}
+    assert trained_labels and not trained_labels & held
+
+
+# ------------------------------------------------------------------------------------ training
+def _weights(folder):
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def _options(**kw):
+    from napari_medplib.train.finetune import FinetuneOptions
+
+    base = dict(steps=6, batch_size=2, warmup_steps=1, checkpoint_every=2, evaluate=False, threads=1)
+    return FinetuneOptions(**(base | kw))
+
+
+def test_interrupted_and_resumed_training_equals_uninterrupted(tmp_path):
+    from napari_medplib.testing import tiny_model
+    from napari_medplib.train.finetune import FinetuneCancelled, finetune
+
+    image, labels = blobs(8)
+    planes = annotated_planes([image], [labels], "nucleus")
+    base = tiny_model(0)
+    whole = finetune(planes, tmp_path / "whole", base_model=base, options=_options())
+    steps: list[int] = []
+    with pytest.raises(FinetuneCancelled):
+        finetune(planes, tmp_path / "resumed", base_model=base, options=_options(),
+                 on_log=lambda r: steps.append(r["step"]), should_stop=lambda: len(steps) >= 3)
+    assert (tmp_path / "resumed" / "finetune" / "state.pt").is_file()
+    assert not (tmp_path / "resumed" / "config.json").exists()  # no half model
+    resumed = finetune(planes, tmp_path / "resumed", base_model=base, options=_options(),
+                       on_log=lambda r: steps.append(r["step"]))
+    assert steps == [1, 2, 3, 4, 5, 6]  # resumed at step 3, not from the start
+    a, b = _weights(whole.model_dir), _weights(resumed.model_dir)
+    start = _weights_base(base)
+    changed = [k for k in a if k.startswith("sam.mask_decoder") and not np.array_equal(a[k], start[k])]
+    assert changed, "training changed no mask-decoder weight"
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert not (tmp_path / "resumed" / "finetune" / "state.pt").exists()
+
+
+def _weights_base(model):
+    from napari_medplib.model.convert import model_state
+
+    return {k: v.numpy() for k, v in model_state(model).items()}
+
+
+def test_only_the_chosen_parts_train_and_the_folder_loads_with_its_card(tmp_path):
+    from napari_medplib.engine import Session
+    from napari_medplib.testing import tiny_model
+    from napari_medplib.train.finetune import finetune
+
+    image, labels = blobs(8)
+    planes = annotated_planes([image], [labels], "nucleus")
+    base = tiny_model(0)
+    result = finetune(planes, tmp_path / "m", base_model=base, options=_options(evaluate=True, steps=2))
+    before, after = _weights_base(base), _weights(result.model_dir)
+    for key, value in after.items():
+        trains = key.startswith(("sam.mask_decoder", "sam.prompt_encoder"))
+        if not trains:
+            np.testing.assert_array_equal(value, before[key], err_msg=key)
+    card = (result.model_dir / "README.md").read_text()
+    assert "nucleus" in card and "held out" in card.lower()
+    recipe = json.loads((result.model_dir / "finetune.json").read_text())
+    assert recipe["classes"] == ["nucleus"] and len(recipe["split"]["heldout"]) == 3
+    assert set(result.before) >= {"box_dice", "point_dice"} and set(result.baselines) >= {"ellipse_dice", "otsu_dice"}
+    assert 0.0 <= result.after["box_dice"] <= 1.0
+    with Session.load(str(result.model_dir)) as session:
+        assert session.segment(image, box=[10, 8, 22, 20]).mask.shape == image.shape
+
+
+def test_a_non_empty_output_folder_is_refused_and_left_alone(tmp_path):
+    from napari_medplib.testing import tiny_model
+    from napari_medplib.train.finetune import finetune
+
+    image, labels = blobs(8)
+    planes = annotated_planes([image], [labels])
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(FinetuneInputError, match="not empty"):
+        finetune(planes, out, base_model=tiny_model(0), options=_options())
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
+def test_a_run_folder_of_other_inputs_is_not_resumed(tmp_path):
+    from napari_medplib.testing import tiny_model
+    from napari_medplib.train.finetune import FinetuneCancelled, finetune
+
+    image, labels = blobs(8)
+    base = tiny_model(0)
+    with pytest.raises(FinetuneCancelled):
+        finetune(annotated_planes([image], [labels]), tmp_path / "run", base_model=base, options=_options(),
+                 should_stop=lambda: True)
+    other = annotated_planes([image], [labels], "cell")
+    with pytest.raises(FinetuneInputError, match="other images or options"):
+        finetune(other, tmp_path / "run", base_model=base, options=_options())
