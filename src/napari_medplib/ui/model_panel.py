@@ -84,6 +84,17 @@ class ModelPanel(QCollapsible):
         self.temperature.setValue(float(s.temperature))
         self._sync()
 
+    def show_saved(self, s: WidgetSettings, note: str = "") -> None:
+        """Show settings another widget already saved, without emitting ``changed`` (a half-updated
+        form would otherwise be saved over them); ``note`` replaces the status line."""
+        blocked = self.blockSignals(True)
+        try:
+            self.set_settings(s)
+        finally:
+            self.blockSignals(blocked)
+        if note:
+            self.status.setText(note)
+
     def apply_to(self, s: WidgetSettings) -> WidgetSettings:
         s.source = self.source.currentData()
         s.folder = self.folder.text().strip()
