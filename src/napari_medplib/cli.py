@@ -339,6 +339,75 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_finetune(args: argparse.Namespace) -> int:
+    """Adapt a model to annotated images; Ctrl-C saves a checkpoint that the same command resumes."""
+    from .engine.loading import pick_device, resolve_source
+    from .train.finetune_inputs import ProgressPrinter, StopOnInterrupt, check_out_folder, load_annotated_planes
+
+    out = check_out_folder(args.out)
+    resolve_source(args.base_model)  # a missing model fails before any image is read
+    device = pick_device(args.device)
+    planes = load_annotated_planes(args.images, args.labels, args.class_name, fully_annotated=args.fully_annotated,
+                                   note=lambda message: print(f"note: {message}", file=sys.stderr))
+    from .train.finetune import FinetuneCancelled, FinetuneOptions, finetune
+
+    options = FinetuneOptions(steps=args.steps, holdout=args.holdout, seed=args.seed, evaluate=not args.no_eval)
+    printer = ProgressPrinter(options.steps)
+    with StopOnInterrupt() as stop:
+        try:
+            result = finetune(planes, out, args.base_model, options, on_progress=printer.phase, should_stop=stop,
+                              on_log=printer.log, device=device)
+        except FinetuneCancelled:
+            print("interrupted; run the same command again to resume", file=sys.stderr)
+            return 130
+    print(result.summary())
+    print(f"model: {result.model_dir}")
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return value
+
+
+def _share(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1), such as 0.2, got {text!r}")
+    return value
+
+
+def _add_finetune_parser(sub) -> None:
+    """``medplib finetune IMAGES... --labels LABELS... --out DIR``."""
+    parser = sub.add_parser(
+        "finetune", help="adapt a model to your annotated images (resumable)",
+        description="Fine-tune a model's box and click segmentation on annotated objects. Give one labels file "
+                    "per image, in the same order: a label image (TIFF/PNG, one id per object) or regions "
+                    "(QuPath .geojson, COCO .json, ImageJ .roi / RoiSet .zip). A share of the objects is held "
+                    "out to measure the model before and after. Ctrl-C stops after saving a checkpoint: run the "
+                    "same command again to resume.",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="TIFF (plane or stack), PNG or JPEG files")
+    parser.add_argument("--labels", nargs="+", required=True, metavar="LABELS",
+                        help="one label image or region file per image, in the same order")
+    parser.add_argument("--class", dest="class_name", default=None, metavar="NAME",
+                        help="class name of every object (default: the region files' classes, else 'object')")
+    parser.add_argument("--from", dest="base_model", default=None, metavar="MODEL",
+                        help="model folder or name to start from (default: the bundled model)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="new folder for the adapted model")
+    parser.add_argument("--steps", type=_positive_int, default=300, help="training steps (default 300)")
+    parser.add_argument("--holdout", type=_share, default=0.2,
+                        help="share of the objects held out to measure the result (default 0.2, at least 3)")
+    parser.add_argument("--fully-annotated", action="store_true",
+                        help="every object in the images is labelled (unlabelled pixels are background)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the training examples")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    parser.add_argument("--no-eval", action="store_true", help="skip measuring the model before and after")
+    parser.set_defaults(func=_cmd_finetune)
+
+
 # ---------------------------------------------------------------------------------- parser
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("image", help="TIFF, PNG or JPEG file")
@@ -400,6 +469,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_parser(sub)
     add_eval_parser(sub)
+    _add_finetune_parser(sub)
     return parser
 
 
