@@ -93,8 +93,11 @@ def run_group(group: str, entries, k: int, args, cat) -> dict:
     if args.ground:
         before |= grounding_f1(base, ground_images, first.objects)
     planes = annotated_planes([image0], [keep_only(labels0, train_ids)], first.objects, names=[first.name])
+    chosen = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch}
+    if args.train:
+        chosen["train"] = tuple(args.train)
     options = FinetuneOptions(holdout=0.0, min_heldout=0, evaluate=False, seed=args.seed,
-                              **({"steps": args.steps} if args.steps else {}))
+                              **{k: v for k, v in chosen.items() if v})
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
         result = finetune(planes, Path(tmp) / "model", base_model=base, options=options)
@@ -105,7 +108,8 @@ def run_group(group: str, entries, k: int, args, cat) -> dict:
             after |= grounding_f1(tuned, ground_images, first.objects)
         tuned.close()
     base.close()
-    row = {"group": group, "k": len(train_ids), "images": [e.name for e, *_ in loaded], "n_eval": len(heldout),
+    row = {"group": group, "k": len(train_ids), "options": {"steps": options.steps, "lr": options.lr,
+                                                          "batch_size": options.batch_size, "train": list(options.train)}, "images": [e.name for e, *_ in loaded], "n_eval": len(heldout),
            "seconds": round(seconds, 1), "before": before, "after": after,
            "max_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
     print(f"{group:18} k={row['k']:2d} n={len(heldout):3d} {seconds:6.1f}s  box {before['box_dice']:.3f} -> "
@@ -122,6 +126,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--k", type=int, nargs="+", default=[10])
     parser.add_argument("--eval", type=int, default=40, help="held-out objects measured per modality")
     parser.add_argument("--steps", type=int, default=0, help="training steps (default: the fine-tuning default)")
+    parser.add_argument("--lr", type=float, default=0.0, help="learning rate (default: the fine-tuning default)")
+    parser.add_argument("--batch", type=int, default=0, help="batch size (default: the fine-tuning default)")
+    parser.add_argument("--train", nargs="*", default=None, help="parameter patterns that train (default: the default)")
     parser.add_argument("--only", nargs="*", default=None, help="modality groups (e.g. fluorescence em)")
     parser.add_argument("--model", default=None)
     parser.add_argument("--ground", action="store_true", help="also grounding instance F1 (slower)")

@@ -397,9 +397,14 @@ def _add_finetune_parser(sub) -> None:
     parser.add_argument("--from", dest="base_model", default=None, metavar="MODEL",
                         help="model folder or name to start from (default: the bundled model)")
     parser.add_argument("--out", required=True, metavar="DIR", help="new folder for the adapted model")
-    parser.add_argument("--steps", type=_positive_int, default=300, help="training steps (default 300)")
-    parser.add_argument("--holdout", type=_share, default=0.2,
-                        help="share of the objects held out to measure the result (default 0.2, at least 3)")
+    from .train.finetune_data import FinetuneOptions  # torch-free: the core's own defaults
+
+    defaults = FinetuneOptions()
+    parser.add_argument("--steps", type=_positive_int, default=defaults.steps,
+                        help=f"training steps (default {defaults.steps})")
+    parser.add_argument("--holdout", type=_share, default=defaults.holdout,
+                        help=f"share of the objects held out to measure the result (default {defaults.holdout}, "
+                        "at least 3)")
     parser.add_argument("--fully-annotated", action="store_true",
                         help="every object in the images is labelled (unlabelled pixels are background)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the training examples")

@@ -213,5 +213,35 @@ def test_a_run_folder_of_other_inputs_is_not_resumed(tmp_path):
         finetune(annotated_planes([image], [labels]), tmp_path / "run", base_model=base, options=_options(),
                  should_stop=lambda: True)
     other = annotated_planes([image], [labels], "cell")
-    with pytest.raises(FinetuneInputError, match="other images or options"):
+    with pytest.raises(FinetuneInputError, match="other class names"):
         finetune(other, tmp_path / "run", base_model=base, options=_options())
+
+
+def test_a_finished_run_is_returned_not_retrained(tmp_path):
+    from napari_medplib.testing import tiny_model
+    from napari_medplib.train.finetune import finetune
+
+    image, labels = blobs(8)
+    planes = annotated_planes([image], [labels])
+    base = tiny_model(0)
+    first = finetune(planes, tmp_path / "run", base_model=base, options=_options(steps=2))
+    weights = (tmp_path / "run" / "model.safetensors").read_bytes()
+    logged: list[dict] = []
+    again = finetune(planes, tmp_path / "run", base_model=base, options=_options(steps=2), on_log=logged.append)
+    assert logged == [] and again.n_train == first.n_train and again.steps == 2
+    assert (tmp_path / "run" / "model.safetensors").read_bytes() == weights
+    assert "not measured" in again.summary()
+
+
+def test_changed_contrast_is_named_when_a_run_cannot_resume(tmp_path):
+    from napari_medplib.testing import tiny_model
+    from napari_medplib.train.finetune import FinetuneCancelled, finetune
+
+    image, labels = blobs(8)
+    base = tiny_model(0)
+    with pytest.raises(FinetuneCancelled):
+        finetune(annotated_planes([image], [labels]), tmp_path / "run", base_model=base, options=_options(),
+                 should_stop=lambda: True)
+    moved = annotated_planes([image], [labels], contrast_limits=[(0, 120)])
+    with pytest.raises(FinetuneInputError, match="contrast"):
+        finetune(moved, tmp_path / "run", base_model=base, options=_options())

@@ -30,7 +30,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -38,72 +38,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from .finetune_data import AnnotatedPlane, FinetuneInputError, ObjectRef, ObjectSplit, split_objects
+from .finetune_data import (  # noqa: F401 - the options and results are this module's API too
+    DEFAULT_TRAIN,
+    AnnotatedPlane,
+    FinetuneCancelled,
+    FinetuneInputError,
+    FinetuneOptions,
+    FinetuneResult,
+    ObjectRef,
+    ObjectSplit,
+    split_objects,
+)
 
 Progress = Callable[[str, int, int], None]
 
-#: What trains by default: SAM's prompt encoder and mask decoder (names as in ``MedPLIBModel``).
-DEFAULT_TRAIN = ("sam.prompt_encoder.*", "sam.mask_decoder.*")
 #: Spread (log-normal sigma) of the training crop's object extent around the engine's choice.
 CROP_JITTER = 0.2
 #: Box corners move by up to this share of the object's size (users draw boxes loosely).
 BOX_JITTER = 0.06
 STATE_DIR = "finetune"
-
-
-class FinetuneCancelled(Exception):
-    """Training stopped on request; the step checkpoint is written, so running again resumes."""
-
-
-@dataclass
-class FinetuneOptions:
-    """How to fine-tune; the defaults need no tuning (chosen on the tune images of the real-image set)."""
-
-    steps: int = 300
-    batch_size: int = 8
-    lr: float = 3e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.0
-    seed: int = 0
-    holdout: float = 0.2  # share of the annotated objects held out to measure the result
-    min_heldout: int = 3
-    train: tuple[str, ...] = DEFAULT_TRAIN  # glob patterns on parameter names
-    checkpoint_every: int = 25
-    threads: int = 0  # torch threads while training; 0 = leave as is
-    max_eval_objects: int = 60  # held-out objects measured before and after (all when fewer)
-    evaluate: bool = True
-
-    def check(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.checkpoint_every < 1:
-            raise FinetuneInputError("steps, batch size and checkpoint interval must be at least 1 and the "
-                                     "learning rate positive")
-        if not self.train:
-            raise FinetuneInputError("nothing to train: name parameters with glob patterns such as 'sam.mask_decoder.*'")
-
-
-@dataclass
-class FinetuneResult:
-    model_dir: Path
-    before: dict[str, float] = field(default_factory=dict)  # held-out figures of the starting model
-    after: dict[str, float] = field(default_factory=dict)  # ... of the adapted model
-    baselines: dict[str, float] = field(default_factory=dict)  # ellipse in the box, Otsu component under the click
-    n_train: int = 0
-    n_heldout: int = 0
-    seconds: float = 0.0
-    steps: int = 0
-
-    def summary(self) -> str:
-        """Two lines a user reads: the held-out figures before and after, beside the baselines."""
-        def fig(d: dict, k: str) -> str:
-            v = d.get(k)
-            return "-" if v is None or not math.isfinite(v) else f"{v:.3f}"
-
-        lines = [f"held-out objects: {self.n_heldout} (trained on {self.n_train}, {self.steps} steps, "
-                 f"{self.seconds / 60:.1f} min)"]
-        for key, name, base in (("box_dice", "box Dice", "ellipse_dice"), ("point_dice", "click Dice", "otsu_dice")):
-            lines.append(f"{name}: {fig(self.before, key)} -> {fig(self.after, key)} "
-                         f"(model-free baseline {fig(self.baselines, base)})")
-        return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------- examples
@@ -307,20 +260,28 @@ def _trainable(model, patterns: Sequence[str]) -> dict[str, torch.nn.Parameter]:
     return chosen
 
 
-def inputs_fingerprint(planes: Sequence[AnnotatedPlane], options: FinetuneOptions, base: str) -> str:
-    """Content hash of the images, labels, classes, options and base model: a resumed run must match it."""
-    h = hashlib.sha256()
-    for plane in planes:
-        for array in (plane.image, plane.labels):
-            h.update(str((array.shape, str(array.dtype))).encode())
-            h.update(np.ascontiguousarray(array).tobytes())
-        h.update(json.dumps([sorted(plane.classes.items()), plane.fully_annotated, plane.contrast_limits]).encode())
+def inputs_fingerprint(planes: Sequence[AnnotatedPlane], options: FinetuneOptions, base: str) -> dict[str, str]:
+    """Content hashes of what decides the weights (images and labels, class names, options, base model):
+    a resumed run must match every one, and a mismatch names which."""
+    def digest(*parts: bytes) -> str:
+        h = hashlib.sha256()
+        for part in parts:
+            h.update(part)
+        return h.hexdigest()[:16]
+
+    pixels = [part for plane in planes for array in (plane.image, plane.labels)
+              for part in (str((array.shape, str(array.dtype))).encode(), np.ascontiguousarray(array).tobytes())]
     opts = asdict(options)
     for key in ("threads", "evaluate", "max_eval_objects", "checkpoint_every"):
-        opts.pop(key)  # do not change the weights
-    h.update(json.dumps(opts, sort_keys=True, default=list).encode())
-    h.update(base.encode())
-    return h.hexdigest()[:16]
+        opts.pop(key)  # these do not change the weights
+    return {
+        "images and labels": digest(*pixels),
+        "class names": digest(json.dumps([sorted(p.classes.items()) for p in planes]).encode()),
+        "contrast and annotation settings": digest(json.dumps([[p.contrast_limits, p.fully_annotated]
+                                                                for p in planes]).encode()),
+        "options": digest(json.dumps(opts, sort_keys=True, default=list).encode()),
+        "base model": base,
+    }
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
@@ -335,31 +296,41 @@ def _atomic_text(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _check_out(out: Path, fingerprint: str) -> bool:
-    """Whether ``out`` holds this run already (resume); refuses a folder holding anything else."""
+def _check_out(out: Path, fingerprint: dict[str, str]) -> str:
+    """"new", "resume" or "done" for ``out``; refuses a folder that holds anything else, naming what differs."""
     marker = out / STATE_DIR / "run.json"
     if marker.is_file():
-        saved = json.loads(marker.read_text(encoding="utf-8"))
-        if saved.get("fingerprint") != fingerprint:
-            raise FinetuneInputError(f"{out} holds a fine-tuning run of other images or options; choose another "
-                                     "output folder (nothing there was changed)")
-        return True
+        saved = json.loads(marker.read_text(encoding="utf-8")).get("fingerprint", {})
+        changed = [k for k in fingerprint if not isinstance(saved, dict) or saved.get(k) != fingerprint[k]]
+        if changed:
+            raise FinetuneInputError(f"{out} holds a fine-tuning run with other {', '.join(changed)}; use the same "
+                                     "inputs to resume it, or choose another output folder (nothing there was changed)")
+        return "done" if (out / "DONE").is_file() else "resume"
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FinetuneInputError(f"{out} exists and is not empty; choose a new folder for the adapted model "
                                  "(nothing there was changed)")
-    return False
+    return "new"
 
 
-def _load_base(base_model, device: str):
-    """(model, name, fingerprint) from a folder, a loaded Session or model, or None (the bundled model)."""
-    from ..engine.loading import folder_fingerprint, load_model, model_fingerprint, resolve_source
+def _base_identity(base_model) -> tuple[str, str, Path | None]:
+    """(name, fingerprint, folder) of the base model without loading it (folders are hashed by their files)."""
+    from ..engine.loading import folder_fingerprint, model_fingerprint, resolve_source
 
     if base_model is None or isinstance(base_model, (str, Path)):
         folder, name = resolve_source(None if base_model is None else str(base_model))
-        model = load_model(folder, device, torch.float32)
-        return model, name, folder_fingerprint(folder)
+        return name, folder_fingerprint(folder), folder
     model = getattr(base_model, "model", base_model)
-    return model, getattr(base_model, "name", "in-memory"), model_fingerprint(model)
+    return getattr(base_model, "name", "in-memory"), model_fingerprint(model), None
+
+
+def _finished(out: Path) -> FinetuneResult:
+    """The result a finished run folder recorded (running the same run again returns it, trains nothing)."""
+    recipe = json.loads((out / "finetune.json").read_text(encoding="utf-8"))
+    figures = recipe.get("heldout_figures", {})
+    split = recipe.get("split", {})
+    return FinetuneResult(out, figures.get("before", {}), figures.get("after", {}), figures.get("baselines", {}),
+                          len(split.get("train", [])), len(split.get("heldout", [])), float(recipe.get("seconds", 0.0)),
+                          int(recipe.get("options", {}).get("steps", 0)))
 
 
 def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
@@ -381,31 +352,43 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
     out = Path(out).expanduser()
     started = time.perf_counter()
     say = on_progress or (lambda *_: None)
-    say("loading the model", 0, 1)
-    base, base_name, base_fp = _load_base(base_model, device)
-    fingerprint = inputs_fingerprint(planes, options, base_fp)
-    resuming = _check_out(out, fingerprint)
+    stop = should_stop or (lambda: False)
+    # everything that can refuse the inputs runs before the model loads and before anything is written
     split = split_objects(planes, options.holdout, options.min_heldout, options.seed)
+    trained_on = sorted({o.plane for o in split.train})
+    prepared = {p: _prepare(planes[p], [o.label for o in split.train if o.plane == p]) for p in trained_on}
+    prepared_list = [prepared.get(p) for p in range(len(planes))]
+    base_name, base_fp, base_folder = _base_identity(base_model)
+    fingerprint = inputs_fingerprint(planes, options, base_fp)
+    state = _check_out(out, fingerprint)
+    if state == "done":
+        say("this run has finished already", 1, 1)
+        return _finished(out)
+    say("loading the model", 0, 1)
+    if base_folder is not None:
+        from ..engine.loading import load_model
+
+        model = load_model(base_folder, device, torch.float32)
+    else:
+        model = copy.deepcopy(getattr(base_model, "model", base_model)).float().to(device)
+    say("loading the model", 1, 1)
     state_dir = out / STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
-    if not resuming:
-        _atomic_text(state_dir / "run.json", json.dumps({"fingerprint": fingerprint, "base": base_name}))
-    model = copy.deepcopy(base).float().to(device)
+    if state == "new":
+        _atomic_text(state_dir / "run.json", json.dumps({"fingerprint": fingerprint, "base": base_name}, indent=2))
     caller_threads = torch.get_num_threads()
     if options.threads:
         torch.set_num_threads(options.threads)
     try:
-        trained_on = sorted({o.plane for o in split.train})
-        prepared = {p: _prepare(planes[p], [o.label for o in split.train if o.plane == p]) for p in trained_on}
         objects = split.train
-        prepared_list = [prepared.get(p) for p in range(len(planes))]
         before = baselines = {}
         saved_eval = state_dir / "before.json"
         if options.evaluate:
             if saved_eval.is_file():
                 before, baselines = json.loads(saved_eval.read_text(encoding="utf-8"))
             else:
-                before, baselines = evaluate_heldout(model, planes, split, options, say, "measuring the model before")
+                before, baselines = evaluate_heldout(model, planes, split, options, say, "measuring the model before",
+                                                     stop)
                 _atomic_text(saved_eval, json.dumps([before, baselines]))
         params = _trainable(model, options.train)
         optimizer = torch.optim.AdamW(list(params.values()), lr=options.lr, betas=(0.9, 0.99),
@@ -417,11 +400,12 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
             model.load_state_dict(saved["trainable"], strict=False)
             optimizer.load_state_dict(saved["optimizer"])
             start = int(saved["step"])
+        _trim_log(state_dir / "log.jsonl", start)
         model.train()
         log = open(state_dir / "log.jsonl", "a", encoding="utf-8")
         try:
             for step in range(start, options.steps):
-                if should_stop is not None and should_stop():
+                if stop():
                     _save_state(model, params, optimizer, step, state_path)
                     raise FinetuneCancelled(f"stopped at step {step} of {options.steps}; run again to resume")
                 t0 = time.perf_counter()
@@ -453,7 +437,11 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
         model.eval()
         after = {}
         if options.evaluate:
-            after, _ = evaluate_heldout(model, planes, split, options, say, "measuring the adapted model")
+            try:
+                after, _ = evaluate_heldout(model, planes, split, options, say, "measuring the adapted model", stop)
+            except FinetuneCancelled:
+                _save_state(model, params, optimizer, options.steps, state_path)  # resuming measures, no training
+                raise
         result = FinetuneResult(out, before, after, baselines, len(split.train), len(split.heldout),
                                 time.perf_counter() - started, options.steps)
         say("saving the model", 0, 1)
@@ -465,6 +453,15 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
         torch.set_num_threads(caller_threads)
 
 
+def _trim_log(path: Path, step: int) -> None:
+    """Drop log lines past ``step`` (a run killed after its last checkpoint repeats those steps)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    _atomic_text(path, "".join(line + "\n" for line in kept))
+
+
 def _save_state(model, params: dict, optimizer, step: int, path: Path) -> None:
     trainable = {name: p.detach().clone() for name, p in params.items()}
     _atomic_torch_save({"trainable": trainable, "optimizer": optimizer.state_dict(), "step": step}, path)
@@ -472,7 +469,8 @@ def _save_state(model, params: dict, optimizer, step: int, path: Path) -> None:
 
 # ----------------------------------------------------------------------------------- measuring
 def evaluate_heldout(model, planes: Sequence[AnnotatedPlane], split: ObjectSplit, options: FinetuneOptions,
-                     say: Progress, what: str) -> tuple[dict[str, float], dict[str, float]]:
+                     say: Progress, what: str, stop: Callable[[], bool] = lambda: False
+                     ) -> tuple[dict[str, float], dict[str, float]]:
     """Box and click Dice on the held-out objects through the engine (``Session.segment``, auto crop),
     and the model-free baselines on the same objects: (model figures, baseline figures)."""
     from ..engine.session import Session
@@ -482,6 +480,9 @@ def evaluate_heldout(model, planes: Sequence[AnnotatedPlane], split: ObjectSplit
     objects = split.heldout[: options.max_eval_objects]
     rows: list[dict] = []
     for i, obj in enumerate(objects):
+        if stop():
+            model.train()
+            raise FinetuneCancelled(f"stopped while {what}; run again to resume")
         say(what, i, len(objects))
         plane = planes[obj.plane]
         rows.append(prompt_scores(session, plane.image, plane.labels, obj.label, contrast_limits=plane.contrast_limits))

@@ -212,8 +212,8 @@ def train_job(request: TrainRequest, stop: threading.Event, on_progress: Callabl
 
 
 def default_options() -> Any:
-    """The core's default options (imports torch once, when the panel is built)."""
-    from ..train.finetune import FinetuneOptions
+    """The core's default options (a torch-free module: building the panel loads no model code)."""
+    from ..train.finetune_data import FinetuneOptions
 
     return FinetuneOptions()
 
