@@ -752,3 +752,26 @@ def test_cli_passes_the_window_to_the_session(tiny_model_folder, tiny_session, b
     assert [w for w, _ in windows] == [128, "auto", None]
     side = clicked_side(tiny_session, big_image, (300, 450))
     assert [sides(r) for _, r in windows] == [(128, 128), (side, side), big_image.shape]
+
+
+def test_an_adapted_models_known_object_extents_bound_the_click_crop():
+    from napari_medplib.engine.scale import clamp_extent
+    from napari_medplib.testing import tiny_session
+
+    assert clamp_extent(5.0, []) == 5.0 and clamp_extent(None, []) is None
+    assert clamp_extent(5.0, [20.0, 40.0]) == 20.0 and clamp_extent(90.0, [40.0, 20.0]) == 40.0
+    assert clamp_extent(30.0, [20.0, 40.0]) == 30.0
+    assert clamp_extent(None, [20.0, 80.0]) == pytest.approx(40.0)  # no estimate: their geometric middle
+    yy, xx = np.mgrid[:400, :400]
+    noisy = np.random.default_rng(0).normal(30, 5, (400, 400))
+    noisy[(yy - 200) ** 2 + (xx - 200) ** 2 <= 8**2] += 150  # a 17-px disc
+    image = np.clip(noisy, 0, 255).astype(np.uint8)
+    session = tiny_session()
+
+    def extent():
+        return session._clicked_extent(make_view(image), np.array([(200, 200)], float), np.array([1]))
+
+    free = extent()
+    assert free is not None and free < 60
+    session.model.config.object_extent_range = [60.0, 90.0]  # adapted on objects 60-90 px long
+    assert extent() == 60.0

@@ -14,6 +14,7 @@ numpy + scipy only; a few milliseconds per call.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -136,3 +137,14 @@ def estimate_object_diameter(gray: np.ndarray, max_side: int = 512) -> float | N
     if scores.max() < 1e-3:
         return None
     return float(2 * math.sqrt(2) * sigmas[int(np.argmax(scores))] * factor)
+
+
+def clamp_extent(extent: float | None, known: Sequence[float]) -> float | None:
+    """An estimated object extent kept inside a known ``[low, high]`` range (e.g. a fine-tuned model's
+    annotated objects); without an estimate, their geometric middle; unchanged when no range is known."""
+    if len(known) != 2:
+        return extent
+    low, high = float(min(known)), float(max(known))
+    if extent is None:
+        return math.sqrt(low * high)
+    return min(max(extent, low), high)

@@ -630,9 +630,10 @@ class Session:
 
         Scale-space blob size at the click (``scale.local_object_diameter``) on the grey plane the model
         sees, times ``CLICK_EXTENT_FACTOR``: blob detection measures an object's width, and a crop with
-        room for a longer object costs less than one that cuts it.
+        room for a longer object costs less than one that cuts it. A fine-tuned model knows the extents
+        of the objects it was adapted on (``config.object_extent_range``): the estimate is kept inside them.
         """
-        from .scale import gray_plane, local_object_diameter
+        from .scale import clamp_extent, gray_plane, local_object_diameter
 
         positive = np.flatnonzero(labels > 0)
         if positive.size == 0:
@@ -645,7 +646,8 @@ class Session:
         y, x = (float(v) / plane.factor for v in points[positive[0]])  # a very large plane is seen reduced
         point = (min(max(y, 0), grey.shape[0] - 1), min(max(x, 0), grey.shape[1] - 1))
         diameter = local_object_diameter(grey, point)
-        return None if diameter is None else CLICK_EXTENT_FACTOR * diameter * plane.factor
+        extent = None if diameter is None else CLICK_EXTENT_FACTOR * diameter * plane.factor
+        return clamp_extent(extent, self.model.config.object_extent_range)
 
     def ask_stream(self, image, question: str, regions: Sequence[Region] = (), **kwargs: Any) -> AskStream:
         """Like `ask`, as an iterator of text pieces; ``stream.reply`` holds the Reply afterwards.

@@ -189,6 +189,10 @@ class MedPLIBConfig:
     count_max: int = 40  # counts above it are read as it
     count_width: int = 32  # the detector's channels at stride 4 (twice that at strides 8 and 16)
     count_threshold: float = 0.5  # a heatmap peak above this probability is one object
+    #: Our extension, set by fine-tuning (``train.finetune``): the 10th and 90th percentile extents
+    #: (image pixels, longest box side) of the objects the model was adapted on. The engine keeps a
+    #: click's estimated object extent inside it, so its crop holds the clicked object. Empty: no range.
+    object_extent_range: list[float] = field(default_factory=list)
     # SEG head (LISA)
     out_dim: int = 256
     #: The folder the config was read from (for tokenizer and SAM paths); not serialised.

@@ -30,7 +30,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
@@ -69,6 +69,7 @@ class _PreparedPlane:
     labels: np.ndarray
     boxes: dict[int, tuple[int, int, int, int]]  # label -> tight (y0, x0, y1, x1) inclusive
     click_extent: dict[int, float | None]  # label -> the engine's crop extent for a click on it
+    extent_range: list[float] = field(default_factory=list)  # the adapted model's ``object_extent_range``
 
 
 def _prepare(plane: AnnotatedPlane, labels: Sequence[int]) -> _PreparedPlane:
@@ -88,16 +89,35 @@ def _prepare(plane: AnnotatedPlane, labels: Sequence[int]) -> _PreparedPlane:
     return _PreparedPlane(view.rgb, None, plane.labels, boxes, {})
 
 
+def object_extent_range(planes: Sequence[AnnotatedPlane], objects: Sequence[ObjectRef]) -> list[float]:
+    """[10th, 90th] percentile of the objects' extents (longest box side, pixels): what the adapted
+    model's clicks are cropped for (``config.object_extent_range``)."""
+    from scipy import ndimage as ndi
+
+    extents = []
+    by_plane: dict[int, list[int]] = {}
+    for obj in objects:
+        by_plane.setdefault(obj.plane, []).append(obj.label)
+    for p, labels in by_plane.items():
+        slices = ndi.find_objects(planes[p].labels)
+        for label in labels:
+            rows, cols = slices[label - 1]
+            extents.append(max(rows.stop - rows.start, cols.stop - cols.start))
+    low, high = np.percentile(extents, (10, 90))
+    return [round(float(low), 2), round(float(high), 2)]
+
+
 def _click_extent(prepared: _PreparedPlane, label: int, point: tuple[float, float]) -> float | None:
     """The extent the engine would give a click on this object (``Session._clicked_extent``), cached."""
-    from ..engine.scale import gray_plane, local_object_diameter
+    from ..engine.scale import clamp_extent, gray_plane, local_object_diameter
     from ..engine.session import CLICK_EXTENT_FACTOR
 
     if label not in prepared.click_extent:
         if prepared.grey is None:
             prepared.grey = gray_plane(prepared.rgb)
         diameter = local_object_diameter(prepared.grey, point)
-        prepared.click_extent[label] = None if diameter is None else CLICK_EXTENT_FACTOR * diameter
+        extent = None if diameter is None else CLICK_EXTENT_FACTOR * diameter
+        prepared.click_extent[label] = clamp_extent(extent, prepared.extent_range)
     return prepared.click_extent[label]
 
 
@@ -358,6 +378,9 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
     trained_on = sorted({o.plane for o in split.train})
     prepared = {p: _prepare(planes[p], [o.label for o in split.train if o.plane == p]) for p in trained_on}
     prepared_list = [prepared.get(p) for p in range(len(planes))]
+    extent_range = object_extent_range(planes, split.train)
+    for item in prepared.values():
+        item.extent_range = extent_range
     base_name, base_fp, base_folder = _base_identity(base_model)
     fingerprint = inputs_fingerprint(planes, options, base_fp)
     state = _check_out(out, fingerprint)
@@ -390,6 +413,7 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
                 before, baselines = evaluate_heldout(model, planes, split, options, say, "measuring the model before",
                                                      stop)
                 _atomic_text(saved_eval, json.dumps([before, baselines]))
+        model.config.object_extent_range = extent_range  # the engine's clicks on the adapted model use it
         params = _trainable(model, options.train)
         optimizer = torch.optim.AdamW(list(params.values()), lr=options.lr, betas=(0.9, 0.99),
                                       weight_decay=options.weight_decay)
