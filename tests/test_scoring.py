@@ -211,3 +211,23 @@ def test_bad_matching_arguments_are_refused():
         match_instances(labels, labels, threshold=0.3)
     with pytest.raises(ValueError, match="differ in shape"):
         match_instances(labels, labels[:, :-1])
+
+
+def test_heldout_matching_judges_only_what_the_annotation_can():
+    from napari_medplib.scoring import heldout_instance_match
+
+    annotated = np.zeros((40, 60), np.int32)
+    annotated[2:10, 2:10] = 1  # trained on
+    annotated[2:10, 20:28] = 2  # held out
+    annotated[20:28, 2:10] = 3  # held out
+    predicted = np.zeros_like(annotated)
+    predicted[2:10, 2:10] = 7  # the trained object: not judged
+    predicted[2:10, 20:28] = 8  # held-out object 2 found
+    predicted[20:24, 2:10] = 9  # held-out object 3 half found: a false positive and a miss
+    predicted[30:36, 40:46] = 5  # on unannotated pixels: judged only when fully annotated
+    partial = heldout_instance_match(annotated, [2, 3], predicted)
+    assert (partial.n_reference, partial.n_predicted, partial.true_positives) == (2, 2, 1)
+    assert partial.f1 == pytest.approx(0.5)
+    full = heldout_instance_match(annotated, [2, 3], predicted, fully_annotated=True)
+    assert (full.n_predicted, full.true_positives) == (3, 1) and full.f1 == pytest.approx(2 / 5)
+    assert heldout_instance_match(annotated, [2, 3], np.zeros_like(annotated)).f1 == 0.0

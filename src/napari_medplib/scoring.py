@@ -187,6 +187,36 @@ def match_instances(reference: np.ndarray, predicted: np.ndarray, threshold: flo
     return InstanceMatch(n_ref, n_pred, int(matched.size), float(matched.mean()) if matched.size else float("nan"))
 
 
+def heldout_instance_match(annotated: np.ndarray, heldout: Sequence[int], predicted: np.ndarray, *,
+                           fully_annotated: bool = False, threshold: float = 0.5) -> InstanceMatch:
+    """Predicted instances scored against the held-out objects of a partly annotated plane.
+
+    Only what the annotation can judge counts: a predicted object matched to a held-out object at IoU >
+    ``threshold`` is a true positive; one that overlaps held-out objects more than any trained
+    (not held-out) object, without matching, is a false positive; predicted objects on unannotated pixels
+    are false positives only when the plane is ``fully_annotated`` (otherwise they may be objects nobody
+    labelled). ``n_reference`` is the number of held-out objects; ``n_predicted`` the predictions that count.
+    """
+    annotated, predicted = np.asarray(annotated), _relabel(np.asarray(predicted))
+    if annotated.shape != predicted.shape:
+        raise ValueError(f"label images differ in shape: {annotated.shape} vs {predicted.shape}")
+    held = np.isin(annotated, list(heldout)) & (annotated > 0)
+    reference = _relabel(np.where(held, annotated, 0))
+    n_ref, n_pred = int(reference.max()), int(predicted.max())
+    if n_pred == 0:
+        return InstanceMatch(n_ref, 0, 0, float("nan"))
+    on_held = np.bincount(predicted[held], minlength=n_pred + 1)
+    on_trained = np.bincount(predicted[(annotated > 0) & ~held], minlength=n_pred + 1)
+    area = np.bincount(predicted.ravel(), minlength=n_pred + 1)
+    judged = on_held > on_trained
+    if fully_annotated:
+        judged |= (on_held == 0) & (on_trained == 0) & (area > 0)
+    judged[0] = False
+    kept = np.where(judged[predicted], predicted, 0)
+    match = match_instances(reference, kept, threshold) if n_ref else InstanceMatch(0, int(judged.sum()), 0, float("nan"))
+    return InstanceMatch(n_ref, int(judged.sum()), match.true_positives, match.mean_matched_iou)
+
+
 # ------------------------------------------------------------------------------------- prompts
 def _dice_with_spill(crop: np.ndarray, target: np.ndarray, outside: int) -> float:
     """Dice of a mask cut to the scoring crop, counting its pixels outside the crop as false positives."""

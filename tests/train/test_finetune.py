@@ -183,7 +183,9 @@ def test_only_the_chosen_parts_train_and_the_folder_loads_with_its_card(tmp_path
     assert "nucleus" in card and "held out" in card.lower()
     recipe = json.loads((result.model_dir / "finetune.json").read_text())
     assert recipe["classes"] == ["nucleus"] and len(recipe["split"]["heldout"]) == 3
-    assert set(result.before) >= {"box_dice", "point_dice"} and set(result.baselines) >= {"ellipse_dice", "otsu_dice"}
+    assert set(result.before) >= {"box_dice", "point_dice", "ground_f1"}
+    assert set(result.baselines) >= {"ellipse_dice", "otsu_dice", "watershed_f1"}
+    assert "grounding F1" in result.summary()
     assert 0.0 <= result.after["box_dice"] <= 1.0
     with Session.load(str(result.model_dir)) as session:
         assert session.segment(image, box=[10, 8, 22, 20]).mask.shape == image.shape

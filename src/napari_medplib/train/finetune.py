@@ -495,29 +495,82 @@ def _save_state(model, params: dict, optimizer, step: int, path: Path) -> None:
 def evaluate_heldout(model, planes: Sequence[AnnotatedPlane], split: ObjectSplit, options: FinetuneOptions,
                      say: Progress, what: str, stop: Callable[[], bool] = lambda: False
                      ) -> tuple[dict[str, float], dict[str, float]]:
-    """Box and click Dice on the held-out objects through the engine (``Session.segment``, auto crop),
-    and the model-free baselines on the same objects: (model figures, baseline figures)."""
+    """Held-out figures through the engine, as a user gets them: box and click Dice (``Session.segment``,
+    auto crop) and the instance F1 of "Please segment the <class>." (``Session.ask``) on the held-out
+    objects; beside the model-free baselines on the same objects (ellipse in the box, Otsu component
+    under the click, Otsu + watershed instances). Returns (model figures, baseline figures)."""
     from ..engine.session import Session
-    from ..scoring import prompt_scores
+    from ..scoring import heldout_instance_match, otsu_split, otsu_watershed, prompt_scores
 
     session = Session.from_model(model, name="fine-tuning")
     objects = split.heldout[: options.max_eval_objects]
+    grounding = _grounding_jobs(planes, split)
+    total = len(objects) + len(grounding)
     rows: list[dict] = []
-    for i, obj in enumerate(objects):
+    splits: dict[int, np.ndarray] = {}
+
+    def check(done: int) -> None:
         if stop():
             model.train()
             raise FinetuneCancelled(f"stopped while {what}; run again to resume")
-        say(what, i, len(objects))
+        say(what, done, total)
+
+    for i, obj in enumerate(objects):
+        check(i)
         plane = planes[obj.plane]
-        rows.append(prompt_scores(session, plane.image, plane.labels, obj.label, contrast_limits=plane.contrast_limits))
-    say(what, len(objects), len(objects))
+        if obj.plane not in splits:
+            splits[obj.plane] = otsu_split(plane.image)[0]
+        rows.append(prompt_scores(session, plane.image, plane.labels, obj.label, contrast_limits=plane.contrast_limits,
+                                  above=splits[obj.plane]))
+    found = {"model": [0, 0, 0], "watershed": [0, 0, 0]}  # true positives, held-out objects, judged predictions
+    for j, (p, noun, ids) in enumerate(grounding):
+        check(len(objects) + j)
+        plane = planes[p]
+        reply = session.ask(plane.image, f"Please segment the {noun}.", contrast_limits=plane.contrast_limits,
+                            max_new_tokens=32)
+        predicted = _reply_instances(reply, plane.labels.shape)
+        for key, labels in (("model", predicted), ("watershed", otsu_watershed(plane.image))):
+            match = heldout_instance_match(plane.labels, ids, labels, fully_annotated=plane.fully_annotated)
+            found[key] = [a + b for a, b in zip(found[key], (match.true_positives, match.n_reference,
+                                                            match.n_predicted), strict=True)]
+    say(what, total, total)
     model.train()
 
     def mean(key: str) -> float:
         return float(np.mean([r[key] for r in rows])) if rows else float("nan")
 
-    return ({"box_dice": mean("box_dice"), "point_dice": mean("point_dice"), "n": len(rows)},
-            {"ellipse_dice": mean("ellipse_dice"), "otsu_dice": mean("otsu_dice"), "n": len(rows)})
+    def f1(key: str) -> float:
+        tp, n_ref, n_pred = found[key]
+        return 2.0 * tp / (n_ref + n_pred) if n_ref + n_pred else float("nan")
+
+    return ({"box_dice": mean("box_dice"), "point_dice": mean("point_dice"), "ground_f1": f1("model"), "n": len(rows)},
+            {"ellipse_dice": mean("ellipse_dice"), "otsu_dice": mean("otsu_dice"), "watershed_f1": f1("watershed"),
+             "n": len(rows)})
+
+
+#: Planes asked "Please segment the <class>." when measuring (the ones with the most held-out objects).
+MAX_GROUNDING_PLANES = 4
+
+
+def _grounding_jobs(planes: Sequence[AnnotatedPlane], split: ObjectSplit) -> list[tuple[int, str, list[int]]]:
+    """(plane, class name, held-out ids of that class) for the planes with the most held-out objects."""
+    jobs: dict[tuple[int, str], list[int]] = {}
+    for obj in split.heldout:
+        jobs.setdefault((obj.plane, planes[obj.plane].classes[obj.label]), []).append(obj.label)
+    ranked = sorted(jobs.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:MAX_GROUNDING_PLANES]
+    return [(p, noun, ids) for (p, noun), ids in ranked]
+
+
+def _reply_instances(reply, shape: tuple[int, ...]) -> np.ndarray:
+    """The reply's instance labels of its first mask (connected pieces when it has no instances)."""
+    from scipy import ndimage as ndi
+
+    instances = getattr(reply, "instances", None)
+    if instances:
+        return np.asarray(instances[0])
+    if reply.masks:
+        return ndi.label(reply.masks[0])[0]
+    return np.zeros(shape[:2], np.int32)
 
 
 # ----------------------------------------------------------------------------------- saving

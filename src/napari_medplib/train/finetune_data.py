@@ -90,7 +90,7 @@ class FinetuneResult:
     steps: int = 0
 
     def summary(self) -> str:
-        """Two lines a user reads: the held-out figures before and after, beside the baselines."""
+        """What a user reads: the held-out figures before and after, beside the model-free baselines."""
         def fig(d: dict, k: str) -> str:
             v = d.get(k)
             return "-" if v is None or not math.isfinite(v) else f"{v:.3f}"
@@ -99,7 +99,8 @@ class FinetuneResult:
                  f"{self.seconds / 60:.1f} min)"]
         if not self.before and not self.after:
             return lines[0] + " (not measured)"
-        for key, name, base in (("box_dice", "box Dice", "ellipse_dice"), ("point_dice", "click Dice", "otsu_dice")):
+        for key, name, base in (("box_dice", "box Dice", "ellipse_dice"), ("point_dice", "click Dice", "otsu_dice"),
+                                ("ground_f1", "grounding F1", "watershed_f1")):
             lines.append(f"{name}: {fig(self.before, key)} -> {fig(self.after, key)} "
                          f"(model-free baseline {fig(self.baselines, base)})")
         return "\n".join(lines)
