@@ -175,10 +175,12 @@ def test_only_the_chosen_parts_train_and_the_folder_loads_with_its_card(tmp_path
     base = tiny_model(0)
     result = finetune(planes, tmp_path / "m", base_model=base, options=_options(evaluate=True, steps=2))
     before, after = _weights_base(base), _weights(result.model_dir)
-    for key, value in after.items():
-        trains = key.startswith(("sam.mask_decoder", "sam.prompt_encoder"))
-        if not trains:
-            np.testing.assert_array_equal(value, before[key], err_msg=key)
+    changed = {key for key, value in after.items() if not np.array_equal(value, before[key])}
+    # SAM's decoder side, the <SEG> projection and (LoRA, merged) the language model's FFN; nothing else
+    assert changed and all(k.startswith(("sam.mask_decoder", "sam.prompt_encoder", "text_hidden_fcs"))
+                           or ".mlp." in k for k in changed), sorted(changed)
+    assert any(".mlp." in k for k in changed) and any(k.startswith("text_hidden_fcs") for k in changed)
+    assert set(after) == set(before)  # LoRA merged: the saved layout is the base model's
     card = (result.model_dir / "README.md").read_text()
     assert "nucleus" in card and "held out" in card.lower()
     recipe = json.loads((result.model_dir / "finetune.json").read_text())
@@ -247,3 +249,32 @@ def test_changed_contrast_is_named_when_a_run_cannot_resume(tmp_path):
     moved = annotated_planes([image], [labels], contrast_limits=[(0, 120)])
     with pytest.raises(FinetuneInputError, match="contrast"):
         finetune(moved, tmp_path / "run", base_model=base, options=_options())
+
+
+def test_without_grounding_only_sams_decoder_side_trains(tmp_path):
+    from napari_medplib.testing import tiny_model
+    from napari_medplib.train.finetune import finetune
+
+    image, labels = blobs(8)
+    base = tiny_model(0)
+    result = finetune(annotated_planes([image], [labels]), tmp_path / "m", base_model=base,
+                      options=_options(steps=2, grounding=False))
+    before, after = _weights_base(base), _weights(result.model_dir)
+    changed = {key for key, value in after.items() if not np.array_equal(value, before[key])}
+    assert changed and all(k.startswith(("sam.mask_decoder", "sam.prompt_encoder")) for k in changed)
+
+
+def test_grounding_loss_counts_only_annotated_pixels_and_their_ring():
+    from napari_medplib.train.finetune_grounding import prepare_grounding
+
+    image, labels = blobs(8)
+    plane = annotated_planes([image], [labels], "nucleus")[0]
+    rgb = np.repeat(image[..., None], 3, -1)
+    gp = prepare_grounding(plane, rgb, [1, 2, 3, 4, 5], [6, 7, 8])
+    assert gp.weight[labels == 1].min() == 1.0  # a trained object counts
+    assert gp.weight[np.isin(labels, [6, 7, 8])].max() == 0.0  # held-out objects never count
+    assert gp.weight[90:, 90:].max() == 0.0  # far unannotated pixels: unknown under partial annotation
+    assert set(gp.positives) == {"nucleus"} and not gp.positives["nucleus"][labels == 6].any()
+    plane.fully_annotated = True
+    full = prepare_grounding(plane, rgb, [1, 2, 3, 4, 5], [6, 7, 8])
+    assert full.weight[90:, 90:].min() == 1.0 and full.weight[labels == 6].max() == 0.0

@@ -414,7 +414,19 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
                                                      stop)
                 _atomic_text(saved_eval, json.dumps([before, baselines]))
         model.config.object_extent_range = extent_range  # the engine's clicks on the adapted model use it
-        params = _trainable(model, options.train)
+        patterns = tuple(options.train)
+        grounding = []
+        if options.grounding:
+            from .build import add_lora
+            from .finetune_grounding import LORA_TARGETS, grounding_planes
+            from .recipe import LoraSpec
+
+            grounding = grounding_planes(planes, {p: prepared[p].rgb for p in prepared}, split.train, split.heldout)
+            torch.manual_seed(options.seed)
+            model = add_lora(model, LoraSpec(r=options.lora_r, alpha=2 * options.lora_r, dropout=0.0,
+                                             targets=list(LORA_TARGETS)))
+            patterns += ("text_hidden_fcs.*", "*lora_*")
+        params = _trainable(model, patterns)
         optimizer = torch.optim.AdamW(list(params.values()), lr=options.lr, betas=(0.9, 0.99),
                                       weight_decay=options.weight_decay)
         start = 0
@@ -439,14 +451,16 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
                     group["lr"] = lr
                 examples = step_examples(prepared_list, objects, step, options.batch_size, options.seed)
                 losses = example_losses(model, examples)
-                total = losses["bce"] + losses["dice"]
+                if grounding and step % options.grounding_every == 0:
+                    losses.update(_grounding_step(model, grounding, options, step))
+                total = sum(losses.values())
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
                 optimizer.step()
-                record = {"step": step + 1, "lr": lr, "loss": round(float(total.detach()), 5),
-                          "bce": round(float(losses["bce"].detach()), 5), "dice": round(float(losses["dice"].detach()), 5),
-                          "seconds": round(time.perf_counter() - t0, 3)}
+                record = {"step": step + 1, "lr": lr, "loss": round(float(total.detach()), 5)}
+                record.update({k: round(float(v.detach()), 5) for k, v in losses.items()})
+                record["seconds"] = round(time.perf_counter() - t0, 3)
                 if not math.isfinite(record["loss"]):
                     raise FloatingPointError(f"step {step + 1}: the loss is {record['loss']}; lower the learning rate")
                 log.write(json.dumps(record) + "\n")
@@ -458,6 +472,10 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
                     _save_state(model, params, optimizer, step + 1, state_path)
         finally:
             log.close()
+        if grounding:
+            from .build import merge_lora
+
+            model = merge_lora(model)  # the saved layout has plain Linear layers
         model.eval()
         after = {}
         if options.evaluate:
@@ -475,6 +493,15 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
         return result
     finally:
         torch.set_num_threads(caller_threads)
+
+
+def _grounding_step(model, grounding: list, options: FinetuneOptions, step: int) -> dict[str, torch.Tensor]:
+    """The grounding losses of one step's batch (frames fixed by (seed, step))."""
+    from .finetune_grounding import grounding_item, grounding_losses
+
+    rng = np.random.default_rng([options.seed, 17, step])
+    pairs = [grounding_item(grounding[int(rng.integers(len(grounding)))], rng) for _ in range(options.grounding_batch)]
+    return grounding_losses(model, [item for item, _ in pairs], [weight for _, weight in pairs])
 
 
 def _trim_log(path: Path, step: int) -> None:

@@ -65,14 +65,21 @@ class FinetuneOptions:
     holdout: float = 0.2  # share of the annotated objects held out to measure the result
     min_heldout: int = 3
     train: tuple[str, ...] = DEFAULT_TRAIN  # glob patterns on parameter names
+    #: also train "segment the <class>": the <SEG> projection, LoRA on the language model, on grounding
+    #: frames (``train.finetune_grounding``), one batch every ``grounding_every`` steps
+    grounding: bool = True
+    grounding_every: int = 3
+    grounding_batch: int = 2
+    lora_r: int = 8
     checkpoint_every: int = 25
     threads: int = 0  # torch threads while training; 0 = leave as is
     max_eval_objects: int = 60  # held-out objects measured before and after (all when fewer)
     evaluate: bool = True
 
     def check(self) -> None:
-        if self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.checkpoint_every < 1:
-            raise FinetuneInputError("steps, batch size and checkpoint interval must be at least 1 and the "
+        if (self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.checkpoint_every < 1
+                or self.grounding_every < 1 or self.grounding_batch < 1 or self.lora_r < 1):
+            raise FinetuneInputError("steps, batch sizes, intervals and the LoRA rank must be at least 1 and the "
                                      "learning rate positive")
         if not self.train:
             raise FinetuneInputError("nothing to train: name parameters with glob patterns such as 'sam.mask_decoder.*'")
