@@ -72,9 +72,10 @@ def test_finetune_end_to_end(model, data, tmp_path, capsys):
 
 def test_class_option_names_every_object(model, data, tmp_path, capsys):
     out = tmp_path / "adapted"
-    assert run(model, [data["image"]], [data["regions"]], out, "--class", "Cell", "--no-eval") == 0
+    assert run(model, [data["image"]], [data["regions"]], out, "--class", "Cell", "--no-eval", "--no-grounding") == 0
     capsys.readouterr()
-    assert json.loads((out / "finetune.json").read_text())["classes"] == ["cell"]
+    recipe = json.loads((out / "finetune.json").read_text())
+    assert recipe["classes"] == ["cell"] and recipe["options"]["grounding"] is False
 
 
 @pytest.mark.parametrize("case, message", [

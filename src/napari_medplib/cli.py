@@ -351,7 +351,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
                                    note=lambda message: print(f"note: {message}", file=sys.stderr))
     from .train.finetune import FinetuneCancelled, FinetuneOptions, finetune
 
-    options = FinetuneOptions(steps=args.steps, holdout=args.holdout, seed=args.seed, evaluate=not args.no_eval)
+    options = FinetuneOptions(steps=args.steps, holdout=args.holdout, seed=args.seed, evaluate=not args.no_eval,
+                              grounding=not args.no_grounding)
     printer = ProgressPrinter(options.steps)
     with StopOnInterrupt() as stop:
         try:
@@ -410,6 +411,8 @@ def _add_finetune_parser(sub) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the training examples")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--no-eval", action="store_true", help="skip measuring the model before and after")
+    parser.add_argument("--no-grounding", action="store_true",
+                        help="train box and click prompts only, not 'segment the <class>' (faster)")
     parser.set_defaults(func=_cmd_finetune)
 
 
