@@ -239,11 +239,13 @@ def test_cancel_then_train_resumes(make_napari_viewer, qtbot, tiny_folder, crop,
     save_settings(WidgetSettings(source="folder", folder=str(tiny_folder)))
     reached, release = threading.Event(), threading.Event()
     runs: list[int] = []
+    groundings: list[bool] = []
 
     def held_at_step_2(planes, out, base, options, *, on_log, **kwargs):
         """The real core; the first run waits after step 2 until the test has pressed Cancel."""
         first = not runs
         runs.append(options.steps)
+        groundings.append(options.grounding)
 
         def log(record):
             on_log(record)
@@ -258,6 +260,7 @@ def test_cancel_then_train_resumes(make_napari_viewer, qtbot, tiny_folder, crop,
     viewer.window.add_dock_widget(panel)
     out = tmp_path / "resumed"
     panel.steps.setValue(4)
+    panel.grounding.setChecked(False)  # box and click prompts only: the option reaches the core
     panel.output.setText(str(out))
     panel.train_button.click()
     qtbot.waitUntil(reached.is_set, timeout=30_000)
@@ -270,6 +273,6 @@ def test_cancel_then_train_resumes(make_napari_viewer, qtbot, tiny_folder, crop,
 
     panel.train_button.click()  # same layers, options and folder: resumes at step 3
     _wait(qtbot, panel)
-    assert runs == [4, 4] and _logged_steps(out) == [1, 2, 3, 4]
+    assert runs == [4, 4] and groundings == [False, False] and _logged_steps(out) == [1, 2, 3, 4]
     assert (out / "DONE").is_file() and not (out / "finetune" / "state.pt").exists()
     assert Path(load_settings().folder) == out

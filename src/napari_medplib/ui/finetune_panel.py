@@ -198,6 +198,7 @@ class TrainRequest:
     out: Path
     base: str | None  # model folder; None = the bundled model
     device: str
+    grounding: bool = True  # also learn "segment the <class>" (the core's `FinetuneOptions.grounding`)
 
 
 def train_job(request: TrainRequest, stop: threading.Event, on_progress: Callable[[str, int, int], None],
@@ -206,7 +207,7 @@ def train_job(request: TrainRequest, stop: threading.Event, on_progress: Callabl
     planes = planes_from_pairs(request.pairs, request.fully_annotated)
     from ..train.finetune import FinetuneOptions, finetune
 
-    options = FinetuneOptions(steps=request.steps, holdout=request.holdout)
+    options = FinetuneOptions(steps=request.steps, holdout=request.holdout, grounding=request.grounding)
     return (train or finetune)(planes, request.out, request.base, options, on_progress=on_progress,
                                should_stop=stop.is_set, on_log=on_log, device=resolve_device(request.device))
 
@@ -435,6 +436,10 @@ class FinetunePanel(QWidget):
         """Options (defaults from the core's `FinetuneOptions`), buttons and the result display."""
         self.fully = QCheckBox("fully annotated (unlabelled pixels are background)")
         self.fully.setToolTip("Off (normal): only the labelled objects count; other objects may be unlabelled")
+        self.grounding = QCheckBox("learn the class names (\"segment the <class>\")")
+        self.grounding.setChecked(bool(defaults.grounding))
+        self.grounding.setToolTip("Also trains the language path so the class name finds the objects; "
+                                  "off: box and click prompts only (faster)")
         self.holdout = QSpinBox()
         self.holdout.setRange(0, 90)
         self.holdout.setSuffix(" %")
@@ -474,6 +479,7 @@ class FinetunePanel(QWidget):
         out_row.addWidget(self.browse)
         form = QFormLayout()
         form.addRow("", self.fully)
+        form.addRow("", self.grounding)
         form.addRow("Held out", self.holdout)
         form.addRow("Steps", self.steps)
         form.addRow("Base model", self.base)
@@ -517,7 +523,7 @@ class FinetunePanel(QWidget):
         settings = load_settings()
         base = settings.model_source if self.base.currentData() == "current" else None
         return TrainRequest(pairs, self.fully.isChecked(), int(self.steps.value()), self.holdout.value() / 100.0,
-                            out, base, settings.device)
+                            out, base, settings.device, self.grounding.isChecked())
 
     def start_training(self) -> None:
         """Train (or resume) in a worker thread; input errors become a notification."""
@@ -550,7 +556,8 @@ class FinetunePanel(QWidget):
     def _set_running(self, on: bool) -> None:
         self.train_button.setEnabled(not on)
         self.cancel_button.setEnabled(on)
-        for widget in (self.pairs, self.fully, self.holdout, self.steps, self.output, self.browse, self.base):
+        for widget in (self.pairs, self.fully, self.grounding, self.holdout, self.steps, self.output, self.browse,
+                       self.base):
             widget.setEnabled(not on)
 
     def _on_progress(self, message: str, done: int, total: int) -> None:
