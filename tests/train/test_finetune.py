@@ -278,3 +278,19 @@ def test_grounding_loss_counts_only_annotated_pixels_and_their_ring():
     plane.fully_annotated = True
     full = prepare_grounding(plane, rgb, [1, 2, 3, 4, 5], [6, 7, 8])
     assert full.weight[90:, 90:].min() == 1.0 and full.weight[labels == 6].max() == 0.0
+
+
+def test_a_released_checkpoint_folder_adapts_with_lora_and_reloads(tmp_path):
+    """The tiny reference checkpoint in MedPLIB's released layout (MoE experts, sharded) as the base."""
+    from napari_medplib.engine import Session
+    from napari_medplib.testing import reference_fixture_dir
+    from napari_medplib.train.finetune import finetune
+
+    image, labels = blobs(8)
+    result = finetune(annotated_planes([image], [labels], "nucleus"), tmp_path / "m",
+                      base_model=str(reference_fixture_dir()), options=_options(steps=2))
+    recipe = json.loads((result.model_dir / "finetune.json").read_text())
+    assert recipe["base_model"] and recipe["options"]["grounding"] is True
+    with Session.load(str(result.model_dir)) as session:
+        assert session.model.config.object_extent_range  # the adapted size range travels with the model
+        assert session.segment(image, points=[(16, 14)], point_labels=[1]).mask.shape == image.shape
