@@ -56,7 +56,7 @@ class FinetuneCancelled(Exception):
 class FinetuneOptions:
     """How to fine-tune; the defaults need no tuning (chosen on the tune images of the real-image set)."""
 
-    steps: int = 300
+    steps: int = 600
     batch_size: int = 8
     lr: float = 3e-4
     warmup_steps: int = 20
