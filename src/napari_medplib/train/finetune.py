@@ -5,9 +5,12 @@ the prompt so that the object spans a set part of SAM's 256-pixel input (``engin
 the plane's contrast. Training here cuts exactly those crops around the user's training objects (the
 box's crop, the click's crop from the blob-size estimate at the click), with the crop size, the click
 position and the box corners jittered and the crop flipped, rotated and photometrically varied, so what
-the model learns is what the engine later asks of it. Only SAM's parts learn by default (prompt encoder
-and mask decoder; ``FinetuneOptions.train``); the image encoder's features stay those it learned on many
-modalities, which keeps a few-shot fit from forgetting them.
+the model learns is what the engine later asks of it. SAM's prompt encoder and mask decoder learn
+(``FinetuneOptions.train``); the image encoder's features stay those it learned on many modalities, which
+keeps a few-shot fit from forgetting them (training it too was worse on the tune images). Every third step
+also trains "segment the <class>" (``finetune_grounding``: the ``<SEG>`` projection and LoRA factors on
+the language model, merged before saving). The adapted model keeps its training objects' size range
+(``config.object_extent_range``) so the engine's click crops hold the clicked object.
 
 Every step's examples are fixed by (seed, step), and the step checkpoint holds the trainable weights, the
 optimizer and the step: a run interrupted (Cancel, a crash, napari closed) and started again with the same
