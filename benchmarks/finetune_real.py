@@ -57,22 +57,26 @@ def measure(session, items: list[tuple[np.ndarray, np.ndarray, int]]) -> dict[st
     return {k: float(np.mean([r[k] for r in rows])) for k in ("box_dice", "ellipse_dice", "point_dice", "otsu_dice")}
 
 
-def grounding_f1(session, images: list[tuple[np.ndarray, np.ndarray]], noun: str) -> dict[str, float]:
-    from scipy import ndimage as ndi
-
-    from napari_medplib.scoring import match_instances, otsu_watershed
+def grounding_f1(session, images: list[tuple[np.ndarray, np.ndarray, list[int] | None]], noun: str) -> dict[str, float]:
+    """Instance F1 of "Please segment the <noun>." per image, mean over images. An image whose objects were
+    partly trained on (``trained`` ids) is scored on its other objects only: predictions on trained objects
+    are neither true nor false positives (`scoring.heldout_instance_match`, the plane fully annotated)."""
+    from napari_medplib.scoring import heldout_instance_match, otsu_watershed
 
     model, base = [], []
-    for image, labels in images:
+    for image, labels, trained in images:
         reply = session.ask(image, f"Please segment the {noun}.", max_new_tokens=32)
         if getattr(reply, "instances", None):
             predicted = np.asarray(reply.instances[0])
         elif reply.masks:
+            from scipy import ndimage as ndi
+
             predicted = ndi.label(reply.masks[0])[0]
         else:
             predicted = np.zeros(labels.shape, np.int32)
-        model.append(match_instances(labels, predicted).f1)
-        base.append(match_instances(labels, otsu_watershed(image)).f1)
+        others = [int(i) for i in np.unique(labels) if i > 0 and int(i) not in set(trained or ())]
+        for out, found in ((model, predicted), (base, otsu_watershed(image))):
+            out.append(heldout_instance_match(labels, others, found, fully_annotated=True).f1)
     return {"ground_f1": float(np.mean(model)), "ws_f1": float(np.mean(base))}
 
 
@@ -97,7 +101,8 @@ def run_group(group: str, entries, k: int, args, cat) -> dict:
     heldout = [others[i] for i in sorted(pick)]
     base = Session.load(args.model) if args.model else Session.load(None)
     before = measure(base, heldout)
-    ground_images = [(im, lab) for _, im, lab in loaded[1:]] or [(image0, keep_only(labels0, [i for i in ids0 if i not in train_ids]))]
+    # grounding is scored on the modality's other images, else on the first image's untrained objects
+    ground_images = [(im, lab, None) for _, im, lab in loaded[1:]] or [(image0, labels0, train_ids)]
     if args.ground:
         before |= grounding_f1(base, ground_images, first.objects)
     planes = annotated_planes([image0], [keep_only(labels0, train_ids)], first.objects, names=[first.name])
