@@ -28,6 +28,9 @@ from .finetune_data import AnnotatedPlane, ObjectRef
 QUESTIONS = ("Please segment the {noun}.", "Segment the {noun}.", "Please segment the {noun} in this image.",
              "Can you segment the {noun}?")
 ANSWER = "It is <SEG>."
+#: Width of the background ring around each trained object that counts in the mask loss under partial
+#: annotation, as a share of the objects' median diameter (at least 2 pixels).
+BACKGROUND_RING = 0.3
 #: LoRA on the language model's FFN (and MoE experts), as the recipes' default.
 LORA_TARGETS = ("gate_proj", "up_proj", "down_proj")
 
@@ -62,7 +65,7 @@ def prepare_grounding(plane: AnnotatedPlane, rgb: np.ndarray, train: Sequence[in
     else:
         areas = np.bincount(labels[trained].ravel()) if trained.any() else np.zeros(1)
         diameter = float(np.sqrt(4 * np.median(areas[areas > 0]) / np.pi)) if (areas > 0).any() else 8.0
-        ring = ndi.binary_dilation(trained, iterations=max(2, int(round(0.3 * diameter))))
+        ring = ndi.binary_dilation(trained, iterations=max(2, int(round(BACKGROUND_RING * diameter))))
         weight = (trained | (ring & (labels == 0))) & ~held
     view = ModelView(rgb, "", labels.shape, 1)
     tiles = plan_tiles(labels.shape, object_diameter(view), 256)
