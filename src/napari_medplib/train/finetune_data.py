@@ -247,7 +247,6 @@ def annotated_planes(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
         raise FinetuneInputError(f"{len(images)} image(s) but {len(labels)} label image(s); give one label image "
                                  "per image, in the same order")
     planes: list[AnnotatedPlane] = []
-    sizes: set[tuple[int, int]] = set()
     for index, (image, label) in enumerate(zip(images, labels, strict=True)):
         where = _name(names, index)
         image, label = np.asarray(image), np.asarray(label)
@@ -269,7 +268,6 @@ def annotated_planes(images: Sequence[np.ndarray], labels: Sequence[np.ndarray],
             classes = _classes(ids, class_names, index, plane_where)
             planes.append(AnnotatedPlane(plane_image, plane_labels.astype(np.int32, copy=False), classes, plane_where,
                                          fully_annotated, None if limits is None else tuple(float(v) for v in limits)))
-            sizes.add(plane_image.shape[:2])
     total = sum(len(p.classes) for p in planes)
     if total == 0:
         raise FinetuneInputError("the labels contain no objects; paint a few objects (one id each) into a Labels "
