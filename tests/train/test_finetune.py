@@ -207,20 +207,6 @@ def test_a_non_empty_output_folder_is_refused_and_left_alone(tmp_path):
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
 
 
-def test_a_run_folder_of_other_inputs_is_not_resumed(tmp_path):
-    from napari_medplib.testing import tiny_model
-    from napari_medplib.train.finetune import FinetuneCancelled, finetune
-
-    image, labels = blobs(8)
-    base = tiny_model(0)
-    with pytest.raises(FinetuneCancelled):
-        finetune(annotated_planes([image], [labels]), tmp_path / "run", base_model=base, options=_options(),
-                 should_stop=lambda: True)
-    other = annotated_planes([image], [labels], "cell")
-    with pytest.raises(FinetuneInputError, match="other class names"):
-        finetune(other, tmp_path / "run", base_model=base, options=_options())
-
-
 def test_a_finished_run_is_returned_not_retrained(tmp_path):
     from napari_medplib.testing import tiny_model
     from napari_medplib.train.finetune import finetune
@@ -237,7 +223,11 @@ def test_a_finished_run_is_returned_not_retrained(tmp_path):
     assert "not measured" in again.summary()
 
 
-def test_changed_contrast_is_named_when_a_run_cannot_resume(tmp_path):
+@pytest.mark.parametrize("changed, named", [
+    ({"class_names": "cell"}, "other class names"),
+    ({"contrast_limits": [(0, 120)]}, "other contrast"),
+])
+def test_a_run_folder_of_other_inputs_is_not_resumed_and_says_what_differs(tmp_path, changed, named):
     from napari_medplib.testing import tiny_model
     from napari_medplib.train.finetune import FinetuneCancelled, finetune
 
@@ -246,10 +236,10 @@ def test_changed_contrast_is_named_when_a_run_cannot_resume(tmp_path):
     with pytest.raises(FinetuneCancelled):
         finetune(annotated_planes([image], [labels]), tmp_path / "run", base_model=base, options=_options(),
                  should_stop=lambda: True)
-    moved = annotated_planes([image], [labels], contrast_limits=[(0, 120)])
-    with pytest.raises(FinetuneInputError, match="contrast"):
-        finetune(moved, tmp_path / "run", base_model=base, options=_options())
-
+    state = (tmp_path / "run" / "finetune" / "state.pt").read_bytes()
+    with pytest.raises(FinetuneInputError, match=named):
+        finetune(annotated_planes([image], [labels], **changed), tmp_path / "run", base_model=base, options=_options())
+    assert (tmp_path / "run" / "finetune" / "state.pt").read_bytes() == state  # the paused run is untouched
 
 def test_without_grounding_only_sams_decoder_side_trains(tmp_path):
     from napari_medplib.testing import tiny_model

@@ -92,20 +92,10 @@ def _prepare(plane: AnnotatedPlane, labels: Sequence[int]) -> _PreparedPlane:
     return _PreparedPlane(view.rgb, None, plane.labels, boxes, {})
 
 
-def object_extent_range(planes: Sequence[AnnotatedPlane], objects: Sequence[ObjectRef]) -> list[float]:
-    """[10th, 90th] percentile of the objects' extents (longest box side, pixels): what the adapted
-    model's clicks are cropped for (``config.object_extent_range``)."""
-    from scipy import ndimage as ndi
-
-    extents = []
-    by_plane: dict[int, list[int]] = {}
-    for obj in objects:
-        by_plane.setdefault(obj.plane, []).append(obj.label)
-    for p, labels in by_plane.items():
-        slices = ndi.find_objects(planes[p].labels)
-        for label in labels:
-            rows, cols = slices[label - 1]
-            extents.append(max(rows.stop - rows.start, cols.stop - cols.start))
+def object_extent_range(prepared: Sequence[_PreparedPlane]) -> list[float]:
+    """[10th, 90th] percentile of the training objects' extents (longest box side, pixels): what the
+    adapted model's clicks are cropped for (``config.object_extent_range``)."""
+    extents = [max(y1 - y0 + 1, x1 - x0 + 1) for plane in prepared for y0, x0, y1, x1 in plane.boxes.values()]
     low, high = np.percentile(extents, (10, 90))
     return [round(float(low), 2), round(float(high), 2)]
 
@@ -381,7 +371,7 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
     trained_on = sorted({o.plane for o in split.train})
     prepared = {p: _prepare(planes[p], [o.label for o in split.train if o.plane == p]) for p in trained_on}
     prepared_list = [prepared.get(p) for p in range(len(planes))]
-    extent_range = object_extent_range(planes, split.train)
+    extent_range = object_extent_range(list(prepared.values()))
     for item in prepared.values():
         item.extent_range = extent_range
     base_name, base_fp, base_folder = _base_identity(base_model)
