@@ -9,10 +9,20 @@ from pathlib import Path
 MODEL_PATH_ENV = "MEDPLIB_MODEL_PATH"
 
 
+#: The application name of the per-user folders (``platformdirs``).
+APP_NAME = "napari-medplib"
+
+
 def user_model_dir() -> Path:
-    """The per-user folder for downloaded or converted models (XDG cache on Linux)."""
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "napari-medplib" / "models"
+    """The per-user folder for downloaded or converted models: ``platformdirs``' user cache folder.
+
+    ``~/.cache/napari-medplib/models`` on Linux (``$XDG_CACHE_HOME`` if set),
+    ``~/Library/Caches/napari-medplib/models`` on macOS, ``%LOCALAPPDATA%\\napari-medplib\\Cache\\models``
+    on Windows.
+    """
+    from platformdirs import user_cache_path
+
+    return user_cache_path(APP_NAME, appauthor=False) / "models"
 
 
 def bundled_model_dir() -> Path:
