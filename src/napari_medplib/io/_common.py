@@ -15,12 +15,23 @@ turns them into its ``features`` table. Two columns are shared by all readers an
     ``-1`` for an ordinary shape; for a hole of a polygon, the row of the polygon it cuts out of
     (napari Shapes cannot hold holes, so a hole is kept as its own polygon shape). A region built from
     the layer is the parent polygon minus the polygons whose ``hole_of`` points at it.
+
+Shapes and points napari cannot draw are dropped by :func:`shapes_layer` / :func:`points_layer`
+(NaN or infinite coordinates, polygons with fewer than 3 vertices, lines and paths with fewer than
+2, rectangles and ellipses without exactly 4 corners, holes of a dropped polygon); the layer
+metadata counts them (``dropped_shapes`` / ``dropped_points`` and ``dropped`` in words) and a
+warning, which napari shows as a notification, names the file and the count.
+
+Every reader function raises only :class:`RegionFileError` (see :func:`reading`).
 """
 
 from __future__ import annotations
 
 import colorsys
-from collections.abc import Mapping, Sequence
+import contextlib
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +58,30 @@ def file_error(path: str | Path, problem: str, fix: str) -> RegionFileError:
     return RegionFileError(f"{Path(path).name}: {problem}. {fix}")
 
 
+@contextlib.contextmanager
+def reading(path: str | Path, fix: str) -> Iterator[None]:
+    """Turn any error escaping a reader into a :class:`RegionFileError` naming the file.
+
+    Readers check what they can and say so in their own messages; this is the net for the rest
+    (deeply nested JSON, values of the wrong type in odd places, a file too large for memory).
+    """
+    try:
+        yield
+    except RegionFileError:
+        raise
+    except RecursionError:
+        raise file_error(path, "is nested too deeply to read", fix) from None
+    except MemoryError:
+        raise file_error(path, "needs more memory than is available to read", fix) from None
+    except UnicodeDecodeError as exc:
+        raise file_error(path, f"is not UTF-8 text (byte {exc.start})", fix) from None
+    except OSError as exc:
+        raise file_error(path, f"cannot be read ({exc.strerror or exc})", fix) from None
+    except Exception as exc:
+        detail = str(exc).splitlines()[0][:160] if str(exc) else ""
+        raise file_error(path, f"is malformed ({type(exc).__name__}: {detail})", fix) from None
+
+
 def layer_name(path: str | Path, suffix: str = "") -> str:
     """Layer name from the file stem (``cells.geojson`` -> ``cells``)."""
     return f"{Path(path).stem} {suffix}".strip()
@@ -63,7 +98,9 @@ def rgb_from_qupath(value: Any) -> tuple[float, float, float] | None:
     if isinstance(value, Sequence) and len(value) >= 3:
         try:
             r, g, b = (float(v) for v in value[:3])
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
+            return None
+        if not all(0.0 <= c <= 255.0 for c in (r, g, b)):  # also False for NaN
             return None
         return r / 255.0, g / 255.0, b / 255.0
     return None
@@ -110,6 +147,69 @@ class FeatureTable:
 
 
 # ----------------------------------------------------------------------------------------- layers
+_MIN_VERTICES = {"polygon": 3, "path": 2, "line": 2}
+_EXACT_VERTICES = {"rectangle": 4, "ellipse": 4}
+
+
+def undrawable(coords: np.ndarray, kind: str) -> str | None:
+    """Why napari cannot draw this shape (a short plural phrase for counting), or None."""
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        return "shapes without (row, col) vertices"
+    if not np.isfinite(coords).all():
+        return "shapes with NaN or infinite coordinates"
+    if kind in _EXACT_VERTICES and len(coords) != _EXACT_VERTICES[kind]:
+        return f"{kind}s without 4 corners"
+    if len(coords) < _MIN_VERTICES.get(kind, 1):
+        return f"{kind}s with fewer than {_MIN_VERTICES[kind]} vertices"
+    return None
+
+
+def _describe(reasons: Counter) -> str:
+    return ", ".join(f"{n} {reason}" for reason, n in reasons.items())
+
+
+def _warn_dropped(name: str, metadata: Mapping[str, Any], what: str, reasons: Counter) -> None:
+    source = Path(str(metadata.get("source", name))).name
+    warnings.warn(
+        f"{source}: dropped {sum(reasons.values())} {what} napari cannot draw ({_describe(reasons)})",
+        UserWarning,
+        stacklevel=3,
+    )
+
+
+def drop_undrawable_shapes(
+    shapes: Sequence[np.ndarray], shape_types: Sequence[str], features: FeatureTable
+) -> tuple[list[int], Counter]:
+    """Rows to keep and the reasons for the others; a hole of a dropped polygon is dropped too."""
+    reasons: Counter = Counter()
+    keep = []
+    dropped = set()
+    holes = features.columns.get("hole_of")
+    for i, (coords, kind) in enumerate(zip(shapes, shape_types, strict=True)):
+        reason = undrawable(coords, kind)
+        if reason is None and holes is not None and holes[i] is not None and holes[i] >= 0:
+            if holes[i] in dropped or holes[i] >= len(shapes):
+                reason = "holes of a dropped polygon"
+        if reason is None:
+            keep.append(i)
+        else:
+            dropped.add(i)
+            reasons[reason] += 1
+    return keep, reasons
+
+
+def _subset(features: FeatureTable, keep: list[int], remap_holes: bool) -> FeatureTable:
+    out = FeatureTable(features.fills)
+    out.columns = {key: [column[i] for i in keep] for key, column in features.columns.items()}
+    out.n_rows = len(keep)
+    if remap_holes and "hole_of" in out.columns:
+        new_row = {old: new for new, old in enumerate(keep)}
+        out.columns["hole_of"] = [
+            new_row.get(h, -1) if h is not None and h >= 0 else h for h in out.columns["hole_of"]
+        ]
+    return out
+
+
 def prepend_axes(coords: np.ndarray, leading: Sequence[float]) -> np.ndarray:
     """(N, 2) row/col coordinates -> (N, k + 2) with the same ``leading`` values on every vertex."""
     if not leading:
@@ -126,8 +226,26 @@ def shapes_layer(
     edge_rgb: Sequence[tuple[float, float, float] | None],
     metadata: Mapping[str, Any],
     face_alpha: Sequence[float] | None = None,
-) -> LayerData:
-    """A napari Shapes LayerData; shapes without a colour get :data:`DEFAULT_RGBA`."""
+) -> LayerData | None:
+    """A napari Shapes LayerData; shapes without a colour get :data:`DEFAULT_RGBA`.
+
+    Shapes napari cannot draw are dropped with a warning (see the module docs); None when no shape
+    is left.
+    """
+    shapes = [np.asarray(s, dtype=float) for s in shapes]
+    keep, reasons = drop_undrawable_shapes(shapes, shape_types, features)
+    metadata = dict(metadata)
+    if reasons:
+        _warn_dropped(name, metadata, "shape(s)", reasons)
+        metadata["dropped_shapes"] = int(metadata.get("dropped_shapes", 0)) + sum(reasons.values())
+        metadata["dropped"] = _describe(reasons)
+        shapes = [shapes[i] for i in keep]
+        shape_types = [shape_types[i] for i in keep]
+        edge_rgb = [edge_rgb[i] for i in keep]
+        face_alpha = None if face_alpha is None else [face_alpha[i] for i in keep]
+        features = _subset(features, keep, remap_holes=True)
+        if not shapes:
+            return None
     edges = np.array([(*rgb, 1.0) if rgb is not None else DEFAULT_RGBA for rgb in edge_rgb], float)
     faces = edges.copy()
     faces[:, 3] = FACE_ALPHA if face_alpha is None else np.asarray(face_alpha, float)
@@ -141,7 +259,7 @@ def shapes_layer(
         "edge_width": 1,
         "metadata": dict(metadata),
     }
-    return [np.asarray(s, dtype=float) for s in shapes], meta, "shapes"
+    return shapes, meta, "shapes"
 
 
 def points_layer(
@@ -150,8 +268,27 @@ def points_layer(
     features: FeatureTable,
     face_rgb: Sequence[tuple[float, float, float] | None],
     metadata: Mapping[str, Any],
-) -> LayerData:
-    """A napari Points LayerData; points without a colour get :data:`DEFAULT_RGBA`."""
+) -> LayerData | None:
+    """A napari Points LayerData; points without a colour get :data:`DEFAULT_RGBA`.
+
+    Points with NaN or infinite coordinates are dropped with a warning; None when none is left.
+    """
+    points = np.asarray(points, dtype=float)
+    if points.ndim != 2:
+        points = points.reshape(len(points), -1) if points.size else np.zeros((0, 2))
+    finite = np.isfinite(points).all(axis=1)
+    metadata = dict(metadata)
+    if not finite.all():
+        reasons = Counter({"points with NaN or infinite coordinates": int((~finite).sum())})
+        _warn_dropped(name, metadata, "point(s)", reasons)
+        metadata["dropped_points"] = int(reasons.total())
+        metadata["dropped"] = _describe(reasons)
+        keep = np.flatnonzero(finite).tolist()
+        points = points[keep]
+        face_rgb = [face_rgb[i] for i in keep]
+        features = _subset(features, keep, remap_holes=False)
+    if len(points) == 0:
+        return None
     faces = np.array([(*rgb, 1.0) if rgb is not None else DEFAULT_RGBA for rgb in face_rgb], float)
     meta = {
         "name": name,
@@ -160,4 +297,15 @@ def points_layer(
         "size": 5,
         "metadata": dict(metadata),
     }
-    return np.asarray(points, dtype=float), meta, "points"
+    return points, meta, "points"
+
+
+def finish_layers(
+    path: str | Path, layers: Sequence[LayerData | None], fix: str
+) -> list[LayerData]:
+    """The layers that have something to draw; raises when dropping left nothing at all."""
+    out = [layer for layer in layers if layer is not None]
+    if not out and layers:
+        raise file_error(path, "holds only shapes or points napari cannot draw (NaN or infinite "
+                         "coordinates, polygons with fewer than 3 vertices, ...)", fix)
+    return out

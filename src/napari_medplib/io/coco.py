@@ -20,6 +20,10 @@ Several images in one file: all annotations are returned in one layer set with a
 (plane index of each image with images sorted by ``file_name``, as a folder of images opens as a
 stack in napari), and the ``image``/``image_id`` features; a single-image file stays 2-D.
 Coordinates: COCO (x, y) -> napari (row, col), unchanged otherwise.
+
+Limits: RLE masks as in :mod:`.coco_rle` (outlined from their runs, so memory follows the file);
+ids must be numbers or text. Shapes napari cannot draw are dropped with a warning (see
+:mod:`._common`); every other problem raises :class:`RegionFileError` naming the file.
 """
 
 from __future__ import annotations
@@ -35,15 +39,18 @@ from ._common import (
     FeatureTable,
     LayerData,
     file_error,
+    finish_layers,
     layer_name,
     palette_rgb,
     points_layer,
     prepend_axes,
+    reading,
     shapes_layer,
 )
-from .coco_rle import rle_to_mask
+from .coco_rle import rle_boxes, rle_runs
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
+FIX = "Export the COCO annotations again"
 
 
 def is_coco(document: Any) -> bool:
@@ -61,6 +68,8 @@ def load_json(path: str | Path) -> Any:
         raise file_error(
             path, f"cannot be read ({exc.strerror})", "Check the path and permissions"
         ) from exc
+    except UnicodeDecodeError as exc:
+        raise file_error(path, f"is not UTF-8 text (byte {exc.start})", FIX) from None
     if not text.strip():
         raise file_error(path, "the file is empty", "Export the COCO annotations again")
     try:
@@ -71,28 +80,47 @@ def load_json(path: str | Path) -> Any:
             f"is not valid JSON ({exc.msg} at line {exc.lineno}); the file may be truncated",
             "Export the COCO annotations again",
         ) from exc
+    except RecursionError:
+        raise file_error(path, "is nested too deeply to be an annotation file", FIX) from None
 
 
 def read_coco(path: str | Path) -> list[LayerData]:
-    """Read a COCO annotation file into up to three layers: boxes, segmentation, keypoints."""
-    document = load_json(path)
-    if not is_coco(document):
-        raise file_error(
-            path,
-            "is JSON but not a COCO annotation file (needs 'images', 'annotations' and "
-            "'categories' lists)",
-            "Open a COCO instances/keypoints file",
-        )
-    return coco_to_layers(document, path)
+    """Read a COCO annotation file into up to three layers: boxes, segmentation, keypoints.
+
+    Raises only :class:`RegionFileError` (naming the file).
+    """
+    with reading(path, FIX):
+        document = load_json(path)
+        if not is_coco(document):
+            raise file_error(
+                path,
+                "is JSON but not a COCO annotation file (needs 'images', 'annotations' and "
+                "'categories' lists)",
+                "Open a COCO instances/keypoints file",
+            )
+        return coco_to_layers(document, path)
+
+
+def _id(value: Any, what: str, path: str | Path) -> Any:
+    """An id as a dict key: numbers and text only (a list or object cannot be looked up)."""
+    if value is None or isinstance(value, int | float | str):
+        return value
+    raise file_error(
+        path, f"{what} id {str(value)[:40]} is a {type(value).__name__}", "Ids must be numbers or text"
+    )
 
 
 def coco_to_layers(
     document: Mapping[str, Any], path: str | Path = "annotations.json"
 ) -> list[LayerData]:
     """Convert a parsed COCO document (see module docs) into napari layer data."""
-    categories = {c.get("id"): c for c in document["categories"] if isinstance(c, Mapping)}
+    categories = {
+        _id(c.get("id"), "category", path): c for c in document["categories"] if isinstance(c, Mapping)
+    }
     colours = {cid: palette_rgb(i) for i, cid in enumerate(categories)}
-    images = {im.get("id"): im for im in document["images"] if isinstance(im, Mapping)}
+    images = {
+        _id(im.get("id"), "image", path): im for im in document["images"] if isinstance(im, Mapping)
+    }
     order = sorted(images, key=lambda i: (str(images[i].get("file_name", "")), str(i)))
     plane = {image_id: i for i, image_id in enumerate(order)} if len(images) > 1 else {}
 
@@ -100,7 +128,8 @@ def coco_to_layers(
     for index, ann in enumerate(document["annotations"]):
         if not isinstance(ann, Mapping):
             raise file_error(path, f"annotation {index} is not an object", "Export the file again")
-        image_id = ann.get("image_id")
+        image_id = _id(ann.get("image_id"), "image", path)
+        category_id = _id(ann.get("category_id"), "category", path)
         if images and image_id not in images:
             raise file_error(
                 path,
@@ -108,23 +137,25 @@ def coco_to_layers(
                 "in 'images'",
                 "Export the file again with its image list",
             )
-        category = categories.get(ann.get("category_id"), {})
+        category = categories.get(category_id, {})
+        if not isinstance(category, Mapping):
+            category = {}
         row = {
             "class": str(category.get("name", "")),
             "category_id": ann.get("category_id"),
             "annotation_id": ann.get("id", index),
             "image_id": image_id,
             "image": str(images.get(image_id, {}).get("file_name", "")),
-            "iscrowd": int(ann.get("iscrowd", 0) or 0),
+            "iscrowd": _flag(ann.get("iscrowd", 0)),
             "feature_index": index,
         }
         if "score" in ann:
             row["score"] = ann["score"]
-        rgb = colours.get(ann.get("category_id"))
+        rgb = colours.get(category_id)
         leading = [float(plane[image_id])] if plane else []
         try:
             _add_annotation(ann, category, row, rgb, leading, boxes, segs, kps)
-        except (ValueError, TypeError, KeyError, IndexError) as exc:
+        except (ValueError, TypeError, KeyError, IndexError, OverflowError, AttributeError) as exc:
             raise file_error(
                 path,
                 f"annotation {ann.get('id', index)} is malformed ({exc})",
@@ -136,8 +167,8 @@ def coco_to_layers(
         "source": str(path),
         "format": "coco",
         "axes": ("image", "y", "x") if plane else ("y", "x"),
-        "images": [images[i].get("file_name", "") for i in order],
-        "categories": [c.get("name", "") for c in categories.values()],
+        "images": [str(images[i].get("file_name", "")) for i in order],
+        "categories": [str(c.get("name", "")) for c in categories.values()],
     }
     if not (boxes.shapes or segs.shapes or kps.points):
         raise file_error(
@@ -157,7 +188,16 @@ def coco_to_layers(
                 f"{name} keypoints", np.asarray(kps.points, float), kps.rows, kps.rgb, metadata
             )
         )
-    return out
+    return finish_layers(path, out, FIX)
+
+
+def _flag(value: Any) -> int:
+    """COCO 0/1 flags (iscrowd): anything not a finite whole number reads as 0."""
+    try:
+        number = float(value or 0)
+    except (TypeError, ValueError):
+        return 0
+    return int(number) if number == number and abs(number) < 2**31 else 0
 
 
 def _add_annotation(ann, category, row, rgb, leading, boxes, segs, kps) -> None:
@@ -192,10 +232,10 @@ def _add_annotation(ann, category, row, rgb, leading, boxes, segs, kps) -> None:
 
 
 def _add_rle(seg, row, rgb, leading, segs) -> None:
-    from .outlines import mask_to_polygons
+    from .outlines import boxes_to_polygons
 
-    mask = rle_to_mask(seg)
-    for exterior, holes in mask_to_polygons(mask):
+    runs, height, width = rle_runs(seg)
+    for exterior, holes in boxes_to_polygons(rle_boxes(runs, height, width)):
         parent = segs.add(prepend_axes(exterior[:, ::-1].copy(), leading), "polygon", row, rgb)
         for hole in holes:
             segs.add(

@@ -22,11 +22,17 @@ Feature columns: ``class`` (classification name; QuPath derived classes joined w
 ``name``, ``objectType``, ``isLocked``, measurements as ``measurements.<name>``, every other scalar
 property as its own column (lists/dicts as JSON text), plus ``feature_index`` and ``hole_of``.
 The classification colour becomes the shape edge/face colour (faces translucent) or the point colour.
+
+Malformed input: ``properties`` that are not an object are ignored; a ``plane`` value that is not
+a finite whole number reads as plane 0; geometries napari cannot draw (NaN coordinates, polygons
+with fewer than 3 vertices, empty points) are dropped with a warning (see :mod:`._common`);
+anything else raises :class:`RegionFileError` naming the file.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,9 +44,11 @@ from ._common import (
     FeatureTable,
     LayerData,
     file_error,
+    finish_layers,
     layer_name,
     points_layer,
     prepend_axes,
+    reading,
     rgb_from_qupath,
     shapes_layer,
 )
@@ -51,6 +59,9 @@ ALL_GEOMETRIES = SHAPE_GEOMETRIES | POINT_GEOMETRIES | {"GeometryCollection"}
 ELLIPSE_PROPERTY = "napariEllipse"
 SHAPE_TYPE_PROPERTY = "napariShapeType"
 _FILLS = {"feature_index": -1, "hole_of": -1, "class": ""}
+FIX = "Export the annotations again (QuPath: File > Export objects as GeoJSON)"
+#: Largest QuPath plane index (z or t) accepted; larger values read as plane 0.
+MAX_PLANE = 1_000_000
 
 
 def read_geojson(path: str | Path) -> list[LayerData]:
@@ -60,6 +71,11 @@ def read_geojson(path: str | Path) -> list[LayerData]:
     any supported geometry.
     """
     path = Path(path)
+    with reading(path, FIX):
+        return _read_geojson(path)
+
+
+def _read_geojson(path: Path) -> list[LayerData]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except OSError as exc:
@@ -75,7 +91,7 @@ def read_geojson(path: str | Path) -> list[LayerData]:
             path,
             f"is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
             "the file may be truncated",
-            "Export the annotations again (QuPath: File > Export objects as GeoJSON)",
+            FIX,
         ) from exc
     return geojson_to_layers(document, path)
 
@@ -87,7 +103,8 @@ def geojson_to_layers(document: Any, path: str | Path = "annotations.geojson") -
     axes = [a for a in ("t", "z") if any(p.get(a, 0) for p in planes)]
     collector = _Collector(axes)
     for index, (feature, plane) in enumerate(zip(features, planes, strict=True)):
-        row, rgb = _properties_row(feature.get("properties") or {})
+        props = feature.get("properties")
+        row, rgb = _properties_row(props if isinstance(props, Mapping) else {})
         row["feature_index"] = index
         leading = [float(plane.get(a, 0)) for a in axes]
         ellipse = _ellipse_corners(row.pop(ELLIPSE_PROPERTY, None))
@@ -100,7 +117,7 @@ def geojson_to_layers(document: Any, path: str | Path = "annotations.geojson") -
             "Check that this is an annotation export, not e.g. a measurement table",
         )
     metadata = {"source": str(path), "format": "geojson", "axes": (*axes, "y", "x")}
-    return collector.layers(layer_name(path), metadata)
+    return finish_layers(path, collector.layers(layer_name(path), metadata), FIX)
 
 
 # ----------------------------------------------------------------------------------------- structure
@@ -142,7 +159,15 @@ def _plane(feature: Mapping[str, Any]) -> dict[str, int]:
     plane = geometry.get("plane") if isinstance(geometry, Mapping) else None
     if not isinstance(plane, Mapping):
         return {}
-    return {k: int(v) for k, v in plane.items() if k in ("z", "t") and isinstance(v, int | float)}
+    return {
+        k: int(v)
+        for k, v in plane.items()
+        if k in ("z", "t")
+        and isinstance(v, int | float)
+        and not isinstance(v, bool)
+        and abs(v) <= MAX_PLANE  # False for NaN
+        and float(v).is_integer()
+    }
 
 
 def _properties_row(
@@ -155,18 +180,18 @@ def _properties_row(
         if key == "classification" and isinstance(value, Mapping):
             names = value.get("names")
             name = ": ".join(map(str, names)) if isinstance(names, list) else value.get("name", "")
-            row["class"] = str(name or "")
+            row["class"] = name if isinstance(name, str) else json.dumps(name)
             rgb = rgb_from_qupath(value.get("color", value.get("colorRGB")))
         elif key == "classification" and isinstance(value, str):
             row["class"] = value
         elif key in ("objectType", "object_type"):
-            row["objectType"] = value
+            row["objectType"] = value if isinstance(value, str | None) else json.dumps(value)
         elif key == "measurements" and isinstance(value, Mapping):
-            row.update({f"measurements.{k}": v for k, v in value.items()})
+            row.update({f"measurements.{k}": _scalar(v) for k, v in value.items()})
         elif key == "measurements" and isinstance(value, list):
             row.update(
                 {
-                    f"measurements.{m.get('name')}": m.get("value")
+                    f"measurements.{m.get('name')}": _scalar(m.get("value"))
                     for m in value
                     if isinstance(m, Mapping)
                 }
@@ -180,6 +205,11 @@ def _properties_row(
     if rgb is None and "color" in props:
         rgb = rgb_from_qupath(props.get("color"))
     return row, rgb
+
+
+def _scalar(value: Any) -> Any:
+    """A feature value napari can hold in a table cell: lists and objects as JSON text."""
+    return json.dumps(value) if isinstance(value, list | Mapping) else value
 
 
 def _ellipse_corners(value: Any) -> np.ndarray | None:
@@ -229,6 +259,7 @@ class _Collector:
         self.points: list[np.ndarray] = []
         self.point_rgb: list[Any] = []
         self.point_rows = FeatureTable({"feature_index": -1, "class": ""})
+        self.empty_points = 0
 
     @property
     def empty(self) -> bool:
@@ -280,19 +311,32 @@ class _Collector:
                     rowcol = np.asarray(line, dtype=float)[:, 1::-1].copy()
                     self._shape(rowcol, "line" if len(rowcol) == 2 else "path", row, rgb, leading)
             else:  # Point / MultiPoint
-                pts = np.atleast_2d(np.asarray(coords, dtype=float))[:, 1::-1]
-                for point in pts:
+                pts = np.asarray(coords, dtype=float)
+                if pts.size == 0:  # an empty MultiPoint: nothing to draw
+                    self.empty_points += 1
+                    return
+                pts = np.atleast_2d(pts)
+                if pts.ndim != 2 or pts.shape[1] < 2:
+                    raise ValueError("a point needs [x, y]")
+                for point in pts[:, 1::-1]:
                     self.points.append(prepend_axes(point[None, :], leading)[0])
                     self.point_rgb.append(rgb)
                     self.point_rows.add(row)
-        except (ValueError, TypeError, IndexError) as exc:
+        except (ValueError, TypeError, IndexError, AttributeError) as exc:
             raise file_error(
                 path,
                 f"feature {index} ({kind}) has malformed coordinates ({exc})",
                 "Each vertex must be an [x, y] pair of numbers",
             ) from exc
 
-    def layers(self, name: str, metadata: dict[str, Any]) -> list[LayerData]:
+    def layers(self, name: str, metadata: dict[str, Any]) -> list[LayerData | None]:
+        if self.empty_points:
+            warnings.warn(
+                f"{Path(str(metadata.get('source', name))).name}: dropped {self.empty_points} "
+                "point geometry(ies) without coordinates",
+                UserWarning,
+                stacklevel=3,
+            )
         out = []
         if self.shapes:
             alpha = [0.0 if h >= 0 else FACE_ALPHA for h in self.shape_rows.columns["hole_of"]]

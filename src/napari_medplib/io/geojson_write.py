@@ -18,7 +18,12 @@ files read by :mod:`.geojson_read` round-trip.
 Properties: ``objectType`` (``"annotation"`` unless the layer has that column), ``classification``
 ``{name, color}`` from the ``class`` feature and the shape/point face colour, ``id`` as the feature
 id, ``measurements.<name>`` columns back into ``measurements``, every other feature column as a
-property (missing values left out).
+property (missing values, NaN and infinite numbers left out; dates and times as ISO 8601 text,
+other objects as their text).
+
+Files are written atomically (:mod:`napari_medplib.atomic`): a document that cannot be written (a
+NaN or infinite vertex, a full disk) raises :class:`RegionFileError` and leaves an existing file
+unchanged.
 
 Labels: one feature per label id, Polygon or MultiPolygon with holes, outlined along pixel edges in
 QuPath's convention (pixel (r, c) covers x in [c, c+1], y in [r, r+1]; see :mod:`.outlines`).
@@ -26,6 +31,7 @@ QuPath's convention (pixel (r, c) covers x in [c, c+1], y in [r, r+1]; see :mod:
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -34,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from ..atomic import atomic_write
 from ._common import RegionFileError, rgb255
 from .geojson_read import ELLIPSE_PROPERTY, SHAPE_TYPE_PROPERTY, is_axis_aligned_box
 
@@ -54,9 +61,40 @@ _AREA_TYPES = {"polygon", "rectangle", "ellipse"}
 def write_geojson(path: str | Path, document: Mapping[str, Any]) -> list[str]:
     """Write a GeoJSON document; returns ``[path]`` as npe2 writers do."""
     path = Path(path)
-    with path.open("w", encoding="utf-8") as handle:
-        json.dump(document, handle, indent=1, allow_nan=False)
+    try:
+        text = json.dumps(document, indent=1, allow_nan=False, default=_json_default)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise RegionFileError(
+            f"{path.name}: cannot be written as GeoJSON ({exc}); the existing file is unchanged"
+        ) from exc
+    try:
+        with atomic_write(path, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise RegionFileError(
+            f"{path.name}: cannot be written ({exc.strerror or exc}); the existing file is "
+            "unchanged. Check the free space and permissions of the folder"
+        ) from exc
     return [str(path)]
+
+
+def _json_default(value: Any) -> Any:
+    """JSON for values json does not know: numpy scalars/arrays, dates, anything else as text."""
+    if isinstance(value, np.generic):
+        return _plain(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, _dt.date | _dt.time):
+        return value.isoformat()
+    return str(value)
+
+
+def _check_finite(coords: np.ndarray, what: str) -> None:
+    if not np.isfinite(coords).all():
+        raise RegionFileError(
+            f"{what} has a NaN or infinite vertex, which GeoJSON cannot hold; fix or delete it "
+            "before saving (the existing file is unchanged)"
+        )
 
 
 def shapes_to_geojson(data: Sequence[Any], meta: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -64,6 +102,8 @@ def shapes_to_geojson(data: Sequence[Any], meta: Mapping[str, Any] | None = None
     meta = meta or {}
     shapes = [np.asarray(s, dtype=float) for s in data]
     n = len(shapes)
+    for i, coords in enumerate(shapes):
+        _check_finite(coords, f"shape {i}")
     types = meta.get("shape_type", "polygon")
     types = [types] * n if isinstance(types, str) else list(types)
     rows = feature_rows(meta, n)
@@ -107,6 +147,8 @@ def points_to_geojson(data: Any, meta: Mapping[str, Any] | None = None) -> dict[
     """
     meta = meta or {}
     points = np.asarray(data, dtype=float).reshape(len(data), -1) if len(data) else np.zeros((0, 2))
+    for i in np.flatnonzero(~np.isfinite(points).all(axis=1))[:1]:
+        _check_finite(points[i], f"point {i}")
     rows = feature_rows(meta, len(points))
     colours = _colours(meta.get("face_color"), len(points))
     features = []
@@ -199,15 +241,19 @@ def _columns(table: Any) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    """numpy scalars -> Python; NaN/None -> None (left out)."""
+    """numpy scalars -> Python; None, NaN, +-Infinity and NaT -> None (left out); dates -> ISO text."""
     if value is None:
         return None
+    if isinstance(value, np.datetime64 | np.timedelta64):
+        return None if np.isnat(value) else str(value)
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and math.isnan(value):
+    if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, np.ndarray):
         return value.tolist()
+    if isinstance(value, _dt.date | _dt.time):  # datetime and pandas Timestamp included
+        return None if str(value) == "NaT" else value.isoformat()
     return value
 
 

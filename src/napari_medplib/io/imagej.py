@@ -29,11 +29,20 @@ features ``t_position``, ``z_position``, ``c_position`` and ``position``.
 Other feature columns: ``name``, ``roi_type``, ``group``, ``stroke_color`` ('#rrggbb' or ''),
 ``feature_index`` (index of the ROI in the file) and ``hole_of``. The stroke colour also becomes the
 shape's edge colour.
+
+Limits, checked before a byte is decompressed (zip members are then read one at a time, header
+first, and never beyond their declared size): at most :data:`MAX_ROI_BYTES` per ROI, at most
+:data:`MAX_ROI_COUNT` ROIs, and the members together at most :data:`MAX_ZIP_EXPANSION` times the
+archive (plus :data:`ZIP_SLACK_BYTES`): RoiSets compress a few times, zip bombs a thousand times.
+Composite ROIs with more than :data:`MAX_HOLE_PARTS` sub-paths keep every sub-path as an outer
+polygon (the hole test compares every pair). Shapes napari cannot draw are dropped with a warning
+(see :mod:`._common`); anything else raises :class:`RegionFileError` naming the file.
 """
 
 from __future__ import annotations
 
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +52,11 @@ from ._common import (
     FeatureTable,
     LayerData,
     file_error,
+    finish_layers,
     layer_name,
     points_layer,
     prepend_axes,
+    reading,
     rgb_from_hex,
     shapes_layer,
 )
@@ -53,6 +64,17 @@ from ._common import (
 ROI_MAGIC = b"Iout"
 POSITION_AXES = ("t_position", "z_position", "c_position")
 _FILLS = {"feature_index": -1, "hole_of": -1}
+FIX = "Save the ROIs again from ImageJ/Fiji's ROI Manager"
+#: Largest single ROI (a 2-million-vertex subpixel polygon is 16 MiB).
+MAX_ROI_BYTES = 32 * 2**20
+#: Most ROIs in one RoiSet.
+MAX_ROI_COUNT = 1_000_000
+#: Most bytes the members of a RoiSet may decompress to, per byte of the archive ...
+MAX_ZIP_EXPANSION = 8
+#: ... plus this allowance (small archives of near-empty ROIs compress well).
+ZIP_SLACK_BYTES = 2**20
+#: Composite ROIs with more sub-paths than this are not searched for holes.
+MAX_HOLE_PARTS = 500
 
 
 def zip_has_rois(path: str | Path) -> bool:
@@ -60,51 +82,107 @@ def zip_has_rois(path: str | Path) -> bool:
     try:
         with zipfile.ZipFile(path) as archive:
             return any(name.lower().endswith(".roi") for name in archive.namelist())
-    except (OSError, zipfile.BadZipFile):
+    except Exception:  # any damage: not ours to open (npe2 readers must not raise)
         return False
+
+
+def _decode(path: Path, member: str, blob: bytes, zipped: bool) -> Any:
+    from roifile import ImagejRoi
+
+    if len(blob) < 64 or not blob.startswith(ROI_MAGIC):
+        what = "is empty" if not blob else "is not an ImageJ ROI (no 'Iout' header)"
+        where = f"member {member!r} " if zipped else ""
+        raise file_error(path, f"{where}{what}", "Save the ROI again from ImageJ/Fiji")
+    try:
+        return ImagejRoi.frombytes(blob)
+    except Exception as exc:  # roifile raises assorted struct/value errors on corrupt data
+        detail = str(exc).splitlines()[0][:120] if str(exc) else ""
+        raise file_error(
+            path,
+            f"ROI {member!r} is corrupt ({type(exc).__name__}: {detail})",
+            "Save the ROI again from ImageJ/Fiji",
+        ) from None
+
+
+def _members(path: Path, archive: zipfile.ZipFile) -> list[zipfile.ZipInfo]:
+    """The ``.roi`` members, after checking their declared sizes against the limits."""
+    members = [i for i in archive.infolist() if i.filename.lower().endswith(".roi")]
+    if len(members) > MAX_ROI_COUNT:
+        raise file_error(path, f"holds {len(members):,} ROIs (at most {MAX_ROI_COUNT:,})", FIX)
+    big = next((i for i in members if i.file_size > MAX_ROI_BYTES), None)
+    if big is not None:
+        raise file_error(
+            path,
+            f"member {big.filename!r} declares {big.file_size:,} bytes, more than an ImageJ ROI "
+            f"holds (at most {MAX_ROI_BYTES:,})",
+            FIX,
+        )
+    total = sum(i.file_size for i in members)
+    allowed = MAX_ZIP_EXPANSION * path.stat().st_size + ZIP_SLACK_BYTES
+    if total > allowed:
+        raise file_error(
+            path,
+            f"its ROIs decompress to {total:,} bytes, more than {MAX_ZIP_EXPANSION}x the archive "
+            "(a RoiSet compresses a few times; this looks like a damaged file or a zip bomb)",
+            FIX,
+        )
+    return members
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo) -> bytes:
+    """A member's bytes, reading its header first and never more than its declared size."""
+    with archive.open(info) as handle:
+        head = handle.read(len(ROI_MAGIC))
+        if head != ROI_MAGIC:
+            return head
+        return head + handle.read(info.file_size - len(head))
+
+
+def iter_rois(path: str | Path) -> Any:
+    """Yield the decoded ROIs of a ``.roi`` file or a RoiSet ``.zip`` one by one (limits checked)."""
+    path = Path(path)
+    if path.suffix.lower() != ".zip":
+        if path.stat().st_size > MAX_ROI_BYTES:
+            raise file_error(path, f"is larger than an ImageJ ROI ({MAX_ROI_BYTES:,} bytes at most)", FIX)
+        yield _decode(path, path.name, path.read_bytes(), zipped=False)
+        return
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile as exc:
+        raise file_error(path, f"cannot be read ({exc})", FIX) from None
+    with archive:
+        members = _members(path, archive)
+        if not members:
+            raise file_error(
+                path, "contains no .roi files", "Save a RoiSet from ImageJ's ROI Manager (More > Save)"
+            )
+        for info in members:
+            try:
+                blob = _read_member(archive, info)
+            except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, ValueError) as exc:
+                raise file_error(
+                    path, f"member {info.filename!r} cannot be decompressed ({type(exc).__name__}: "
+                    f"{str(exc)[:120]})", FIX
+                ) from None
+            yield _decode(path, info.filename, blob, zipped=True)
 
 
 def load_rois(path: str | Path) -> list[Any]:
     """Decode every ROI of a ``.roi`` file or a RoiSet ``.zip`` with roifile."""
-    from roifile import ImagejRoi
-
     path = Path(path)
     try:
-        if path.suffix.lower() == ".zip":
-            with zipfile.ZipFile(path) as archive:
-                blobs = [
-                    (n, archive.read(n)) for n in archive.namelist() if n.lower().endswith(".roi")
-                ]
-        else:
-            blobs = [(path.name, path.read_bytes())]
-    except (OSError, zipfile.BadZipFile) as exc:
-        raise file_error(
-            path, f"cannot be read ({exc})", "Save the ROIs again from the ROI Manager"
-        ) from exc
-    if not blobs:
-        raise file_error(
-            path, "contains no .roi files", "Save a RoiSet from ImageJ's ROI Manager (More > Save)"
-        )
-    rois = []
-    for member, blob in blobs:
-        if len(blob) < 64 or not blob.startswith(ROI_MAGIC):
-            what = "is empty" if not blob else "is not an ImageJ ROI (no 'Iout' header)"
-            where = f"member {member!r} " if path.suffix.lower() == ".zip" else ""
-            raise file_error(path, f"{where}{what}", "Save the ROI again from ImageJ/Fiji")
-        try:
-            rois.append(ImagejRoi.frombytes(blob))
-        except Exception as exc:  # roifile raises assorted struct/value errors on corrupt data
-            raise file_error(
-                path,
-                f"ROI {member!r} is corrupt ({type(exc).__name__}: {exc})",
-                "Save the ROI again from ImageJ/Fiji",
-            ) from exc
-    return rois
+        return list(iter_rois(path))
+    except OSError as exc:
+        raise file_error(path, f"cannot be read ({exc.strerror or exc})", FIX) from None
 
 
 def read_imagej(path: str | Path) -> list[LayerData]:
-    """Read an ImageJ ``.roi`` file or RoiSet ``.zip`` into up to two layers: shapes and points."""
-    return rois_to_layers(load_rois(path), path)
+    """Read an ImageJ ``.roi`` file or RoiSet ``.zip`` into up to two layers: shapes and points.
+
+    Raises only :class:`RegionFileError` (naming the file).
+    """
+    with reading(path, FIX):
+        return rois_to_layers(load_rois(path), path)
 
 
 def rois_to_layers(rois: list[Any], path: str | Path = "RoiSet.zip") -> list[LayerData]:
@@ -129,7 +207,8 @@ def rois_to_layers(rois: list[Any], path: str | Path = "RoiSet.zip") -> list[Lay
                 point_rows.add({**row, "counter": counter})
             continue
         leading = _leading(roi, axes)
-        holes = _hole_parents(parts) if kind == "polygon" and len(parts) > 1 else [-1] * len(parts)
+        search = kind == "polygon" and 1 < len(parts) <= MAX_HOLE_PARTS
+        holes = _hole_parents(parts) if search else [-1] * len(parts)
         first = len(shapes)
         for coords, parent in zip(parts, holes, strict=True):
             shapes.append(prepend_axes(coords, leading))
@@ -150,7 +229,7 @@ def rois_to_layers(rois: list[Any], path: str | Path = "RoiSet.zip") -> list[Lay
         "skipped_rois": skipped,
     }
     name = layer_name(path)
-    out: list[LayerData] = []
+    out: list[LayerData | None] = []
     if shapes:
         alpha = [0.0 if h >= 0 else 0.25 for h in shape_rows.columns["hole_of"]]
         out.append(shapes_layer(name, shapes, shape_types, shape_rows, shape_rgb, metadata, alpha))
@@ -161,7 +240,7 @@ def rois_to_layers(rois: list[Any], path: str | Path = "RoiSet.zip") -> list[Lay
                 f"{name} points" if shapes else name, data, point_rows, point_rgb, metadata
             )
         )
-    return out
+    return finish_layers(path, out, FIX)
 
 
 # ----------------------------------------------------------------------------------------- per ROI
@@ -239,6 +318,8 @@ def _hole_parents(parts: list[np.ndarray]) -> list[int]:
     """For each sub-path: index of the sub-path it is a hole of (inside an odd number), else -1."""
     from shapely.geometry import Polygon
 
+    if not all(np.isfinite(p).all() for p in parts):
+        return [-1] * len(parts)  # the shapes with NaN/inf coordinates are dropped later
     polygons = [Polygon(p[:, ::-1]).buffer(0) for p in parts]
     parents = []
     for i, poly in enumerate(polygons):

@@ -26,13 +26,23 @@ from __future__ import annotations
 
 import csv
 import re
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from ._common import FeatureTable, LayerData, file_error, layer_name, points_layer, shapes_layer
+from ._common import (
+    FeatureTable,
+    LayerData,
+    file_error,
+    finish_layers,
+    layer_name,
+    points_layer,
+    reading,
+    shapes_layer,
+)
 
 SHAPE_COLUMNS = ("index", "shape-type", "vertex-index")
 SHAPE_TYPES = ("rectangle", "ellipse", "polygon", "path", "line")
@@ -41,28 +51,43 @@ EXPECTED = (
     "or Points columns 'index,axis-0,axis-1[,...][,features]'"
 )
 _AXIS = re.compile(r"axis-(\d+)$")
+FIX = "Save the Shapes or Points layer from napari again"
+#: Most axes a napari layer in a CSV may have (napari's own limit is memory, not a number).
+MAX_AXES = 32
+#: Most columns in the header (axes plus point features).
+MAX_COLUMNS = 10_000
 
 
 def read_napari_csv(path: str | Path) -> list[LayerData]:
     """Read a Shapes or Points CSV written by napari into one layer (see module docs).
 
-    Raises :class:`RegionFileError` for an unreadable or empty file, a CSV without napari's
-    columns, short rows, non-numeric coordinates or an unknown shape type.
+    Raises only :class:`RegionFileError` (naming the file): for an unreadable or empty file, a CSV
+    without napari's columns, short rows, non-numeric coordinates or an unknown shape type.
+    Rows are parsed one at a time (coordinates straight into a float array), so memory follows the
+    file; the header may name at most :data:`MAX_AXES` axes and :data:`MAX_COLUMNS` columns.
     """
     path = Path(path)
-    header, rows = _read_table(path)
-    axes = _axis_columns(path, header)
-    if "shape-type" in header:
-        return [_shapes(path, header, rows, axes)]
-    return [_points(path, header, rows, axes)]
+    with reading(path, FIX):
+        rows = _rows(path)
+        header = next(rows, None)
+        if header is None:
+            raise file_error(
+                path, "the file is empty", "Save the Shapes or Points layer from napari again"
+            )
+        header = header[1]
+        axes = _axis_columns(path, header)
+        layer = (_shapes if "shape-type" in header else _points)(path, header, rows, axes)
+        return finish_layers(path, [layer], FIX)
 
 
 # ----------------------------------------------------------------------------------------- table
-def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
-    """Header and (line number, cells) of every non-blank row; rows must be as long as the header."""
+def _rows(path: Path) -> Iterator[tuple[int, list[str]]]:
+    """(line number, stripped cells) of every non-blank row, read one at a time."""
     try:
         with path.open(newline="", encoding="utf-8-sig") as handle:
-            lines = list(csv.reader(handle))
+            for n, cells in enumerate(csv.reader(handle), 1):
+                if any(c.strip() for c in cells):
+                    yield n, [c.strip() for c in cells]
     except OSError as exc:
         raise file_error(
             path, f"cannot be read ({exc.strerror})", "Check the path and permissions"
@@ -71,20 +96,13 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
         raise file_error(
             path, f"is not a readable CSV text file ({exc})", "Save the layer from napari again"
         ) from exc
-    numbered = [
-        (n, [c.strip() for c in cells])
-        for n, cells in enumerate(lines, 1)
-        if any(c.strip() for c in cells)
-    ]
-    if not numbered:
-        raise file_error(
-            path, "the file is empty", "Save the Shapes or Points layer from napari again"
-        )
-    (_, header), rows = numbered[0], numbered[1:]
-    if not rows:
-        raise file_error(
-            path, "holds no shapes or points (only a header row)", "Save a layer that has some"
-        )
+
+
+def _body(
+    path: Path, header: Sequence[str], rows: Iterator[tuple[int, list[str]]]
+) -> Iterator[tuple[int, list[str]]]:
+    """The data rows; each must be as long as the header, and there must be one."""
+    empty = True
     for line, cells in rows:
         if len(cells) != len(header):
             raise file_error(
@@ -92,12 +110,29 @@ def _read_table(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
                 f"line {line} has {len(cells)} values but the header has {len(header)} columns",
                 "Every row needs one value per column; the file may be truncated",
             )
-    return header, rows
+        empty = False
+        yield line, cells
+    if empty:
+        raise file_error(
+            path, "holds no shapes or points (only a header row)", "Save a layer that has some"
+        )
 
 
 def _axis_columns(path: Path, header: Sequence[str]) -> list[int]:
     """Column positions of axis-0, axis-1, ... (in axis order); they must be complete."""
-    numbers = {int(m.group(1)): i for i, name in enumerate(header) if (m := _AXIS.match(name))}
+    if len(header) > MAX_COLUMNS:
+        raise file_error(
+            path, f"has {len(header):,} columns (at most {MAX_COLUMNS:,})", "Save the layer again"
+        )
+    found = [(m.group(1), i) for i, name in enumerate(header) if (m := _AXIS.match(name))]
+    too_many = next((text for text, _ in found if len(text) > 4 or int(text) >= MAX_AXES), None)
+    if too_many is not None:
+        raise file_error(
+            path,
+            f"has a column 'axis-{too_many[:20]}', but napari layers have at most {MAX_AXES} axes",
+            "The axis columns must be axis-0 .. axis-N as napari writes them",
+        )
+    numbers = {int(text): i for text, i in found}
     if 0 not in numbers or 1 not in numbers:
         raise file_error(
             path,
@@ -111,28 +146,24 @@ def _axis_columns(path: Path, header: Sequence[str]) -> list[int]:
             f"has no 'axis-{missing[0]}' column",
             f"The axis columns must be axis-0 .. axis-{max(numbers)}",
         )
-    if len(numbers) != sum(bool(_AXIS.match(name)) for name in header):
+    if len(numbers) != len(found):
         raise file_error(path, "has a repeated axis column", "Each axis-N column may appear once")
     return [numbers[n] for n in sorted(numbers)]
 
 
 def _coordinates(
-    path: Path, header: Sequence[str], rows: Sequence[tuple[int, list[str]]], axes: list[int]
-) -> np.ndarray:
-    """(rows, D) float coordinates; the first non-number is reported with its line and column."""
-    for line, cells in rows:
-        for i in axes:
-            try:
-                float(cells[i])
-            except ValueError:
-                raise file_error(
-                    path,
-                    f"line {line}, column {header[i]!r}: {cells[i]!r} is not a number",
-                    "Coordinates must be numbers",
-                ) from None
-    return np.array([[float(cells[i]) for i in axes] for _, cells in rows], dtype=float).reshape(
-        len(rows), len(axes)
-    )
+    path: Path, header: Sequence[str], line: int, cells: list[str], axes: list[int], out: array
+) -> None:
+    """Append one row's coordinates to ``out``; the first non-number is reported with its place."""
+    for i in axes:
+        try:
+            out.append(float(cells[i]))
+        except ValueError:
+            raise file_error(
+                path,
+                f"line {line}, column {header[i]!r}: {cells[i][:40]!r} is not a number",
+                "Coordinates must be numbers",
+            ) from None
 
 
 def _typed(values: list[str]) -> list[Any]:
@@ -140,7 +171,7 @@ def _typed(values: list[str]) -> list[Any]:
     for kind in (int, float):
         try:
             return [kind(v) for v in values]
-        except ValueError:
+        except (ValueError, OverflowError):
             continue
     return values
 
@@ -152,8 +183,8 @@ def _metadata(path: Path, header: Sequence[str], axes: list[int]) -> dict[str, A
 
 # ----------------------------------------------------------------------------------------- layers
 def _shapes(
-    path: Path, header: list[str], rows: list[tuple[int, list[str]]], axes: list[int]
-) -> LayerData:
+    path: Path, header: list[str], rows: Iterator[tuple[int, list[str]]], axes: list[int]
+) -> LayerData | None:
     """Blocks of rows sharing an ``index`` -> shapes, in file order."""
     missing = [c for c in SHAPE_COLUMNS if c not in header]
     if missing:
@@ -162,14 +193,16 @@ def _shapes(
             f"has a 'shape-type' column but no {', '.join(repr(c) for c in missing)} column",
             f"Save the Shapes layer from napari again; {EXPECTED}",
         )
-    coords = _coordinates(path, header, rows, axes)
     col_index, col_type = header.index("index"), header.index("shape-type")
-    shapes: list[np.ndarray] = []
+    flat = array("d")
+    starts: list[int] = []  # first row of each shape
     types: list[str] = []
     table = FeatureTable({"feature_index": -1, "hole_of": -1})
     seen: dict[int, int] = {}  # shape index -> line where its block started
-    start, current = 0, None
-    for k, (line, cells) in enumerate(rows):
+    current = None
+    k = -1
+    for k, (line, cells) in enumerate(_body(path, header, rows)):
+        _coordinates(path, header, line, cells, axes, flat)
         index = _shape_index(path, line, cells[col_index])
         kind = cells[col_type].lower()
         if index == current:
@@ -183,7 +216,7 @@ def _shapes(
         if kind not in SHAPE_TYPES:
             raise file_error(
                 path,
-                f"line {line}: unknown shape-type {cells[col_type]!r}",
+                f"line {line}: unknown shape-type {cells[col_type][:40]!r}",
                 f"Use one of {', '.join(SHAPE_TYPES)}",
             )
         if index in seen:
@@ -193,12 +226,13 @@ def _shapes(
                 f"line {seen[index]})",
                 "Keep each shape's rows together, as napari writes them",
             )
-        if k:
-            shapes.append(coords[start:k])
-        seen[index], start, current = line, k, index
+        seen[index], current = line, index
+        starts.append(k)
         types.append(kind)
         table.add({"feature_index": index, "hole_of": -1})
-    shapes.append(coords[start:])
+    coords = np.frombuffer(flat, dtype=float).reshape(-1, len(axes))
+    bounds = [*starts, k + 1]
+    shapes = [coords[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
     return shapes_layer(
         layer_name(path), shapes, types, table, [None] * len(shapes), _metadata(path, header, axes)
     )
@@ -217,19 +251,24 @@ def _shape_index(path: Path, line: int, text: str) -> int:
 
 
 def _points(
-    path: Path, header: list[str], rows: list[tuple[int, list[str]]], axes: list[int]
-) -> LayerData:
+    path: Path, header: list[str], rows: Iterator[tuple[int, list[str]]], axes: list[int]
+) -> LayerData | None:
     """One point per row; columns other than ``index`` and the axes become features."""
-    coords = _coordinates(path, header, rows, axes)
     columns = [i for i, name in enumerate(header) if i not in axes and name != "index"]
     names = [header[i] for i in columns]
     if len(set(names)) != len(names):
         repeated = next(n for n in names if names.count(n) > 1)
         raise file_error(path, f"has the feature column {repeated!r} twice", "Rename one of them")
+    flat = array("d")
+    cells_of: list[list[str]] = [[] for _ in columns]
+    for line, cells in _body(path, header, rows):
+        _coordinates(path, header, line, cells, axes, flat)
+        for values, i in zip(cells_of, columns, strict=True):
+            values.append(cells[i])
+    coords = np.frombuffer(flat, dtype=float).reshape(-1, len(axes))
     table = FeatureTable()
-    typed = {header[i]: _typed([cells[i] for _, cells in rows]) for i in columns}
-    for r in range(len(rows)):
-        table.add({name: values[r] for name, values in typed.items()})
+    table.columns = {name: _typed(values) for name, values in zip(names, cells_of, strict=True)}
+    table.n_rows = len(coords)
     return points_layer(
-        layer_name(path), coords, table, [None] * len(rows), _metadata(path, header, axes)
+        layer_name(path), coords, table, [None] * len(coords), _metadata(path, header, axes)
     )

@@ -18,9 +18,6 @@ def mask_to_polygons(mask: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray
     parts touching only at a corner stay separate), each ring an ``(N, 2)`` array of (x, y) vertices
     without the closing vertex, collinear vertices removed. Empty mask -> empty list.
     """
-    import shapely
-    from shapely.geometry import MultiPolygon, Polygon
-
     mask = np.asarray(mask, dtype=bool)
     if mask.ndim != 2:
         raise ValueError(f"mask_to_polygons needs a 2-D mask, got shape {mask.shape}")
@@ -32,7 +29,18 @@ def mask_to_polygons(mask: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray
     steps = np.diff(padded, axis=1)
     run_rows, run_starts = np.nonzero(steps == 1)
     _, run_ends = np.nonzero(steps == -1)
-    boxes = shapely.box(run_starts, run_rows, run_ends, run_rows + 1)
+    return boxes_to_polygons(np.stack([run_starts, run_rows, run_ends, run_rows + 1], axis=1))
+
+
+def boxes_to_polygons(boxes: np.ndarray) -> list[tuple[np.ndarray, list[np.ndarray]]]:
+    """Outline the union of pixel-edge boxes (K, 4) [x0, y0, x1, y1], as :func:`mask_to_polygons`."""
+    import shapely
+    from shapely.geometry import MultiPolygon, Polygon
+
+    boxes = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    if len(boxes) == 0:
+        return []
+    boxes = shapely.box(boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3])
     union = shapely.union_all(boxes).simplify(0)
     parts = list(union.geoms) if isinstance(union, MultiPolygon) else [union]
     result = []
