@@ -128,7 +128,8 @@ def test_segment_point_writes_the_same_mask_as_the_session(model_dir, image_file
     assert rc == 0, err
     result = json.loads(out)
     assert result["masks"] == [1] and len(result["scores"]) == 1
-    assert result["windows"] == [[0, 0, *image.shape[:2]]]  # a small image: SAM saw all of it
+    (y0, x0, y1, x1), = result["windows"]  # the crop around the positive click (negatives only cut)
+    assert y0 <= 20 < y1 and x0 <= 30 < x1
     labels = tifffile.imread(out_path)
     expected = Session.load(model_dir, device="cpu").segment(image, points=[(20, 30), (50, 70)], point_labels=[1, 0])
     np.testing.assert_array_equal(labels == 1, expected.mask)

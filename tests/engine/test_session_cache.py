@@ -85,8 +85,9 @@ def test_warm_segment_runs_only_the_mask_decoder(tiny_session, image16, count_ca
         first = tiny_session.segment(image16, points=[(30, 40)], point_labels=[1])
         assert (encoder.calls, len(decoder_calls)) == (1, 1)
         second = tiny_session.segment(image16, points=[(30, 40), (80, 10)], point_labels=[1, 0])
+        assert (encoder.calls, len(decoder_calls)) == (1, 3)  # a negative click: its object is decoded too
         third = tiny_session.segment(image16, box=(10, 20, 60, 90), multimask=True)
-        assert (encoder.calls, len(decoder_calls)) == (1, 3)
+        assert (encoder.calls, len(decoder_calls)) == (1, 4)
         assert clip.calls == 0  # no LLM side at all
     finally:
         hook.remove()

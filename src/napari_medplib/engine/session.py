@@ -53,6 +53,7 @@ from .loading import (
     pick_dtype,
     resolve_source,
 )
+from .negatives import exclude_negatives, split_labels
 from .prompts import (
     bind_regions,
     check_prompts,
@@ -693,6 +694,11 @@ class Session:
         """Direct SAM-Med2D prompts, no LLM: points (y, x) with labels 1/0, a box (y0, x0, y1, x1)
         inclusive, and/or a bool (H, W) mask prior. ``multimask`` returns SAM's 3 candidates.
 
+        Negative clicks (label 0) only take pixels away: the mask comes from the positive prompts, then
+        the object under each negative click inside it is removed and the mask is cut between the clicks
+        (``negatives.exclude_negatives``); the decoder itself grows masks onto a clicked neighbour.
+        Negative clicks need a positive click, a box or a mask prior beside them.
+
         ``window``: "auto" segments inside a crop around the prompts sized so the object spans what the
         model's objects spanned in training (a box's own size; a click's object size estimated under it),
         resized to SAM's input; an int asks for that crop side; None uses the whole plane.
@@ -710,51 +716,85 @@ class Session:
             raise SessionInputError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
         window = check_window(window)
         with self._lock, torch.inference_mode():
-            model = self.model
             start = time.perf_counter()
             plane = self._view(image, contrast_limits, rgb)
             pts, labels, box_arr, prior = check_prompts(points, point_labels, box, mask, plane.image_hw)
-            extent = None
-            if window == "auto" and box_arr is None and prior is None and pts is not None:
-                extent = self._clicked_extent(plane, pts, labels)
-            area = choose_window(plane.image_hw, model.sam.config.image_size, pts, box_arr, prior, window,
-                                 object_extent=extent)
-            if area is None:
-                view = plane
-            else:  # the crop keeps the whole plane's contrast; its content key keys the SAM cache
-                view = crop_view(plane, image, area, contrast_limits, rgb)
-                pts, box_arr, prior = shift_prompts(area, pts, box_arr, prior)
+            positives, negatives = split_labels(pts, labels)
+            if len(negatives):  # negatives never reach the decoder (see negatives.py)
+                if not len(positives) and box_arr is None and prior is None:
+                    raise SessionInputError(
+                        "negative clicks alone mark no object: add a positive click (or a box) on the object"
+                    )
+                pts = positives if len(positives) else None
+                labels = np.ones(len(positives), np.int64) if len(positives) else None
             timings = {"preprocess": time.perf_counter() - start}
-            if flips and view.factor == 1:  # the four mirror images vote; ties count as object
-                votes, scores = None, np.zeros(1)
-                for flip_y, flip_x in ((False, False), (True, False), (False, True), (True, True)):
-                    mirrored, m_pts, m_box, m_prior = mirror_prompts(view, pts, box_arr, prior, flip_y, flip_x)
-                    m_masks, m_scores = self._decode_view(mirrored, m_pts, labels, m_box, m_prior, multimask,
-                                                          mask_mode, on_progress, timings)
-                    m_masks = [unmirror(m, flip_y, flip_x) for m in m_masks]
-                    votes = [v + m for v, m in zip(votes, m_masks, strict=True)] if votes else [
-                        m.astype(np.int8) for m in m_masks]
-                    scores = scores + np.asarray(m_scores) / 4
-                masks, scores = [v >= 2 for v in votes], [float(v) for v in scores]
-            else:
-                masks, scores = self._decode_view(view, pts, labels, box_arr, prior, multimask, mask_mode, on_progress,
-                                                  timings)
-            mark = time.perf_counter()
-            # cut to the box and the clicked pieces in the crop (the prompts are in its pixels), then paste
-            if clip_to_box and box_arr is not None:
-                masks = [keep_inside_box(m, box_arr) for m in masks]
-            if clicked_pieces and pts is not None:
-                masks = [keep_clicked_pieces(m, pts, labels) for m in masks]
-            if area is not None:
-                masks = paste_masks(masks, area, plane.image_hw)
-            timings["masks"] = time.perf_counter() - mark
+            options = {"image": image, "plane": plane, "multimask": multimask, "contrast_limits": contrast_limits,
+                       "rgb": rgb, "mask_mode": mask_mode, "on_progress": on_progress, "window": window,
+                       "clip_to_box": clip_to_box, "clicked_pieces": clicked_pieces, "flips": flips,
+                       "timings": timings}
+            masks, scores, key, used = self._segment_checked(pts, labels, box_arr, prior, **options)
+            if len(negatives):
+                mark = time.perf_counter()
+                objects: dict[tuple[float, float], np.ndarray] = {}
+
+                def object_at(point: np.ndarray) -> np.ndarray:
+                    """The object a negative click points at, segmented as if it were a positive click."""
+                    where = (float(point[0]), float(point[1]))
+                    if where not in objects:
+                        found, *_ = self._segment_checked(np.asarray([where]), np.ones(1, np.int64), None, None,
+                                                          **dict(options, multimask=False, flips=False))
+                        objects[where] = found[0]
+                    return objects[where]
+
+                masks = [exclude_negatives(m, negatives, positives, box_arr, object_at) for m in masks]
+                timings["negatives"] = time.perf_counter() - mark
             best = int(np.argmax(scores))
-            used = area if area is not None else (0, 0, *plane.image_hw)
             from .measure import measure
 
             table = measure(masks[best].astype(np.int32), np.asarray(image) if np.ndim(image) == 2 else None)
             timings["total"] = time.perf_counter() - start
-            return WindowedSegmentResult(masks[best], masks, scores, timings, view.key, table=table, window=used)
+            return WindowedSegmentResult(masks[best], masks, scores, timings, key, table=table, window=used)
+
+    def _segment_checked(self, pts, labels, box_arr, prior, *, image, plane: ModelView, multimask: bool,
+                         contrast_limits, rgb, mask_mode: str, on_progress: Progress | None, window,
+                         clip_to_box: bool, clicked_pieces: bool, flips: bool, timings: dict[str, float]):
+        """Checked prompts on the whole plane -> (full-size masks, scores, key of the view SAM saw, window)."""
+        model = self.model
+        extent = None
+        if window == "auto" and box_arr is None and prior is None and pts is not None:
+            extent = self._clicked_extent(plane, pts, labels)
+        area = choose_window(plane.image_hw, model.sam.config.image_size, pts, box_arr, prior, window,
+                             object_extent=extent)
+        if area is None:
+            view = plane
+        else:  # the crop keeps the whole plane's contrast; its content key keys the SAM cache
+            view = crop_view(plane, image, area, contrast_limits, rgb)
+            pts, box_arr, prior = shift_prompts(area, pts, box_arr, prior)
+        if flips and view.factor == 1:  # the four mirror images vote; ties count as object
+            votes, scores = None, np.zeros(1)
+            for flip_y, flip_x in ((False, False), (True, False), (False, True), (True, True)):
+                mirrored, m_pts, m_box, m_prior = mirror_prompts(view, pts, box_arr, prior, flip_y, flip_x)
+                m_masks, m_scores = self._decode_view(mirrored, m_pts, labels, m_box, m_prior, multimask,
+                                                      mask_mode, on_progress, timings)
+                m_masks = [unmirror(m, flip_y, flip_x) for m in m_masks]
+                votes = [v + m for v, m in zip(votes, m_masks, strict=True)] if votes else [
+                    m.astype(np.int8) for m in m_masks]
+                scores = scores + np.asarray(m_scores) / 4
+            masks, scores = [v >= 2 for v in votes], [float(v) for v in scores]
+        else:
+            masks, scores = self._decode_view(view, pts, labels, box_arr, prior, multimask, mask_mode, on_progress,
+                                              timings)
+        mark = time.perf_counter()
+        # cut to the box and the clicked pieces in the crop (the prompts are in its pixels), then paste
+        if clip_to_box and box_arr is not None:
+            masks = [keep_inside_box(m, box_arr) for m in masks]
+        if clicked_pieces and pts is not None:
+            masks = [keep_clicked_pieces(m, pts, labels) for m in masks]
+        if area is not None:
+            masks = paste_masks(masks, area, plane.image_hw)
+        timings["masks"] = timings.get("masks", 0.0) + time.perf_counter() - mark
+        used = area if area is not None else (0, 0, *plane.image_hw)
+        return masks, scores, view.key, used
 
     def _decode_view(self, view: ModelView, pts, labels, box_arr, prior, multimask: bool, mask_mode: str,
                      on_progress: Progress | None, timings: dict[str, float]):
