@@ -1,0 +1,107 @@
+"""Teach the bundled model's SAM real microscopy: box and click prompts on real annotated images.
+
+The images are ``benchmarks/real_data/training_set.py`` (H&E, TEM, phase-contrast bacteria, EM axons;
+none of them is scored by the real-image benchmark), balanced so that no source dominates, plus
+synthetic planes of the generator's styles (fluorescence nuclei and cells above all, for which no real
+training image is at hand) so that what the model knows is kept. Training is ``train.finetune`` with the
+grounding path off: SAM's prompt encoder and mask decoder learn from crops cut exactly as the engine
+cuts them. The adapted model is generic, so its clicks keep the engine's own size estimate (the
+size range ``finetune`` records for a user's objects is cleared).
+
+    python scripts/train_real_sam.py --out OUT [--base MODEL] [--steps 2000] [--cache CACHE] [--mirrors DIR]
+
+Re-running the same command resumes; then score OUT with
+``benchmarks/real_images.py --split tune --model OUT``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "benchmarks" / "real_data"))
+
+# (entry-name prefix, how many of its images, repeats of each): about 700-1000 objects per source
+SOURCES = (("gbm40_he_", 8, 1), ("isbi2012_tem_train_", 8, 1), ("omnipose_phase_", 7, 1),
+           ("axondeepseg_subject1", 1, 12))
+# synthetic styles kept in training: (style, planes)
+SYNTHETIC = (("nuclei", 24), ("cells", 16), ("organelles", 8), ("brightfield", 8), ("bacteria", 8),
+             ("em_axons", 4), ("em_neurites", 4))
+
+
+def spread(items: list, k: int) -> list:
+    """``k`` items spread evenly over the sorted list (not the first k: sections and fields vary)."""
+    if k >= len(items):
+        return list(items)
+    return [items[int(i)] for i in np.linspace(0, len(items) - 1, k).round()]
+
+
+def training_planes(cache: str, mirrors: str | None, synthetic_seed: int = 30):
+    """(images, labels, names) of the real and synthetic training planes."""
+    import training_set
+
+    from napari_medplib.train.synth import make_sample
+
+    images, labels, names = [], [], []
+    for prefix, k, repeats in SOURCES:
+        entries = sorted((e for e in training_set.TRAINING if e.name.startswith(prefix)), key=lambda e: e.name)
+        for entry in spread(entries, k):
+            image, label = training_set.load(entry, cache, mirrors)
+            for r in range(repeats):
+                images.append(image)
+                labels.append(label)
+                names.append(f"{entry.name}#{r}" if repeats > 1 else entry.name)
+    for s, (style, n) in enumerate(SYNTHETIC):
+        for i in range(n):
+            sample = make_sample(style, (synthetic_seed, s, i), size=(256, 256), bit_depth=16 if i % 2 else 8)
+            images.append(sample.image)
+            labels.append(sample.labels)
+            names.append(f"synthetic_{style}_{i}")
+    return images, labels, names
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--base", default=None, help="model folder to start from (default: the bundled model)")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--cache", default=str(Path("~/.cache/napari-medplib/real-images").expanduser()))
+    parser.add_argument("--mirrors", default=None)
+    args = parser.parse_args(argv)
+
+    from napari_medplib.train.finetune import finetune
+    from napari_medplib.train.finetune_data import FinetuneOptions, annotated_planes
+
+    images, labels, names = training_planes(args.cache, args.mirrors)
+    planes = annotated_planes(images, labels, None, names=names)
+    print(f"{len(planes)} planes, {sum(len(p.ids) for p in planes)} objects", flush=True)
+    options = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch, grounding=False,
+                              evaluate=False, holdout=0.02, min_heldout=1, threads=args.threads,
+                              checkpoint_every=50)
+
+    def log(record: dict) -> None:
+        if record.get("step", 0) % 50 == 0:
+            print(json.dumps(record), flush=True)
+
+    result = finetune(planes, args.out, args.base, options, on_progress=lambda message, done, total: None,
+                      on_log=log)
+    config_path = Path(result.model_dir) / "config.json"
+    config = json.loads(config_path.read_text())
+    config["object_extent_range"] = []  # generic model: the engine's own click-size estimate
+    tmp = config_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config, indent=2))
+    tmp.replace(config_path)
+    print(f"model: {result.model_dir} ({result.seconds:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,70 @@
+"""``benchmarks/real_data/training_set.py`` (real training images for the bundled SAM) and the pure parts of
+``scripts/train_real_sam.py``: contours to labels, limits, and that nothing the benchmark scores is trained on."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def training_set():
+    return _load(ROOT / "benchmarks" / "real_data" / "training_set.py", "medplib_training_set")
+
+
+def _xml(polygons) -> bytes:
+    shapes = "".join("<Shape Type=\"SmoothPolygon\"><Data><Points>" + "".join(
+        f'<Point X="{x}" Y="{y}" />' for y, x in poly) + "</Points></Data></Shape>" for poly in polygons)
+    return f"<Document><Layers><Layer><Shapes>{shapes}</Shapes></Layer></Layers></Document>".encode()
+
+
+def test_contours_become_one_label_per_object(training_set):
+    square = [(2, 2), (2, 9), (9, 9), (9, 2)]
+    triangle = [(12, 12), (12, 19), (19, 12)]
+    labels = training_set.contour_labels(_xml([square, triangle, [(0, 0), (1, 1)]]), (24, 24))
+    assert sorted(np.unique(labels)) == [0, 1, 2]  # the two-point contour is skipped
+    assert labels[5, 5] == 1 and labels[13, 13] == 2 and labels[0, 0] == 0
+    assert 40 <= (labels == 1).sum() <= 64
+
+
+def test_contours_outside_the_image_are_clipped_and_limits_hold(training_set, monkeypatch):
+    labels = training_set.contour_labels(_xml([[(-5, -5), (-5, 4), (4, 4), (4, -5)]]), (8, 8))
+    assert labels.shape == (8, 8) and labels[0, 0] == 1 and labels[6, 6] == 0
+    monkeypatch.setattr(training_set, "MAX_POLYGONS", 1)
+    with pytest.raises(training_set.CatalogError, match="limit"):
+        training_set.contour_labels(_xml([[(0, 0), (0, 3), (3, 3)]] * 2), (8, 8))
+
+
+def test_nothing_scored_by_the_benchmark_is_trained_on(training_set):
+    cat = training_set._catalog
+    scored = {(e.source, p) for e in cat.CATALOG for p in (e.image.path, e.labels.path)}
+    trained = {(e.source, p) for e in training_set.TRAINING for p in (e.image.path, e.labels.path)}
+    assert trained and not scored & trained
+    assert all(e.split == "train" for e in training_set.TRAINING)
+    # serial sections: no training slice within 5 sections of a report slice of the same volume
+    report = {int(m.group(1)) for e in cat.CATALOG if e.split == "report"
+              for m in [re.search(r"isbi2012_tem_s(\d+)", e.name)] if m}
+    slices = {int(e.name[-2:]) for e in training_set.TRAINING if e.name.startswith("isbi2012_tem_train_")}
+    assert report and all(abs(s - r) > 5 for s in slices for r in report)
+    assert len({e.name for e in training_set.TRAINING}) == len(training_set.TRAINING)
+
+
+def test_spread_picks_evenly_and_keeps_short_lists():
+    script = _load(ROOT / "scripts" / "train_real_sam.py", "medplib_train_real_sam")
+    assert script.spread(list(range(9)), 3) == [0, 4, 8]
+    assert script.spread([1, 2], 5) == [1, 2]
