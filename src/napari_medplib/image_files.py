@@ -5,6 +5,14 @@ the stack. The plane is chosen by axis letters as tifffile reports them (`Z`, `T
 ``plane={"Z": 3, "T": 0}``; a single int picks along the only non-plane axis. `channel` picks one
 channel of a multi-channel image; without it all channels are kept (the session composites them).
 PNG/JPEG/BMP are read with Pillow. numpy, tifffile and Pillow only.
+
+Compressed TIFFs (LZW, deflate, zstd, JPEG, ... as microscopes and Fiji write them) are decoded by
+``imagecodecs``, which tifffile uses when it is installed; without it the error says
+``pip install imagecodecs``. Limits, checked before a plane is decoded: a plane may decode to at
+most :data:`MAX_EXPANSION` times its stored bytes plus :data:`SMALL_PLANE_BYTES` (deflate's own
+limit is about 1032x; a tiny file declaring a huge plane is damaged), an uncompressed plane must
+be stored in full, and no plane may exceed :data:`MAX_PLANE_BYTES`. Every failure is an
+:class:`ImageFileError` naming the file.
 """
 
 from __future__ import annotations
@@ -20,6 +28,14 @@ _PLANE_AXES = {"Y", "X"}
 _SAMPLE_AXIS = "S"
 _TIFF_SUFFIXES = {".tif", ".tiff", ".ome.tif", ".ome.tiff", ".btf", ".tf8"}
 _PIL_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+#: Decoded bytes a plane may have per stored (compressed) byte ...
+MAX_EXPANSION = 2000
+#: ... beyond this many bytes, which any plane may have.
+SMALL_PLANE_BYTES = 64 * 2**20
+#: Largest plane read at all (16 GiB, e.g. a 65,536 x 65,536 RGB 16-bit plane is 24 GiB).
+MAX_PLANE_BYTES = 16 * 2**30
+#: Pillow's own limit on decoded pixels (decompression bombs) is kept as it is.
+IMAGECODECS_HINT = "install the decoders with `pip install imagecodecs`"
 
 
 class ImageFileError(ValueError):
@@ -77,42 +93,95 @@ def _read_tiff(path: Path, plane: int | Mapping[str, int] | None, channel: int |
     try:
         tif = tifffile.TiffFile(path)
     except Exception as exc:  # tifffile raises several types for damaged files
-        raise ImageFileError(f"{path.name}: not a readable TIFF file ({exc})") from exc
-    with tif:
-        if not tif.series or not tif.series[0].pages:
-            raise ImageFileError(f"{path.name}: not a readable TIFF file (it holds no image)")
-        series = tif.series[0]
-        axes, shape = series.axes.upper(), tuple(series.shape)
-        page_axes = series.pages[0].axes.upper() if series.pages and series.pages[0] is not None else axes[-2:]
-        lead = axes[: len(axes) - len(page_axes)]
-        if not _PLANE_AXES <= set(page_axes):
-            raise ImageFileError(f"{path.name}: unsupported TIFF layout (axes {axes}); save it as a plain (Z/T/C)YX stack")
-        channel_axis = "C" if "C" in lead else None
-        free = [(a, n) for a, n in zip(lead, shape[: len(lead)], strict=True) if a != channel_axis]
-        chosen = _parse_plane(plane, free, path)
-        samples = _SAMPLE_AXIS in page_axes
-        n_channels = shape[lead.index("C")] if channel_axis else 1
-        n_samples = shape[axes.index(_SAMPLE_AXIS)] if samples else 1
-        # Without a C axis, the samples of a page (RGB, or planar "SYX" stacks) are the channels.
-        n_pickable = n_channels if channel_axis else n_samples
-        if channel is not None and not 0 <= channel < n_pickable:
-            raise ImageFileError(f"{path.name}: channel {channel} is out of range; it has {n_pickable} channel(s)")
-        if samples and n_channels > 1 and channel is None:
-            raise ImageFileError(f"{path.name}: has both colour samples and channels; choose one with --channel")
-        lead_shape = shape[: len(lead)]
-        channels = [channel] if channel is not None and channel_axis else list(range(n_channels))
-        planes = []
-        for c in channels:
-            index = tuple(c if a == channel_axis else chosen[a] for a in lead)
-            page = int(np.ravel_multi_index(index, lead_shape)) if lead else 0
-            data = series.pages[page].asarray()  # reads this page only
-            if samples:
-                data = np.moveaxis(data, page_axes.index(_SAMPLE_AXIS), -1)  # samples last
-                if channel is not None and not channel_axis:
-                    data = data[..., channel]
-            planes.append(data)
+        raise ImageFileError(f"{path.name}: not a readable TIFF file ({str(exc)[:200]})") from exc
+    try:
+        with tif:
+            return _read_series(path, tif, plane, channel)
+    except ImageFileError:
+        raise
+    except Exception as exc:  # damaged tags and pages surface late, when the series is built
+        raise ImageFileError(
+            f"{path.name}: not a readable TIFF file ({type(exc).__name__}: {str(exc)[:200]})"
+        ) from None
+
+
+def _read_series(path: Path, tif, plane, channel) -> tuple[np.ndarray, PlaneInfo]:
+    if not tif.series or not tif.series[0].pages:
+        raise ImageFileError(f"{path.name}: not a readable TIFF file (it holds no image)")
+    series = tif.series[0]
+    axes, shape = series.axes.upper(), tuple(series.shape)
+    page_axes = series.pages[0].axes.upper() if series.pages and series.pages[0] is not None else axes[-2:]
+    lead = axes[: len(axes) - len(page_axes)]
+    if not _PLANE_AXES <= set(page_axes):
+        raise ImageFileError(f"{path.name}: unsupported TIFF layout (axes {axes}); save it as a plain (Z/T/C)YX stack")
+    channel_axis = "C" if "C" in lead else None
+    free = [(a, n) for a, n in zip(lead, shape[: len(lead)], strict=True) if a != channel_axis]
+    chosen = _parse_plane(plane, free, path)
+    samples = _SAMPLE_AXIS in page_axes
+    n_channels = shape[lead.index("C")] if channel_axis else 1
+    n_samples = shape[axes.index(_SAMPLE_AXIS)] if samples else 1
+    # Without a C axis, the samples of a page (RGB, or planar "SYX" stacks) are the channels.
+    n_pickable = n_channels if channel_axis else n_samples
+    if channel is not None and not 0 <= channel < n_pickable:
+        raise ImageFileError(f"{path.name}: channel {channel} is out of range; it has {n_pickable} channel(s)")
+    if samples and n_channels > 1 and channel is None:
+        raise ImageFileError(f"{path.name}: has both colour samples and channels; choose one with --channel")
+    lead_shape = shape[: len(lead)]
+    channels = [channel] if channel is not None and channel_axis else list(range(n_channels))
+    planes = []
+    for c in channels:
+        index = tuple(c if a == channel_axis else chosen[a] for a in lead)
+        page = int(np.ravel_multi_index(index, lead_shape)) if lead else 0
+        data = _read_page(path, series.pages[page])  # reads this page only
+        if samples:
+            data = np.moveaxis(data, page_axes.index(_SAMPLE_AXIS), -1)  # samples last
+            if channel is not None and not channel_axis:
+                data = data[..., channel]
+        planes.append(data)
     data = planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)
     return data, PlaneInfo(path, axes, shape, chosen, channel)
+
+
+def _read_page(path: Path, page) -> np.ndarray:
+    """Decode one TIFF page after checking its declared size against the stored bytes."""
+    try:
+        key = getattr(page, "keyframe", None) or page  # a TiffFrame shares its tags with a keyframe
+        pixels = float(np.prod(key.shape, dtype=np.float64))
+        declared = int(pixels * np.dtype(key.dtype).itemsize)
+        packed = int(pixels * max(int(key.bitspersample), 1) / 8)  # as stored (1-bit images pack)
+        stored = int(sum(page.databytecounts))
+        compressed = int(key.compression) != 1
+    except Exception as exc:  # tifffile raises several types for damaged tags
+        raise ImageFileError(f"{path.name}: not a readable TIFF file ({str(exc)[:200]})") from None
+    if declared > MAX_PLANE_BYTES:
+        raise ImageFileError(
+            f"{path.name}: a plane of shape {page.shape} ({declared / 2**30:.1f} GiB) is larger "
+            f"than {MAX_PLANE_BYTES // 2**30} GiB; crop or tile the image first"
+        )
+    if (compressed and declared > stored * MAX_EXPANSION + SMALL_PLANE_BYTES) or (
+        not compressed and packed > stored
+    ):
+        raise ImageFileError(
+            f"{path.name}: a plane of shape {page.shape} needs {declared:,} bytes but the file "
+            f"stores only {stored:,} for it; the file is damaged or truncated"
+        )
+    try:
+        return page.asarray()
+    except Exception as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "imagecodecs" in message:
+            raise ImageFileError(
+                f"{path.name}: its {_compression(key)} compression needs the 'imagecodecs' "
+                f"package; {IMAGECODECS_HINT}"
+            ) from None
+        raise ImageFileError(f"{path.name}: not a readable TIFF file ({message[:200]})") from None
+
+
+def _compression(page) -> str:
+    try:
+        return page.compression.name
+    except AttributeError:
+        return str(getattr(page, "compression", "this"))
 
 
 def _read_pil(path: Path) -> tuple[np.ndarray, PlaneInfo]:
@@ -127,6 +196,8 @@ def _read_pil(path: Path) -> tuple[np.ndarray, PlaneInfo]:
             data = np.asarray(img)
     except (UnidentifiedImageError, OSError) as exc:
         raise ImageFileError(f"{path.name}: not a readable image ({exc})") from exc
+    except Exception as exc:  # decompression bombs, damaged chunks, odd modes
+        raise ImageFileError(f"{path.name}: not a readable image ({type(exc).__name__}: {str(exc)[:200]})") from None
     axes = "YX" if data.ndim == 2 else "YXS"
     return data, PlaneInfo(path, axes, tuple(data.shape))
 

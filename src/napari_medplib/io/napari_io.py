@@ -10,7 +10,8 @@ formats:
 
 * **Not ours -> None.** A ``.json`` whose top level is not an object with ``images``,
   ``annotations`` and ``categories`` lists (including a ``.json`` that is not valid JSON at all: it
-  cannot be told apart from any other broken JSON file), a ``.zip`` that is not a zip or holds no
+  cannot be told apart from any other broken JSON file; for files over :data:`SNIFF_BYTES`, one
+  without any of those keys at the top level of its first :data:`SNIFF_BYTES`), a ``.zip`` that is not a zip or holds no
   ``.roi`` member, a wrong extension, a directory, a missing file, or a list of paths not all ours.
 * **Ours but malformed -> the reader function raises** :class:`RegionFileError` (a ``ValueError``)
   whose message names the file, the problem and the fix; napari shows it as a notification. This
@@ -29,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ._common import LayerData, RegionFileError
-from .coco import coco_to_layers, is_coco, read_coco
+from .coco import REQUIRED_KEYS, is_coco, read_coco
 from .geojson_read import read_geojson
 from .geojson_write import labels_to_geojson, points_to_geojson, shapes_to_geojson, write_geojson
 from .imagej import read_imagej, zip_has_rois
@@ -60,7 +61,7 @@ def get_imagej_reader(path: str | Sequence[str]) -> ReaderFunction | None:
 
 def get_coco_reader(path: str | Sequence[str]) -> ReaderFunction | None:
     """A reader for COCO annotation ``.json`` files, else None (other JSON is declined)."""
-    return _reader_for(path, _is_coco_file, _read_coco_cached)
+    return _reader_for(path, _is_coco_file, read_coco)
 
 
 def _reader_for(
@@ -91,37 +92,66 @@ def _is_imagej(path: Path) -> bool:
     return suffix == ".roi" or (suffix == ".zip" and zip_has_rois(path))
 
 
-# The COCO check has to parse the file; keep the last parsed document so that the reader napari
-# calls right after does not parse a large annotation file twice.
-_parsed: dict[str, Any] = {}
-
-
-def _file_key(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return str(path.resolve()), stat.st_mtime_ns, stat.st_size
+#: How much of a ``.json`` file :func:`get_coco_reader` reads to decide whether it is COCO.
+SNIFF_BYTES = 64 * 1024
 
 
 def _is_coco_file(path: Path) -> bool:
+    """COCO by the first :data:`SNIFF_BYTES`: a JSON object with a COCO list among its top-level keys.
+
+    A file shorter than that is parsed and checked exactly; a longer one is not read further (a
+    large unrelated JSON file costs nothing to decline). The reader checks the whole file.
+    """
     if path.suffix.lower() != ".json":
         return False
     try:
-        with path.open(encoding="utf-8-sig") as handle:
-            document = json.load(handle)
-        _parsed.clear()
-        if is_coco(document):
-            _parsed[repr(_file_key(path))] = document
-            return True
-        return False
-    except (OSError, ValueError):
+        with path.open("rb") as handle:
+            head = handle.read(SNIFF_BYTES + 1)
+        text = head[: SNIFF_BYTES].decode("utf-8-sig", errors="ignore")
+        if len(head) <= SNIFF_BYTES:
+            return is_coco(json.loads(text))
+        keys = top_level_keys(text)
+        return keys is not None and any(key in keys for key in REQUIRED_KEYS)
+    except (OSError, ValueError, RecursionError):
         return False
 
 
-def _read_coco_cached(path: Path) -> list[LayerData]:
-    try:
-        document = _parsed.pop(repr(_file_key(path)), None)
-    except OSError:
-        document = None
-    return coco_to_layers(document, path) if document is not None else read_coco(path)
+def top_level_keys(text: str) -> set[str] | None:
+    """The keys of the top-level JSON object that start within ``text`` (a file's beginning).
+
+    None when ``text`` does not start a JSON object. Only strings and nesting are tracked, so this
+    is linear in ``text`` and needs no complete document.
+    """
+    text = text.lstrip()
+    if not text.startswith("{"):
+        return None
+    keys: set[str] = set()
+    depth = 0
+    in_string = escape = expect_key = False
+    start = 0
+    for i, char in enumerate(text):
+        if in_string:
+            if escape:
+                escape = False
+            elif char == "\\":
+                escape = True
+            elif char == '"':
+                in_string = False
+                if depth == 1 and expect_key:
+                    keys.add(text[start:i])
+                    expect_key = False
+        elif char == '"':
+            in_string, start = True, i + 1
+        elif char in "{[":
+            depth += 1
+            expect_key = depth == 1
+        elif char in "}]":
+            depth -= 1
+            if depth <= 0:
+                break
+        elif char == "," and depth == 1:
+            expect_key = True
+    return keys
 
 
 # ----------------------------------------------------------------------------------------- writers

@@ -57,10 +57,14 @@ def weight_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | None]
         index_path = folder / index_name
         if index_path.is_file():
             try:
-                weight_map = json.loads(index_path.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise CheckpointError(f"{index_path} is not a valid shard index ({err})") from None
-            files = [folder / name for name in dict.fromkeys(weight_map.values())]
+                weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError, RecursionError) as err:
+                raise CheckpointError(f"{index_path} is not a valid shard index ({type(err).__name__}: {err})") from None
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+            ):
+                raise CheckpointError(f"{index_path} is not a valid shard index: 'weight_map' must map names to file names")
+            files = [_shard_path(folder, index_name, name) for name in dict.fromkeys(weight_map.values())]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
                 raise CheckpointError(
@@ -74,6 +78,21 @@ def weight_files(folder: str | Path) -> tuple[list[Path], dict[str, str] | None]
     raise CheckpointError(
         f"no weights in {folder}: expected model.safetensors(.index.json) or pytorch_model.bin(.index.json)"
     )
+
+
+def _shard_path(folder: Path, index_name: str, name: str) -> Path:
+    """A shard named by the index: a file of the model folder, never a path outside it.
+
+    Checked on the names, not on resolved paths: the Hugging Face cache keeps each file of a model
+    folder as a link to a blob outside it, which is fine; an index naming ``../x`` or ``/x`` is not.
+    """
+    parts = Path(name).parts
+    if not name or Path(name).is_absolute() or Path(name).drive or ".." in parts or "\\" in name or "\x00" in name:
+        raise CheckpointError(
+            f"{folder / index_name} names the shard {name!r}, which is outside the model folder; "
+            "shards must be files of the folder (re-download the model)"
+        )
+    return folder / name
 
 
 def _read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
