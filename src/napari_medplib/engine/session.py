@@ -63,6 +63,7 @@ from .prompts import (
     seg_region_prompt,
 )
 from .reply import AnyEvent, AskStream, CancelledSince, Reply, expert_shares
+from .validation import check_contrast_limits, check_image, check_temperature
 from .window import (
     WindowedSegmentResult,
     mirror_prompts,
@@ -229,6 +230,8 @@ class Session:
         if image is None:
             raise SessionInputError("no image given; pass one 2-D plane as a numpy array")
         array = np.asarray(image)
+        check_image(array)
+        check_contrast_limits(contrast_limits)
         if array.dtype == object or array.ndim not in (2, 3):
             return make_view(array, contrast_limits, rgb)  # raises the readable error
         limits = None if contrast_limits is None else np.asarray(contrast_limits, dtype=float).tolist()
@@ -454,7 +457,7 @@ class Session:
         eos_token_id = self.model.config.eos_token_id
         try:
             config = GenerationConfig(
-                max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                max_new_tokens=int(max_new_tokens), temperature=check_temperature(temperature), top_p=float(top_p),
                 stop_strings=get_template(template).stop_strings, eos_token_id=eos_token_id, seed=seed,
             )
         except ValueError as err:
@@ -867,7 +870,7 @@ class Session:
         template = template or self.template
         try:
             config = GenerationConfig(
-                max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p),
+                max_new_tokens=int(max_new_tokens), temperature=check_temperature(temperature), top_p=float(top_p),
                 stop_strings=get_template(template).stop_strings, eos_token_id=self.model.config.eos_token_id,
                 seed=seed,
             )
