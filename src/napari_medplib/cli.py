@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,15 +110,63 @@ def _read_regions(path: str, image_hw: tuple[int, int]) -> list:
     return list(combined.raise_if_empty().regions)
 
 
-def _check_labels_out(path: str | None) -> Path | None:
+def _check_new_file(option: str, path: Path, overwrite: bool) -> None:
+    """An output file may be written: its folder exists, and it is new unless ``--overwrite``."""
+    if not path.parent.is_dir():
+        raise BadInput(f"{option} {path}: folder {path.parent} does not exist")
+    if path.is_dir():
+        raise BadInput(f"{option} {path}: is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise BadInput(f"{option} {path}: the file exists; pass --overwrite to replace it")
+
+
+def _check_labels_out(path: str | None, overwrite: bool = False) -> Path | None:
     if path is None:
         return None
     out = Path(path)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise BadInput(f"--labels-out {path}: must be a .tif or .tiff file")
-    if not out.parent.exists():
-        raise BadInput(f"--labels-out {path}: folder {out.parent} does not exist")
+    _check_new_file("--labels-out", out, overwrite)
     return out
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permissions ``path`` keeps (when it exists) or a new file gets under the umask."""
+    import stat
+
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A temporary file in ``path``'s folder to write, renamed to ``path`` when the block ends.
+
+    A failed write (an exception, a full disk) removes the temporary file and leaves an existing
+    ``path`` as it was; the rename replaces the old file in one step.
+    """
+    path = Path(path)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
+    os.close(handle)
+    try:
+        os.chmod(temporary, _new_file_mode(path))  # mkstemp's 0600 would make the result private
+        yield Path(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def write_label_tiff(path: str | Path, labels: Any) -> None:
+    """Write a label image as TIFF through a temporary file in the same folder (see `atomic_path`)."""
+    import tifffile
+
+    with atomic_path(path) as temporary:
+        tifffile.imwrite(temporary, labels)
 
 
 def labels_from_masks(masks: Sequence[Any], shape: tuple[int, int]):
@@ -132,46 +183,36 @@ def labels_from_masks(masks: Sequence[Any], shape: tuple[int, int]):
 def _write_labels(path: Path | None, masks: Sequence[Any], shape: tuple[int, int]) -> list[int]:
     ids = list(range(1, len(masks) + 1))
     if path is not None:
-        import tifffile
-
-        tifffile.imwrite(path, labels_from_masks(masks, shape))
+        write_label_tiff(path, labels_from_masks(masks, shape))
     return ids
 
 
-def _check_table_out(path: str | None) -> Path | None:
+def _check_table_out(path: str | None, overwrite: bool = False) -> Path | None:
     if path is None:
         return None
     out = Path(path)
     if out.suffix.lower() != ".csv":
         raise BadInput(f"--table {path}: must be a .csv file")
-    if not out.parent.exists():
-        raise BadInput(f"--table {path}: folder {out.parent} does not exist")
+    _check_new_file("--table", out, overwrite)
     return out
 
 
-def _write_table(path: Path | None, table: dict[str, Any] | None) -> None:
+def write_table(path: Path | None, table: dict[str, Any] | None) -> None:
     """The per-object table as CSV, written to a temporary file and renamed (no half-written tables)."""
     if path is None:
         return
     import csv
-    import tempfile
 
     from .engine.measure import COLUMNS, empty_table, table_rows
 
     rows = table_rows(table if table is not None else empty_table())
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else list(COLUMNS))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as temporary, open(temporary, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else list(COLUMNS))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
-def _instance_labels(reply, shape: tuple[int, int]):
+def instance_labels(reply, shape: tuple[int, int]):
     """One label image of all ``<SEG>`` s' objects: the k-th answer mask's objects follow the (k-1)-th's ids."""
     import numpy as np
 
@@ -192,10 +233,27 @@ def _instance_labels(reply, shape: tuple[int, int]):
 def _load_session(args: argparse.Namespace, progress: _Progress):
     from .engine import Session
 
-    return Session.load(
-        args.model, device=args.device, dtype=args.dtype, on_progress=progress,
-        embedding_cache_dir=args.embedding_cache,
-    )
+    with _model_folder_errors(args.model):
+        return Session.load(
+            args.model, device=args.device, dtype=args.dtype, on_progress=progress,
+            embedding_cache_dir=args.embedding_cache,
+        )
+
+
+@contextlib.contextmanager
+def _model_folder_errors(model: str | None) -> Iterator[None]:
+    """A model folder the user named that cannot be read (corrupt tokenizer, malformed config or
+    weights) is bad input: exit 2 with one line. The bundled model failing is an internal error, and
+    running out of memory is not the folder's fault."""
+    try:
+        yield
+    except MemoryError:
+        raise
+    except (RuntimeError, OSError, TypeError, KeyError, AttributeError, IndexError, UnicodeDecodeError) as exc:
+        if model is None or "out of memory" in str(exc).lower() or type(exc).__name__ == "OutOfMemoryError":
+            raise
+        raise BadInput(f"model {model}: cannot be loaded ({type(exc).__name__}: {_one_line(exc)}); "
+                       "is it a complete MedPLIB model folder?") from exc
 
 
 def _image_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -205,8 +263,8 @@ def _image_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------- commands
 def _cmd_ask(args: argparse.Namespace) -> int:
     """Answer a question about one image plane; write masks as a label TIFF."""
-    labels_out = _check_labels_out(args.labels_out)
-    table_out = _check_table_out(args.table)
+    labels_out = _check_labels_out(args.labels_out, args.overwrite)
+    table_out = _check_table_out(args.table, args.overwrite)
     image = _read_image(args)
     regions = _read_regions(args.regions, image.shape[:2]) if args.regions else []
     progress = _Progress()
@@ -224,15 +282,13 @@ def _cmd_ask(args: argparse.Namespace) -> int:
     )
     table = None
     if reply.instances:  # one label id per object in the file, numbered across the answer's masks
-        labels, table = _instance_labels(reply, image.shape[:2])
+        labels, table = instance_labels(reply, image.shape[:2])
         ids = sorted(int(i) for i in table["label"])
         if labels_out is not None:
-            import tifffile
-
-            tifffile.imwrite(labels_out, labels)
+            write_label_tiff(labels_out, labels)
     else:
         ids = _write_labels(labels_out, reply.masks, image.shape[:2])
-    _write_table(table_out, table)
+    write_table(table_out, table)
     if args.json:
         from .engine.measure import table_rows
 
@@ -305,8 +361,8 @@ def _window_json(result) -> list[int] | None:
 
 def _cmd_segment(args: argparse.Namespace) -> int:
     """Direct prompts through SAM-Med2D (no LLM); one label id per prompt set."""
-    labels_out = _check_labels_out(args.labels_out)
-    table_out = _check_table_out(args.table)
+    labels_out = _check_labels_out(args.labels_out, args.overwrite)
+    table_out = _check_table_out(args.table, args.overwrite)
     image = _read_image(args)
     prompts = _segment_prompts(args, image.shape[:2])
     progress = _Progress()
@@ -324,7 +380,7 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 
     table = measure(labels_from_masks(masks, image.shape[:2]).astype("int64"),
                     image if image.ndim == 2 or image.shape[-1] <= 4 else None)
-    _write_table(table_out, table)
+    write_table(table_out, table)
     if args.json:
         print(json.dumps({
             "masks": ids, "labels_out": str(labels_out) if labels_out else None, "model": session.model_name,
@@ -342,10 +398,18 @@ def _cmd_segment(args: argparse.Namespace) -> int:
 def _cmd_finetune(args: argparse.Namespace) -> int:
     """Adapt a model to annotated images; Ctrl-C saves a checkpoint that the same command resumes."""
     from .engine.loading import pick_device, resolve_source
-    from .train.finetune_inputs import ProgressPrinter, StopOnInterrupt, check_out_folder, load_annotated_planes
+    from .train.finetune_inputs import (
+        ProgressPrinter,
+        StopOnInterrupt,
+        check_out_folder,
+        load_annotated_planes,
+    )
 
     out = check_out_folder(args.out)
     resolve_source(args.base_model)  # a missing model fails before any image is read
+    if not args.no_grounding and not _has_module("peft"):
+        raise BadInput("learning the class name ('segment the <class>') trains LoRA factors, which needs peft: "
+                       "pip install 'napari-medplib[train]' (or pass --no-grounding)")
     device = pick_device(args.device)
     planes = load_annotated_planes(args.images, args.labels, args.class_name, fully_annotated=args.fully_annotated,
                                    note=lambda message: print(f"note: {message}", file=sys.stderr))
@@ -363,6 +427,34 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
             return 130
     print(result.summary())
     print(f"model: {result.model_dir}")
+    return 0
+
+
+def _temperature(text: str) -> float:
+    """``--temperature``: a finite number >= 0 (NaN and infinity would sample garbage or crash)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 (0 = greedy), got {text!r}")
+    return value
+
+
+def _has_module(name: str) -> bool:
+    from importlib.util import find_spec
+
+    return find_spec(name) is not None
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    """The bundled model on the sample image: napari with the widget, or headless."""
+    from .demo import run_demo
+
+    headless = True if args.headless else None
+    options: dict[str, Any] = {"out": args.out, "model": args.model, "device": args.device}
+    with _model_folder_errors(args.model):
+        run_demo(headless, **options)
     return 0
 
 
@@ -427,6 +519,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--contrast", type=float, nargs=2, metavar=("LOW", "HIGH"),
                         help="contrast limits (default: robust percentiles for non-8-bit data)")
     parser.add_argument("--labels-out", default=None, metavar="PATH.tif", help="write the masks as a label TIFF")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace existing --labels-out / --table files (by default they are kept)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--table", default=None, metavar="PATH.csv",
                         help="write the per-object table (label, area, centroid, bbox, mean intensity, eccentricity)")
@@ -449,7 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("question", help='the question; name regions with <region> or <region1>, <region2> ...')
     ask.add_argument("--regions", default=None, metavar="FILE", help="GeoJSON, ImageJ .roi/.zip or COCO .json")
     ask.add_argument("--max-new-tokens", type=int, default=256)
-    ask.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    ask.add_argument("--temperature", type=_temperature, default=0.0, help="0 = greedy (default)")
     ask.add_argument("--no-instances", action="store_true",
                      help="one label per answer mask instead of one per object (no table, no measured count)")
     ask.set_defaults(func=_cmd_ask)
@@ -469,6 +563,20 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--all-pieces", action="store_true",
                      help="keep every piece of a --point's mask (by default only the pieces under a positive point)")
     seg.set_defaults(func=_cmd_segment)
+
+    demo = sub.add_parser(
+        "demo", help="the bundled model on the sample image: napari with the widget, or headless",
+        description="Open napari with the sample image (synthetic nuclei), dock the MedPLIB widget, ask it to "
+                    "segment the nuclei and save the labels. Without a display (or with --headless) the same "
+                    "question is answered in the terminal and the labels file and object table are written.",
+    )
+    demo.add_argument("--headless", action="store_true", help="no window: print the answer, write the files")
+    demo.add_argument("--out", default=None, metavar="DIR",
+                      help="folder for nuclei_labels.tif and nuclei_objects.csv (default: ./medplib-demo; "
+                           "the demo replaces its own files there)")
+    demo.add_argument("--model", default=None, help="model folder or name (default: the bundled model)")
+    demo.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
+    demo.set_defaults(func=_cmd_demo)
 
     from .train.cli import (  # light: argparse only until a command runs
         add_eval_parser,
