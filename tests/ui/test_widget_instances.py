@@ -57,7 +57,13 @@ def test_objects_get_fresh_ids_and_features(make_napari_viewer, qtbot, blobs):
     assert features["area"].tolist() == [120, 200]
     assert features["mean_intensity"].tolist() == pytest.approx([3000.0, 2500.0])
     assert "wrote 2 objects (labels 5-6)" in widget.chat.entries[-1].footer
-    widget.chat.ask("Please segment the cells.")  # a second answer appends rows
+    widget.chat.ask("Please segment the cells.")  # the same objects again: already labelled, no empty ids
+    _wait_idle(qtbot, widget)
+    assert layer.features["index"].tolist() == [5, 6] and data.max() == 6
+    assert "nothing was written" in widget.chat.entries[-1].footer
+    assert "(0 px)" not in widget.chat.plain_text()
+    widget.pickers.replace.setChecked(True)
+    widget.chat.ask("Please segment the cells.")  # with replace, a second answer appends rows
     _wait_idle(qtbot, widget)
     assert layer.features["index"].tolist() == [5, 6, 7, 8]
 

@@ -73,7 +73,7 @@ def test_errors_become_notifications(make_napari_viewer, qtbot, blobs, notes):
     assert any("pick an image layer" in m for _, m in notes)
     viewer.add_image(blobs, name="cells")
     widget.chat.ask("What is in <region>?")  # no region layer
-    assert any("no region is on this plane" in m for _, m in notes)
+    assert any("no region layer is ticked" in m for _, m in notes)
     widget.chat.ask("Describe this image.")  # the model fails in the worker
     _wait_idle(qtbot, widget)
     assert any("kernel exploded" in m and "RuntimeError" in m for _, m in notes)

@@ -8,6 +8,8 @@ costs the Qt thread almost nothing.
 from __future__ import annotations
 
 import html
+import itertools
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +37,30 @@ class ChatEntry:
     swatches: list[tuple[str, str]] = field(default_factory=list)  # (label, "#rrggbb")
     footer: str = ""
     done: bool = True
+    #: what each ``<SEG>`` of an answer became, in order ("label 3 in 'cells MedPLIB'", "empty mask")
+    marks: list[str] = field(default_factory=list)
+
+
+#: The model's mask token as it appears in answer text (the tokenizer's ``<SEG>``; ``[SEG]`` in some
+#: checkpoints' detokenized text); escaped, as `render_entry` sees it.
+SEG_TOKEN = re.compile(r"&lt;SEG&gt;|\[SEG\]")
+
+
+def mask_marker(text: str) -> str:
+    """HTML for one mask marker (what a ``<SEG>`` became); never the raw token."""
+    colour = "#999999" if "empty" in text else "#33aa66"
+    return f"<b style='color:{colour}'>[&#9635; {html.escape(text)}]</b>"
+
+
+def with_markers(body: str, marks: Sequence[str]) -> str:
+    """Escaped answer text with the k-th mask token replaced by ``marks[k]`` ("mask" when unknown)."""
+    count = itertools.count()
+
+    def one(_: re.Match) -> str:
+        k = next(count)
+        return mask_marker(marks[k] if k < len(marks) else f"mask {k + 1}")
+
+    return SEG_TOKEN.sub(one, body)
 
 
 def _swatch(label: str, colour: str) -> str:
@@ -53,6 +79,7 @@ def render_entry(entry: ChatEntry) -> str:
             head += " &nbsp;" + " ".join(_swatch(label, c) for label, c in entry.swatches)
         return f"<p>{head}<br>{body}</p>"
     if entry.role == "assistant":
+        body = with_markers(body, entry.marks)
         cursor = "" if entry.done else " <span style='color:gray'>&#9646;</span>"
         foot = (
             f"<br><span style='color:gray; font-size:small'>{html.escape(entry.footer)}</span>"
@@ -76,6 +103,7 @@ class ChatPane(QWidget):
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.entries: list[ChatEntry] = []
+        self._keep = False
         self.transcript = QTextBrowser()
         self.transcript.setOpenExternalLinks(False)
         self.transcript.setMinimumHeight(160)
@@ -127,10 +155,18 @@ class ChatPane(QWidget):
 
     # ---- input ---------------------------------------------------------------------------------
     def send(self) -> None:
+        """Emit the typed question; the input is cleared unless a receiver calls `keep_input` (a question
+        that cannot be asked stays there to be fixed)."""
         text = self.input.text().strip()
         if text and self.send_button.isEnabled():
-            self.input.clear()
+            self._keep = False
             self.asked.emit(text)
+            if not self._keep:
+                self.input.clear()
+
+    def keep_input(self) -> None:
+        """Called by a receiver of ``asked`` that refused the question: the typed text stays."""
+        self._keep = True
 
     def ask(self, question: str) -> None:
         """Send ``question`` as if typed (quick actions)."""
@@ -167,12 +203,13 @@ class ChatPane(QWidget):
             (e for e in reversed(self.entries) if e.role == "assistant" and not e.done), None
         )
 
-    def finish_answer(self, text: str | None = None, footer: str = "") -> None:
-        """Complete the answer being written (or add one, for answers that were not streamed)."""
+    def finish_answer(self, text: str | None = None, footer: str = "", marks: Sequence[str] = ()) -> None:
+        """Complete the answer being written (or add one, for answers that were not streamed); ``marks``
+        name what each mask token became."""
         entry = self._open_answer() or self.start_answer()
         if text is not None:
             entry.text = text
-        entry.footer, entry.done = footer, True
+        entry.footer, entry.done, entry.marks = footer, True, list(marks)
         self.render()
 
     def abort_answer(self, footer: str) -> None:

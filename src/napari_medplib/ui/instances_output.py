@@ -42,16 +42,21 @@ def answer_objects(reply: Any) -> tuple[list[MaskPixels], list[dict[str, Any]]] 
     return pixels, list(tables)
 
 
-def table_rows_for(ids: Sequence[int], tables: Sequence[dict[str, Any]], image: str, question: str):
+def table_rows_for(ids: Sequence[int] | dict[int, int], tables: Sequence[dict[str, Any]], image: str,
+                   question: str):
     """A pandas DataFrame of the objects' rows with their layer ids (``index`` and ``label``) and where
-    they came from; ``ids`` are in the order of the tables' rows (empty objects were not written)."""
+    they came from; ``ids`` are in the order of the tables' rows, or {row: id} for the rows written
+    (`output.write_masks`: an object whose pixels were all labelled already gets no id)."""
     import pandas as pd
 
     frames = [pd.DataFrame({k: np.asarray(v) for k, v in t.items()}) for t in tables if len(next(iter(t.values()), []))]
     if not frames:
         return pd.DataFrame()
     table = pd.concat(frames, ignore_index=True)
-    if len(ids) != len(table):  # an object was not written (its pixels were all taken): drop by order
+    if isinstance(ids, dict):
+        rows = [k for k in sorted(ids) if k < len(table)]
+        table, ids = table.iloc[rows].reset_index(drop=True), [ids[k] for k in rows]
+    elif len(ids) != len(table):  # unknown which object was not written: drop by order
         table = table.iloc[: len(ids)]
     table = table.rename(columns={"label": "object"})
     table.insert(0, "index", np.asarray(ids, np.int64))

@@ -301,3 +301,35 @@ def fit_to_question(regions: RegionSet, question: str) -> tuple[RegionSet, str]:
         f"{'one' if wanted == 1 else wanted}; select shapes to choose others"
     )
     return RegionSet(kept, regions.colours[-wanted:]), note
+
+
+# ---- the active layer ------------------------------------------------------------------------------
+class KeepActive:
+    """Context manager: layers added inside it do not take the active layer (and its mode) away.
+
+    napari makes every new layer the active one, in pan/zoom; a preview or output layer made by
+    Segment or an answer would then swallow the user's next click. On exit the layer that was
+    active is made active again, in the mode it was in.
+    """
+
+    def __init__(self, viewer: Any) -> None:
+        self.viewer = viewer
+        self.layer: Any = None
+        self.mode: str | None = None
+
+    def __enter__(self) -> KeepActive:
+        self.layer = self.viewer.layers.selection.active
+        self.mode = getattr(self.layer, "mode", None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        layer = self.layer
+        if layer is None or layer not in self.viewer.layers:
+            return
+        if self.viewer.layers.selection.active is not layer:
+            self.viewer.layers.selection.active = layer
+        if self.mode is not None and str(getattr(layer, "mode", "")) != str(self.mode):
+            try:
+                layer.mode = self.mode
+            except (ValueError, TypeError):  # a mode this layer no longer allows
+                pass

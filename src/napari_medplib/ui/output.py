@@ -115,39 +115,119 @@ def write_planes(
     *,
     replace: bool = False,
 ) -> tuple[list[int], int]:
-    """Write masks on one or more image planes as one undoable step; return (ids, pixels written).
+    """`write_masks` with the ids in mask order: (ids written, pixels written)."""
+    ids, written = write_masks(layer, planes, replace=replace)
+    return [ids[k] for k in sorted(ids)], written
+
+
+def write_masks(
+    layer: Any,
+    planes: Sequence[tuple[Sequence[int], Sequence[np.ndarray | MaskPixels]]],
+    *,
+    replace: bool = False,
+) -> tuple[dict[int, int], int]:
+    """Write masks on one or more image planes as one undoable step; return ({mask k: id}, pixels).
 
     ``planes`` is ``[(plane index, [mask, ...]), ...]`` with bool masks or `MaskPixels`; the k-th
-    mask of every plane gets the same new id (so a whole-stack answer gives 3-D objects). Empty
-    masks get no id. Without ``replace`` only unlabelled pixels are written, so later masks of the
-    same answer keep the earlier ones too.
+    mask of every plane gets the same new id (so a whole-stack answer gives 3-D objects). Without
+    ``replace`` only unlabelled pixels are written, so later masks of the same answer keep the
+    earlier ones too. A mask that writes no pixel (empty, or wholly on labelled pixels) gets no id,
+    so the ids are exactly those written.
     """
-    pixels = [(index, [mask_pixels(m) for m in masks]) for index, masks in planes]
-    count = max((len(p) for _, p in pixels), default=0)
-    present = [any(k < len(p) and p[k].size for _, p in pixels) for k in range(count)]
-    first = next_free_id(layer) if any(present) else 0
-    k_to_id = {k: first + n for n, k in enumerate(k for k in range(count) if present[k])}
-    if not k_to_id:
-        return [], 0
+    chosen: list[tuple[tuple[int, ...], list[tuple[int, np.ndarray, np.ndarray]]]] = []
+    for index, masks in planes:
+        pixels = [mask_pixels(m) for m in masks]
+        if not pixels:
+            continue
+        lead = output_index(layer, index, pixels[0].shape)
+        taken = None if replace else np.asarray(layer.data[lead]) != 0
+        todo = []
+        for k, pix in enumerate(pixels):
+            rows, cols = pix.rows, pix.cols
+            if taken is not None and rows.size:
+                free = ~taken[rows, cols]
+                rows, cols = rows[free], cols[free]
+                taken[rows, cols] = True
+            if rows.size:
+                todo.append((k, rows, cols))
+        if todo:
+            chosen.append((lead, todo))
+    present = sorted({k for _, todo in chosen for k, _, _ in todo})
+    if not present:
+        return {}, 0
+    first = next_free_id(layer)
+    k_to_id = {k: first + n for n, k in enumerate(present)}
     written = 0
     with layer.block_history():
-        for index, plane_pixels in pixels:
-            if not plane_pixels:
-                continue
-            lead = output_index(layer, index, plane_pixels[0].shape)
-            for k, pix in enumerate(plane_pixels):
-                if k not in k_to_id or not pix.size:
-                    continue
-                rows, cols = pix.rows, pix.cols
-                if not replace:
-                    free = np.asarray(layer.data[(*lead, rows, cols)]) == 0
-                    rows, cols = rows[free], cols[free]
-                if rows.size == 0:
-                    continue
+        for lead, todo in chosen:
+            for k, rows, cols in todo:
                 where = (*[np.full(rows.size, i, dtype=np.intp) for i in lead], rows, cols)
                 layer.data_setitem(where, k_to_id[k])
                 written += int(rows.size)
-    return list(k_to_id.values()), written
+    return k_to_id, written
+
+
+def labels_under(layer: Any, index: Sequence[int], mask: np.ndarray | MaskPixels) -> dict[int, int]:
+    """{label id: pixels of ``mask`` it already covers} on the output plane of an image plane."""
+    pix = mask_pixels(mask)
+    if not pix.size:
+        return {}
+    lead = output_index(layer, index, pix.shape)
+    values = np.asarray(layer.data[lead])[pix.rows, pix.cols]
+    ids, counts = np.unique(values[values != 0], return_counts=True)
+    return {int(i): int(c) for i, c in zip(ids, counts, strict=True)}
+
+
+#: A new mask is "the same object again" when one existing label covers at least this share of it.
+SAME_OBJECT = 0.5
+
+
+def redraw_target(layer: Any, index: Sequence[int], mask: np.ndarray | MaskPixels) -> tuple[int, float] | None:
+    """(label, share of the mask it covers) when one existing label covers at least `SAME_OBJECT` of
+    ``mask``: the user segmented an already labelled object again. Else None."""
+    under = labels_under(layer, index, mask)
+    size = mask_pixels(mask).size
+    if not under or not size:
+        return None
+    label, covered = max(under.items(), key=lambda item: item[1])
+    share = covered / size
+    return (label, share) if share >= SAME_OBJECT else None
+
+
+def redraw(layer: Any, index: Sequence[int], mask: np.ndarray | MaskPixels, label: int) -> int:
+    """Replace object ``label`` on this plane by ``mask`` (same id), as one undo step; return its pixels.
+
+    The old outline's pixels outside the new mask are cleared; other labels under the mask are
+    overwritten (the user drew this object there)."""
+    pix = mask_pixels(mask)
+    lead = output_index(layer, index, pix.shape)
+    with layer.block_history():
+        rows, cols = np.nonzero(np.asarray(layer.data[lead]) == label)
+        if rows.size:
+            where = (*[np.full(rows.size, i, dtype=np.intp) for i in lead], rows, cols)
+            layer.data_setitem(where, 0)
+        where = (*[np.full(pix.size, i, dtype=np.intp) for i in lead], pix.rows, pix.cols)
+        layer.data_setitem(where, int(label))
+    return pix.size
+
+
+def stack_output_problem(layer: Any | None, plane: ImagePlane, axis: int) -> str:
+    """Why ``layer`` cannot hold a whole-stack answer along spatial ``axis`` ('' when it can).
+
+    A labels layer with fewer axes than the image keeps one plane: every plane's masks would be
+    merged into it."""
+    if layer is None:
+        return ""
+    shape = tuple(layer.data.shape)
+    lead = len(shape) - 2
+    offset = plane.ndim - 2 - lead  # image lead axes the layer does not have
+    if axis < offset or shape[axis - offset] != plane.spatial_shape[axis]:
+        return (
+            f"the output layer {layer.name!r} has shape {shape}, with no axis for the "
+            f"{plane.spatial_shape[axis]} planes along axis {axis}: every plane would be merged into "
+            "it; choose 'New layer' as output (a labels volume is made) or a layer shaped like the stack"
+        )
+    return ""
 
 
 def provenance_entry(

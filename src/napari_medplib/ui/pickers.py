@@ -38,6 +38,7 @@ class LayerPickers(QWidget):
         self._outputs: list[Any] = []
         self._regions: list[Any] = []
         self._checked: set = set()  # layer_key() of checked region layers
+        self.point_positive = True  # new clicks in prompt layers made here are positive
 
         self.image = QComboBox()
         self.image.setToolTip("The image the questions are about (the shown plane of nD data)")
@@ -183,13 +184,17 @@ class LayerPickers(QWidget):
         return image.name if image is not None else "MedPLIB"
 
     def add_points_layer(self) -> Any:
-        """A Points layer for prompts (feature 'positive', default True), in add mode."""
+        """A Points layer for prompts, in add mode: feature 'positive' (default `point_positive`),
+        positive and negative points in two colours (`segment.POINT_COLOURS`)."""
+        from .segment import POINT_COLOURS
+
         kwargs = self._new_layer_kwargs()
         layer = self.viewer.add_points(
             name=f"{self._base_name()} points",
             features={"positive": np.zeros(0, dtype=bool)},
-            feature_defaults={"positive": True},
-            face_color="#ffcc00",
+            feature_defaults={"positive": bool(self.point_positive)},
+            face_color="positive",
+            face_color_cycle=dict(POINT_COLOURS),
             size=8,  # data pixels: the layer carries the image's scale
             **kwargs,
         )

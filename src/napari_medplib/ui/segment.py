@@ -5,6 +5,12 @@ masks in a preview Labels layer named after the image; "Live" re-segments (debou
 prompt layer's data change; "Inside box" and "Clicked piece" switch `Session.segment`'s mask cuts
 (remembered); "Commit" (Shift-C) writes the preview masks into the output Labels layer with the next
 free ids, as one undo step.
+
+Clicks are positive or negative (T switches, as in micro-sam; negative points are drawn in another
+colour). Prompts combine only where they overlap (`workers.plan_prompts`): a click outside every box
+is its own object, and the user is told. The prompt layer stays active, in its mode, when the
+preview or output layer is made. Committing a mask that mostly covers an existing label does not
+write a ring around it: the user is told, and with "replace existing labels" the label is redrawn.
 """
 
 from __future__ import annotations
@@ -13,17 +19,26 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from qtpy.QtCore import QTimer
-from qtpy.QtWidgets import QCheckBox, QHBoxLayout, QPushButton, QWidget
+from qtpy.QtWidgets import QCheckBox, QGridLayout, QPushButton, QWidget
 
-from .layers import collect_regions, image_plane, layer_kind
-from .output import provenance_entry, record_provenance, write_planes
-from .workers import mask_summary, report_error, report_warning, segment_job, segment_prompts, start
+from .layers import KeepActive, collect_regions, image_plane, layer_kind
+from .output import (
+    provenance_entry,
+    record_provenance,
+    redraw,
+    redraw_target,
+    write_planes,
+)
+from .workers import mask_summary, plan_prompts, report_error, report_warning, segment_job, start
 
 if TYPE_CHECKING:
     from .widget import MedplibWidget
 
 SEGMENT_KEY = "Shift-S"
 COMMIT_KEY = "Shift-C"
+POLARITY_KEY = "T"
+#: Face colours of positive and negative point prompts (the Points layer's ``positive`` feature).
+POINT_COLOURS = {True: "#33dd55", False: "#ff3366"}
 
 
 def _segment_all(session: Any, plane: Any, prompts: list[dict[str, Any]], clip_to_box: bool,
@@ -57,6 +72,13 @@ class SegmentPanel(QWidget):
         self.segment_button = QPushButton(f"Segment [{SEGMENT_KEY}]")
         self.segment_button.setToolTip("Mask from the points/boxes on this plane (no question)")
         self.segment_button.clicked.connect(self.segment)
+        self.negative = QPushButton()
+        self.negative.setCheckable(True)
+        self.negative.setToolTip(
+            f"New clicks are positive (on the object) or negative (not the object, e.g. a touching "
+            f"neighbour); [{POLARITY_KEY}] switches. Negative clicks only remove pixels."
+        )
+        self.negative.toggled.connect(self._on_polarity)
         self.live = QCheckBox("Live")
         self.live.setToolTip("Segment again whenever points or shapes change")
         self.live.setChecked(dock.settings.live)
@@ -74,13 +96,16 @@ class SegmentPanel(QWidget):
         self.commit_button = QPushButton(f"Commit [{COMMIT_KEY}]")
         self.commit_button.setToolTip("Write the preview mask to the output layer with a new id")
         self.commit_button.clicked.connect(self.commit)
-        row = QHBoxLayout(self)
-        row.setContentsMargins(0, 0, 0, 0)
-        row.addWidget(self.segment_button)
-        row.addWidget(self.live)
-        row.addWidget(self.inside_box)
-        row.addWidget(self.clicked_only)
-        row.addWidget(self.commit_button)
+        grid = QGridLayout(self)
+        grid.setContentsMargins(0, 0, 0, 0)
+        grid.addWidget(self.segment_button, 0, 0)
+        grid.addWidget(self.commit_button, 0, 1)
+        grid.addWidget(self.negative, 0, 2)
+        grid.addWidget(self.live, 1, 0)
+        grid.addWidget(self.inside_box, 1, 1)
+        grid.addWidget(self.clicked_only, 1, 2)
+        self._told: set[str] = set()  # notes already shown (live mode would repeat them)
+        self._show_polarity()
 
         self._debounce = QTimer(self)
         self._debounce.setSingleShot(True)
@@ -91,12 +116,31 @@ class SegmentPanel(QWidget):
         bound = {
             SEGMENT_KEY: lambda _v: self.segment(),
             COMMIT_KEY: lambda _v: self.commit(),
+            POLARITY_KEY: lambda _v: self.negative.toggle(),
         }
         for key, func in bound.items():
             viewer.bind_key(key, func, overwrite=True)
         # a closed dock must not leave keys that call into deleted widgets
         self.destroyed.connect(lambda *_: _unbind(viewer, bound))
         self._rewatch()
+
+    # ---- positive / negative clicks ------------------------------------------------------------
+    @property
+    def positive(self) -> bool:
+        """Whether new clicks are positive."""
+        return not self.negative.isChecked()
+
+    def _show_polarity(self) -> None:
+        positive = self.positive
+        colour = POINT_COLOURS[positive]
+        self.negative.setText(("+ positive" if positive else "\u2212 negative") + f" [{POLARITY_KEY}]")
+        self.negative.setStyleSheet(f"color: {colour}; font-weight: bold")
+
+    def _on_polarity(self, *_: Any) -> None:
+        self._show_polarity()
+        self.dock.pickers.point_positive = self.positive
+        for layer in self._prompt_layers():
+            set_point_polarity(layer, self.positive)
 
     # ---- live mode -----------------------------------------------------------------------------
     def _prompt_layers(self) -> list[Any]:
@@ -150,17 +194,28 @@ class SegmentPanel(QWidget):
         except ValueError as exc:
             report_error(exc)
             return
-        prompts = segment_prompts(regions)
+        plan = plan_prompts(regions)
+        prompts = plan.prompts
         if not prompts and quiet:
             self.masks = []
             if self.preview is not None and self.preview in dock.viewer.layers:
                 self.preview.data = np.zeros_like(self.preview.data)
+            return
+        if plan.negatives_only:
+            report_warning(
+                f"only negative clicks on this plane: they say what is not the object; press "
+                f"{POLARITY_KEY} (or the '\u2212 negative' button) for positive clicks and click the object"
+            )
             return
         if not prompts:
             report_warning(
                 "no prompt on this plane: click '+ Points' or '+ Box / Shapes' and add one"
             )
             return
+        for note in plan.notes:
+            if note not in self._told:
+                self._told.add(note)
+                report_warning(note)
         image = dock.pickers.image_layer
         dock.with_session(lambda: self._run(plane, image, prompts))
 
@@ -192,16 +247,20 @@ class SegmentPanel(QWidget):
             or layer.data.shape != plane.spatial_shape
         ):
             image = self._image
-            layer = self.dock.viewer.add_labels(
-                np.zeros(plane.spatial_shape, dtype=np.int32),
-                name=f"{plane.name} prompt mask",
-                scale=plane.scale or image.scale,
-                translate=image.translate,
-                rotate=image.rotate,
-                shear=image.shear,
-                affine=image.affine,
-                opacity=0.5,
-            )
+            viewer = self.dock.viewer
+            with KeepActive(viewer):  # the next click still adds a point
+                layer = viewer.add_labels(
+                    np.zeros(plane.spatial_shape, dtype=np.int32),
+                    name=f"{plane.name} prompt mask",
+                    scale=plane.scale or image.scale,
+                    translate=image.translate,
+                    rotate=image.rotate,
+                    shear=image.shear,
+                    affine=image.affine,
+                    opacity=0.5,
+                )
+                if image in viewer.layers:  # under the prompts, so the points stay visible
+                    viewer.layers.move(viewer.layers.index(layer), viewer.layers.index(image) + 1)
             self.preview = layer
             self.dock.pickers.refresh()
         return layer
@@ -217,15 +276,38 @@ class SegmentPanel(QWidget):
 
     # ---- commit --------------------------------------------------------------------------------
     def commit(self) -> None:
+        """Write the preview masks with new ids; a mask that is mostly an existing label is not written
+        as a ring around it: the user is told, and with "replace existing labels" that label is redrawn."""
         if not self.masks or not any(m.any() for m in self.masks):
             report_warning("nothing to commit: press Segment first")
             return
         dock = self.dock
+        replace = dock.pickers.replace.isChecked()
+        index = self._plane.index
         try:
             layer = dock.output_for(self._plane, image_layer=self._image)
-            ids, written = write_planes(
-                layer, [(self._plane.index, self.masks)], replace=dock.pickers.replace.isChecked()
-            )
+            targets = [redraw_target(layer, index, m) if m.any() else None for m in self.masks]
+            fresh = [m for m, t in zip(self.masks, targets, strict=True) if t is None]
+            again = [(m, t) for m, t in zip(self.masks, targets, strict=True) if t is not None]
+            if again and not replace:
+                label, share = again[0][1]
+                report_warning(
+                    f"this object is already label {label} in '{layer.name}' ({share:.0%} of the mask): "
+                    "committing would add only a ring around it. Tick 'replace existing labels' and "
+                    f"Commit again to redraw label {label} with this mask"
+                )
+                dock.chat.add_note(
+                    f"Not committed: label {label} already covers {share:.0%} of the mask; tick "
+                    "'replace existing labels' to redraw it"
+                )
+                if not fresh:
+                    return
+            ids, written = write_planes(layer, [(index, fresh)], replace=replace) if fresh else ([], 0)
+            redrawn = []
+            if replace:
+                for mask, (label, _share) in again:
+                    written += redraw(layer, index, mask, label)
+                    redrawn.append(label)
         except ValueError as exc:
             report_error(exc)
             return
@@ -236,15 +318,34 @@ class SegmentPanel(QWidget):
                 answer=mask_summary(self.masks),
                 model=getattr(dock.session, "model_name", "?"),
                 image=self._plane.name,
-                label_ids=ids,
-                plane=self._plane.index,
+                label_ids=[*ids, *redrawn],
+                plane=index,
                 mode="segment",
+                redrawn=redrawn,
             ),
         )
+        parts = []
+        if ids:
+            parts.append(f"as label{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))}")
+        if redrawn:
+            parts.append(f"redrawing label{'s' if len(redrawn) > 1 else ''} {', '.join(map(str, redrawn))}")
+        if not parts:
+            report_warning(f"the mask lies on pixels '{layer.name}' already labels; nothing was written")
+            return
         dock.chat.add_note(
-            f"Committed {mask_summary(self.masks)} as label {', '.join(map(str, ids))} "
-            f"in '{layer.name}' ({written:,} px)"
+            f"Committed {mask_summary(self.masks)} {' and '.join(parts)} in '{layer.name}' ({written:,} px)"
         )
         self.masks = []
         if self.preview is not None and self.preview in dock.viewer.layers:
             self.preview.data = np.zeros_like(self.preview.data)
+
+
+def set_point_polarity(layer: Any, positive: bool) -> None:
+    """New points of a prompt Points layer are positive / negative (its ``positive`` feature default).
+
+    Only layers that carry a ``positive`` feature are changed (ours, and files read with one)."""
+    if layer_kind(layer) != "points" or "positive" not in getattr(layer, "features", {}):
+        return
+    defaults = layer.feature_defaults.copy()
+    defaults["positive"] = bool(positive)
+    layer.feature_defaults = defaults

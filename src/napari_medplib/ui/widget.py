@@ -7,6 +7,7 @@ the results when they come back; a session is loaded on first use.
 
 from __future__ import annotations
 
+import html
 import threading
 import time
 from collections.abc import Callable
@@ -23,8 +24,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .chat import ChatPane
-from .layers import ImagePlane, RegionSet, collect_regions, fit_to_question, image_plane
+from .chat import SEG_TOKEN, ChatPane
+from .layers import (
+    ImagePlane,
+    KeepActive,
+    RegionSet,
+    collect_regions,
+    fit_to_question,
+    image_plane,
+)
 from .model_panel import ModelPanel
 from .output import (
     default_export_path,
@@ -33,7 +41,8 @@ from .output import (
     output_index,
     provenance_entry,
     record_provenance,
-    write_planes,
+    stack_output_problem,
+    write_masks,
 )
 from .pickers import LayerPickers
 from .segment import SegmentPanel
@@ -65,6 +74,7 @@ class _Question:
     replace: bool
     started: float
     note: str = ""
+    stack_axis: int | None = None  # ask on every plane along this axis (None: the shown plane)
 
 
 def expert_note(reply: Any) -> str:
@@ -85,6 +95,26 @@ def answer_footer(reply: Any) -> str:
     if reason in ("cancelled", "max_new_tokens"):
         parts.append("stopped" if reason == "cancelled" else "cut at max tokens")
     return " · ".join(p for p in parts if p)
+
+
+def seg_count(text: str) -> int:
+    """How many mask tokens an answer's text holds."""
+    return len(SEG_TOKEN.findall(html.escape(text or "")))
+
+
+def no_region_message(layers: list, found: RegionSet) -> str:
+    """Why a question that names <region> has no region on this plane, and what to do."""
+    start = "the question names <region>, but "
+    if not layers:
+        return (start + "no region layer is ticked: tick a Points/Shapes layer under Regions or "
+                "click '+ Box / Shapes' and draw one")
+    problems = found.result.problems
+    if problems:
+        told = "; ".join(p.message for p in problems[:3]) + ("; ..." if len(problems) > 3 else "")
+        return start + told + ": draw the region on the image"
+    if found.result.skipped:
+        return start + "the ticked regions lie on other planes: draw one on this plane"
+    return start + "the ticked layers hold no region (negative points do not count): draw one"
 
 
 class MedplibWidget(QWidget):
@@ -239,7 +269,7 @@ class MedplibWidget(QWidget):
 
     # ---- asking --------------------------------------------------------------------------------
     def _gather(self, text: str) -> _Question | None:
-        """Read the layers on the Qt thread; errors become notifications and return None."""
+        """Read the layers on the Qt thread; problems become notifications and return None."""
         try:
             plane = image_plane(self.pickers.image_layer, self.viewer.dims)
             uses_regions = "<region" in text
@@ -253,13 +283,14 @@ class MedplibWidget(QWidget):
             report_error(exc)
             return None
         if uses_regions and not regions.regions:
-            report_warning(
-                "the question names <region>, but no region is on this plane: tick a "
-                "Points/Shapes layer under Regions or click '+ Box / Shapes' and draw one"
-            )
+            report_warning(no_region_message(layers, found))
             return None
         if regions.result.problems:
             report_warning("regions: " + regions.result.summary())
+        axis = int(self.stack_axis.value()) if self.stack.isChecked() and self.stack.isEnabled() else None
+        if axis is not None and (problem := stack_output_problem(output, plane, axis)):
+            report_warning(f"Whole stack: {problem}")
+            return None
         return _Question(
             text,
             plane,
@@ -269,6 +300,7 @@ class MedplibWidget(QWidget):
             self.pickers.replace.isChecked(),
             time.perf_counter(),
             note,
+            axis,
         )
 
     @property
@@ -283,6 +315,7 @@ class MedplibWidget(QWidget):
             return
         question = self._gather(text)
         if question is None:
+            self.chat.keep_input()  # the typed question stays, to be fixed and sent again
             return
         swatches = [
             (f"{r.describe()}", c)
@@ -304,8 +337,8 @@ class MedplibWidget(QWidget):
             "on_error": self._on_ask_error,
             "on_finish": self._on_ask_finished,
         }
-        if self.stack.isChecked() and self.stack.isEnabled():
-            axis = int(self.stack_axis.value())
+        if q.stack_axis is not None:
+            axis = q.stack_axis
             self.chat.add_note(f"Asking on every plane along axis {axis}…")
             self._worker = start(
                 stack_job,
@@ -338,7 +371,14 @@ class MedplibWidget(QWidget):
             )
 
     def stop(self) -> None:
+        """Stop the answer being written; while the model loads, drop what waits for it."""
         self._cancel.set()
+        if self._loader is not None and self._after_load:
+            self._after_load.clear()
+            self.chat.add_note(
+                "Stopped: nothing will run when the model has loaded (it keeps loading, so the "
+                "next question starts at once)"
+            )
         if self.session is not None and hasattr(self.session, "cancel"):
             self.session.cancel()
 
@@ -361,14 +401,18 @@ class MedplibWidget(QWidget):
         layer = chosen if chosen is not None else self.pickers.output_layer
         if layer is None or layer not in self.viewer.layers:
             image = image_layer if image_layer is not None else self.pickers.image_layer
-            layer = new_output_layer(self.viewer, image, plane)
+            with KeepActive(self.viewer):  # the prompt layer stays active, in its mode
+                layer = new_output_layer(self.viewer, image, plane)
             self.pickers.set_output(layer)
         return layer
 
-    def _write(self, q: _Question, planes: list, reply: Any, objects: Any = None) -> str:
-        """Write masks + provenance; return the transcript note. ``objects`` (`workers.Answer.objects`):
-        one plane's objects, written one id each with their table in ``layer.features``."""
+    def _write(self, q: _Question, planes: list, reply: Any, objects: Any = None) -> tuple[str, list[str]]:
+        """Write masks + provenance; return (the transcript note, what each mask became).
+
+        ``objects`` (`workers.Answer.objects`): one plane's objects, written one id each with their
+        table in ``layer.features``."""
         masks = [m for _, ms in planes for m in ms if m.size]
+        n_masks = max((len(ms) for _, ms in planes), default=0)
         entry = provenance_entry(
             question=q.text,
             answer=getattr(reply, "text", ""),
@@ -382,38 +426,48 @@ class MedplibWidget(QWidget):
         )
         self.history.append(entry)
         if not masks:
-            return ""
+            if n_masks or seg_count(getattr(reply, "text", "")):
+                return ("the mask is empty: the model outlined nothing here, so nothing was written",
+                        ["empty mask"] * max(n_masks, 1))
+            return "", []
         layer = self.output_for(q.plane, q.output, q.image_layer)
         if objects is not None:
             from .instances_output import append_features, table_rows_for
 
             pixels, tables = objects
-            ids, written = write_planes(layer, [(q.plane.index, pixels)], replace=q.replace)
+            ids, written = write_masks(layer, [(q.plane.index, pixels)], replace=q.replace)
             append_features(layer, table_rows_for(ids, tables, q.plane.name, q.text))
+            marks = [f"objects in '{layer.name}'"] * n_masks if ids else []
         else:
-            ids, written = write_planes(layer, planes, replace=q.replace)
-        entry["label_ids"] = ids
+            ids, written = write_masks(layer, planes, replace=q.replace)
+            marks = [f"label {ids[k]} in '{layer.name}'" if k in ids else "empty mask" for k in range(n_masks)]
+        labels = [ids[k] for k in sorted(ids)]
+        entry["label_ids"] = labels
         entry["labels_layer"] = layer.name
         record_provenance(layer, entry)
-        if not ids:
-            return "the masks were empty; nothing written"
-        if objects is not None and len(ids) > 1:
-            return f"wrote {len(ids)} objects (labels {ids[0]}-{ids[-1]}) to '{layer.name}' ({written:,} px)"
-        return (
-            f"wrote label{'s' if len(ids) > 1 else ''} {', '.join(map(str, ids))} to "
-            f"'{layer.name}' ({written:,} px)"
-        )
+        if not labels:
+            return (f"the masks lie on pixels '{layer.name}' already labels, so nothing was written; "
+                    "tick 'replace existing labels' to overwrite them", ["already labelled"] * n_masks)
+        if objects is not None and len(labels) > 1:
+            note = f"wrote {len(labels)} objects (labels {labels[0]}-{labels[-1]}) to '{layer.name}' ({written:,} px)"
+        else:
+            note = (f"wrote label{'s' if len(labels) > 1 else ''} {', '.join(map(str, labels))} to "
+                    f"'{layer.name}' ({written:,} px)")
+        return note, marks
 
     def _on_answer(self, q: _Question, answer: Answer) -> None:
         reply = answer.reply
         objects = getattr(answer, "objects", None)
+        marks: list[str] = []
         try:
-            note = self._write(q, [(q.plane.index, answer.pixels)], reply, objects)
+            note, marks = self._write(q, [(q.plane.index, answer.pixels)], reply, objects)
         except ValueError as exc:
             report_error(exc)
             note = describe_error(exc)
         footer = " · ".join(p for p in (answer_footer(reply), note) if p)
-        self.chat.finish_answer(reply.text, footer)
+        self.chat.finish_answer(reply.text, footer, marks)
+        if note.startswith("the mask is empty"):
+            report_info("MedPLIB: " + note)
         from .instances_output import measured_note
 
         if measured := measured_note(reply):
@@ -425,8 +479,9 @@ class MedplibWidget(QWidget):
             planes = result.objects
         current = next((a.reply for i, a in result.planes if i == q.plane.index), None)
         shown = current or (result.planes[0][1].reply if result.planes else None)
+        marks: list[str] = []
         try:
-            note = self._write(q, planes, shown)
+            note, marks = self._write(q, planes, shown)
         except ValueError as exc:
             report_error(exc)
             note = describe_error(exc)
@@ -438,7 +493,7 @@ class MedplibWidget(QWidget):
         if getattr(result, "labels", None) is not None and count:
             found += f", {int(result.labels.max())} objects linked across planes"
         self.chat.finish_answer(
-            text, " · ".join(p for p in (done, found if count else "no mask", note) if p)
+            text, " · ".join(p for p in (done, found if count else "no mask", note) if p), marks
         )
 
     # ---- export --------------------------------------------------------------------------------

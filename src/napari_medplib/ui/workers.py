@@ -242,30 +242,91 @@ def segment_job(session: Any, plane: ImagePlane, prompts: dict[str, Any], clip_t
 
 
 # ---- prompts for direct segmentation -------------------------------------------------------------
-def segment_prompts(regions: Sequence[Any]) -> list[dict[str, Any]]:
-    """Regions -> `Session.segment` keyword sets: one per box/polygon/mask, points shared.
+#: A positive click this many pixels outside a box's edge still counts as inside it (hand placement).
+BOX_SLACK = 2.0
 
-    Points (positive and negative) go with every box; with no box they make one prompt alone.
-    Polygons and masks give their bounding box plus the mask itself as prior.
+
+@dataclass
+class PromptPlan:
+    """`Session.segment` keyword sets for the prompts on a plane, and notes for the user.
+
+    ``prompts``: one dict per object to segment. ``notes``: what the user should know (clicks that lie
+    outside every box and are segmented as an object of their own). ``negatives_only``: there were
+    negative clicks but nothing positive to segment.
+    """
+
+    prompts: list[dict[str, Any]]
+    notes: list[str]
+    negatives_only: bool = False
+
+
+def _inside(point: Any, box: tuple[float, float, float, float], slack: float = BOX_SLACK) -> bool:
+    y, x = (float(v) for v in point.coords[0])
+    y0, x0, y1, x1 = box
+    return y0 - slack <= y <= y1 + slack and x0 - slack <= x <= x1 + slack
+
+
+def plan_prompts(regions: Sequence[Any]) -> PromptPlan:
+    """Regions -> one `Session.segment` prompt per object; prompts combine only where they overlap.
+
+    * Every box / polygon / mask is one object; polygons and masks give their bounding box plus the
+      shape itself as a mask prior.
+    * A positive click inside a box (within `BOX_SLACK` pixels) refines that box's object (the
+      smallest box that holds it). The positive clicks outside every box make one more object
+      together, and a note says so: a click is never combined with a box elsewhere (an old box left
+      ticked in another layer, say).
+    * Negative clicks go with every object: the engine only ever removes pixels with them, and one
+      away from an object changes nothing.
     """
     points = [r for r in regions if r.kind == "point"]
-    shaped = [r for r in regions if r.kind != "point"]
-    common: dict[str, Any] = {}
-    if points:
-        common["points"] = [tuple(float(v) for v in r.coords[0]) for r in points]
-        common["point_labels"] = [int(r.positive) for r in points]
-    prompts = []
-    for region in shaped:
-        box = region.bbox
-        if box is None:
-            continue
-        prompt = dict(common, box=tuple(float(v) for v in box))
+    positives = [r for r in points if r.positive]
+    negatives = [r for r in points if not r.positive]
+    shaped = [(r, r.bbox) for r in regions if r.kind != "point"]
+    shaped = [(r, tuple(float(v) for v in box)) for r, box in shaped if box is not None]
+
+    def area(box: tuple[float, ...]) -> float:
+        return (box[2] - box[0] + 1) * (box[3] - box[1] + 1)
+
+    owner: dict[int, int] = {}  # positive click -> the smallest box holding it
+    for i, point in enumerate(positives):
+        holding = [k for k, (_, box) in enumerate(shaped) if _inside(point, box)]
+        if holding:
+            owner[i] = min(holding, key=lambda k: area(shaped[k][1]))
+
+    def clicks(chosen: list[Any]) -> dict[str, Any]:
+        chosen = chosen + negatives
+        if not chosen:
+            return {}
+        return {
+            "points": [tuple(float(v) for v in r.coords[0]) for r in chosen],
+            "point_labels": [int(r.positive) for r in chosen],
+        }
+
+    prompts: list[dict[str, Any]] = []
+    for k, (region, box) in enumerate(shaped):
+        mine = [p for i, p in enumerate(positives) if owner.get(i) == k]
+        prompt = dict(clicks(mine), box=box)
         if region.kind in ("polygon", "mask"):
             prompt["mask"] = region.to_mask()
         prompts.append(prompt)
-    if not prompts and points:
-        prompts.append(common)
-    return prompts
+    loose = [p for i, p in enumerate(positives) if i not in owner]
+    notes: list[str] = []
+    if loose:
+        prompts.append(clicks(loose))
+        if shaped:
+            where = ", ".join(p.describe() for p in loose[:3]) + (" ..." if len(loose) > 3 else "")
+            boxes = ", ".join(sorted({r.describe() for r, _ in shaped[:3]}))
+            notes.append(
+                f"{where} lie{'s' if len(loose) == 1 else ''} outside every box ({boxes}), so "
+                f"{'it is' if len(loose) == 1 else 'they are'} segmented as a separate object; untick a "
+                "layer under Regions to leave its prompts out"
+            )
+    return PromptPlan(prompts, notes, negatives_only=bool(negatives) and not prompts)
+
+
+def segment_prompts(regions: Sequence[Any]) -> list[dict[str, Any]]:
+    """The `Session.segment` keyword sets of `plan_prompts` (without its notes)."""
+    return plan_prompts(regions).prompts
 
 
 # ---- errors --------------------------------------------------------------------------------------
