@@ -2,12 +2,17 @@
 # One-command set-up for development and CI on a fresh Debian/Ubuntu machine:
 #   1. the system libraries headless Qt needs (Xvfb + xcb), when apt-get is available;
 #   2. torch 2.13.0 first (so pip does not pull the multi-GB CUDA build as a dependency);
-#   3. this package, editable, with its test extra.
+#   3. this package, editable, with its test extra (napari + PyQt6, peft, pytest).
 # Run it inside the Python environment you want to use (a venv, conda env or the system Python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PYTHON=${PYTHON:-python3}
+
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+  echo "napari-medplib needs Python 3.11 or later; $PYTHON is $("$PYTHON" -V 2>&1). Set PYTHON=python3.11 (or newer)." >&2
+  exit 2
+fi
 
 if command -v apt-get >/dev/null 2>&1; then
   SUDO=""
@@ -28,4 +33,4 @@ echo "== installing torch 2.13.0"
 "$PYTHON" -m pip install "torch==2.13.0"
 echo "== installing napari-medplib with its test extra"
 "$PYTHON" -m pip install -e ".[test]"
-echo "== done; run the tests with: $PYTHON -m pytest"
+echo "== done; try it with: $PYTHON -m napari_medplib demo   and run the tests with: $PYTHON -m pytest"
