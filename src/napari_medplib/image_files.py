@@ -11,7 +11,8 @@ Compressed TIFFs (LZW, deflate, zstd, JPEG, ... as microscopes and Fiji write th
 ``pip install imagecodecs``. Limits, checked before a plane is decoded: a plane may decode to at
 most :data:`MAX_EXPANSION` times its stored bytes plus :data:`SMALL_PLANE_BYTES` (deflate's own
 limit is about 1032x; a tiny file declaring a huge plane is damaged), an uncompressed plane must
-be stored in full, and no plane may exceed :data:`MAX_PLANE_BYTES`. Every failure is an
+be stored in full, and no plane may exceed :data:`MAX_PLANE_BYTES`; a PNG may not declare more
+pixels than deflate can expand its bytes to (:data:`DEFLATE_MAX_RATIO`). Every failure is an
 :class:`ImageFileError` naming the file.
 """
 
@@ -34,6 +35,8 @@ MAX_EXPANSION = 2000
 SMALL_PLANE_BYTES = 64 * 2**20
 #: Largest plane read at all (16 GiB, e.g. a 65,536 x 65,536 RGB 16-bit plane is 24 GiB).
 MAX_PLANE_BYTES = 16 * 2**30
+#: deflate (PNG, zip) never expands more than this (its maximum ratio is 1032:1).
+DEFLATE_MAX_RATIO = 1032
 #: Pillow's own limit on decoded pixels (decompression bombs) is kept as it is.
 IMAGECODECS_HINT = "install the decoders with `pip install imagecodecs`"
 
@@ -184,11 +187,26 @@ def _compression(page) -> str:
         return str(getattr(page, "compression", "this"))
 
 
+def _check_png_size(path: Path, img) -> None:
+    """A PNG cannot hold more than :data:`DEFLATE_MAX_RATIO` times its size (deflate's own limit)."""
+    if img.format != "PNG":
+        return
+    width, height = img.size
+    bands = len(img.getbands())
+    declared = height * (1 + width * bands * (2 if img.mode.startswith("I;16") else 1))
+    if declared > DEFLATE_MAX_RATIO * path.stat().st_size + 2**16:
+        raise ImageFileError(
+            f"{path.name}: declares {width} x {height} pixels, more than its {path.stat().st_size:,} "
+            "bytes can hold; the file is damaged or truncated"
+        )
+
+
 def _read_pil(path: Path) -> tuple[np.ndarray, PlaneInfo]:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as img:
+            _check_png_size(path, img)
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
             if img.mode in ("P", "PA", "CMYK", "YCbCr", "LAB", "HSV"):
