@@ -10,7 +10,9 @@ members as well as mutated whole. A run counts, per reader:
   ``ImageFileError`` for images, ``EmbeddingCacheMismatchError`` for embedding files);
 * undrawable output: a returned shape or point napari cannot draw;
 * the peak memory ratio: tracemalloc peak / (20 x file size + decoded payload + 1 MiB), where the
-  decoded payload is the returned image (image readers) or the decompressed members (RoiSet zips);
+  decoded payload is the image plane (returned, or as the header declares it when decoding fails
+  half-way; counted twice, since tifffile decodes a strip and then copies it into the plane; image
+  readers) or the decompressed members (RoiSet zips);
   PNG gets 1 MiB more (Pillow reads a chunk in blocks of 1 MiB, whatever its size). Above 1.0 is a
   failure.
 
@@ -23,6 +25,7 @@ The test suite (tests/io/test_fuzz_readers.py) runs the same mutators under hypo
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import random
 import sys
@@ -139,7 +142,7 @@ def mutate_json(rng: random.Random, document, max_mutations: int = 4):
     for _ in range(rng.randrange(1, max_mutations + 1)):
         paths = list(_nodes(document))
         target = rng.choice(paths)
-        value = rng.choice(ODD_VALUES)
+        value = copy.deepcopy(rng.choice(ODD_VALUES))  # never change the shared odd values
         if rng.random() < 0.05:  # deep nesting, spliced in as text by json_bytes
             value = f"__DEEP_{rng.choice([50, 500, 5000])}__"
         if not target:
@@ -258,7 +261,27 @@ def _zip_payload(path: Path, result) -> int:
 
 
 def _image_payload(path: Path, result) -> int:
-    return int(result[0].nbytes) if isinstance(result, tuple) else 0
+    """The decoded plane: the one returned, else the plane the header declares (a decode that fails
+    half-way has allocated it already)."""
+    return 2 * _declared_plane(path, result)  # tifffile decodes a strip, then copies it into the plane
+
+
+def _declared_plane(path: Path, result) -> int:
+    if isinstance(result, tuple):
+        return int(result[0].nbytes)
+    try:
+        if path.suffix == ".tif":
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                page = tif.pages[0]
+                return int(np.prod(page.shape, dtype=np.float64) * np.dtype(page.dtype).itemsize)
+        from PIL import Image
+
+        with Image.open(path) as img:
+            return img.size[0] * img.size[1] * len(img.getbands()) * 2
+    except Exception:
+        return 0
 
 
 def make_readers(workdir: Path) -> dict[str, Reader]:
