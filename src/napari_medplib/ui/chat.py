@@ -131,8 +131,8 @@ class ChatPane(QWidget):
         self.ground_button = QPushButton("Ground…")
         self.ground_button.setToolTip("Start a question that asks for a mask: name the structure")
         self.ground_button.clicked.connect(self.start_grounding)
-        self.region_button = QPushButton("What is in the region?")
-        self.region_button.setToolTip("Ask about the selected (or all) shapes/points: <region>")
+        self.region_button = QPushButton("Ask about region")
+        self.region_button.setToolTip("Ask \"What is in <region>?\" about the selected (or all) shapes/points")
         self.region_button.clicked.connect(lambda: self.ask(ASK_REGION))
 
         quick = QHBoxLayout()

@@ -22,6 +22,10 @@ if TYPE_CHECKING:
     import napari.types
 
 _OVERRIDE: list[Any] = []
+#: The widget's display name in napari.yaml (napari titles its dock with it).
+GROUND_WIDGET_NAME = "Ground with MedPLIB"
+#: Width of a dock title bar's buttons, rule and margins beside its title text (napari 0.9), with room.
+TITLE_BAR_EXTRA = 140
 
 
 def use_session(session: Any | None) -> None:
@@ -167,4 +171,7 @@ def make_ground_widget() -> Any:
         call_button="Ground",
         question={"tooltip": "Use <region> to refer to the shapes, then the points"},
     )
+    # the form alone is narrower than napari's dock title ("<name> (napari-medplib)"), which would be cut
+    title = f"{GROUND_WIDGET_NAME} (napari-medplib)"
+    gui.native.setMinimumWidth(gui.native.fontMetrics().horizontalAdvance(title) + TITLE_BAR_EXTRA)
     return gui

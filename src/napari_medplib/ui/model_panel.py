@@ -34,7 +34,7 @@ class ModelPanel(QCollapsible):
         body = QWidget()
         form = QFormLayout(body)
         self.source = QComboBox()
-        self.source.addItem("Bundled default model", "bundled")
+        self.source.addItem("Bundled model", "bundled")
         self.source.addItem("Model folder…", "folder")
         self.source.setToolTip("Which MedPLIB model to use; a folder holds a released or own model")
         self.folder = QLineEdit(settings.folder)
@@ -54,6 +54,8 @@ class ModelPanel(QCollapsible):
         self.temperature.setRange(0.0, 2.0)
         self.temperature.setSingleStep(0.1)
         self.temperature.setToolTip("0 = always the most likely answer (reproducible)")
+        for spin in (self.max_tokens, self.temperature):  # numbers, not a line of text: keep the dock narrow
+            spin.setMaximumWidth(90)
         self.load_button = QPushButton("Load model")
         self.load_button.setToolTip("Load now (otherwise it loads on the first question)")
         self.load_button.clicked.connect(self.load_requested.emit)

@@ -24,6 +24,9 @@ from qtpy.QtWidgets import (
 from .layers import REGION_LAYER_TYPES, layer_key, layer_kind
 
 NEW_LAYER = "New layer"
+#: ``layer.metadata`` key of the prompt layers made here ('+ Points', '+ Box / Shapes'): Commit clears
+#: the prompts it used from these (never from the user's own layers).
+PROMPT_LAYER = "medplib_prompts"
 
 
 class LayerPickers(QWidget):
@@ -196,6 +199,7 @@ class LayerPickers(QWidget):
             face_color="positive",
             face_color_cycle=dict(POINT_COLOURS),
             size=8,  # data pixels: the layer carries the image's scale
+            metadata={PROMPT_LAYER: True},
             **kwargs,
         )
         layer.mode = "add"
@@ -210,6 +214,7 @@ class LayerPickers(QWidget):
             edge_color="#ffcc00",
             face_color="transparent",
             edge_width=2,
+            metadata={PROMPT_LAYER: True},
             **kwargs,
         )
         layer.mode = "add_rectangle"

@@ -4,7 +4,8 @@
 masks in a preview Labels layer named after the image; "Live" re-segments (debounced) whenever a
 prompt layer's data change; "Inside box" and "Clicked piece" switch `Session.segment`'s mask cuts
 (remembered); "Commit" (Shift-C) writes the preview masks into the output Labels layer with the next
-free ids, as one undo step.
+free ids, as one undo step, and removes the prompts it used from the prompt layers the widget made
+(as micro-sam does: the next click starts a new object).
 
 Clicks are positive or negative (T switches, as in micro-sam; negative points are drawn in another
 colour). Prompts combine only where they overlap (`workers.plan_prompts`): a click outside every box
@@ -41,6 +42,11 @@ POLARITY_KEY = "T"
 POINT_COLOURS = {True: "#33dd55", False: "#ff3366"}
 
 
+def key_hint(key: str) -> str:
+    """A key for a button's text, short: 'Shift-S' -> '(⇧S)'."""
+    return "(" + key.replace("Shift-", "\u21e7") + ")"
+
+
 def _segment_all(session: Any, plane: Any, prompts: list[dict[str, Any]], clip_to_box: bool,
                  clicked_pieces: bool) -> list[np.ndarray]:
     return [np.asarray(segment_job(session, plane, p, clip_to_box, clicked_pieces).mask, dtype=bool)
@@ -68,9 +74,12 @@ class SegmentPanel(QWidget):
         self._worker = None
         self._dirty = False
         self._watched: list[Any] = []
+        self._used: list[tuple[Any, list[int]]] = []  # our prompt layers' items behind the preview
 
-        self.segment_button = QPushButton(f"Segment [{SEGMENT_KEY}]")
-        self.segment_button.setToolTip("Mask from the points/boxes on this plane (no question)")
+        self.segment_button = QPushButton(f"Segment {key_hint(SEGMENT_KEY)}")
+        self.segment_button.setToolTip(
+            f"Mask from the points/boxes on this plane, no question [{SEGMENT_KEY}]"
+        )
         self.segment_button.clicked.connect(self.segment)
         self.negative = QPushButton()
         self.negative.setCheckable(True)
@@ -93,8 +102,10 @@ class SegmentPanel(QWidget):
             "Keep only the parts of a click's mask that touch a positive click (the decoder can add "
             "pieces elsewhere); untick for the decoder's mask as it is",
         )
-        self.commit_button = QPushButton(f"Commit [{COMMIT_KEY}]")
-        self.commit_button.setToolTip("Write the preview mask to the output layer with a new id")
+        self.commit_button = QPushButton(f"Commit {key_hint(COMMIT_KEY)}")
+        self.commit_button.setToolTip(
+            f"Write the preview mask to the output layer with a new id [{COMMIT_KEY}]"
+        )
         self.commit_button.clicked.connect(self.commit)
         grid = QGridLayout(self)
         grid.setContentsMargins(0, 0, 0, 0)
@@ -133,7 +144,7 @@ class SegmentPanel(QWidget):
     def _show_polarity(self) -> None:
         positive = self.positive
         colour = POINT_COLOURS[positive]
-        self.negative.setText(("+ positive" if positive else "\u2212 negative") + f" [{POLARITY_KEY}]")
+        self.negative.setText(("+ positive" if positive else "\u2212 negative") + f" {key_hint(POLARITY_KEY)}")
         self.negative.setStyleSheet(f"color: {colour}; font-weight: bold")
 
     def _on_polarity(self, *_: Any) -> None:
@@ -190,7 +201,10 @@ class SegmentPanel(QWidget):
             return
         try:
             plane = image_plane(dock.pickers.image_layer, dock.viewer.dims)
-            regions = collect_regions(self._prompt_layers(), plane, dock.viewer.dims).regions
+            # every prompt on the plane: napari selects each new point, and a click refines the others
+            regions = collect_regions(
+                self._prompt_layers(), plane, dock.viewer.dims, only_selected=False
+            ).regions
         except ValueError as exc:
             report_error(exc)
             return
@@ -217,10 +231,12 @@ class SegmentPanel(QWidget):
                 self._told.add(note)
                 report_warning(note)
         image = dock.pickers.image_layer
-        dock.with_session(lambda: self._run(plane, image, prompts))
+        used = prompts_used(self._prompt_layers(), regions)
+        dock.with_session(lambda: self._run(plane, image, prompts, used))
 
-    def _run(self, plane: Any, image: Any, prompts: list[dict[str, Any]]) -> None:
-        self._plane, self._image = plane, image
+    def _run(self, plane: Any, image: Any, prompts: list[dict[str, Any]],
+             used: list[tuple[Any, list[int]]] = ()) -> None:
+        self._plane, self._image, self._used = plane, image, list(used)
         self._worker = start(
             _segment_all,
             self.dock.session,
@@ -338,6 +354,36 @@ class SegmentPanel(QWidget):
         self.masks = []
         if self.preview is not None and self.preview in dock.viewer.layers:
             self.preview.data = np.zeros_like(self.preview.data)
+        self._clear_used()
+
+    def _clear_used(self) -> None:
+        """Remove the committed object's prompts from the prompt layers the widget made (as micro-sam
+        does), so the next click starts a new object instead of refining the committed one."""
+        used, self._used = self._used, []
+        for layer, indices in used:
+            if layer not in self.dock.viewer.layers or not indices:
+                continue
+            indices = [i for i in indices if i < len(layer.data)]
+            mode = layer.mode
+            layer.selected_data = set(indices)
+            layer.remove_selected()
+            if layer.mode != mode:
+                layer.mode = mode
+
+
+def prompts_used(layers: list[Any], regions: Any) -> list[tuple[Any, list[int]]]:
+    """(layer, item indices) of the prompts in ``regions`` that lie in prompt layers the widget made
+    (`pickers.PROMPT_LAYER`); other layers are the user's own and are never changed."""
+    from .pickers import PROMPT_LAYER
+
+    out = []
+    for layer in layers:
+        if not layer.metadata.get(PROMPT_LAYER):
+            continue
+        indices = sorted({int(r.index) for r in regions if r.source == layer.name and r.index is not None})
+        if indices:
+            out.append((layer, indices))
+    return out
 
 
 def set_point_polarity(layer: Any, positive: bool) -> None:

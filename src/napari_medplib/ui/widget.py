@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from qtpy.QtCore import QSize
 from qtpy.QtWidgets import (
     QCheckBox,
     QHBoxLayout,
@@ -60,6 +61,10 @@ from .workers import (
     stack_job,
     start,
 )
+
+
+#: The width napari opens the dock at (px): a 1280-px window keeps most of its width for the canvas.
+DOCK_WIDTH = 370
 
 
 @dataclass
@@ -148,11 +153,12 @@ class MedplibWidget(QWidget):
         self.chat = ChatPane()
         self.chat.asked.connect(self.ask)
         self.chat.stopped.connect(self.stop)
-        self.stack = QCheckBox("Whole stack along axis")
+        self.stack = QCheckBox("Whole stack, axis")
         self.stack.setToolTip("Ask on every plane along the axis and write a 3-D labels volume")
         self.stack_axis = QSpinBox()
         self.stack_axis.setRange(0, 0)
-        self.export_button = QPushButton("Export log…")
+        self.stack_axis.setMaximumWidth(60)
+        self.export_button = QPushButton("Export…")
         self.export_button.setToolTip(
             "Save the output layer's question/answer log as JSON + Markdown"
         )
@@ -176,6 +182,11 @@ class MedplibWidget(QWidget):
         self._sync_stack()
         if session is not None:
             self.set_session(session)
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+        """At most `DOCK_WIDTH` wide: napari opens the dock at this width, and the canvas keeps the rest."""
+        hint = super().sizeHint()
+        return QSize(min(hint.width(), max(DOCK_WIDTH, self.minimumSizeHint().width())), hint.height())
 
     # ---- settings ------------------------------------------------------------------------------
     def save_settings(self) -> None:
