@@ -124,35 +124,39 @@ def _inside(labels: np.ndarray, label: int) -> tuple[float, float]:
     return float(ys[k]), float(xs[k])
 
 
+def _centre(labels: np.ndarray, label: int) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    return np.array(ndi.center_of_mass(labels == label))
+
+
 def test_bundled_model_negative_click_on_a_neighbour_never_grows_the_mask(bundled):
+    """Real nuclei: a negative click on the neighbour the one-click mask spills onto (else the nearest
+    one) never grows the mask, and leaves at most a sliver of that neighbour."""
     import tifffile
 
     image_path, labels_path = REAL / "dsb2018_nuclei_image.tif", REAL / "dsb2018_nuclei_labels.tif"
     if not (image_path.is_file() and labels_path.is_file()):
         pytest.skip("the real test crops are missing from tests/data/real")
     image, labels = tifffile.imread(image_path), tifffile.imread(labels_path).astype(np.int32)
-    checked = spilled = 0
-    for label in (9, 13, 60, 120, 132):  # nuclei whose one-click mask touches or spills onto a neighbour
+    spilled = 0
+    for label in (9, 13, 60, 120, 132):  # nuclei beside others; the first four's masks spill onto one
         click = _inside(labels, label)
         alone = bundled.segment(image, points=[click], point_labels=[1]).mask
         others = {int(k): int(np.sum(alone & (labels == k))) for k in np.unique(labels[alone]) if k not in (0, label)}
-        from scipy import ndimage as ndi
-
-        centre = np.array(ndi.center_of_mass(labels == label))
-        near = [k for k in np.unique(labels) if k not in (0, label)]
-        neighbour = max(others, key=others.get) if others else min(
-            near, key=lambda k: np.hypot(*(np.array(ndi.center_of_mass(labels == k)) - centre)))
+        if others:
+            neighbour = max(others, key=others.get)
+        else:
+            near = [k for k in np.unique(labels) if k not in (0, label)]
+            neighbour = min(near, key=lambda k: np.linalg.norm(_centre(labels, k) - _centre(labels, label)))
         negative = _inside(labels, neighbour)
         both = bundled.segment(image, points=[click, negative], point_labels=[1, 0]).mask
-        assert both.sum() <= alone.sum(), (label, int(alone.sum()), int(both.sum()))
-        assert not (both & ~alone).any()
-        assert both[round(click[0]), round(click[1])]
-        assert not both[round(negative[0]), round(negative[1])]
-        on_neighbour = int(np.sum(both & (labels == neighbour)))
-        assert on_neighbour <= max(0.1 * np.sum(labels == neighbour), 20), (label, neighbour, on_neighbour)
-        checked += 1
+        assert both.sum() <= alone.sum() and not (both & ~alone).any(), (label, int(alone.sum()), int(both.sum()))
+        assert both[round(click[0]), round(click[1])] and not both[round(negative[0]), round(negative[1])]
+        left = int(np.sum(both & (labels == neighbour)))
+        assert left <= max(0.1 * np.sum(labels == neighbour), 20), (label, neighbour, left)
         spilled += bool(others)
-    assert checked == 5 and spilled >= 3
+    assert spilled >= 3  # the case the issue is about was exercised
 
 
 def test_bundled_model_negative_click_on_the_sample(bundled):
@@ -165,11 +169,12 @@ def test_bundled_model_negative_click_on_the_sample(bundled):
     image = tifffile.imread(SAMPLE_DIR / IMAGE_FILE)
     smooth = ndi.gaussian_filter(image.astype(float), 2)
     blobs, n = ndi.label(smooth > np.percentile(smooth, 75))
-    centres = [tuple(float(v) for v in c) for c in ndi.center_of_mass(np.ones_like(blobs), blobs, range(1, n + 1))]
-    centres = [c for c in centres if blobs[round(c[0]), round(c[1])]][:6]
+    centres = ndi.center_of_mass(np.ones_like(blobs), blobs, range(1, n + 1))
+    centres = [(float(y), float(x)) for y, x in centres if blobs[round(y), round(x)]][:6]
     assert len(centres) >= 4
     for i, click in enumerate(centres[:4]):
-        negative = min((c for j, c in enumerate(centres) if j != i), key=lambda c: np.hypot(c[0] - click[0], c[1] - click[1]))
+        negative = min((c for j, c in enumerate(centres) if j != i),
+                       key=lambda c: np.hypot(c[0] - click[0], c[1] - click[1]))
         alone = bundled.segment(image, points=[click]).mask
         both = bundled.segment(image, points=[click, negative], point_labels=[1, 0]).mask
         assert both.sum() <= alone.sum() and not (both & ~alone).any()
