@@ -27,8 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "benchmarks" / "real_data"))
 
 # (entry-name prefix, how many of its images, repeats of each): about 700-1000 objects per source
-SOURCES = (("gbm40_he_", 8, 1), ("isbi2012_tem_train_", 8, 1), ("omnipose_phase_", 7, 1),
-           ("axondeepseg_subject1", 1, 12))
+SOURCES = (("gbm40_he_", 8, 1), ("omnipose_phase_", 7, 1), ("axondeepseg_subject1", 1, 12))
 # synthetic styles kept in training: (style, planes)
 SYNTHETIC = (("nuclei", 24), ("cells", 16), ("organelles", 8), ("brightfield", 8), ("bacteria", 8),
              ("em_axons", 4), ("em_neurites", 4))
