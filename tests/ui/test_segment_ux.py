@@ -239,6 +239,10 @@ def test_a_box_outside_the_image_is_named_and_the_question_stays(make_napari_vie
     assert not any("tick a" in m for _, m in notes)  # the layer is ticked: do not say otherwise
     assert widget.chat.input.text() == "What is in <region>?"  # kept, to be fixed and sent again
     assert not session.calls
+    notes.clear()
+    widget.segment_panel.segment()  # Segment names the problem too
+    assert any("no prompt on this plane" in m and "outside the image" in m for _, m in notes)
+    assert not session.calls
 
 
 class EmptyMaskSession(FakeSession):

@@ -104,7 +104,8 @@ class SegmentPanel(QWidget):
         )
         self.commit_button = QPushButton(f"Commit {key_hint(COMMIT_KEY)}")
         self.commit_button.setToolTip(
-            f"Write the preview mask to the output layer with a new id [{COMMIT_KEY}]"
+            "Write the preview mask to the output layer with a new id and clear the clicks it used; "
+            f"an object already labelled is redrawn with 'replace existing labels' [{COMMIT_KEY}]"
         )
         self.commit_button.clicked.connect(self.commit)
         grid = QGridLayout(self)
@@ -202,9 +203,10 @@ class SegmentPanel(QWidget):
         try:
             plane = image_plane(dock.pickers.image_layer, dock.viewer.dims)
             # every prompt on the plane: napari selects each new point, and a click refines the others
-            regions = collect_regions(
+            found = collect_regions(
                 self._prompt_layers(), plane, dock.viewer.dims, only_selected=False
-            ).regions
+            ).result
+            regions = found.regions
         except ValueError as exc:
             report_error(exc)
             return
@@ -222,7 +224,9 @@ class SegmentPanel(QWidget):
             )
             return
         if not prompts:
+            problems = "; ".join(p.message for p in found.problems[:3])
             report_warning(
+                f"no prompt on this plane: {problems}" if problems else
                 "no prompt on this plane: click '+ Points' or '+ Box / Shapes' and add one"
             )
             return
