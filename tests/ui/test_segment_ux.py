@@ -329,3 +329,39 @@ def test_the_grounding_widget_shows_its_whole_title(make_napari_viewer, qtbot):
     QApplication.processEvents()
     title = dock.titleBarWidget().title
     assert title.width() >= title.sizeHint().width(), (title.text(), title.width(), title.sizeHint().width())
+
+
+@pytest.mark.viewer
+def test_asking_again_for_a_labelled_object_writes_no_ring(make_napari_viewer, qtbot, blobs):
+    viewer = make_napari_viewer()
+    viewer.add_image(blobs, name="cells")
+    widget = _dock(viewer, FakeSession())
+    widget.chat.ask("Please segment the bright things")
+    _wait_idle(qtbot, widget)
+    out = viewer.layers["cells MedPLIB"]
+    before = out.data.copy()
+    out.data[15:20, 10:22] = 0  # the user erased part of it: a second answer would add a ring there
+    out.refresh()
+    widget.chat.ask("Please segment the bright things")
+    _wait_idle(qtbot, widget)
+    assert out.data.max() == 1 and not out.data[15:20, 10:22].any()
+    assert "already labelled" in widget.chat.entries[-1].footer
+    assert "already label 1" in widget.chat.plain_text()
+    widget.pickers.replace.setChecked(True)  # with replace the answer is written (a new id)
+    widget.chat.ask("Please segment the bright things")
+    _wait_idle(qtbot, widget)
+    assert ((out.data == 2) == (before == 1)).all()
+
+
+@pytest.mark.viewer
+def test_commit_never_clears_the_users_own_points(make_napari_viewer, qtbot, blobs):
+    viewer = make_napari_viewer()
+    viewer.add_image(blobs, name="cells")
+    mine = viewer.add_points([[15, 15]], name="my clicks")
+    widget = _dock(viewer, FakeSession())
+    assert mine in widget.pickers.region_layers
+    widget.segment_panel.segment()
+    _wait_idle(qtbot, widget)
+    widget.segment_panel.commit()
+    assert viewer.layers["cells MedPLIB"].data[15, 15] == 1
+    assert len(mine.data) == 1  # the user's own layer is never changed

@@ -40,8 +40,10 @@ from .output import (
     export_provenance,
     new_output_layer,
     output_index,
+    MaskPixels,
     provenance_entry,
     record_provenance,
+    redraw_target,
     stack_output_problem,
     write_masks,
 )
@@ -450,8 +452,22 @@ class MedplibWidget(QWidget):
             append_features(layer, table_rows_for(ids, tables, q.plane.name, q.text))
             marks = [f"objects in '{layer.name}'"] * n_masks if ids else []
         else:
+            again = {}  # mask k -> the label that already covers most of it (no ring around it)
+            if not q.replace and len(planes) == 1:
+                index, plane_masks = planes[0]
+                again = {k: t[0] for k, m in enumerate(plane_masks) if m.size
+                         and (t := redraw_target(layer, index, m)) is not None}
+                planes = [(index, [m if k not in again else MaskPixels(m.shape, m.rows[:0], m.cols[:0])
+                                   for k, m in enumerate(plane_masks)])]
             ids, written = write_masks(layer, planes, replace=q.replace)
-            marks = [f"label {ids[k]} in '{layer.name}'" if k in ids else "empty mask" for k in range(n_masks)]
+            marks = [f"label {ids[k]} in '{layer.name}'" if k in ids else
+                     f"already label {again[k]}" if k in again else "empty mask" for k in range(n_masks)]
+            if again and not ids:
+                entry["label_ids"], entry["labels_layer"] = [], layer.name
+                record_provenance(layer, entry)
+                found = ", ".join(str(v) for v in sorted(set(again.values())))
+                return (f"already labelled: label {found} in '{layer.name}' covers the mask, so nothing "
+                        "was written; tick 'replace existing labels' to overwrite it", marks)
         labels = [ids[k] for k in sorted(ids)]
         entry["label_ids"] = labels
         entry["labels_layer"] = layer.name
