@@ -62,7 +62,7 @@ class StaticDecoder:
         position_embeddings = self.model.rotary_emb(hidden_states, position_ids)
         for layer in self.model.layers:
             hidden_states = layer(hidden_states, attention_mask=mask, position_ids=position_ids,
-                                  past_key_values=self.cache, use_cache=True, position_embeddings=position_embeddings)
+                                  cache=self.cache, use_cache=True, position_embeddings=position_embeddings)
         return self.model.lm_head(self.model.norm(hidden_states[:, -1:])).float()[:, -1]  # [B, V]
 
     @torch.inference_mode()

@@ -137,7 +137,7 @@ class MedPLIBLanguageModel(nn.Module):
                 hidden_states,
                 attention_mask=mask,
                 position_ids=position_ids,
-                past_key_values=past_key_values,
+                cache=past_key_values,
                 use_cache=use_cache,
                 position_embeddings=position_embeddings,
             )
