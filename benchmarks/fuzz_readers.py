@@ -372,6 +372,9 @@ def undrawable_output(result) -> str | None:
         from napari_medplib.io._common import undrawable
     except ImportError:  # a version without the check
         return None
+    if isinstance(result, tuple):  # an image plane
+        plane = result[0]
+        return None if plane.ndim in (2, 3) and plane.size else f"an image of shape {plane.shape}"
     if not isinstance(result, list):
         return None
     for data, meta, kind in result:

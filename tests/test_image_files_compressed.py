@@ -58,3 +58,12 @@ def test_tiny_tiff_declaring_a_huge_plane_is_refused_before_decoding(tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(ImageFileError, match="huge.tif: a plane of shape .*the file is damaged"):
         read_plane(path)
+
+
+def test_tiff_whose_page_chain_loops_fails_quickly():
+    """A fuzzed file whose second page points back at itself: tifffile built the series forever."""
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "damaged" / "tiff_circular_pages.tif"
+    with pytest.raises(ImageFileError, match="tiff_circular_pages.tif: not a readable TIFF file"):
+        read_plane(path)

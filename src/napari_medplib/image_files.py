@@ -109,6 +109,9 @@ def _read_tiff(path: Path, plane: int | Mapping[str, int] | None, channel: int |
 
 
 def _read_series(path: Path, tif, plane, channel) -> tuple[np.ndarray, PlaneInfo]:
+    # Count the pages first: it walks the page chain once and stops at a page that points back to
+    # an earlier one (a damaged file); building the series before that can walk such a loop forever.
+    len(tif.pages)
     if not tif.series or not tif.series[0].pages:
         raise ImageFileError(f"{path.name}: not a readable TIFF file (it holds no image)")
     series = tif.series[0]
@@ -142,6 +145,8 @@ def _read_series(path: Path, tif, plane, channel) -> tuple[np.ndarray, PlaneInfo
                 data = data[..., channel]
         planes.append(data)
     data = planes[0] if len(planes) == 1 else np.stack(planes, axis=-1)
+    if data.ndim not in (2, 3) or data.size == 0:
+        raise ImageFileError(f"{path.name}: not a readable TIFF file (its first image has shape {data.shape})")
     return data, PlaneInfo(path, axes, shape, chosen, channel)
 
 
