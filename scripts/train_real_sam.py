@@ -5,8 +5,9 @@ none of them is scored by the real-image benchmark), balanced so that no source 
 synthetic planes of the generator's styles (fluorescence nuclei and cells above all, for which no real
 training image is at hand) so that what the model knows is kept. Training is ``train.finetune`` with the
 grounding path off: SAM's prompt encoder and mask decoder learn from crops cut exactly as the engine
-cuts them. The adapted model is generic, so its clicks keep the engine's own size estimate (the
-size range ``finetune`` records for a user's objects is cleared).
+cuts them. The adapted model is generic, so clicks train and run on the engine's own estimate of the
+clicked object's size (``size_range=False``), mistakes included, not on a size range of the annotated
+objects as a user's adapted model does.
 
     python scripts/train_real_sam.py --out OUT [--base MODEL] [--steps 2000] [--cache CACHE] [--mirrors DIR]
 
@@ -84,7 +85,7 @@ def main(argv=None) -> int:
     print(f"{len(planes)} planes, {sum(len(p.ids) for p in planes)} objects", flush=True)
     options = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch, grounding=False,
                               evaluate=False, holdout=0.02, min_heldout=1, threads=args.threads,
-                              checkpoint_every=50)
+                              checkpoint_every=50, size_range=False)
 
     def log(record: dict) -> None:
         if record.get("step", 0) % 50 == 0:
@@ -92,12 +93,6 @@ def main(argv=None) -> int:
 
     result = finetune(planes, args.out, args.base, options, on_progress=lambda message, done, total: None,
                       on_log=log)
-    config_path = Path(result.model_dir) / "config.json"
-    config = json.loads(config_path.read_text())
-    config["object_extent_range"] = []  # generic model: the engine's own click-size estimate
-    tmp = config_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(config, indent=2))
-    tmp.replace(config_path)
     print(f"model: {result.model_dir} ({result.seconds:.0f} s)")
     return 0
 

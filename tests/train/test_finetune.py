@@ -284,3 +284,18 @@ def test_a_released_checkpoint_folder_adapts_with_lora_and_reloads(tmp_path):
     with Session.load(str(result.model_dir)) as session:
         assert session.model.config.object_extent_range  # the adapted size range travels with the model
         assert session.segment(image, points=[(16, 14)], point_labels=[1]).mask.shape == image.shape
+
+
+def test_a_generic_model_keeps_the_engines_click_size_estimate(tmp_path):
+    """``size_range=False`` (the bundled model's real-image training): no size range is learnt or saved."""
+    from napari_medplib.testing import tiny_model
+    from napari_medplib.train.finetune import finetune
+
+    image, labels = blobs(8)
+    planes = annotated_planes([image], [labels])
+    kept = finetune(planes, tmp_path / "kept", base_model=tiny_model(0), options=_options(steps=1, grounding=False))
+    generic = finetune(planes, tmp_path / "generic", base_model=tiny_model(0),
+                       options=_options(steps=1, grounding=False, size_range=False))
+    read = [json.loads((r.model_dir / "config.json").read_text())["object_extent_range"] for r in (kept, generic)]
+    assert read[0] and read[0][0] <= 13 <= read[0][1] + 1  # the discs are 13 px across
+    assert read[1] == []

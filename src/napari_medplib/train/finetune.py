@@ -371,7 +371,7 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
     trained_on = sorted({o.plane for o in split.train})
     prepared = {p: _prepare(planes[p], [o.label for o in split.train if o.plane == p]) for p in trained_on}
     prepared_list = [prepared.get(p) for p in range(len(planes))]
-    extent_range = object_extent_range(list(prepared.values()))
+    extent_range = object_extent_range(list(prepared.values())) if options.size_range else []
     for item in prepared.values():
         item.extent_range = extent_range
     base_name, base_fp, base_folder = _base_identity(base_model)

@@ -75,6 +75,10 @@ class FinetuneOptions:
     threads: int = 0  # torch threads while training; 0 = leave as is
     max_eval_objects: int = 60  # held-out objects measured before and after (all when fewer)
     evaluate: bool = True
+    #: keep a click's estimated object size inside the annotated objects' size range, in training and in
+    #: the adapted model (``config.object_extent_range``): right for one kind of object; a model for many
+    #: kinds (the bundled one) trains and runs on the engine's own estimate instead (False)
+    size_range: bool = True
 
     def check(self) -> None:
         if (self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.checkpoint_every < 1
