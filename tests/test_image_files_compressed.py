@@ -15,7 +15,7 @@ IMAGE = (np.add.outer(np.arange(64), np.arange(80)) * 37 % 4096).astype(np.uint1
 def test_lossless_compressed_tiff_reads_exactly(tmp_path, compression):
     path = tmp_path / f"frame_{compression}.tif"
     tifffile.imwrite(path, IMAGE, compression=compression)
-    data, info = read_plane(path)
+    data, _info = read_plane(path)
     np.testing.assert_array_equal(data, IMAGE)
 
 
@@ -29,7 +29,7 @@ def test_jpeg_compressed_rgb_tiff_and_compressed_ome_stack(tmp_path):
     stack = np.stack([IMAGE, IMAGE[::-1]])
     ome = tmp_path / "stack.ome.tif"
     tifffile.imwrite(ome, stack, compression="zlib", metadata={"axes": "ZYX"})
-    data, info = read_plane(ome, plane={"Z": 1})
+    data, _info = read_plane(ome, plane={"Z": 1})
     np.testing.assert_array_equal(data, IMAGE[::-1])
 
 
@@ -56,7 +56,7 @@ def test_tiny_tiff_declaring_a_huge_plane_is_refused_before_decoding(tmp_path):
         data[tag.valueoffset : tag.valueoffset + size] = (60000).to_bytes(size, "little")
     tif.close()
     path.write_bytes(bytes(data))
-    with pytest.raises(ImageFileError, match="huge.tif: a plane of shape .*the file is damaged"):
+    with pytest.raises(ImageFileError, match=r"huge.tif: a plane of shape .*the file is damaged"):
         read_plane(path)
 
 
@@ -65,5 +65,5 @@ def test_tiff_whose_page_chain_loops_fails_quickly():
     from pathlib import Path
 
     path = Path(__file__).parent / "data" / "damaged" / "tiff_circular_pages.tif"
-    with pytest.raises(ImageFileError, match="tiff_circular_pages.tif: not a readable TIFF file"):
+    with pytest.raises(ImageFileError, match=r"tiff_circular_pages.tif: not a readable TIFF file"):
         read_plane(path)

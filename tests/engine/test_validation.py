@@ -54,7 +54,7 @@ def test_image_with_pixels_passes():
 def test_config_with_100000_layers_is_refused_before_building():
     text = json.dumps({"hidden_size": 32, "num_hidden_layers": 100_000, "vocab_size": 907})
     assert len(text) < 2048
-    with pytest.raises(CheckpointError, match="num_hidden_layers = 100000 is outside 0..256"):
+    with pytest.raises(CheckpointError, match=r"num_hidden_layers = 100000 is outside 0..256"):
         check_model_config(json.loads(text))
 
 

@@ -47,7 +47,7 @@ def test_tiny_rle_declaring_a_huge_mask_is_outlined_from_its_runs(tmp_path):
     assert path.stat().st_size < 300
     layers, peak = _peak(lambda: read_coco(path))
     assert peak < 20 * path.stat().st_size + FIXED, peak
-    ((data, meta, kind),) = layers
+    ((data, _meta, kind),) = layers
     assert kind == "shapes" and len(data) == 1
     assert sorted(map(tuple, data[0].tolist())) == [(0.0, 100.0), (0.0, 150.0), (30000.0, 100.0), (30000.0, 150.0)]
 
@@ -57,7 +57,7 @@ def test_rle_with_impossible_size_is_refused(tmp_path, size):
     path = tmp_path / "bad.json"
     seg = {"size": size, "counts": "0"}
     path.write_text(json.dumps(_coco([{"id": 1, "image_id": 1, "category_id": 1, "segmentation": seg}])))
-    with pytest.raises(RegionFileError, match="bad.json: annotation 1 is malformed"):
+    with pytest.raises(RegionFileError, match=r"bad.json: annotation 1 is malformed"):
         read_coco(path)
 
 
@@ -237,7 +237,7 @@ def test_csv_rectangle_without_four_corners_is_dropped(tmp_path):
         "1,polygon,0,0,0\n1,polygon,1,0,4\n1,polygon,2,4,4\n"
     )
     with pytest.warns(UserWarning, match="1 rectangles without 4 corners"):
-        ((data, meta, _),) = read_napari_csv(path)
+        ((_data, meta, _),) = read_napari_csv(path)
     assert meta["shape_type"] == ["polygon"] and meta["features"]["feature_index"] == [1]
 
 

@@ -25,6 +25,7 @@ Points: ``index,axis-0,axis-1[,axis-2...][,feature columns...]``
 from __future__ import annotations
 
 import csv
+import itertools
 import re
 from array import array
 from collections.abc import Iterator, Sequence
@@ -232,7 +233,7 @@ def _shapes(
         table.add({"feature_index": index, "hole_of": -1})
     coords = np.frombuffer(flat, dtype=float).reshape(-1, len(axes))
     bounds = [*starts, k + 1]
-    shapes = [coords[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    shapes = [coords[a:b] for a, b in itertools.pairwise(bounds)]
     return shapes_layer(
         layer_name(path), shapes, types, table, [None] * len(shapes), _metadata(path, header, axes)
     )
