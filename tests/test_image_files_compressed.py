@@ -67,3 +67,22 @@ def test_tiff_whose_page_chain_loops_fails_quickly():
     path = Path(__file__).parent / "data" / "damaged" / "tiff_circular_pages.tif"
     with pytest.raises(ImageFileError, match=r"tiff_circular_pages.tif: not a readable TIFF file"):
         read_plane(path)
+
+
+@pytest.mark.parametrize("name", ["png_idat_past_end.png", "tiff_strip_past_end.tif"])
+def test_chunk_declaring_bytes_past_the_end_allocates_nothing_like_it(name):
+    """Fuzzed files: a 76-byte PNG whose IDAT declares 16 MB, a TIFF strip declaring 1.7 GB."""
+    import tracemalloc
+    from pathlib import Path
+
+    path = Path(__file__).parent / "data" / "damaged" / name
+    read_plane(Path(__file__).parent / "data" / "damaged" / "png_idat_past_end.png")  # imports
+    tracemalloc.start()
+    try:
+        read_plane(path)
+    except ImageFileError as exc:
+        assert "damaged or truncated" in str(exc)
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 2**20, peak

@@ -10,14 +10,15 @@ Compressed TIFFs (LZW, deflate, zstd, JPEG, ... as microscopes and Fiji write th
 ``imagecodecs``, which tifffile uses when it is installed; without it the error says
 ``pip install imagecodecs``. Limits, checked before a plane is decoded: a plane may decode to at
 most :data:`MAX_EXPANSION` times its stored bytes plus :data:`SMALL_PLANE_BYTES` (deflate's own
-limit is about 1032x; a tiny file declaring a huge plane is damaged), an uncompressed plane must
-be stored in full, and no plane may exceed :data:`MAX_PLANE_BYTES`; a PNG may not declare more
+limit is about 1032x; a tiny file declaring a huge plane is damaged), its strips or tiles must lie
+within the file, an uncompressed plane must be stored in full, and no plane may exceed :data:`MAX_PLANE_BYTES`; a PNG may not declare more
 pixels than deflate can expand its bytes to (:data:`DEFLATE_MAX_RATIO`). Every failure is an
 :class:`ImageFileError` naming the file.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -159,12 +160,21 @@ def _read_page(path: Path, page) -> np.ndarray:
         packed = int(pixels * max(int(key.bitspersample), 1) / 8)  # as stored (1-bit images pack)
         stored = int(sum(page.databytecounts))
         compressed = int(key.compression) != 1
+        file_size = path.stat().st_size
+        beyond = any(
+            int(o) + int(c) > file_size for o, c in zip(page.dataoffsets, page.databytecounts, strict=False)
+        )
     except Exception as exc:  # tifffile raises several types for damaged tags
         raise ImageFileError(f"{path.name}: not a readable TIFF file ({str(exc)[:200]})") from None
     if declared > MAX_PLANE_BYTES:
         raise ImageFileError(
             f"{path.name}: a plane of shape {page.shape} ({declared / 2**30:.1f} GiB) is larger "
             f"than {MAX_PLANE_BYTES // 2**30} GiB; crop or tile the image first"
+        )
+    if beyond:  # reading such a strip would first allocate its declared size
+        raise ImageFileError(
+            f"{path.name}: the image data of a plane lies beyond the end of the file; the file is "
+            "damaged or truncated"
         )
     if (compressed and declared > stored * MAX_EXPANSION + SMALL_PLANE_BYTES) or (
         not compressed and packed > stored
@@ -210,7 +220,9 @@ def _read_pil(path: Path) -> tuple[np.ndarray, PlaneInfo]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
+        # From memory: Pillow asks the file for as many bytes as a chunk declares, and a file object
+        # allocates that much before it finds the file shorter; a BytesIO returns what there is.
+        with Image.open(io.BytesIO(path.read_bytes())) as img:
             _check_png_size(path, img)
             if getattr(img, "n_frames", 1) > 1:
                 img.seek(0)
