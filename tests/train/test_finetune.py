@@ -299,3 +299,15 @@ def test_a_generic_model_keeps_the_engines_click_size_estimate(tmp_path):
     read = [json.loads((r.model_dir / "config.json").read_text())["object_extent_range"] for r in (kept, generic)]
     assert read[0] and read[0][0] <= 13 <= read[0][1] + 1  # the discs are 13 px across
     assert read[1] == []
+
+
+def test_learning_class_names_without_peft_says_how_to_get_it(monkeypatch, tmp_path):
+    """The plugin manager installs no extras: no peft means a message naming the extra, before any work."""
+    from napari_medplib.train import finetune_data
+    from napari_medplib.train.finetune import finetune
+
+    monkeypatch.setattr(finetune_data, "peft_available", lambda: False)
+    image, labels = blobs(8)
+    with pytest.raises(FinetuneInputError, match=r"napari-medplib\[train\].*--no-grounding"):
+        finetune(annotated_planes([image], [labels]), tmp_path / "m", options=_options(steps=1))
+    assert not (tmp_path / "m").exists()

@@ -19,6 +19,7 @@ from torch import nn
 from ..model.config import CLIP_VIT_L14_336, MedPLIBConfig, MoEConfig
 from ..model.medplib import MedPLIBModel
 from ..model.region_encoder import region_input_width, widen_geometry_weight
+from .finetune_data import PEFT_HINT, peft_available
 from .recipe import LoraSpec, ModelSpec, RecipeError
 
 _DENSE_FFN = re.compile(r"^(language_model\.layers\.\d+\.mlp\.)(gate_proj|up_proj|down_proj)\.(weight)$")
@@ -167,6 +168,8 @@ def set_trainable(model: nn.Module, patterns: Sequence[str]) -> list[str]:
 
 def add_lora(model: MedPLIBModel, spec: LoraSpec) -> MedPLIBModel:
     """LoRA (peft) on the language model's Linear layers named in ``spec.targets`` (never CLIP/SAM/projector)."""
+    if not peft_available():
+        raise RecipeError(PEFT_HINT)
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = "|".join(re.escape(t) for t in spec.targets)

@@ -367,6 +367,12 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
     say = on_progress or (lambda *_: None)
     stop = should_stop or (lambda: False)
     # everything that can refuse the inputs runs before the model loads and before anything is written
+    if options.grounding:
+        from .finetune_data import PEFT_HINT, peft_available
+
+        if not peft_available():
+            raise FinetuneInputError(f"learning the class names: {PEFT_HINT}; or train box and click prompts "
+                                     "only (untick 'learn the class names', or --no-grounding)")
     split = split_objects(planes, options.holdout, options.min_heldout, options.seed)
     trained_on = sorted({o.plane for o in split.train})
     prepared = {p: _prepare(planes[p], [o.label for o in split.train if o.plane == p]) for p in trained_on}

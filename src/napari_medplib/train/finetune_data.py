@@ -19,8 +19,8 @@ so before/after figures are measured on objects the model never trained on.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +50,17 @@ class FinetuneInputError(ValueError):
 
 class FinetuneCancelled(Exception):
     """Training stopped on request; the step checkpoint is written, so running again resumes."""
+
+
+PEFT_HINT = ("LoRA needs the 'peft' package, which the plugin installs only with its training extra: "
+             "pip install 'napari-medplib[train]'")
+
+
+def peft_available() -> bool:
+    """Whether LoRA (learning class names, LoRA recipe stages) can run here."""
+    import importlib.util
+
+    return importlib.util.find_spec("peft") is not None
 
 
 @dataclass

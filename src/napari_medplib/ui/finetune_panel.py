@@ -440,6 +440,12 @@ class FinetunePanel(QWidget):
         self.grounding.setChecked(bool(defaults.grounding))
         self.grounding.setToolTip("Also trains the language path so the class name finds the objects; "
                                   "off: box and click prompts only (faster)")
+        from ..train.finetune_data import PEFT_HINT, peft_available
+
+        if not peft_available():  # the plugin manager installs no extras
+            self.grounding.setChecked(False)
+            self.grounding.setEnabled(False)
+            self.grounding.setToolTip(PEFT_HINT)
         self.holdout = QSpinBox()
         self.holdout.setRange(0, 90)
         self.holdout.setSuffix(" %")
