@@ -103,3 +103,10 @@ def test_not_a_medplib_config(tmp_path):
         MedPLIBConfig.from_pretrained(tmp_path / "missing")
     with pytest.raises(ValueError, match="top_k"):
         MoEConfig.from_released({"num_experts": [2, 2], "top_k_experts": 3}, 2)
+
+
+@pytest.mark.parametrize("content", ["null", "[1, 2]", '"text"'])
+def test_a_config_that_is_not_an_object_is_a_checkpoint_error(tmp_path, content):
+    (tmp_path / "config.json").write_text(content)
+    with pytest.raises(CheckpointError, match="not an object"):
+        MedPLIBConfig.from_pretrained(tmp_path)

@@ -122,3 +122,9 @@ def test_encode_question_matches_the_fixture_and_handles_history(tok, cases):
     assert ids2.count(-200) == 1 and ids2.count(-300) == 3 and order2 == [0, 1, 2]
     assert ids2.index(-200) < ids2.index(-300)
     assert ids2.count(2) == 1  # the finished turn ends with </s>
+
+
+def test_a_corrupt_tokenizer_file_is_a_checkpoint_error(tmp_path):
+    (tmp_path / "tokenizer.model").write_bytes(b"\x00not a sentencepiece model" * 20)
+    with pytest.raises(CheckpointError, match=r"not a SentencePiece model.*re-download"):
+        MedPLIBTokenizer.from_pretrained(tmp_path)

@@ -225,6 +225,9 @@ class MedPLIBConfig:
     @classmethod
     def from_pretrained_dict(cls, config_json: dict[str, Any], folder: str | Path | None = None) -> MedPLIBConfig:
         """Build from a released ``config.json`` dict; ``mm_vision_tower`` is resolved against ``folder``."""
+        if not isinstance(config_json, dict):
+            raise CheckpointError(f"config.json holds {type(config_json).__name__}, not an object of settings: "
+                                  "re-download the model folder")
         for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
             if key not in config_json:
                 raise CheckpointError(

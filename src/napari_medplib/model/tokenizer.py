@@ -40,7 +40,12 @@ class MedPLIBTokenizer:
         import sentencepiece as spm
 
         self.sp = spm.SentencePieceProcessor()
-        if not self.sp.Load(str(sp_model_file)):
+        try:
+            loaded = self.sp.Load(str(sp_model_file))
+        except (RuntimeError, OSError) as err:  # a corrupt file raises instead of returning False
+            raise CheckpointError(f"{sp_model_file} is not a SentencePiece model ({err}); re-download the "
+                                  "model folder") from None
+        if not loaded:
             raise CheckpointError(f"{sp_model_file} is not a SentencePiece model")
         self.base_vocab_size = self.sp.GetPieceSize()
         self.bos_token, self.eos_token, self.unk_token = "<s>", "</s>", "<unk>"
@@ -74,7 +79,11 @@ class MedPLIBTokenizer:
         else:  # rebuild the reference's additions from the base vocabulary size
             import sentencepiece as spm
 
-            base = spm.SentencePieceProcessor(model_file=str(model_file)).GetPieceSize()
+            try:
+                base = spm.SentencePieceProcessor(model_file=str(model_file)).GetPieceSize()
+            except (RuntimeError, OSError) as err:
+                raise CheckpointError(f"{model_file} is not a SentencePiece model ({err}); re-download the "
+                                      "model folder") from None
             added = {t: base + i for i, t in enumerate(MEDPLIB_ADDED_TOKENS)}
         return cls(model_file, added)
 
