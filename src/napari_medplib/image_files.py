@@ -9,8 +9,8 @@ PNG/JPEG/BMP are read with Pillow. numpy, tifffile and Pillow only.
 Compressed TIFFs (LZW, deflate, zstd, JPEG, ... as microscopes and Fiji write them) are decoded by
 ``imagecodecs``, which tifffile uses when it is installed; without it the error says
 ``pip install imagecodecs``. Limits, checked before a plane is decoded: a plane may decode to at
-most :data:`MAX_EXPANSION` times its stored bytes plus :data:`SMALL_PLANE_BYTES` (deflate's own
-limit is about 1032x; a tiny file declaring a huge plane is damaged), its strips or tiles must lie
+most :data:`MAX_EXPANSION` times its stored bytes plus :data:`SMALL_PLANE_BYTES`, and no more
+than its codec can expand to (:data:`CODEC_MAX_RATIO`: a tiny file declaring a huge plane is damaged), its strips or tiles must lie
 within the file, an uncompressed plane must be stored in full, and no plane may exceed :data:`MAX_PLANE_BYTES`; a PNG may not declare more
 pixels than deflate can expand its bytes to (:data:`DEFLATE_MAX_RATIO`). Every failure is an
 :class:`ImageFileError` naming the file.
@@ -38,6 +38,9 @@ SMALL_PLANE_BYTES = 64 * 2**20
 MAX_PLANE_BYTES = 16 * 2**30
 #: deflate (PNG, zip) never expands more than this (its maximum ratio is 1032:1).
 DEFLATE_MAX_RATIO = 1032
+#: The most some TIFF codecs can expand, by TIFF compression tag: LZW (12-bit codes of at most
+#: 4,096 bytes), deflate (Adobe and old), PackBits (2 bytes for a run of 128).
+CODEC_MAX_RATIO = {5: 4096, 8: DEFLATE_MAX_RATIO, 32946: DEFLATE_MAX_RATIO, 32773: 64}
 #: Pillow's own limit on decoded pixels (decompression bombs) is kept as it is.
 IMAGECODECS_HINT = "install the decoders with `pip install imagecodecs`"
 
@@ -175,6 +178,12 @@ def _read_page(path: Path, page) -> np.ndarray:
         raise ImageFileError(
             f"{path.name}: the image data of a plane lies beyond the end of the file; the file is "
             "damaged or truncated"
+        )
+    codec_ratio = CODEC_MAX_RATIO.get(int(key.compression))
+    if codec_ratio is not None and declared > stored * codec_ratio + 2**16:
+        raise ImageFileError(
+            f"{path.name}: a plane of shape {key.shape} needs {declared:,} bytes, more than its "
+            f"{stored:,} compressed bytes can hold; the file is damaged or truncated"
         )
     if (compressed and declared > stored * MAX_EXPANSION + SMALL_PLANE_BYTES) or (
         not compressed and packed > stored
