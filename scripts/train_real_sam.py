@@ -1,9 +1,9 @@
 """Teach the bundled model's SAM real microscopy: box and click prompts on real annotated images.
 
-The images are ``benchmarks/real_data/training_set.py`` (H&E, TEM, phase-contrast bacteria, EM axons;
-none of them is scored by the real-image benchmark), balanced so that no source dominates, plus
-synthetic planes of the generator's styles (fluorescence nuclei and cells above all, for which no real
-training image is at hand) so that what the model knows is kept. Training is ``train.finetune`` with the
+The images are ``benchmarks/real_data/training_set.py`` (H&E, Ki67 IHC, DAPI fluorescence, phase-contrast
+bacteria, EM axons; none of them is scored by the real-image benchmark), balanced so that no source dominates, plus
+synthetic planes of the generator's styles (fluorescence nuclei and cells above all, of which few real
+training images are at hand) so that what the model knows is kept. Training is ``train.finetune`` with the
 grounding path off: SAM's prompt encoder and mask decoder learn from crops cut exactly as the engine
 cuts them. The adapted model is generic, so clicks train and run on the engine's own estimate of the
 clicked object's size (``size_range=False``), mistakes included, not on a size range of the annotated
@@ -28,7 +28,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "benchmarks" / "real_data"))
 
 # (entry-name prefix, how many of its images, repeats of each): about 700-1000 objects per source
-SOURCES = (("gbm40_he_", 8, 1), ("omnipose_phase_", 7, 1), ("axondeepseg_subject1", 1, 12))
+SOURCES = (("gbm40_he_", 8, 1), ("omnipose_phase_", 7, 1), ("axondeepseg_subject1", 1, 12),
+           ("deepliif_val_ihc_", 2, 3), ("deepliif_val_dapi_", 2, 2))
 # synthetic styles kept in training: (style, planes)
 SYNTHETIC = (("nuclei", 24), ("cells", 16), ("organelles", 8), ("brightfield", 8), ("bacteria", 8),
              ("em_axons", 4), ("em_neurites", 4))

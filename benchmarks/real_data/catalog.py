@@ -492,12 +492,17 @@ def _load_membrane(entry: Entry, img: Path, lab: Path):
 
 def _load_colour_seg(entry: Entry, img: Path, lab: Path):
     """DeepLIIF-style colour mask: red fill = positive, blue fill = negative nucleus, green = outlines."""
-    from scipy import ndimage as ndi
-
     image = _read_png(img)
     seg = _read_png(lab)
     if seg.ndim != 3:
         raise CatalogError(f"{lab}: expected an RGB colour-coded mask")
+    return image, colour_seg_labels(seg)
+
+
+def colour_seg_labels(seg: np.ndarray) -> np.ndarray:
+    """Instances of a DeepLIIF colour-coded mask (H, W, 3): see ``_DLF_DERIVED``."""
+    from scipy import ndimage as ndi
+
     r, g, b = (seg[..., i].astype(np.int32) for i in range(3))
     labels = np.zeros(seg.shape[:2], np.int32)
     for fill in ((r > 0) & (g == 0) & (b == 0), (b > 0) & (r == 0) & (g == 0)):
@@ -512,7 +517,7 @@ def _load_colour_seg(entry: Entry, img: Path, lab: Path):
     dist, (iy, ix) = ndi.distance_transform_edt(labels == 0, return_indices=True)
     grow = outline & (dist <= 4)
     labels[grow] = labels[iy[grow], ix[grow]]
-    return image, labels
+    return labels
 
 
 def _load_ascii_labels(entry: Entry, img: Path, lab: Path):

@@ -10,6 +10,9 @@ here is a neighbour of a report image in the same volume:
   left out because the catalog's report slice is 10 (the catalog's tune slices 0 and 20 are left out too).
 * **Phase contrast, bacteria**: the seven test images of ``kevinjohncutler/omnipose`` with their masks
   (Cutler et al., Nat. Methods 19, 2022).
+* **Ki67 IHC and DAPI fluorescence (DeepLIIF)**: the two validation files of ``nadeemlab/DeepLIIF``
+  (bladder, lung; the IHC panel and the registered DAPI panel, with the manual nuclei of the mask panel);
+  the catalog's IHC images are that repository's four test tiles.
 * **Electron microscopy, myelinated axons**: the "subject 1" image of ``axondeepseg/data-testing`` with
   its axon mask (Zaimi et al., Sci. Rep. 8, 2018); the catalog's two axon images are other files.
 
@@ -105,12 +108,14 @@ OMNIPOSE = {
     "e1t1_crop.tif": ("259c6cf8075b64b58726adafe740a9f01e75944266ad0a23091df1514edabcc5", "4fbd0332c20cd892fd57fcc0f95185ebe55ac0b662471bc745286e49d1e618ae"),
     "ec_5I_t141xy5c1.tif": ("d58ef52f2f3f9296a6b73f3b5582d1c4067d30ca58bc134889bd2855acb54205", "96b8f5244ebc4644811d9eaae9402195a19ef90b5ca1f8092c43cc6106c8db01"),
 }
+DEEPLIIF_VAL = {'Bladder1': 'f5e65a68bec341bd5196f05931748c6d596257fe18669a6ff012682dfffa90c9', 'Lung1': '7a492ab787328b43bae61a384336a0044f224b88cdcd0e59c9ce8361cc813e8f'}
 ADS_SUBJECT1 = ("d429c2f971cb1336c331055056f016a807032d9c3434e3bdc6090ec22b09ffd2", "7e7a2e94668f4ea33302e999afa50f6e5bbe0a60865a3847d7db4924cbe43c45")
 
 
 _GBM = ("pengyzhang/cell_seg_matlab", "9bec602ff4a189dd45b4b75e8cf8ef4ae0b49b8d")
 _ISBI = ("zhixuhao/unet", "b45af4d458437d8281cc218a07fd4380818ece4a")
 _OMNI = ("kevinjohncutler/omnipose", "871f2c93a63a14f8ca84efaa8f4715c4e2749769")
+_DLF = ("nadeemlab/DeepLIIF", "eab8bddd031d42cf6b12546d9081babb41f6b7e5")
 _ADS = ("axondeepseg/data-testing", "d9d44a88b8ef7508e2be83bbe2c91df6f6ff8166")
 
 
@@ -140,6 +145,13 @@ def _entries() -> tuple[Entry, ...]:
                           RawFile(f"docs/test_files/{f}", img),
                           RawFile(f"docs/test_files/masks/{stem}_cp_masks.tif", lab),
                           "gray+tiff_labels", "published", "Cutler et al., Nat. Methods 19 (2022)"))
+    for tile, sha in DEEPLIIF_VAL.items():  # one file: six 512-px panels, IHC | H | DAPI | Lap2 | Ki67 | masks
+        raw = RawFile(f"Datasets/Sample_Dataset/val/{tile}.png", sha)
+        cite = "Ghahremani et al., Nat. Mach. Intell. 4 (2022)"
+        out.append(_entry(f"deepliif_val_ihc_{tile.lower()}", "ihc", "nuclei", _DLF, raw, raw, "deepliif_panel_0",
+                          "manual", cite))
+        out.append(_entry(f"deepliif_val_dapi_{tile.lower()}", "fluorescence", "nuclei", _DLF, raw, raw,
+                          "deepliif_panel_2", "manual", cite))
     p = "__test_files__/__test_aggregate__/all_subjects/subject 1/"
     out.append(_entry("axondeepseg_subject1", "sem", "axons", _ADS, RawFile(p + "image.png", ADS_SUBJECT1[0]),
                       RawFile(p + "image_seg-axon.png", ADS_SUBJECT1[1]), "png_gray+axon_class_cc", "published",
@@ -186,8 +198,24 @@ def _load_gray_tiff_labels(entry: Entry, img: Path, lab: Path):
     return image, _catalog._read_tiff(lab, None).astype(np.int32)
 
 
+def _deepliif_panel(index: int):
+    """A DeepLIIF training/validation file: panel ``index`` (0 IHC, 2 DAPI fluorescence) with the last
+    panel's colour-coded nuclei as labels."""
+    def load(entry: Entry, img: Path, lab: Path):
+        panels = _catalog._read_png(img)
+        side = panels.shape[0]
+        if panels.ndim != 3 or panels.shape[1] != 6 * side:
+            raise CatalogError(f"{img}: expected six {side}-px panels side by side, got {panels.shape}")
+        image = panels[:, index * side : (index + 1) * side]
+        if index == 2:  # DAPI is grey stored as RGB
+            image = image.max(axis=-1)
+        return np.ascontiguousarray(image), _catalog.colour_seg_labels(panels[:, 5 * side :])
+    return load
+
+
 LOADERS = dict(_catalog.LOADERS) | {"tiff_rgb+contour_xml": _load_contour_xml,
-                                     "gray+tiff_labels": _load_gray_tiff_labels}
+                                     "gray+tiff_labels": _load_gray_tiff_labels,
+                                     "deepliif_panel_0": _deepliif_panel(0), "deepliif_panel_2": _deepliif_panel(2)}
 TRAINING = _entries()
 BY_NAME = {e.name: e for e in TRAINING}
 

@@ -68,3 +68,26 @@ def test_spread_picks_evenly_and_keeps_short_lists():
     script = _load(ROOT / "scripts" / "train_real_sam.py", "medplib_train_real_sam")
     assert script.spread(list(range(9)), 3) == [0, 4, 8]
     assert script.spread([1, 2], 5) == [1, 2]
+
+
+def test_a_deepliif_file_gives_its_ihc_or_dapi_panel_with_the_mask_panels_nuclei(training_set, tmp_path):
+    from PIL import Image
+
+    side = 32
+    panels = np.zeros((side, 6 * side, 3), np.uint8)
+    panels[:, :side] = (200, 180, 150)  # IHC
+    panels[:, 2 * side : 3 * side] = 90  # DAPI, grey as RGB
+    mask = panels[:, 5 * side :]
+    mask[4:12, 4:12] = (0, 0, 255)  # a Ki67- nucleus (blue fill)
+    mask[18:28, 18:28] = (255, 0, 0)  # a Ki67+ nucleus (red fill)
+    path = tmp_path / "tile.png"
+    Image.fromarray(panels).save(path)
+    ihc, labels = training_set.LOADERS["deepliif_panel_0"](None, path, path)
+    dapi, labels2 = training_set.LOADERS["deepliif_panel_2"](None, path, path)
+    assert ihc.shape == (side, side, 3) and (ihc == (200, 180, 150)).all()
+    assert dapi.shape == (side, side) and (dapi == 90).all()
+    assert labels.max() == 2 and np.array_equal(labels, labels2)
+    assert (labels[4:12, 4:12] > 0).all() and labels[5, 5] != labels[20, 20]
+    Image.fromarray(panels[:, : 5 * side]).save(path)
+    with pytest.raises(training_set.CatalogError, match="six"):
+        training_set.LOADERS["deepliif_panel_0"](None, path, path)
