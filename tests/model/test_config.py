@@ -110,3 +110,10 @@ def test_a_config_that_is_not_an_object_is_a_checkpoint_error(tmp_path, content)
     (tmp_path / "config.json").write_text(content)
     with pytest.raises(CheckpointError, match="not an object"):
         MedPLIBConfig.from_pretrained(tmp_path)
+
+
+def test_a_config_declaring_too_many_layers_is_refused_before_building(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 100_000,
+                                                      "vocab_size": 100, "model_type": "llava_llama"}))
+    with pytest.raises(CheckpointError, match="num_hidden_layers"):
+        MedPLIBConfig.from_pretrained(tmp_path)

@@ -228,6 +228,9 @@ class MedPLIBConfig:
         if not isinstance(config_json, dict):
             raise CheckpointError(f"config.json holds {type(config_json).__name__}, not an object of settings: "
                                   "re-download the model folder")
+        from ..engine.validation import check_model_config  # sizes checked before anything is built
+
+        check_model_config(config_json)
         for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
             if key not in config_json:
                 raise CheckpointError(
