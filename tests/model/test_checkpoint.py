@@ -234,3 +234,23 @@ def test_converter_command_writes_a_loadable_clean_folder(tmp_path, capsys):
     assert "language_model.layers.0.mlp.router.weight" in keys and any(k.startswith("sam.") for k in keys)
     original, clean = MedPLIBModel.from_pretrained(FIXTURE), MedPLIBModel.from_pretrained(tmp_path / "clean")
     assert _same_weights(original, clean)
+
+
+def test_a_failed_save_leaves_the_earlier_weights_whole(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    from napari_medplib.testing import tiny_model
+
+    folder = save_pretrained(tiny_model(0), tmp_path / "m")
+    before = (folder / "model.safetensors").read_bytes()
+
+    def half_then_fail(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"\0" * 100)
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", half_then_fail)
+    with pytest.raises(OSError, match="space"):
+        save_pretrained(tiny_model(1), folder)
+    assert (folder / "model.safetensors").read_bytes() == before
+    assert not [p for p in folder.iterdir() if "tmp" in p.name or p.name.startswith(".")]

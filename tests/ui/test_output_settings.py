@@ -174,3 +174,19 @@ def test_mask_pixels_match_nonzero_and_write_the_same():
     write_planes(a, [((), [mask])])
     write_planes(b, [((), [pix])])
     np.testing.assert_array_equal(a.data, b.data)
+
+
+def test_a_failed_provenance_export_leaves_the_earlier_log_whole(tmp_path, monkeypatch):
+    import napari_medplib.ui.output as output
+
+    export_provenance([{"question": "first"}], tmp_path / "log")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def fail(*_a, **_k):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(output, "provenance_markdown", fail)
+    with pytest.raises(OSError, match="space"):
+        export_provenance([{"question": "second"}], tmp_path / "log")
+    assert (tmp_path / "log.md").read_bytes() == before["log.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["log.json", "log.md"]  # no temporary left

@@ -65,15 +65,19 @@ def save_pretrained(
     model, folder: str | Path, layout: str = "ours", max_shard_bytes: int = 5 * 2**30, safe_serialization: bool = True,
     tokenizer_folder: str | Path | None = None,
 ) -> Path:
-    """Write config.json, tokenizer files and (sharded) weights; returns the folder."""
+    """Write config.json, tokenizer files and (sharded) weights; returns the folder. Each file is written to a
+    temporary name in the folder and renamed, so a failed save leaves earlier files whole."""
+    from ..atomic import atomic_path, atomic_write_text
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config = model.config.to_dict()
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    atomic_write_text(folder / "config.json", json.dumps(config, indent=2, sort_keys=True))
     source = Path(tokenizer_folder or model.config.folder or "")
     for name in TOKENIZER_FILES:
         if (source / name).is_file() and source.resolve() != folder.resolve():
-            shutil.copyfile(source / name, folder / name)
+            with atomic_path(folder / name) as tmp:
+                shutil.copyfile(source / name, tmp)
     state = model_state(model, layout)
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -90,15 +94,17 @@ def save_pretrained(
         if safe_serialization:
             from safetensors.torch import save_file
 
-            save_file(shard, str(folder / name), metadata={"format": "pt"})
+            with atomic_path(folder / name) as tmp:
+                save_file(shard, str(tmp), metadata={"format": "pt"})
         else:
-            torch.save(shard, folder / name)
+            with atomic_path(folder / name) as tmp:
+                torch.save(shard, tmp)
     if len(shards) > 1:
         index = {
             "metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
             "weight_map": {k: name for name, shard in zip(names, shards, strict=True) for k in shard},
         }
-        (folder / f"{stem}.{ext}.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+        atomic_write_text(folder / f"{stem}.{ext}.index.json", json.dumps(index, indent=2, sort_keys=True))
     return folder
 
 

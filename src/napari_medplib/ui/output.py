@@ -290,8 +290,10 @@ def export_provenance(entries: Sequence[dict[str, Any]], path: str | Path) -> li
     if base.suffix.lower() in (".json", ".md"):
         base = base.with_suffix("")
     json_path, md_path = base.with_suffix(".json"), base.with_suffix(".md")
-    json_path.write_text(json.dumps(list(entries), indent=2, default=str))
-    md_path.write_text(provenance_markdown(entries, title=f"MedPLIB log: {base.name}"))
+    from ..atomic import atomic_write_text
+
+    atomic_write_text(json_path, json.dumps(list(entries), indent=2, default=str))
+    atomic_write_text(md_path, provenance_markdown(entries, title=f"MedPLIB log: {base.name}"))
     return [json_path, md_path]
 
 

@@ -78,7 +78,9 @@ def save_settings(settings: WidgetSettings, path: Path | None = None) -> Path | 
     path = settings_path() if path is None else Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(settings), indent=2))
+        from ..atomic import atomic_write_text
+
+        atomic_write_text(path, json.dumps(asdict(settings), indent=2))
     except OSError:
         return None
     return path
