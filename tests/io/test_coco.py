@@ -163,7 +163,9 @@ def test_several_images_get_a_leading_image_axis(write_json):
             images=images,
         ),
     )
-    ((boxes, meta, _),) = read_coco(path)
+    with pytest.warns(UserWarning, match=r"annotates 2 images.*0: a\.png, 1: b\.png"):
+        ((boxes, meta, _),) = read_coco(path)
+    assert "2 images, plane = image" in meta["name"]  # the layer says which plane is which image
     assert meta["metadata"]["axes"] == ("image", "y", "x")
     assert meta["metadata"]["images"] == ["a.png", "b.png"]  # planes in file-name order
     assert [b[0, 0] for b in boxes] == [1, 0]

@@ -29,6 +29,7 @@ ids must be numbers or text. Shapes napari cannot draw are dropped with a warnin
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,15 @@ def coco_to_layers(
             "Open a COCO instances or keypoints file that has annotations",
         )
     name = layer_name(path)
+    if plane:  # say which plane is which image: napari shows plane 0 over whatever image is open
+        name = f"{name} ({len(order)} images, plane = image)"
+        listed = ", ".join(f"{k}: {metadata['images'][k] or order[k]}" for k in range(min(len(order), 8)))
+        more = f", ... ({len(order) - 8} more)" if len(order) > 8 else ""
+        warnings.warn(
+            f"{Path(path).name} annotates {len(order)} images; they open as planes of one stack, sorted by "
+            f"file name ({listed}{more}). Open the images as a stack (a folder of images, same order) to see "
+            "each image with its annotations, or use the slider to pick the plane of the image you have open.",
+            UserWarning, stacklevel=2)
     out = []
     if boxes.shapes:
         out.append(boxes.layer(f"{name} boxes", metadata))
