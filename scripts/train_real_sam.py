@@ -73,6 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--click-share", type=float, default=0.5, help="share of examples that are clicks")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--cache", default=str(Path("~/.cache/napari-medplib/real-images").expanduser()))
     parser.add_argument("--mirrors", default=None)
@@ -86,7 +87,8 @@ def main(argv=None) -> int:
     print(f"{len(planes)} planes, {sum(len(p.ids) for p in planes)} objects", flush=True)
     options = FinetuneOptions(steps=args.steps, lr=args.lr, batch_size=args.batch, grounding=False,
                               evaluate=False, holdout=0.02, min_heldout=1, threads=args.threads,
-                              checkpoint_every=50, size_range=False)
+                              checkpoint_every=50, size_range=False,
+                              click_share=args.click_share)
 
     def log(record: dict) -> None:
         if record.get("step", 0) % 50 == 0:

@@ -119,6 +119,27 @@ def test_examples_are_engine_crops_of_training_objects_only():
     assert trained_labels and not trained_labels & held
 
 
+@pytest.mark.parametrize(("share", "clicks"), [(0.5, 3), (0.0, 0), (1.0, 6), (0.34, 2)])
+def test_the_click_share_sets_how_many_examples_are_clicks(share, clicks):
+    from napari_medplib.train.finetune import _prepare, step_examples
+
+    image, labels = blobs(8, size=200, radius=5)
+    planes = annotated_planes([image], [labels])
+    split = split_objects(planes, seed=0)
+    prepared = [_prepare(planes[0], [o.label for o in split.train])]
+    kinds = [ex.kind for ex in step_examples(prepared, split.train, 0, 6, seed=0, click_share=share)]
+    assert kinds.count("point") == clicks and kinds.count("box") == 6 - clicks
+    if share == 0.5:
+        assert kinds == ["box", "point"] * 3  # the default alternates, as runs before the option did
+
+
+def test_a_click_share_outside_0_to_1_is_refused():
+    from napari_medplib.train.finetune import FinetuneOptions
+
+    with pytest.raises(FinetuneInputError, match="click_share"):
+        FinetuneOptions(click_share=1.5).check()
+
+
 # ------------------------------------------------------------------------------------ training
 def _weights(folder):
     from safetensors.numpy import load_file

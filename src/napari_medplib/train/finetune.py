@@ -209,12 +209,18 @@ def make_example(prepared: _PreparedPlane, label: int, kind: str, rng: np.random
 
 
 def step_examples(prepared: list[_PreparedPlane], objects: Sequence[ObjectRef], step: int, batch_size: int,
-                  seed: int) -> list[Example]:
-    """The examples of one step, fixed by (seed, step): half box prompts, half clicks."""
+                  seed: int, click_share: float = 0.5) -> list[Example]:
+    """The examples of one step, fixed by (seed, step): box prompts and clicks, alternating at the default
+    ``click_share`` of one half, else the clicks' share of the batch last."""
     rng = np.random.default_rng([seed, 11, step])
     picks = rng.integers(len(objects), size=batch_size)
-    return [make_example(prepared[objects[i].plane], objects[i].label, "box" if j % 2 == 0 else "point", rng)
-            for j, i in enumerate(picks)]
+    if click_share == 0.5:
+        kinds = ["box" if j % 2 == 0 else "point" for j in range(batch_size)]
+    else:
+        clicks = int(round(batch_size * click_share))
+        kinds = ["box"] * (batch_size - clicks) + ["point"] * clicks
+    return [make_example(prepared[objects[i].plane], objects[i].label, kind, rng)
+            for kind, i in zip(kinds, picks, strict=True)]
 
 
 # ----------------------------------------------------------------------------------- loss
@@ -448,7 +454,8 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
                 lr = _learning_rate(options, step)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                examples = step_examples(prepared_list, objects, step, options.batch_size, options.seed)
+                examples = step_examples(prepared_list, objects, step, options.batch_size, options.seed,
+                                         options.click_share)
                 losses = example_losses(model, examples)
                 if grounding and step % options.grounding_every == 0:
                     losses.update(_grounding_step(model, grounding, options, step))

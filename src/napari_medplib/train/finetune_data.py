@@ -90,12 +90,15 @@ class FinetuneOptions:
     #: the adapted model (``config.object_extent_range``): right for one kind of object; a model for many
     #: kinds (the bundled one) trains and runs on the engine's own estimate instead (False)
     size_range: bool = True
+    click_share: float = 0.5  # share of each batch's examples that are clicks (the rest are box prompts)
 
     def check(self) -> None:
         if (self.steps < 1 or self.batch_size < 1 or not self.lr > 0 or self.checkpoint_every < 1
                 or self.grounding_every < 1 or self.grounding_batch < 1 or self.lora_r < 1):
             raise FinetuneInputError("steps, batch sizes, intervals and the LoRA rank must be at least 1 and the "
                                      "learning rate positive")
+        if not 0.0 <= self.click_share <= 1.0:
+            raise FinetuneInputError(f"click_share is a share of the batch, 0 to 1; got {self.click_share}")
         if not self.train:
             raise FinetuneInputError("nothing to train: name parameters with glob patterns such as 'sam.mask_decoder.*'")
 
