@@ -56,7 +56,10 @@ def write_sample_files(folder: Path = SAMPLE_DIR) -> list[Path]:
     polygon = approximate_polygon(contour, tolerance=0.8)[:-1]
     folder.mkdir(parents=True, exist_ok=True)
     image_path = folder / IMAGE_FILE
-    tifffile.imwrite(image_path, sample.image, compression="zlib")
+    from .atomic import atomic_path
+
+    with atomic_path(image_path) as tmp:
+        tifffile.imwrite(tmp, sample.image, compression="zlib")
     doc = shapes_to_geojson(
         [box, polygon],
         {

@@ -267,5 +267,7 @@ def evaluate(model_paths: Sequence[str | Path], n: int = 100, seed: int = 0, n_p
         results[name] = {"model": str(folder), **evaluate_model(model, items, progress=progress)}
     print(format_table(results))
     if json_path is not None:
-        Path(json_path).write_text(json.dumps(results, indent=2))
+        from ..atomic import atomic_write_text
+
+        atomic_write_text(json_path, json.dumps(results, indent=2))
     return results

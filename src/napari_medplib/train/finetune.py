@@ -304,15 +304,16 @@ def inputs_fingerprint(planes: Sequence[AnnotatedPlane], options: FinetuneOption
 
 
 def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    from ..atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
+    from ..atomic import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 def _check_out(out: Path, fingerprint: dict[str, str]) -> str:

@@ -27,6 +27,7 @@ import math
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -292,7 +293,11 @@ def read_region_layers(path: Path) -> list[tuple[Any, dict, str]]:
         if path.suffix.lower() in (".roi", ".zip"):
             return read_imagej(path)
         document = load_json(path)
-        return coco_to_layers(document, path) if is_coco(document) else geojson_to_layers(document, path)
+        if not is_coco(document):
+            return geojson_to_layers(document, path)
+        with warnings.catch_warnings():  # the plane-per-image notice is for the viewer: here each image's
+            warnings.filterwarnings("ignore", message=".*annotates .* images")  # annotations are matched by name
+            return coco_to_layers(document, path)
     except (RegionFileError, RegionError) as exc:  # their messages name the file and the fix
         raise FinetuneInputError(str(exc)) from None
 

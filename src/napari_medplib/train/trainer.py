@@ -53,9 +53,10 @@ def learning_rate(stage: StageSpec, step: int) -> float:
 
 
 def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
+    from ..atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 class Trainer:
@@ -140,7 +141,9 @@ class Trainer:
         final = self.final_dir(self.recipe.final_stage)
         # relative to the run folder, so the run can be moved or read from another directory
         model = final.relative_to(self.run_dir).as_posix()
-        (self.run_dir / "final.json").write_text(json.dumps({"model": model}, indent=2))
+        from ..atomic import atomic_write_text
+
+        atomic_write_text(self.run_dir / "final.json", json.dumps({"model": model}, indent=2))
         return final
 
     def _run_stage(self, index: int, stage: StageSpec, budget: list[int | None]) -> None:
