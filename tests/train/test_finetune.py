@@ -332,3 +332,24 @@ def test_learning_class_names_without_peft_says_how_to_get_it(monkeypatch, tmp_p
     with pytest.raises(FinetuneInputError, match=r"napari-medplib\[train\].*--no-grounding"):
         finetune(annotated_planes([image], [labels]), tmp_path / "m", options=_options(steps=1))
     assert not (tmp_path / "m").exists()
+
+
+def test_extra_loss_terms_join_every_step_and_the_log(tmp_path):
+    import torch
+
+    from napari_medplib.testing import tiny_model
+    from napari_medplib.train.finetune import finetune
+
+    image, labels = blobs(8)
+    seen = []
+
+    def keep(model, step):
+        seen.append(step)
+        weight = model.sam.mask_decoder.iou_prediction_head.layers[0].weight
+        return {"keep": (weight**2).mean() * 0 + torch.tensor(0.25)}
+
+    result = finetune(annotated_planes([image], [labels]), tmp_path / "m", base_model=tiny_model(0),
+                      options=_options(steps=3, grounding=False), extra_loss=keep)
+    assert seen == [0, 1, 2]
+    records = [json.loads(line) for line in (result.model_dir / "finetune" / "log.jsonl").read_text().splitlines()]
+    assert [r["keep"] for r in records] == [0.25] * 3

@@ -356,11 +356,14 @@ def _finished(out: Path) -> FinetuneResult:
 def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
              options: FinetuneOptions | None = None, on_progress: Progress | None = None,
              should_stop: Callable[[], bool] | None = None, on_log: Callable[[dict], None] | None = None,
-             device: str = "cpu") -> FinetuneResult:
+             device: str = "cpu",
+             extra_loss: Callable[[Any, int], dict[str, torch.Tensor]] | None = None) -> FinetuneResult:
     """Adapt ``base_model`` (a model folder, a loaded model, or None for the bundled one) to the annotated
     objects of ``planes``; write the adapted model folder to ``out`` and return held-out figures.
 
     ``on_progress(message, done, total)`` reports each phase; ``on_log(record)`` each step's losses;
+    ``extra_loss(model, step)``: more loss terms added at every step (a dict of scalar tensors), e.g. to keep
+    what the model knew about inputs the planes do not show; not part of the run's fingerprint.
     ``should_stop()`` is polled between steps: when true the step checkpoint is written and
     `FinetuneCancelled` raised (calling again with the same arguments resumes).
     """
@@ -460,6 +463,8 @@ def finetune(planes: Sequence[AnnotatedPlane], out: str | Path, base_model=None,
                 losses = example_losses(model, examples)
                 if grounding and step % options.grounding_every == 0:
                     losses.update(_grounding_step(model, grounding, options, step))
+                if extra_loss is not None:
+                    losses.update(extra_loss(model, step))
                 total = sum(losses.values())
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
