@@ -31,7 +31,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import catalog as _catalog  # noqa: E402  (benchmarks/ is not a package)
-
 from catalog import CATALOG, CatalogError, Entry, RawFile  # noqa: E402
 
 MAX_POLYGONS = 5000  # per annotation file
