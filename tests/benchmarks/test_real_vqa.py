@@ -199,3 +199,20 @@ def test_region_boxes_hold_one_whole_object(vqa):
         ids = set(np.unique(labels[y0:y1 + 1, x0:x1 + 1])) - {0}
         assert len(ids) == 1
     assert vqa.region_boxes(np.zeros((8, 8), np.int32)) == []
+
+
+def test_end_to_end_with_a_tiny_model(vqa):
+    """The real engine path (``Session.ask`` with a box ``Region``) on a random tiny model: structure only."""
+    from napari_medplib import Session
+    from napari_medplib.testing import tiny_model
+
+    image, labels = _synthetic()
+    session = Session.from_model(tiny_model(0))
+    result = vqa.run(session, [("synthetic", "he", "nuclei", "report", image, labels)], max_new_tokens=4)
+    tasks = result["overall"]["tasks"]
+    assert set(tasks) == set(vqa.TASKS)
+    assert all(0.0 <= row["training"] <= 1.0 and 0.0 <= row["held_out"] <= 1.0 for row in tasks.values())
+    records = result["images"][0]["records"]
+    assert all(isinstance(r["answer"], str) for r in records)
+    assert sum(r["task"] == "region_class" for r in records) == vqa.REGIONS_PER_IMAGE * (
+        len(vqa.TRAINING_PHRASINGS["region_class"]) + len(vqa.HELD_OUT_PHRASINGS["region_class"]))
