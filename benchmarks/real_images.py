@@ -165,8 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     catalog = load_catalog()
-    entries = [e for e in catalog.CATALOG if (args.split == "all" or e.split == args.split)
-               and (args.only is None or e.name in args.only)]
+    entries = catalog.select(args.split, args.only)
     if not entries:
         parser.error("no catalog image matches --split/--only")
     data = {}

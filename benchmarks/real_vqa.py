@@ -29,7 +29,6 @@ model was run on them. Use ``--split report`` for published figures.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import re
 import string
@@ -43,7 +42,8 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_CACHE = Path("~/.cache/napari-medplib/real-images").expanduser()
+sys.path.insert(0, str(HERE))
+from real_images import DEFAULT_CACHE, load_catalog  # noqa: E402  (one catalog loader for both benchmarks)
 
 TASKS = ("modality", "stain", "region_class", "presence", "count", "describe")
 WORDINGS = ("training", "held_out")
@@ -504,18 +504,6 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def load_catalog():
-    """``benchmarks/real_data/catalog.py`` as a module (benchmarks/ is not a package)."""
-    name = "medplib_real_catalog"
-    if name in sys.modules:
-        return sys.modules[name]
-    spec = importlib.util.spec_from_file_location(name, HERE / "real_data" / "catalog.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model folder (default: the bundled model)")
@@ -537,8 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     catalog = load_catalog()
-    entries = [e for e in catalog.CATALOG if (args.split == "all" or e.split == args.split)
-               and (args.only is None or e.name in args.only)]
+    entries = catalog.select(args.split, args.only)
     if not entries:
         parser.error("no catalog image matches --split/--only")
     images = []

@@ -278,6 +278,11 @@ CATALOG: tuple[Entry, ...] = (
 BY_NAME = {e.name: e for e in CATALOG}
 
 
+def select(split: str = "all", only: list[str] | None = None) -> list[Entry]:
+    """Catalog entries of ``split`` ("tune", "report" or "all"), limited to the names in ``only`` if given."""
+    return [e for e in CATALOG if (split == "all" or e.split == split) and (only is None or e.name in only)]
+
+
 def expected_split(catalog: tuple[Entry, ...] = CATALOG) -> dict[str, str]:
     """The split rule: per modality, sorted by name, tune/report alternate from tune; a lone image -> report."""
     out: dict[str, str] = {}

@@ -365,3 +365,12 @@ def test_zip_members_are_matched_by_path(catalog, tmp_path):
         assert (tmp_path / "p" / "a.tif").read_bytes() == b"A"
         with pytest.raises(catalog.CatalogError, match="no member 'p/b.tif'"):
             catalog._copy_members(zf.namelist(), zf.open, [catalog.RawFile("p/b.tif", "")], tmp_path, "pkg.zip")
+
+
+def test_select_picks_a_split_and_names(catalog):
+    report = catalog.select("report")
+    assert report and all(e.split == "report" for e in report)
+    assert len(catalog.select("all")) == len(catalog.CATALOG)
+    assert [e.name for e in catalog.select("all", ["hela_ctc", "dsb2018_nuclei"])] == [
+        e.name for e in catalog.CATALOG if e.name in ("hela_ctc", "dsb2018_nuclei")]
+    assert catalog.select("tune", ["hela_ctc"]) == []  # hela_ctc is a report image
