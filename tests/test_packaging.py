@@ -65,9 +65,14 @@ def test_runtime_dependencies():
 def test_extras():
     extras = PROJECT["optional-dependencies"]
     assert _requirement("peft", extras["train"])
-    assert "napari-medplib[train]" in extras["all"] and _requirement("napari", extras["all"])
-    for needed in ("hypothesis", "npe2", "pytest", "napari-medplib[train]"):
+    assert "napari-medplib[train,batch,serve]" in extras["all"] and _requirement("napari", extras["all"])
+    for needed in ("hypothesis", "npe2", "pytest", "napari-medplib[train,batch,serve]"):
         assert any(dep.startswith(needed) for dep in extras["test"]), needed
+    assert _requirement("pyarrow", extras["batch"])  # Parquet tables; CSV needs nothing
+    for needed in ("fastapi", "uvicorn", "sse-starlette"):
+        assert _requirement(needed, extras["serve"]), needed
+    for client in ("distributed", "httpx", "httpx-sse"):  # batch and the remote client work from a plain install
+        assert _requirement(client), client
 
 
 def test_peft_is_imported_by_training_only():
