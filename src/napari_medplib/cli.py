@@ -231,6 +231,10 @@ def instance_labels(reply, shape: tuple[int, int]):
 
 
 def _load_session(args: argparse.Namespace, progress: _Progress):
+    if getattr(args, "server", None):  # the model runs on a `medplib serve` server
+        from .serve.cli import connect
+
+        return connect(args)
     from .engine import Session
 
     with _model_folder_errors(args.model):
@@ -578,10 +582,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     demo.set_defaults(func=_cmd_demo)
 
+    from .serve.cli import add_serve_parser, add_server_options  # light: argparse only
     from .train.cli import (  # light: argparse only until a command runs
         add_eval_parser,
         add_train_parser,
     )
+
+    add_server_options(ask)
+    add_server_options(seg)
+    add_serve_parser(sub)
 
     add_train_parser(sub)
     add_eval_parser(sub)

@@ -154,6 +154,16 @@ class Session:
             raise SessionInputError("the model has no SAM-Med2D; build it with a sam= module")
         return cls(model.eval(), name=name, **options)
 
+    @classmethod
+    def connect(cls, url: str, token: str | None = None, **options: Any):
+        """A `RemoteSession` on a ``medplib serve`` server at ``url``: the same methods and results as a
+        local session, the model on the server's device. ``token``: the server's access token (else
+        ``$MEDPLIB_SERVER_TOKEN``; ``token_file=`` reads it from a file). ``options``: ``timeout``,
+        ``connect_timeout`` (seconds)."""
+        from ..serve.client import RemoteSession
+
+        return RemoteSession(url, token=token, **options)
+
     def _clip_settings(self):
         from ..model.preprocess import ClipSettings, read_clip_settings
 
