@@ -25,6 +25,8 @@ _PIL = (".png", ".jpg", ".jpeg", ".bmp")
 _ZARR = (".ome.zarr", ".zarr")
 _REGION_SUFFIXES = (".geojson", ".roi", ".zip", ".json", ".csv")
 _CHUNK = 8 * 2**20
+#: Stack axes (besides Y, X and channels) a file may have to be read plane by plane (a TZCYX file: 2).
+MAX_STACK_AXES = 2
 
 
 @dataclass(frozen=True)
@@ -162,6 +164,10 @@ def _planes(free: list[tuple[str, int]], chosen: dict[str, int] | int | None, pa
     if not free:
         return [()]
     if chosen is None:
+        if len(free) > MAX_STACK_AXES:
+            raise ItemError(f"{path.name}: has {len(free)} stack axes ({''.join(a for a, _ in free)}) besides Y, X "
+                            f"and channels; batch reads up to {MAX_STACK_AXES} (T and Z): pick the planes with "
+                            "--plane, e.g. --plane " + ",".join(f"{a}=0" for a, _ in free[:-MAX_STACK_AXES]))
         total = 1
         for _, n in free:
             total *= n

@@ -215,6 +215,19 @@ def batch(
     return result
 
 
+def describe_failure(exc: BaseException, out: Path) -> str:
+    """One line for failed.csv and the log: a full disk says so and how to go on."""
+    import errno
+
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"the disk holding {out} is full ({exc.strerror}): free space and run the same command "
+                "again (finished items are kept)")
+    if type(exc).__name__ == "KilledWorker":
+        return f"the worker running it died repeatedly (out of memory?): {exc}"
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 def _with_fingerprint(options: BatchOptions, fingerprint: str) -> BatchOptions:
     from dataclasses import replace
 
@@ -239,7 +252,7 @@ def _run_here(items, options, out, session, retries, record, should_stop) -> boo
                     break
                 except Exception as exc:  # noqa: BLE001 - one item's failure must not stop the run
                     if attempt == retries:
-                        record(item, None, f"{type(exc).__name__}: {exc}")
+                        record(item, None, describe_failure(exc, out))
     finally:
         if own:
             session.close()
@@ -273,11 +286,7 @@ def _run_dask(items, options, out, scheduler, workers, retries, record, should_s
             if future.status == "finished":
                 record(item, future.result(), None)
             else:
-                exc = future.exception()
-                reason = f"{type(exc).__name__}: {exc}"
-                if type(exc).__name__ == "KilledWorker":
-                    reason = "the worker running it died repeatedly (out of memory?): " + reason
-                record(item, None, reason)
+                record(item, None, describe_failure(future.exception(), out))
             if should_stop and should_stop():
                 client.cancel(futures)
                 cancelled = True

@@ -69,13 +69,12 @@ def _check_plane(image: np.ndarray, item: Item) -> np.ndarray:
 
 
 def _segment_regions(item: Item) -> list[Any]:
-    from ..cli import BadInput, _read_regions
-    from ..regions import RegionError
+    from ..cli import _read_regions
 
     try:
         return _read_regions(item.regions, item.shape)
-    except (BadInput, RegionError) as exc:
-        raise ItemError(str(exc)) from None
+    except (ValueError, OSError) as exc:  # our readers' errors name the file and the problem
+        raise ItemError(str(exc).splitlines()[0]) from None
 
 
 def load_session(model: str | None, device: str, dtype: str | None, threads: int) -> Any:
