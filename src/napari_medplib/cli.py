@@ -595,6 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(sub)
     add_eval_parser(sub)
     _add_finetune_parser(sub)
+    from .batch.cli import add_batch_parser  # light: argparse only until a run starts
+
+    add_batch_parser(sub)
     return parser
 
 
