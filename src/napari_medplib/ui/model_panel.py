@@ -1,4 +1,8 @@
-"""The collapsible "Model" section: source (bundled / folder), device, generation settings."""
+"""The collapsible "Model" section: source (bundled / folder / server), device, generation settings.
+
+"Server" uses the model of a ``medplib serve`` server (URL + token): the URL is remembered with the
+other settings, the token only in its own user-only file (`settings.save_server_token`).
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
-from .settings import DEVICES, WidgetSettings
+from .settings import DEVICES, WidgetSettings, load_server_token, save_server_token
 
 
 class ModelPanel(QCollapsible):
@@ -36,7 +40,9 @@ class ModelPanel(QCollapsible):
         self.source = QComboBox()
         self.source.addItem("Bundled model", "bundled")
         self.source.addItem("Model folder…", "folder")
-        self.source.setToolTip("Which MedPLIB model to use; a folder holds a released or own model")
+        self.source.addItem("Server…", "server")
+        self.source.setToolTip("Which MedPLIB model to use; a folder holds a released or own model, a server "
+                               "(medplib serve) runs one on another machine's GPU")
         self.folder = QLineEdit(settings.folder)
         self.folder.setPlaceholderText("path/to/model folder")
         self.browse = QPushButton("Browse…")
@@ -44,6 +50,13 @@ class ModelPanel(QCollapsible):
         folder_row = QHBoxLayout()
         folder_row.addWidget(self.folder, 1)
         folder_row.addWidget(self.browse)
+        self.server_url = QLineEdit(settings.server_url)
+        self.server_url.setPlaceholderText("http://gpu-machine:8765")
+        self.server_url.setToolTip("Address of a `medplib serve` server (https:// behind a reverse proxy)")
+        self.token = QLineEdit()
+        self.token.setEchoMode(QLineEdit.EchoMode.Password)
+        self.token.setPlaceholderText("token the server printed")
+        self.token.setToolTip("Kept in a user-only file, never in the settings or layer metadata")
         self.device = QComboBox()
         self.device.addItems(list(DEVICES))
         self.device.setToolTip("auto: a GPU when there is one, else the CPU")
@@ -63,6 +76,8 @@ class ModelPanel(QCollapsible):
         self.status.setWordWrap(True)
         form.addRow("Source", self.source)
         form.addRow("Folder", folder_row)
+        form.addRow("Server", self.server_url)
+        form.addRow("Token", self.token)
         form.addRow("Device", self.device)
         form.addRow("Max tokens", self.max_tokens)
         form.addRow("Temperature", self.temperature)
@@ -72,15 +87,19 @@ class ModelPanel(QCollapsible):
         for signal in (
             self.source.currentIndexChanged,
             self.folder.editingFinished,
+            self.server_url.editingFinished,
             self.device.currentIndexChanged,
             self.max_tokens.valueChanged,
             self.temperature.valueChanged,
         ):
             signal.connect(self._on_edit)
+        self.token.editingFinished.connect(self._on_token)
 
     def set_settings(self, s: WidgetSettings) -> None:
         self.source.setCurrentIndex(max(self.source.findData(s.source), 0))
         self.folder.setText(s.folder)
+        self.server_url.setText(s.server_url)
+        self.token.setText(load_server_token() or "")
         self.device.setCurrentText(s.device)
         self.max_tokens.setValue(int(s.max_new_tokens))
         self.temperature.setValue(float(s.temperature))
@@ -100,6 +119,7 @@ class ModelPanel(QCollapsible):
     def apply_to(self, s: WidgetSettings) -> WidgetSettings:
         s.source = self.source.currentData()
         s.folder = self.folder.text().strip()
+        s.server_url = self.server_url.text().strip().rstrip("/")
         s.device = self.device.currentText()
         s.max_new_tokens = int(self.max_tokens.value())
         s.temperature = float(self.temperature.value())
@@ -109,10 +129,20 @@ class ModelPanel(QCollapsible):
         use_folder = self.source.currentData() == "folder"
         self.folder.setEnabled(use_folder)
         self.browse.setEnabled(use_folder)
+        use_server = self.source.currentData() == "server"
+        self.server_url.setEnabled(use_server)
+        self.token.setEnabled(use_server)
+        self.device.setEnabled(not use_server)  # the server chose its device
 
     def _on_edit(self, *_: object) -> None:
         self._sync()
         self.changed.emit()
+
+    def _on_token(self) -> None:
+        """Store the token in its own 0600 file (not the settings), then reconnect like any edit."""
+        if self.token.text().strip() != (load_server_token() or ""):
+            save_server_token(self.token.text())
+            self._on_edit()
 
     def _browse(self) -> None:  # a file dialog: only on a click, never in tested paths
         folder = QFileDialog.getExistingDirectory(self, "MedPLIB model folder", self.folder.text())

@@ -2,6 +2,9 @@
 
 ``NAPARI_MEDPLIB_SETTINGS`` names another file (tests, shared machines). A missing, unreadable or
 partly wrong file falls back to defaults key by key: settings never stop the widget from opening.
+
+A model server's token is a secret: it is kept out of this JSON (and so out of layer metadata and
+logs) in its own user-only (0600) file beside it, ``server-token``.
 """
 
 from __future__ import annotations
@@ -13,15 +16,17 @@ from pathlib import Path
 
 SETTINGS_ENV = "NAPARI_MEDPLIB_SETTINGS"
 DEVICES = ("auto", "cpu", "cuda", "mps")
-SOURCES = ("bundled", "folder")
+SOURCES = ("bundled", "folder", "server")
+TOKEN_FILE = "server-token"
 
 
 @dataclass
 class WidgetSettings:
     """What the dock widget remembers."""
 
-    source: str = "bundled"  # "bundled" | "folder"
+    source: str = "bundled"  # "bundled" | "folder" | "server"
     folder: str = ""  # model folder when source == "folder"
+    server_url: str = ""  # a `medplib serve` server when source == "server" (its token: `load_server_token`)
     device: str = "auto"
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -32,8 +37,16 @@ class WidgetSettings:
 
     @property
     def model_source(self) -> str | None:
-        """What `Session.load` takes: None for the bundled model, else the folder."""
+        """What `Session.load` takes: None for the bundled model, else the folder; for a server its URL
+        (`is_server_url`), which `workers.load_job` connects to with `Session.connect`."""
+        if self.source == "server" and self.server_url:
+            return self.server_url
         return self.folder if self.source == "folder" and self.folder else None
+
+
+def is_server_url(source: object) -> bool:
+    """Whether a model source names a server rather than a model."""
+    return isinstance(source, str) and source.startswith(("http://", "https://"))
 
 
 def settings_path() -> Path:
@@ -50,7 +63,7 @@ def _valid(name: str, value: object) -> bool:
         return value in SOURCES
     if name == "device":
         return value in DEVICES
-    if name == "folder":
+    if name in ("folder", "server_url"):
         return isinstance(value, str)
     if name == "max_new_tokens":
         return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 4096
@@ -84,3 +97,29 @@ def save_settings(settings: WidgetSettings, path: Path | None = None) -> Path | 
     except OSError:
         return None
     return path
+
+
+def token_path() -> Path:
+    """The server token's file, beside the settings file."""
+    return settings_path().parent / TOKEN_FILE
+
+
+def load_server_token() -> str | None:
+    """The remembered server token (None: none saved)."""
+    from ..serve.tokens import read_secret
+
+    return read_secret(token_path())
+
+
+def save_server_token(token: str) -> Path | None:
+    """Remember ``token`` in a user-only (0600) file; an empty token deletes it. None when not writable."""
+    path = token_path()
+    try:
+        if not token.strip():
+            path.unlink(missing_ok=True)
+            return path
+        from ..serve.tokens import write_secret
+
+        return write_secret(path, token.strip())
+    except OSError:
+        return None

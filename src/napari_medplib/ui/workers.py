@@ -25,8 +25,9 @@ from .sessions import lock_for, remember, shared
 def load_job(
     source: str | None, device: str, factory: Callable[..., Any] | None = None
 ) -> Generator[str, None, Any]:
-    """Load a `Session` (the bundled model for ``source=None``), or reuse the one already loaded
-    for (source, device) by another widget. Yields progress lines ("loading weights 3/7")."""
+    """Load a `Session` (the bundled model for ``source=None``; a remote one for a server URL), or
+    reuse the one already loaded for (source, device) by another widget. Yields progress lines
+    ("loading weights 3/7")."""
     yield "loading…"
     if factory is not None:
         return factory(source, device=device)
@@ -34,6 +35,13 @@ def load_job(
     if loaded is not None:
         return loaded
     from ..engine import Session
+    from .settings import is_server_url, load_server_token
+
+    if is_server_url(source):  # the model runs on a `medplib serve` server
+        yield f"connecting to {source}…"
+        session = Session.connect(source, token=load_server_token())
+        remember((source, device), session)
+        return session
 
     def load(on_progress: Callable[[str, int, int], None]) -> Any:
         return Session.load(source, device=device, on_progress=on_progress)
