@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import socket
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -77,6 +78,7 @@ class RemoteSession:
         self._http: httpx.Client | None = httpx.Client(
             base_url=self.url, headers=headers, timeout=httpx.Timeout(self._timeout, connect=connect_timeout),
             follow_redirects=False,
+            transport=httpx.HTTPTransport(socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]),
         )
         self._uploaded: set[str] = set()
         self._guard = threading.Lock()
