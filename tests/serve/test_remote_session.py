@@ -9,8 +9,8 @@ import time
 import httpx
 import numpy as np
 import pytest
+from serve_process import wait_idle
 
-from conftest import wait_idle
 from napari_medplib.engine import Reply, Session
 from napari_medplib.regions import Region
 from napari_medplib.serve.client import RemoteSession

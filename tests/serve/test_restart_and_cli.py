@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 import tifffile
+from serve_process import ServerProcess
 
-from conftest import ServerProcess
 from napari_medplib.cli import main
 from napari_medplib.engine import Session
 from napari_medplib.serve.errors import ServerAuthError, ServerUnavailableError

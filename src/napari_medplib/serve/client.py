@@ -85,7 +85,11 @@ class RemoteSession:
         self._cancels = 0
         self.folder = None
         self._info: dict[str, Any] = {}
-        self.refresh()
+        try:
+            self.refresh()
+        except BaseException:
+            self.close()
+            raise
 
     # ---------------------------------------------------------------------------- state
     def refresh(self) -> dict[str, Any]:
@@ -203,12 +207,12 @@ class RemoteSession:
                 if attempt == 2:
                     raise broken.args[0] from None
                 try:
-                    self.refresh_quietly()
+                    self._refresh_quietly()
                 except _Reconnect as again:
                     raise again.args[0] from None
         raise RemoteError(f"the MedPLIB server at {self.url} keeps losing the image; is its image cache too small?")
 
-    def refresh_quietly(self) -> None:
+    def _refresh_quietly(self) -> None:
         try:
             info = self._send("GET", "/v1/info").json()
         except _ImageMissing:  # pragma: no cover - info never answers that
