@@ -330,3 +330,18 @@ def test_clear_errors_on_wrong_or_partial_folders(tmp_path, meta):
     save_file({k: v for k, v in state.items() if not k.startswith("connector.")}, str(partial / "model.safetensors"))
     with pytest.raises(Llama3MedCheckpointError, match=r"missing \(\d+\): connector\.mlp\.0\.bias"):
         llama3med.load(partial)
+
+
+def test_detect_is_light():
+    """The engine probes folders with ``detect``: that must not import torch or transformers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from napari_medplib.families import llama3med\n"
+        f"llama3med.detect({str(FIXTURE)!r})\n"
+        "print(','.join(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "", out.stdout
