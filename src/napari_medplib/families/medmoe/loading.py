@@ -32,6 +32,7 @@ import json
 import re
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -59,6 +60,21 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
             raise ValueError(f"unknown dtype {dtype!r}")
         return value
     return dtype
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Silence transformers' logger and warnings about config.json fields it does not know."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 # ---------------------------------------------------------------------------- tokenizer
@@ -98,9 +114,10 @@ class MedMoETokenizer:
         from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
         try:
-            backend = AutoTokenizer.from_pretrained(
-                str(folder), local_files_only=True, trust_remote_code=False, clean_up_tokenization_spaces=False
-            )
+            with _quiet_transformers():  # it reads config.json too and warns that moe_llava_* is not its type
+                backend = AutoTokenizer.from_pretrained(
+                    str(folder), local_files_only=True, trust_remote_code=False, clean_up_tokenization_spaces=False
+                )
         except Exception as err:  # unknown class, remote code only, missing merges ...
             if (folder / "tokenizer.json").is_file():
                 backend = PreTrainedTokenizerFast(
