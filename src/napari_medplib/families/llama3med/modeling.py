@@ -472,8 +472,8 @@ def load(
     folder = Path(folder)
     dtype = _resolve_dtype(dtype)
     config = Llama3MedConfig.from_folder(folder)
-    fallback = folder / config.raw.get("tokenizer_name_or_path", config.llm_model_name_or_path or "")
-    tokenizer = Llama3MedTokenizer.from_folder(folder, fallback if fallback != folder else None)
+    base_name = config.raw.get("tokenizer_name_or_path") or config.llm_model_name_or_path
+    tokenizer = Llama3MedTokenizer.from_folder(folder, folder / str(base_name) if base_name else None)
     if len(tokenizer) > config.text["vocab_size"]:
         raise Llama3MedCheckpointError(
             f"the tokenizer in {folder} has {len(tokenizer)} tokens but text_config.vocab_size is "
