@@ -294,3 +294,110 @@ def test_tower_weights_fall_back_to_the_checkpoint_copies(tmp_path):
     with torch.no_grad():
         features, _ = model.encode_image(torch.from_numpy(expected["pixel_values"])[None])
     assert _max_diff(features[0], expected["clip_patch_features"]) <= TOL
+
+
+# ---------------------------------------------------------------------------- StableLM base, top-2
+def _stablelm_folder(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
+    """A tiny StableLM-2 Med-MoE folder in the released layout whose MoE layer reduces to expert 0
+    (router bias makes p_0 exactly 1, the meta expert's down_proj is zero), next to the equivalent
+    dense transformers ``StableLmForCausalLM``."""
+    from safetensors.torch import save_file
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    torch.manual_seed(7)
+    hidden, vocab = 32, 676
+    hf = StableLmForCausalLM(StableLmConfig(
+        vocab_size=vocab, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, partial_rotary_factor=0.25, layer_norm_eps=1e-5, use_qkv_bias=True,
+    )).eval()
+    with torch.no_grad():
+        for name, param in hf.named_parameters():
+            param.normal_(1.0 if name.endswith("layernorm.weight") or name.endswith("norm.weight") else 0.0, 0.2)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in hf.state_dict().items():
+        if key.startswith("model.layers.0.mlp."):
+            rest = key[len("model.layers.0.mlp."):]
+            state[f"model.layers.0.mlp.deepspeed_moe.experts.deepspeed_experts.0.{rest}"] = value.clone()
+            for e in (1, 2, 3):
+                state[f"model.layers.0.mlp.deepspeed_moe.experts.deepspeed_experts.{e}.{rest}"] = torch.randn_like(value)
+            meta = torch.zeros_like(value) if rest.startswith("down_proj") else torch.randn_like(value)
+            state[f"model.layers.0.mlp.meta_moe.{rest}"] = meta
+        else:
+            state[key] = value.clone()
+    state["model.layers.0.mlp.deepspeed_moe.gate.wg.weight"] = torch.zeros(4, hidden)
+    state["model.layers.0.mlp.deepspeed_moe.gate.wg.bias"] = torch.tensor([100.0, 0.0, 0.0, 0.0])
+    clip_hidden = json.loads((FIXTURE / "clip" / "config.json").read_text())["hidden_size"]
+    state["model.mm_projector.image_spatial_proj.0.weight"] = torch.randn(hidden, clip_hidden) * 0.1
+    state["model.mm_projector.image_spatial_proj.0.bias"] = torch.zeros(hidden)
+    state["model.mm_projector.image_spatial_proj.2.weight"] = torch.randn(hidden, hidden) * 0.1
+    state["model.mm_projector.image_spatial_proj.2.bias"] = torch.zeros(hidden)
+    folder = tmp_path / "stablelm-medmoe"
+    folder.mkdir()
+    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(FIXTURE / name, folder / name)
+    shutil.copytree(FIXTURE / "clip", folder / "clip")
+    config = {  # StableLM-2's own field names (norm_eps, rope_pct), as its remote-code config writes them
+        "model_type": "moe_llava_stablelm", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 48,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
+        "norm_eps": 1e-5, "rope_pct": 0.25, "rope_theta": 10000, "use_qkv_bias": True, "max_position_embeddings": 2048,
+        "mm_image_tower": "clip", "mm_hidden_size": clip_hidden, "image_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "image_aspect_ratio": "pad",
+        "moe": {"moe_enable": True, "moe_mode": "sparse", "moe_layers_idx": [0], "num_experts": [4], "top_k_experts": 1},
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder, hf
+
+
+def test_stablelm_base_matches_transformers(tmp_path):
+    from napari_medplib.families.medmoe import detect, load
+
+    folder, hf = _stablelm_folder(tmp_path)
+    assert detect(folder)
+    model = load(folder)
+    ids = torch.randint(0, 600, (1, 23), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids)
+        theirs = hf(ids).logits
+    assert ours.routing[0].expert_ids.unique().tolist() == [0]
+    assert _max_diff(ours.logits, theirs.numpy()) <= 1e-5
+    text, new_ids, choices = model.generate(np.zeros((40, 60), np.uint8), "What is shown?", max_new_tokens=3)
+    assert len(new_ids) <= 3 and choices.layers == [0]
+
+
+def test_top2_routing_renormalises_and_adds_the_meta_expert():
+    from napari_medplib.families.medmoe.modeling import MedMoESparseMoE
+
+    torch.manual_seed(0)
+
+    def make() -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+
+    moe = MedMoESparseMoE(make, 8, num_experts=4, top_k=2).eval()
+    moe.generator = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 10, 8)
+    with torch.no_grad():
+        y = moe(x)[0]
+        record = moe.last_routing
+        assert torch.equal(record.expert_ids[:, 0], record.router_logits.argmax(-1))
+        assert (record.expert_ids[:, 0] != record.expert_ids[:, 1]).all()
+        torch.testing.assert_close(record.combine_weights.sum(-1), torch.ones(10))
+        manual = moe.meta_expert(x[0]) + sum(
+            record.combine_weights[:, j : j + 1] * torch.stack([moe.experts[int(e)](x[0, t]) for t, e in enumerate(record.expert_ids[:, j])])
+            for j in range(2)
+        )
+    torch.testing.assert_close(y, manual, atol=1e-6, rtol=1e-6)
+
+
+def test_detect_and_package_import_are_light():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from napari_medplib.families import medmoe\n"
+        f"assert medmoe.detect({str(FIXTURE)!r})\n"
+        "print(','.join(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

@@ -27,7 +27,10 @@ _LAZY = {
     "prepare_image": "preprocess",
 }
 
-__all__ = sorted(["MedMoECheckpointError", "MedMoEConfig", "detect", "medmoe_fixture_dir", *_LAZY])
+__all__ = [
+    "ExpertChoices", "MedMoECheckpointError", "MedMoEConfig", "MedMoEModel", "MedMoEOutput", "MedMoETokenizer",
+    "build_prompt", "detect", "load", "medmoe_fixture_dir", "prepare_image",
+]
 
 
 def __getattr__(name: str):

@@ -278,6 +278,8 @@ def load(
         )
     config.router_bias = any(n.endswith(".deepspeed_moe.gate.wg.bias") for n in names)
     config.meta_expert = any(".mlp.meta_moe." in n for n in names)
+    if config.base == "stablelm":  # StableLM-2's remote-code config may omit use_qkv_bias (its default is False)
+        config.use_qkv_bias = any(n.endswith(".self_attn.q_proj.bias") for n in names)
 
     tokenizer = MedMoETokenizer.from_folder(folder)
     config.vocab_size = len(tokenizer)

@@ -145,13 +145,13 @@ class MedMoELanguageModel(nn.Module):
         self.config = config
         self.llm_config = base_llm_config(config, attn_implementation)
         if config.base == "phi":
-            from transformers.models.phi.modeling_phi import PhiDecoderLayer as Layer
-            from transformers.models.phi.modeling_phi import PhiMLP as MLP
-            from transformers.models.phi.modeling_phi import PhiRotaryEmbedding as Rotary
+            from transformers.models.phi import modeling_phi as base
+
+            Layer, MLP, Rotary = base.PhiDecoderLayer, base.PhiMLP, base.PhiRotaryEmbedding
         else:
-            from transformers.models.stablelm.modeling_stablelm import StableLmDecoderLayer as Layer
-            from transformers.models.stablelm.modeling_stablelm import StableLmMLP as MLP
-            from transformers.models.stablelm.modeling_stablelm import StableLmRotaryEmbedding as Rotary
+            from transformers.models.stablelm import modeling_stablelm as base
+
+            Layer, MLP, Rotary = base.StableLmDecoderLayer, base.StableLmMLP, base.StableLmRotaryEmbedding
 
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList()
