@@ -100,7 +100,8 @@ def test_fixture_is_med_moe():
 
 def test_loaded_model_matches_the_reference_load(model):
     """Vocabulary cut to the tokenizer (resize_token_embeddings), MoE layers as configured."""
-    vocab = json.loads((FIXTURE / "cases.json").read_text())["load_check"]["embedding_rows_after_resize"]
+    vocab = _expected(CASES[0])["logits"].shape[-1]
+    assert len(model.tokenizer) == vocab
     assert model.language_model.embed_tokens.weight.shape[0] == vocab
     assert model.language_model.lm_head.weight.shape[0] == vocab
     assert model.language_model.lm_head.bias is None
@@ -223,6 +224,32 @@ def _copy_fixture(tmp_path: Path) -> Path:
     return folder
 
 
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.name.startswith(("model", "pytorch_model")))
+
+
+def _merged_state(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the checkpoint (one file or shards), the weight files removed."""
+    from safetensors.torch import load_file
+
+    state: dict[str, torch.Tensor] = {}
+    for path in _weight_files(folder):
+        if path.suffix == ".safetensors":
+            state.update(load_file(path))
+        path.unlink()
+    return state
+
+
+def _tower_dir(folder: Path) -> Path:
+    return folder / json.loads((folder / "config.json").read_text())["mm_image_tower"]
+
+
+def _tokenizer_files() -> list[Path]:
+    names = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json",
+             "added_tokens.json")
+    return [FIXTURE / n for n in names if (FIXTURE / n).is_file()]
+
+
 def _error(folder: Path, **kwargs) -> str:
     from napari_medplib.families.medmoe import load
 
@@ -258,16 +285,16 @@ def test_errors_name_what_is_wrong(tmp_path):
     assert "clip-missing" in message and "image_tower" in message
 
     (folder / "config.json").write_text(json.dumps(config))
-    (folder / "model.safetensors").rename(folder / "elsewhere.bin.bak")
+    for path in _weight_files(folder):
+        path.unlink()
     assert "no weights" in _error(folder)
 
 
 def test_partial_shards_are_reported(tmp_path):
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     folder = _copy_fixture(tmp_path)
-    state = load_file(folder / "model.safetensors")
-    (folder / "model.safetensors").unlink()
+    state = _merged_state(folder)
     keys = sorted(state)
     half = len(keys) // 2
     save_file({k: state[k] for k in keys[:half]}, folder / "model-00001-of-00002.safetensors", metadata={"format": "pt"})
@@ -288,7 +315,12 @@ def test_tower_weights_fall_back_to_the_checkpoint_copies(tmp_path):
     from napari_medplib.families.medmoe import load
 
     folder = _copy_fixture(tmp_path)
-    (folder / "clip" / "model.safetensors").unlink()
+    for path in _weight_files(_tower_dir(folder)):
+        path.unlink()
+    has_copies = any(k.startswith("model.image_tower.") for k in _merged_state(_copy_fixture(tmp_path / "b")))
+    if not has_copies:
+        assert "tower" in _error(folder)
+        return
     model = load(folder)
     expected = _expected(CASES[0])
     with torch.no_grad():
@@ -305,7 +337,7 @@ def _stablelm_folder(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     from transformers import StableLmConfig, StableLmForCausalLM
 
     torch.manual_seed(7)
-    hidden, vocab = 32, 676
+    hidden, vocab = 32, _expected(CASES[0])["logits"].shape[-1]
     hf = StableLmForCausalLM(StableLmConfig(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, partial_rotary_factor=0.25, layer_norm_eps=1e-5, use_qkv_bias=True,
@@ -326,7 +358,9 @@ def _stablelm_folder(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
             state[key] = value.clone()
     state["model.layers.0.mlp.deepspeed_moe.gate.wg.weight"] = torch.zeros(4, hidden)
     state["model.layers.0.mlp.deepspeed_moe.gate.wg.bias"] = torch.tensor([100.0, 0.0, 0.0, 0.0])
-    clip_hidden = json.loads((FIXTURE / "clip" / "config.json").read_text())["hidden_size"]
+    tower = _tower_dir(FIXTURE)
+    clip_config = json.loads((tower / "config.json").read_text())
+    clip_hidden = clip_config.get("vision_config", clip_config)["hidden_size"]
     state["model.mm_projector.image_spatial_proj.0.weight"] = torch.randn(hidden, clip_hidden) * 0.1
     state["model.mm_projector.image_spatial_proj.0.bias"] = torch.zeros(hidden)
     state["model.mm_projector.image_spatial_proj.2.weight"] = torch.randn(hidden, hidden) * 0.1
@@ -334,9 +368,9 @@ def _stablelm_folder(tmp_path: Path) -> tuple[Path, torch.nn.Module]:
     folder = tmp_path / "stablelm-medmoe"
     folder.mkdir()
     save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
-    for name in ("vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json"):
-        shutil.copy(FIXTURE / name, folder / name)
-    shutil.copytree(FIXTURE / "clip", folder / "clip")
+    for path in _tokenizer_files():
+        shutil.copy(path, folder / path.name)
+    shutil.copytree(tower, folder / "clip")
     config = {  # StableLM-2's own field names (norm_eps, rope_pct), as its remote-code config writes them
         "model_type": "moe_llava_stablelm", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 48,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "hidden_act": "silu",
@@ -355,7 +389,7 @@ def test_stablelm_base_matches_transformers(tmp_path):
     folder, hf = _stablelm_folder(tmp_path)
     assert detect(folder)
     model = load(folder)
-    ids = torch.randint(0, 600, (1, 23), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, len(model.tokenizer) - 1, (1, 23), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ours = model(ids)
         theirs = hf(ids).logits
