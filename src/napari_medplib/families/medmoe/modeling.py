@@ -232,10 +232,12 @@ class ExpertChoices:
 
     def counts(self, part: str = "answer") -> torch.Tensor:
         """[n_moe, E] first-choice tokens per expert over the ``"prompt"`` or the ``"answer"``."""
-        experts = self.answer_experts if part == "answer" else self.prompt_experts
+        experts = self.answer_experts if part == "answer" else self.prompt_experts  # [n_moe, T, k]
         width = max(self.num_experts)
-        return torch.stack([torch.bincount(row[:, 0].cpu(), minlength=width) for row in experts]) if len(experts) else \
-            torch.zeros((0, width), dtype=torch.int64)
+        counts = torch.zeros((experts.shape[0], width), dtype=torch.int64)
+        for m, row in enumerate(experts):
+            counts[m] = torch.bincount(row[:, 0].cpu(), minlength=width)
+        return counts
 
 
 def _stack_routing(records: Sequence[Sequence[RoutingRecord]], n_moe: int, k: int, width: int):
@@ -245,7 +247,12 @@ def _stack_routing(records: Sequence[Sequence[RoutingRecord]], n_moe: int, k: in
         return empty.long(), empty, torch.zeros((n_moe, 0, width))
     experts = torch.stack([torch.cat([r[m].expert_ids for r in records]) for m in range(n_moe)])
     weights = torch.stack([torch.cat([r[m].combine_weights for r in records]) for m in range(n_moe)])
-    logits = torch.stack([torch.cat([r[m].router_logits for r in records]) for m in range(n_moe)])
+    # layers may have different expert counts: pad their router logits with NaN to the widest
+    logits = torch.stack([
+        F.pad(torch.cat([r[m].router_logits for r in records]), (0, width - records[0][m].router_logits.shape[-1]),
+              value=float("nan"))
+        for m in range(n_moe)
+    ])
     return experts.cpu(), weights.float().cpu(), logits.float().cpu()
 
 
@@ -265,7 +272,6 @@ class MedMoEModel(nn.Module):
         self.language_model = MedMoELanguageModel(config, attn_implementation)
         self.tokenizer = tokenizer
         self.processor = processor or ClipProcessorSettings()
-        self._lock = threading.Lock()
 
     @property
     def dtype(self) -> torch.dtype:
@@ -367,7 +373,7 @@ class MedMoEModel(nn.Module):
     ) -> tuple[GenerationResult, ExpertChoices]:
         """Prefill the prompt once, then decode token by token with the KV cache.
 
-        Greedy at ``temperature`` 0 (the reference's setting), else nucleus sampling. Stops at the
+        Not re-entrant (the MoE layers keep their last routing): the caller serialises calls. Greedy at ``temperature`` 0 (the reference's setting), else nucleus sampling. Stops at the
         tokenizer's eos (``<|endoftext|>``, the template's stop string).
         """
         ids = torch.as_tensor(list(input_ids) if not torch.is_tensor(input_ids) else input_ids, dtype=torch.long)
@@ -376,27 +382,26 @@ class MedMoEModel(nn.Module):
             pixel_values = pixel_values[None]
         n_moe = len(self.config.moe_layers_idx)
         k, width = self.config.top_k_experts, max(self.config.num_experts)
-        with self._lock:
-            out = self(ids, pixel_values, use_cache=True, logits_positions=slice(-1, None))
-            prompt_routing = list(out.routing)
-            cache = out.past_key_values
-            step_routing: list[list[RoutingRecord]] = []
+        out = self(ids, pixel_values, use_cache=True, logits_positions=slice(-1, None))
+        prompt_routing = list(out.routing)
+        cache = out.past_key_values
+        step_routing: list[list[RoutingRecord]] = []
 
-            def step(token: int) -> tuple[torch.Tensor, torch.Tensor]:
-                token_ids = torch.tensor([[token]], device=self.device)
-                step_out = self.language_model(self.language_model.embed_tokens(token_ids), None, cache, True, slice(-1, None))
-                step_routing.append(step_out.routing)
-                return step_out.logits[0, -1], step_out.hidden_states[0, -1]
+        def step(token: int) -> tuple[torch.Tensor, torch.Tensor]:
+            token_ids = torch.tensor([[token]], device=self.device)
+            step_out = self.language_model(self.language_model.embed_tokens(token_ids), None, cache, True, slice(-1, None))
+            step_routing.append(step_out.routing)
+            return step_out.logits[0, -1], step_out.hidden_states[0, -1]
 
-            config = GenerationConfig(
-                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                eos_token_id=self.tokenizer.eos_token_id if self.tokenizer is not None else self.config.eos_token_id,
-            )
-            decode = self.tokenizer.decode if self.tokenizer is not None else (lambda _ids: "")
-            result = generate_tokens(
-                step, out.logits[0, -1], out.hidden_states[0, -1], decode, config, stream=on_text,
-                should_stop=should_stop, return_step_logits=return_step_logits,
-            )
+        config = GenerationConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+            eos_token_id=self.tokenizer.eos_token_id if self.tokenizer is not None else self.config.eos_token_id,
+        )
+        decode = self.tokenizer.decode if self.tokenizer is not None else (lambda _ids: "")
+        result = generate_tokens(
+            step, out.logits[0, -1], out.hidden_states[0, -1], decode, config, stream=on_text,
+            should_stop=should_stop, return_step_logits=return_step_logits,
+        )
         p_exp, p_w, p_log = _stack_routing([prompt_routing], n_moe, k, width)
         a_exp, a_w, a_log = _stack_routing(step_routing, n_moe, k, width)
         choices = ExpertChoices(
