@@ -54,19 +54,29 @@ def test_stack_planes_become_items_named_after_the_plane(tmp_path):
     assert "Z=9 is out of range (0..4)" in bad.items[0].problem
 
 
-def test_keys_follow_content_not_names(tmp_path):
+def test_keys_follow_content_plane_options_and_name(tmp_path):
     folder = _write_inputs(tmp_path / "in")
     key = list_items([str(folder / "a.tif")], GROUND).items[0].key
-    shutil.copy(folder / "a.tif", tmp_path / "renamed.tif")
-    assert list_items([str(tmp_path / "renamed.tif")], GROUND).items[0].key == key
+    (tmp_path / "moved").mkdir()
+    shutil.copy(folder / "a.tif", tmp_path / "moved" / "a.tif")
+    assert list_items([str(tmp_path / "moved" / "a.tif")], GROUND).items[0].key == key  # moved: still done
+    shutil.copy(folder / "a.tif", tmp_path / "twin.tif")
+    assert list_items([str(tmp_path / "twin.tif")], GROUND).items[0].key != key  # a twin gets its own outputs
     other = BatchOptions(Actions(ground=("Please segment the cells.",)), model_fingerprint="m")
     assert list_items([str(folder / "a.tif")], other).items[0].key != key
     new_model = BatchOptions(GROUND.actions, model_fingerprint="other")
     assert list_items([str(folder / "a.tif")], new_model).items[0].key != key
     elsewhere = BatchOptions(GROUND.actions, model_fingerprint="m", device="cuda", threads=4)
     assert list_items([str(folder / "a.tif")], elsewhere).items[0].key == key  # where it runs changes nothing
-    tifffile.imwrite(tmp_path / "renamed.tif", np.zeros((40, 50), np.uint8))
-    assert list_items([str(tmp_path / "renamed.tif")], GROUND).items[0].key != key
+    tifffile.imwrite(tmp_path / "moved" / "a.tif", np.zeros((40, 50), np.uint8))
+    assert list_items([str(tmp_path / "moved" / "a.tif")], GROUND).items[0].key != key  # edited: runs again
+
+
+def test_identical_files_each_get_their_outputs(tmp_path):
+    for name in ("one.tif", "two.tif"):
+        tifffile.imwrite(tmp_path / name, np.full((8, 8), 7, np.uint8))
+    items = list_items([str(tmp_path)], GROUND).items
+    assert len({item.key for item in items}) == 2
 
 
 def test_same_stem_in_two_folders_keeps_both_outputs(tmp_path):

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import tifffile
-from conftest import BlobSession, blobs
+from batch_helpers import BlobSession, blobs
 
 from napari_medplib.batch import Actions, BatchError, BatchOptions, batch
 from napari_medplib.batch.tiles import read_labels

@@ -5,11 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import tifffile
-from conftest import BlobSession, blobs
+from batch_helpers import BlobSession, blobs
 
 from napari_medplib.batch import Actions, BatchOptions
 from napari_medplib.batch.planes import PlaneReader
-from napari_medplib.batch.tiles import ground_tiled, read_labels, segment_windowed, tile_cores, tile_starts
+from napari_medplib.batch.tiles import (
+    ground_tiled,
+    read_labels,
+    segment_windowed,
+    tile_cores,
+    tile_starts,
+)
 
 
 @pytest.mark.parametrize("size", [300, 1024, 1025, 2500, 4096])

@@ -35,8 +35,7 @@ class TerminalProgress:
 
 def _cmd_batch(args: argparse.Namespace) -> int:
     from ..image_files import parse_plane_arg
-    from .options import Actions, BatchOptions
-    from .run import batch
+    from .options import Actions, BatchError, BatchOptions
 
     actions = Actions(ask=tuple(args.ask or ()), ground=tuple(args.ground or ()), segment=args.segment,
                       regions_pattern=args.regions_pattern)
@@ -55,10 +54,18 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         if args.verbose or message.startswith("FAILED"):
             print(message, file=sys.stderr)
 
-    result = batch(args.inputs, args.out, options, scheduler=args.scheduler,
-                   workers=args.workers, retries=args.retries, recursive=args.recursive,
-                   command=["medplib", *map(str, sys.argv[1:])] if sys.argv else [], on_progress=TerminalProgress(),
-                   on_log=log, on_dashboard=dashboard)
+    session = None
+    if args.server:  # the server's model answers; items go to it one by one from this process
+        if args.scheduler:
+            raise BatchError("give --server or --scheduler, not both (with --server the model runs on the server)")
+        from ..serve.cli import connect
+
+        session = connect(args)
+    try:
+        result = _run(args, options, session, dashboard, log)
+    finally:
+        if session is not None:
+            session.close()
     print(result.summary())
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
@@ -66,6 +73,15 @@ def _cmd_batch(args: argparse.Namespace) -> int:
         print(f"{result.failed} item(s) failed; reasons in {result.out / 'failed.csv'}; "
               f"re-run `{shlex.join(['medplib', 'batch', *sys.argv[2:]])}` to retry them", file=sys.stderr)
     return 1 if result.failed and not (result.done or result.skipped) else 0
+
+
+def _run(args: argparse.Namespace, options: Any, session: Any, dashboard: Any, log: Any) -> Any:
+    from .run import batch
+
+    return batch(args.inputs, args.out, options, scheduler=args.scheduler, workers=args.workers,
+                 retries=args.retries, recursive=args.recursive, session=session,
+                 command=["medplib", *map(str, sys.argv[1:])], on_progress=TerminalProgress(),
+                 on_log=log, on_dashboard=dashboard)
 
 
 def _nonnegative(text: str) -> int:
@@ -107,6 +123,9 @@ def add_batch_parser(sub: Any) -> None:
     parser.add_argument("--workers", type=_nonnegative, default=None,
                         help="local worker processes (default: one per core that memory allows, or per GPU; "
                              "0 = run in this process)")
+    from ..serve.cli import add_server_options  # light: argparse only
+
+    add_server_options(parser)
     parser.add_argument("--retries", type=_nonnegative, default=1, help="retries of an item that raised (default 1)")
     parser.add_argument("--tile-above", type=int, default=TILE_ABOVE, metavar="PX",
                         help=f"planes larger than this are read and processed in tiles (default {TILE_ABOVE})")

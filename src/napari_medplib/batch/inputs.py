@@ -2,9 +2,9 @@
 
 An item is one 2-D plane of one input: a single image, or one plane of a stack. Only headers are
 read here (TIFF tags, PNG size, Zarr metadata); pixels are read by the worker that runs the item.
-Each item's key hashes the input's content (and its region file's), the plane and the run's options,
-so a re-run skips exactly the items whose outputs exist for the same data and options, whatever the
-files are called.
+Each item's key hashes the input's content (and its region file's), the plane, the run's options and
+the name its outputs carry, so a re-run skips exactly the items whose outputs exist for the same
+data and options: a file edited in place runs again, an unchanged one is skipped wherever it lies.
 """
 
 from __future__ import annotations
@@ -204,8 +204,11 @@ def content_hash(path: Path) -> str:
     return digest.hexdigest()
 
 
-def item_key(content: str, regions_content: str, plane: Iterable[tuple[str, int]], options: BatchOptions) -> str:
-    text = json.dumps([content, regions_content, list(plane), options.fingerprint()])
+def item_key(content: str, regions_content: str, plane: Iterable[tuple[str, int]], options: BatchOptions,
+             name: str = "") -> str:
+    """What identifies an item's outputs: the pixels (and regions), the plane, the options, and the
+    name its outputs carry (two identical files each get their own labels)."""
+    text = json.dumps([content, regions_content, list(plane), options.fingerprint(), name])
     return hashlib.blake2b(text.encode(), digest_size=12).hexdigest()
 
 
@@ -243,10 +246,11 @@ def list_items(inputs: Sequence[str], options: BatchOptions, recursive: bool = F
             planes = _planes(free, options.plane, path)
         except ItemError as exc:
             listing.items.append(Item(str(path), (), stem, (0, 0), regions,
-                                      item_key(content, regions_content, (), options), str(exc)))
+                                      item_key(content, regions_content, (), options, stem), str(exc)))
             continue
         sizes = dict(free)
         for plane in planes:
-            key = item_key(content, regions_content, plane, options)
-            listing.items.append(Item(str(path), plane, _plane_name(stem, plane, sizes), shape, regions, key, problem))
+            name = _plane_name(stem, plane, sizes)
+            key = item_key(content, regions_content, plane, options, name)
+            listing.items.append(Item(str(path), plane, name, shape, regions, key, problem))
     return listing

@@ -27,7 +27,7 @@ from typing import Any
 
 from ..atomic import atomic_write_bytes, atomic_write_text
 from .options import BatchError, BatchOptions
-from .task import ITEMS, LABELS
+from .task import ITEMS, LABELS, objects_rows
 
 RUN_FILE = "run.json"
 OBJECT_COLUMNS = (
@@ -124,7 +124,7 @@ def _csv_bytes(rows: list[dict[str, Any]], columns: Sequence[str]) -> bytes:
 
 def write_tables(out: Path, records: list[dict[str, Any]], failures: list[dict[str, Any]]) -> list[str]:
     """objects.csv (+ .parquet), answers.jsonl and failed.csv for the run's items; returns notes."""
-    objects = [row for record in records for row in record.get("objects", [])]
+    objects = [row for record in records for row in objects_rows(record)]
     answers = [row for record in records for row in record.get("answers", [])]
     atomic_write_bytes(out / "objects.csv", _csv_bytes(objects, OBJECT_COLUMNS))
     atomic_write_text(out / "answers.jsonl", "".join(json.dumps(a) + "\n" for a in answers))

@@ -42,16 +42,38 @@ def _write_labels(out: Path, name: str, labels: np.ndarray) -> str:
     return relative
 
 
-def _object_rows(table: dict[str, np.ndarray] | None, **common: Any) -> list[dict[str, Any]]:
-    from ..engine.measure import table_rows
+def _object_block(table: dict[str, np.ndarray] | None, **fields: Any) -> dict[str, Any]:
+    """One action's objects, stored by column (a tiled plane may hold 100,000 objects: rows as dicts
+    would take several times the memory); `objects_rows` turns blocks back into table rows."""
+    from ..engine.measure import empty_table
 
-    return [dict(common, **row) for row in (table_rows(table) if table is not None else [])]
+    table = table if table is not None else empty_table()
+    columns = {}
+    for name, values in table.items():
+        values = np.asarray(values)
+        if np.issubdtype(values.dtype, np.integer):
+            columns[name] = values.astype(np.int64).tolist()
+        else:
+            columns[name] = [None if v != v else v for v in values.astype(np.float64).tolist()]
+    return dict(fields, columns=columns)
+
+
+def objects_rows(record: dict[str, Any]):
+    """The table rows of a record's object blocks (image, plane, model ... repeated on every row)."""
+    common = {"image": record.get("input"), "plane": record.get("plane"), "model": record.get("model"),
+              "model_fingerprint": record.get("model_fingerprint")}
+    for block in record.get("objects", []):
+        fields = {k: v for k, v in block.items() if k != "columns"}
+        columns = block["columns"]
+        names = list(columns)
+        for i in range(len(columns[names[0]]) if names else 0):
+            yield dict(common, **fields, **{name: columns[name][i] for name in names})
 
 
 def _labels_of(reply: Any, shape: tuple[int, int]) -> np.ndarray:
     from ..cli import instance_labels, labels_from_masks
 
-    if reply.instances:
+    if getattr(reply, "instances", None):
         labels, _ = instance_labels(reply, shape)
         return labels
     return labels_from_masks(reply.masks, shape)
@@ -138,7 +160,7 @@ def _run_item(item: Item, options: BatchOptions, session: Any, out: Path,
             seen = image
         reply = session.ask(seen, question, instances=False, **generation)
         answers.append(dict(common, action="ask", question=question, answer=reply.text,
-                            measured_count=reply.measured_count))
+                            measured_count=getattr(reply, "measured_count", None)))
 
     for question in options.actions.ground:
         action = next(names)
@@ -157,7 +179,7 @@ def _run_item(item: Item, options: BatchOptions, session: Any, out: Path,
             table = measure(labels.astype(np.int64), _intensity(image))
             outputs[action] = _write_labels(out, f"{item.name}__{action}", labels)
             answer, count = reply.text, len(table["label"])
-        objects += _object_rows(table, **common, action=action, question=question, answer=answer)
+        objects.append(_object_block(table, action=action, question=question, answer=answer))
         answers.append(dict(common, action=action, question=question, answer=answer, measured_count=count))
 
     if options.actions.segment:
@@ -185,7 +207,7 @@ def _run_item(item: Item, options: BatchOptions, session: Any, out: Path,
             labels = labels_from_masks(masks, item.shape)
             table = measure(labels.astype(np.int64), _intensity(image))
             outputs[action] = _write_labels(out, f"{item.name}__{action}", labels)
-        objects += _object_rows(table, **common, action=action, question="", answer="")
+        objects.append(_object_block(table, action=action, question="", answer=""))
 
     record = {
         "key": item.key, "status": "done", "input": item.path, "plane": item.plane_text, "name": item.name,

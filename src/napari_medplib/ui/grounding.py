@@ -44,8 +44,12 @@ def _session() -> Any:
     session = shared(key)
     if session is None:
         from ..engine import Session
+        from .settings import is_server_url, load_server_token
 
-        session = Session.load(key[0], device=key[1])
+        if is_server_url(key[0]):  # "Server" in the model settings: the model runs on `medplib serve`
+            session = Session.connect(key[0], token=load_server_token())
+        else:
+            session = Session.load(key[0], device=key[1])
         remember(key, session)
     return session
 

@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .batch_panel import BatchPanel
 from .chat import SEG_TOKEN, ChatPane
 from .layers import (
     ImagePlane,
@@ -36,11 +37,11 @@ from .layers import (
 )
 from .model_panel import ModelPanel
 from .output import (
+    MaskPixels,
     default_export_path,
     export_provenance,
     new_output_layer,
     output_index,
-    MaskPixels,
     provenance_entry,
     record_provenance,
     redraw_target,
@@ -63,7 +64,6 @@ from .workers import (
     stack_job,
     start,
 )
-
 
 #: The width napari opens the dock at (px): a 1280-px window keeps most of its width for the canvas.
 DOCK_WIDTH = 370
@@ -166,6 +166,7 @@ class MedplibWidget(QWidget):
         )
         self.export_button.clicked.connect(self.export_log)
         self.segment_panel = SegmentPanel(self)
+        self.batch_panel = BatchPanel(self)
 
         stack_row = QHBoxLayout()
         stack_row.addWidget(self.stack)
@@ -180,6 +181,7 @@ class MedplibWidget(QWidget):
         layout.addLayout(stack_row)
         layout.addWidget(QLabel("<b>Segment from prompts</b>"))
         layout.addWidget(self.segment_panel)
+        layout.addWidget(self.batch_panel)
         self.pickers.changed.connect(self._sync_stack)
         self._sync_stack()
         if session is not None:
