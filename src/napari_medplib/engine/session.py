@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from ..cache import LRUCache, content_key
+from ..families.registry import family_of
 from ..regions import Region
 from .disk_cache import DiskEmbeddingCache, Signature
 from .errors import SessionClosedError, SessionInputError
@@ -66,13 +67,13 @@ from .reply import AnyEvent, AskStream, CancelledSince, Reply, expert_shares
 from .validation import check_contrast_limits, check_image, check_temperature
 from .window import (
     WindowedSegmentResult,
-    mirror_prompts,
-    unmirror,
     check_window,
     choose_window,
     crop_view,
+    mirror_prompts,
     paste_masks,
     shift_prompts,
+    unmirror,
 )
 
 MASK_MODES = ("corrected", "reference")
@@ -133,7 +134,8 @@ class Session:
         on_progress: Progress | None = None,
         **options: Any,
     ) -> Session:
-        """Load a model: None = the bundled default; a folder (released layout or ours); a model name
+        """Load a model: None = the bundled default; a folder (released layout or ours; a Med-MoE or
+        Llama3-Med folder gives a text-only `ChatSession` with the same methods); a model name
         in the search paths; or a hub id already in the local Hugging Face cache (never downloads).
 
         Device "auto" picks CUDA, then Apple MPS, then the CPU; dtype None is bfloat16 on a GPU and
@@ -143,6 +145,17 @@ class Session:
         folder, name = resolve_source(source)
         device = pick_device(device)
         torch_dtype = pick_dtype(device, dtype)
+        family = family_of(folder)
+        if family.load is not None:  # a text-only family (Med-MoE, Llama3-Med): the same methods, its model
+            from .chat_session import ChatSession
+
+            if on_progress:
+                on_progress("loading", 0, 1)
+            session = ChatSession.load(folder, family, device, torch_dtype, options.get("name", name),
+                                       folder_fingerprint(folder))
+            if on_progress:
+                on_progress("loading", 1, 1)
+            return session  # type: ignore[return-value]
         model = load_model(folder, device, torch_dtype, on_progress)
         options.setdefault("name", name)
         return cls(model, fingerprint=folder_fingerprint(folder), folder=folder, **options)

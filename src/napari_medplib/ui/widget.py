@@ -218,14 +218,22 @@ class MedplibWidget(QWidget):
         return (self.settings.model_source, self.settings.device)
 
     def set_session(self, session: Any) -> None:
-        """Use an already loaded session (scripts, tests)."""
+        """Use an already loaded session (scripts, tests); features its family lacks are disabled, with why."""
         self.session = session
         self._session_key = self._wanted_key()
         self.model_panel.status.setText(self._session_text(session))
+        family = getattr(session, "family", None)
+        no_masks = family.lacks("masks") if family is not None else None
+        self.segment_panel.setEnabled(no_masks is None)
+        self.segment_panel.setToolTip(no_masks or "")
+        if no_masks:
+            self.chat.add_note(no_masks)
 
     @staticmethod
     def _session_text(session: Any) -> str:
-        return f"{getattr(session, 'model_name', 'model')} on {getattr(session, 'device', '?')}"
+        family = getattr(session, "family", None)
+        kind = f" ({family.name})" if family is not None else ""
+        return f"{getattr(session, 'model_name', 'model')}{kind} on {getattr(session, 'device', '?')}"
 
     def with_session(self, then: Callable[[], None], reload: bool = False) -> None:
         """Run ``then`` with a loaded session, loading it in a worker first if needed."""
