@@ -129,13 +129,7 @@ from types import SimpleNamespace
 import numpy as np, tifffile
 from napari_medplib.batch import Actions, BatchOptions, batch
 from napari_medplib.engine.measure import measure
-side, tile = {side}, 512
 path = {str(work / 'big.tif')!r}
-yy, xx = np.mgrid[:tile, :tile]
-disc = ((yy % 64 - 32) ** 2 + (xx % 64 - 32) ** 2 < 15 ** 2).astype(np.uint16) * 30000 + 1000
-n = -(-side // tile)
-tifffile.imwrite(path, (disc for _ in range(n * n)), shape=(side, side), dtype=np.uint16, tile=(tile, tile),
-                 compression="zlib")
 
 class Threshold:
     model_name, fingerprint = "threshold", "otsu"
@@ -162,6 +156,16 @@ result = batch([path], {str(work / 'big_out')!r}, BatchOptions(Actions(ground=("
 print(json.dumps({{"before_mib": before / 1024, "peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "seconds": time.perf_counter() - t, "done": result.done, "failures": result.failures}}))
 """
+    write = f"""
+import numpy as np, tifffile
+side, tile = {side}, 512
+yy, xx = np.mgrid[:tile, :tile]
+disc = ((yy % 64 - 32) ** 2 + (xx % 64 - 32) ** 2 < 15 ** 2).astype(np.uint16) * 30000 + 1000
+n = -(-side // tile)
+tifffile.imwrite({str(work / 'big.tif')!r}, (disc for _ in range(n * n)), shape=(side, side), dtype=np.uint16,
+                 tile=(tile, tile), compression="zlib")
+"""
+    subprocess.run([sys.executable, "-c", write], check=True)  # its own process: its memory is not counted
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(proc.stderr[-2000:])
