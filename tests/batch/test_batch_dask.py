@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,8 +40,14 @@ def _records(out):
     return {p.name: p.read_bytes() for p in (out / "items").glob("*.json")}
 
 
+REAL = Path(__file__).resolve().parents[1] / "data" / "real"
+
+
 def test_local_cluster_of_processes_runs_every_action(tmp_path, tiny_model_folder):
-    folder = _images(tmp_path / "in", 6, regions=True)
+    folder = _images(tmp_path / "in", 4, regions=True)
+    for name in ("dsb2018_nuclei_image", "axondeepseg_sem_rat_spinal_cord_image"):  # real fluorescence and SEM
+        shutil.copy(REAL / f"{name}.tif", folder / f"{name}.tif")
+        shutil.copy(folder / "im00.geojson", folder / f"{name}.geojson")
     options = BatchOptions(Actions(ask=(QUESTION,), ground=("Please segment the nuclei.",), segment=True),
                            model=str(tiny_model_folder), max_new_tokens=4)
     result = batch([str(folder)], tmp_path / "out", options, workers=2)
