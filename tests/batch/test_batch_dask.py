@@ -106,11 +106,13 @@ def test_external_scheduler_survives_a_killed_worker(tmp_path, tiny_model_folder
     options = BatchOptions(Actions(ask=(QUESTION,)), model=str(tiny_model_folder), max_new_tokens=48)
     killed = threading.Event()
 
-    def kill_one_worker():
+    def kill_one_worker():  # the worker that has finished the most items so far, mid-run
         deadline = time.time() + 120
         while time.time() < deadline and len(list((out / "items").glob("*.json"))) < 4:
             time.sleep(0.05)
-        os.kill(workers[0].pid, signal.SIGKILL)
+        pids = [int(json.loads(v)["worker"].rsplit(":", 1)[1]) for v in _records(out).values()]
+        victim = max(workers, key=lambda w: pids.count(w.pid))
+        os.kill(victim.pid, signal.SIGKILL)
         killed.set()
 
     threading.Thread(target=kill_one_worker, daemon=True).start()
