@@ -161,12 +161,13 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_label_tiff(path: str | Path, labels: Any) -> None:
-    """Write a label image as TIFF through a temporary file in the same folder (see `atomic_path`)."""
+def write_label_tiff(path: str | Path, labels: Any, **options: Any) -> None:
+    """Write a label image as TIFF through a temporary file in the same folder (see `atomic_path`);
+    ``options`` go to ``tifffile.imwrite`` (e.g. ``compression="zlib"``)."""
     import tifffile
 
     with atomic_path(path) as temporary:
-        tifffile.imwrite(temporary, labels)
+        tifffile.imwrite(temporary, labels, **options)
 
 
 def labels_from_masks(masks: Sequence[Any], shape: tuple[int, int]):

@@ -170,3 +170,23 @@ def test_real_session_grounding_labels_match_the_table(tmp_path):
         mine = sorted(int(r["label"]) for r in rows if r["image"].endswith(f"img{i}.tif"))
         assert mine == sorted(int(v) for v in np.unique(labels) if v)
     assert rows and all(r["model"] == "tiny" for r in rows)
+
+
+def test_dock_opens_tiled_outputs_lazily(tmp_path):
+    import zarr
+
+    from napari_medplib.ui.batch_panel import result_layers
+
+    folder = tmp_path / "big"
+    folder.mkdir()
+    tifffile.imwrite(folder / "slide.tif", blobs((400, 420), [(50, 50), (300, 350)]), tile=(128, 128))
+    tifffile.imwrite(folder / "small.tif", blobs((60, 60), [(30, 30)]))
+    options = BatchOptions(Actions(ground=("Please segment the nuclei.",)), tile_above=300, tile_size=256,
+                           tile_overlap=40)
+    batch([str(folder)], tmp_path / "out", options, session=BlobSession())
+    found, total = result_layers(tmp_path / "out")
+    layers = dict(found)
+    assert total == 2
+    assert isinstance(layers["slide__ground"], zarr.Array)  # not read into memory on the Qt thread
+    assert isinstance(layers["small__ground"], np.ndarray) and layers["small__ground"].max() == 1
+    assert np.asarray(layers["slide__ground"][:]).max() == 2

@@ -61,3 +61,4 @@ def test_stop_ends_the_run_between_images(make_napari_viewer_proxy, qtbot, blobs
     qtbot.waitUntil(lambda: not panel.busy, timeout=30_000)
     assert "(stopped)" in panel.status.text()
     assert len(list((tmp_path / "plates" / "medplib-results" / "items").glob("*.json"))) < 8
+

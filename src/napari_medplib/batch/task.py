@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from ..atomic import atomic_path, atomic_write_text
+from ..atomic import atomic_write_text
 from .inputs import Item
 from .options import BatchOptions, ItemError
 from .planes import PlaneReader, read_small_plane
@@ -34,11 +34,10 @@ def record_path(out: Path, key: str) -> Path:
 
 
 def _write_labels(out: Path, name: str, labels: np.ndarray) -> str:
-    import tifffile
+    from ..cli import write_label_tiff
 
     relative = f"{LABELS}/{name}.tif"
-    with atomic_path(out / relative) as temporary:
-        tifffile.imwrite(temporary, labels, compression="zlib")
+    write_label_tiff(out / relative, labels, compression="zlib")
     return relative
 
 

@@ -13,7 +13,6 @@ from a strided overview, so every tile is seen with the same contrast.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -230,7 +229,3 @@ def read_labels(path: Path) -> np.ndarray:
     import tifffile
 
     return tifffile.imread(path)
-
-
-def zarr_attrs(path: Path) -> dict[str, Any]:
-    return json.loads((path / ".zattrs").read_text())

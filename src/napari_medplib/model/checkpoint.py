@@ -120,6 +120,23 @@ def _read_file(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 
 # ---------------------------------------------------------------------------- keys
+def moe_llava_key(key: str, meta_name: str) -> str | None:
+    """A DeepSpeed MoE key of the MoE-LLaVA layout (MedPLIB, Med-MoE) -> ours; None for any other key.
+
+    ``...mlp.deepspeed_moe.gate.wg.*`` -> ``...mlp.router.*``, ``...deepspeed_experts.K.*`` ->
+    ``...mlp.experts.K.*``, and ``...mlp.meta_moe.*`` -> ``...mlp.<meta_name>.*``.
+    """
+    match = _MOE.match(key)
+    if match:
+        layer, what, expert, rest = match.groups()
+        target = "router" if what == "gate.wg" else f"experts.{expert}"
+        return f"language_model.layers.{layer}.mlp.{target}.{rest}"
+    match = _META.match(key)
+    if match:
+        return f"language_model.layers.{match.group(1)}.mlp.{meta_name}.{match.group(2)}"
+    return None
+
+
 def map_released_key(key: str) -> str | None:
     """Released (or our) key -> our key; SAM keys get the ``sam.`` prefix; ``None`` = ignore."""
     if key.startswith(OUR_PREFIXES):
@@ -128,14 +145,9 @@ def map_released_key(key: str) -> str | None:
         return None
     if key == "lm_head.weight":
         return "language_model.lm_head.weight"
-    match = _MOE.match(key)
-    if match:
-        layer, what, expert, rest = match.groups()
-        target = "router" if what == "gate.wg" else f"experts.{expert}"
-        return f"language_model.layers.{layer}.mlp.{target}.{rest}"
-    match = _META.match(key)
-    if match:
-        return f"language_model.layers.{match.group(1)}.mlp.shared_expert.{match.group(2)}"
+    moe = moe_llava_key(key, "shared_expert")
+    if moe is not None:
+        return moe
     for old, new in (
         ("model.vision_tower.vision_tower.vision_model.", "vision_tower.clip."),
         ("model.vision_tower.vision_tower.", "vision_tower.clip."),

@@ -77,12 +77,24 @@ def batch_job(inputs: list[str], out: str, options: Any, session: Any, cancel: t
     return outcome["result"]
 
 
-def result_layers(out: Path, limit: int = MAX_OPENED) -> tuple[list[tuple[str, Any]], int]:
-    """(layer name, labels) of a run's label outputs, at most ``limit``; and how many there are."""
+def _labels(path: Path) -> Any:
+    """A label output as napari takes it: TIFFs (planes up to the tiling size) in memory, the OME-Zarr of
+    a tiled plane as its lazy zarr array (napari reads the chunks it shows; a 20,000-px plane is never
+    loaded whole on the Qt thread)."""
+    if path.is_dir():
+        import zarr
+
+        return zarr.open_group(str(path), mode="r")["0"]
     from ..batch.tiles import read_labels
 
-    files = sorted(p for p in (out / "labels").iterdir() if p.suffix in (".tif", ".zarr")) if (out / "labels").is_dir() else []
-    return [(p.stem, read_labels(p)) for p in files[:limit]], len(files)
+    return read_labels(path)
+
+
+def result_layers(out: Path, limit: int = MAX_OPENED) -> tuple[list[tuple[str, Any]], int]:
+    """(layer name, labels) of a run's label outputs, at most ``limit``; and how many there are."""
+    folder = out / "labels"
+    files = sorted(p for p in folder.iterdir() if p.suffix in (".tif", ".zarr")) if folder.is_dir() else []
+    return [(p.stem, _labels(p)) for p in files[:limit]], len(files)
 
 
 class BatchPanel(QCollapsible):

@@ -29,7 +29,6 @@ What the reference's loader does, and so what this one does (no network, never `
 from __future__ import annotations
 
 import json
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -37,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ...model.checkpoint import _read_file, _report, empty_parameters, weight_files
+from ...model.checkpoint import _read_file, _report, empty_parameters, moe_llava_key, weight_files
 from ...model.config import CLIP_VIT_L14_336, CheckpointError
 from .config import MedMoECheckpointError, MedMoEConfig
 from .modeling import MedMoEModel
@@ -45,8 +44,6 @@ from .preprocess import ClipProcessorSettings
 
 __all__ = ["MedMoETokenizer", "load", "map_released_key", "resolve_image_tower"]
 
-_MOE = re.compile(r"^model\.layers\.(\d+)\.mlp\.deepspeed_moe\.(gate\.wg|experts\.deepspeed_experts\.(\d+))\.(.+)$")
-_META = re.compile(r"^model\.layers\.(\d+)\.mlp\.meta_moe\.(.+)$")
 _TOWER_PREFIX = "model.image_tower.image_tower."
 _CLIP_VISION_FIELDS = set(CLIP_VIT_L14_336) | {"attention_dropout"}
 
@@ -168,14 +165,9 @@ def map_released_key(key: str) -> str | None:
         return None
     if key == "lm_head.weight":
         return "language_model.lm_head.weight"
-    match = _MOE.match(key)
-    if match:
-        layer, what, expert, rest = match.groups()
-        target = "router" if what == "gate.wg" else f"experts.{expert}"
-        return f"language_model.layers.{layer}.mlp.{target}.{rest}"
-    match = _META.match(key)
-    if match:
-        return f"language_model.layers.{match.group(1)}.mlp.meta_expert.{match.group(2)}"
+    moe = moe_llava_key(key, "meta_expert")
+    if moe is not None:
+        return moe
     for old, new in (
         ("model.mm_projector.image_spatial_proj.", "mm_projector."),
         ("model.mm_projector.", "mm_projector."),
