@@ -66,6 +66,8 @@ def test_how_many_question_reports_the_measured_count(oracle):
     assert reply.count_labels.max() == len(CENTRES) and "count" in reply.timings
     # the split instances of the answer's own <SEG> are the same objects
     assert reply.instances[0].max() == len(CENTRES)
+    # the answer states the measured count; the model's own words are kept beside it
+    assert reply.text.startswith(f"{len(CENTRES)} nuclei") and reply.model_text is not None
 
 
 def test_how_many_in_a_region_counts_the_objects_centred_in_it(oracle):

@@ -146,7 +146,7 @@ def ask_batch(
             if instances and hasattr(session, "_split_instances"):  # per-object labels, as ask() makes them
                 masks, split = session._split_instances(seg_hidden, masks, view, planes[i], question, used[i],
                                                         mask_mode, contrast_limits, rgb, None, timings)
-                fields = session._instance_fields(split, None, planes[i], [])
+                fields = session._instance_fields(split, None, planes[i], [], "")
         timings["masks"] = time.perf_counter() - mark + (share_batch if i in grounded else 0.0)
         timings["total"] = sum(v for k, v in timings.items() if k != "instances")
         timings["batch"] = float(n)

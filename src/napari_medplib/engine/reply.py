@@ -37,6 +37,8 @@ class Reply:
     measured_count: int | None = None
     count_noun: str | None = None
     count_labels: np.ndarray | None = None  # the instances that were counted (int32 (H, W))
+    #: the model's own words when the engine rewrote ``text`` (a how-many answer states the measured count)
+    model_text: str | None = None
 
 
 @dataclass

@@ -541,12 +541,15 @@ class Session:
             warnings = [self._empty_region_warning(i, used[i], view) for i in empty]
             if seg_indices and result.finish_reason == "cancelled":
                 warnings.append("the answer was cancelled before its masks were made")
+            fields = self._instance_fields(split, counted, image, warnings, result.text)
+            counted_text = fields.pop("counted_text", None)
             return Reply(
-                text=result.text, masks=masks, regions=used, question=question, model=self.model_name,
+                text=counted_text or result.text, model_text=result.text if counted_text else None, masks=masks,
+                regions=used, question=question, model=self.model_name,
                 finish_reason=result.finish_reason, timings=timings, expert_share=share,
                 expert_share_mean=share_mean, warnings=warnings, empty_regions=empty, mask_scores=scores,
                 token_ids=list(result.ids), image_key=view.key,
-                **self._instance_fields(split, counted, image, warnings),
+                **fields,
             )
 
     def _empty_region_warning(self, index: int, region: Region, view: ModelView) -> str:
@@ -635,8 +638,10 @@ class Session:
         return noun, labels, count
 
     @staticmethod
-    def _instance_fields(split, counted, image, warnings: list[str]) -> dict[str, Any]:
-        """The Reply fields of instance splitting and counting (tables measured on the caller's plane)."""
+    def _instance_fields(split, counted, image, warnings: list[str], text: str) -> dict[str, Any]:
+        """The Reply fields of instance splitting and counting (tables measured on the caller's plane); a
+        measured count becomes the answer's number (``Reply.text``; the model's words stay in ``model_text``)."""
+        from .counting import counted_answer
         from .measure import measure
 
         fields: dict[str, Any] = {}
@@ -648,6 +653,8 @@ class Session:
         if counted is not None:
             noun, labels, count = counted
             fields.update(count_noun=noun, measured_count=count, count_labels=labels)
+            if count is not None:
+                fields["counted_text"] = counted_answer(text, noun, count)
             if count is None:
                 warnings.append(f"the model grounded no mask for '{noun}', so nothing was counted")
         return fields

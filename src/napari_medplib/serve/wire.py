@@ -203,6 +203,7 @@ def pack_reply(reply: Any) -> dict[str, Any]:
         "instances": [pack_array(m) for m in reply.instances], "tables": [_pack_table(t) for t in reply.tables],
         "measured_count": reply.measured_count, "count_noun": reply.count_noun,
         "count_labels": None if reply.count_labels is None else pack_array(reply.count_labels),
+        "model_text": getattr(reply, "model_text", None),
     }
 
 
