@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from ..model.moe import RoutingRecord
 from . import ffn
 from ._runtime import (
     INTERPRET,
@@ -26,6 +25,7 @@ from ._runtime import (
     next_pow2,
 )
 from .align import align_block_size
+from .records import RoutingRecord
 from .routing import route
 
 

@@ -24,29 +24,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.records import RoutingRecord
 from .config import MoEConfig
-
-
-@dataclass
-class RoutingRecord:
-    """What the router decided for every token of one call (flattened batch*sequence order)."""
-
-    router_logits: torch.Tensor  # [S, E] float32
-    expert_ids: torch.Tensor  # [S, k] int64, first column = argmax
-    gate_probs: torch.Tensor  # [S, k] float32, softmax probability of each chosen expert
-    combine_weights: torch.Tensor  # [S, k] float32, factor applied to each expert output (0 if dropped)
-    dropped: torch.Tensor | None = None  # [S, k] bool, capacity drops (training, or eval_drop_tokens)
-    aux_loss: torch.Tensor | None = None  # GShard load-balancing loss (training, coef > 0)
-
-    def expert_counts(self, num_experts: int) -> torch.Tensor:
-        """Tokens per expert (first choice), [E] int64."""
-        return torch.bincount(self.expert_ids[:, 0].cpu(), minlength=num_experts)
 
 
 # ---------------------------------------------------------------------------- functional core
