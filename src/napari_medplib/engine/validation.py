@@ -8,42 +8,25 @@ Session inputs (each raises :class:`SessionInputError` with a one-line message a
 * :func:`check_temperature` - the sampling temperature must be a finite number >= 0.
 
 Model folders: :func:`check_model_config` compares the sizes a ``config.json`` declares with
-:data:`CONFIG_LIMITS` before a single module is built: a 2 KB config declaring 100,000 decoder
-layers would otherwise build 100,000 layers (gigabytes of module objects, even on the meta
-device). The limits are far above every LLaMA/LLaVA/CLIP model published (LLaMA-3 405B: 126 layers,
-hidden 16,384, vocabulary 128,256).
+:data:`CONFIG_LIMITS` before a single module is built (defined in ``model.config`` and
+``model.config_limits``, below the engine, and re-exported here).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
+from ..model.config import check_model_config
+from ..model.config_limits import CONFIG_LIMITS, MAX_EXPERTS, config_problems
 from .errors import SessionInputError
 
-#: Largest value accepted for each size field of config.json (and of its ``vision_config``).
-CONFIG_LIMITS: dict[str, int] = {
-    "num_hidden_layers": 256,
-    "hidden_size": 65_536,
-    "intermediate_size": 262_144,
-    "num_attention_heads": 1_024,
-    "num_key_value_heads": 1_024,
-    "vocab_size": 1_048_576,
-    "max_position_embeddings": 1_048_576,
-    "mm_hidden_size": 65_536,
-    "max_sample_point": 1_000_000,
-    "out_dim": 65_536,
-    "count_max": 1_000_000,
-    "count_width": 4_096,
-    "image_size": 4_096,
-    "patch_size": 1_024,
-    "projection_dim": 65_536,
-}
-#: Largest number of experts per MoE layer, and of entries in the MoE lists.
-MAX_EXPERTS = 1_024
+__all__ = [
+    "CONFIG_LIMITS", "MAX_EXPERTS", "check_contrast_limits", "check_image", "check_model_config",
+    "check_temperature", "config_problems",
+]
 
 
 def check_image(image: Any) -> None:
@@ -93,46 +76,3 @@ def check_temperature(temperature: Any) -> float:
             f"temperature must be a finite number >= 0 (0 = always the most likely word), got {temperature!r}"
         )
     return value
-
-
-def config_problems(config: Mapping[str, Any], where: str = "config.json") -> list[str]:
-    """What in a config.json dict is beyond :data:`CONFIG_LIMITS` or not a whole number where one is needed."""
-    problems = []
-    for section, values in ((where, config), (f"{where} vision_config", config.get("vision_config"))):
-        if not isinstance(values, Mapping):
-            continue
-        for key, limit in CONFIG_LIMITS.items():
-            if key not in values:
-                continue
-            value = values[key]
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                problems.append(f"{section} {key} = {value!r} is not a number")
-            elif not float(value).is_integer() or not 0 <= value <= limit:
-                problems.append(f"{section} {key} = {value!r} is outside 0..{limit:,}")
-    moe = config.get("moe")
-    if isinstance(moe, Mapping):
-        for key in ("moe_layers_idx", "num_experts"):
-            entries = moe.get(key)
-            if isinstance(entries, list) and len(entries) > MAX_EXPERTS:
-                problems.append(f"{where} moe.{key} has {len(entries):,} entries (at most {MAX_EXPERTS:,})")
-            elif isinstance(entries, list) and any(
-                isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_EXPERTS for v in entries
-            ):
-                problems.append(f"{where} moe.{key} holds values that are not whole numbers in 0..{MAX_EXPERTS:,}")
-            elif isinstance(entries, int | float) and not (0 <= entries <= MAX_EXPERTS):
-                problems.append(f"{where} moe.{key} = {entries!r} is outside 0..{MAX_EXPERTS:,}")
-    return problems
-
-
-def check_model_config(config: Any, where: str = "config.json") -> None:
-    """Raise ``CheckpointError`` when a config.json dict declares sizes beyond :data:`CONFIG_LIMITS`."""
-    from ..model.config import CheckpointError
-
-    if not isinstance(config, Mapping):
-        raise CheckpointError(f"{where} must hold a JSON object, not a {type(config).__name__}")
-    problems = config_problems(config, where)
-    if problems:
-        raise CheckpointError(
-            f"{where} declares a model this program will not build: {'; '.join(problems[:5])}. "
-            "The file is damaged or not a MedPLIB config; download the model folder again"
-        )

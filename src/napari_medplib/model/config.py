@@ -10,9 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .config_limits import config_problems
 
 IMAGE_TOKEN_INDEX = -200
 REGION_TOKEN_INDEX = -300
@@ -228,9 +231,7 @@ class MedPLIBConfig:
         if not isinstance(config_json, dict):
             raise CheckpointError(f"config.json holds {type(config_json).__name__}, not an object of settings: "
                                   "re-download the model folder")
-        from ..engine.validation import check_model_config  # sizes checked before anything is built
-
-        check_model_config(config_json)
+        check_model_config(config_json)  # sizes checked before anything is built
         for key in ("hidden_size", "num_hidden_layers", "vocab_size"):
             if key not in config_json:
                 raise CheckpointError(
@@ -323,3 +324,15 @@ def resolve_vision_config(tower: str, folder: str | Path | None) -> dict[str, An
         f"(looked in: {', '.join(str(c) for c in candidates)}). Fix: copy the CLIP folder (its config.json "
         "is enough) next to the checkpoint and set 'mm_vision_tower' to its relative name."
     )
+
+
+def check_model_config(config: Any, where: str = "config.json") -> None:
+    """Raise ``CheckpointError`` when a config.json dict declares sizes beyond :data:`CONFIG_LIMITS`."""
+    if not isinstance(config, Mapping):
+        raise CheckpointError(f"{where} must hold a JSON object, not a {type(config).__name__}")
+    problems = config_problems(config, where)
+    if problems:
+        raise CheckpointError(
+            f"{where} declares a model this program will not build: {'; '.join(problems[:5])}. "
+            "The file is damaged or not a MedPLIB config; download the model folder again"
+        )
