@@ -45,6 +45,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from real_images import DEFAULT_CACHE, load_catalog  # noqa: E402  (one catalog loader for both benchmarks)
 
+from napari_medplib.train.wording import POOLS  # noqa: E402
+
 TASKS = ("modality", "stain", "region_class", "presence", "count", "describe")
 WORDINGS = ("training", "held_out")
 COUNT_TOLERANCE = 0.20
@@ -52,21 +54,15 @@ REGIONS_PER_IMAGE = 3
 
 # ------------------------------------------------------------------------------------ phrasings
 # Placeholders: {noun} singular object noun, {art} its article ("a " / "an "), {pnoun} / {cnoun} plural.
-#: Templates of ``napari_medplib/train/conversations.py`` (``_V_MODALITY``, ``_R_CATEGORY``, ``_V_PRESENT``,
-#: ``_V_COUNT``, ``_V_DESCRIPTION``), copied verbatim. Training has no stain template: the modality
-#: templates stand in (their trained answers name the stain, e.g. "H&E histology").
+#: Wordings training uses (``napari_medplib/train/wording.py``'s pools, the first few of each; the first ones
+#: are the original templates of ``train/conversations.py``). The widget's example questions are among them.
 TRAINING_PHRASINGS: dict[str, tuple[str, ...]] = {
-    "modality": ("Which imaging modality is this?", "What modality was used to acquire this image?",
-                 "What type of imaging is this?"),
-    "stain": ("Which imaging modality is this?", "What modality was used to acquire this image?",
-              "What type of imaging is this?"),
-    "region_class": ("What is in <region>?", "What is shown at <region>?", "What kind of object is <region>?",
-                     "Can you identify the structure in <region>?", "What is the object in <region>?"),
-    "presence": ("Is there {art}{noun} in this image?", "Are there any {pnoun} in this image?",
-                 "Does this image contain any {pnoun}?"),
-    "count": ("How many {cnoun} are there?", "How many {cnoun} are in this image?",
-              "Count the {cnoun} in this image."),
-    "describe": ("What kind of image is this?", "What does this image show?", "Describe the image in a few words."),
+    "modality": POOLS["modality"][:4],
+    "stain": POOLS["stain"][:4],
+    "region_class": POOLS["region_category"][:5],
+    "presence": POOLS["presence"][:4],
+    "count": POOLS["count"][:4],
+    "describe": POOLS["description"][:4],
 }
 
 #: Wordings training must never see (held out): the benchmark's test of whether answers survive rewording.
@@ -103,14 +99,17 @@ def held_out_templates() -> set[str]:
 
 
 def training_templates() -> set[str]:
-    """Normalised keys of every question template in ``napari_medplib.train.conversations`` (module
-    constants named ``_G_*``, ``_R_*``, ``_V_*`` except answer lists)."""
-    from napari_medplib.train import conversations
+    """Normalised keys of every question template training can draw: the constants of
+    ``napari_medplib.train.conversations`` named ``_G_*``, ``_R_*``, ``_V_*`` (answer lists excepted) and
+    every paraphrase pool of ``napari_medplib.train.wording``."""
+    from napari_medplib.train import conversations, wording
 
     keys = set()
     for name, value in vars(conversations).items():
         if re.match(r"_[GRV]_", name) and "ANSWERS" not in name and isinstance(value, tuple):
             keys |= {_template_key(t) for t in value if isinstance(t, str)}
+    for templates in wording.POOLS.values():
+        keys |= {_template_key(t) for t in templates}
     return keys
 
 
@@ -232,6 +231,15 @@ def is_bare_yes_no(text: str | None) -> bool:
     return normalise(text) in ("yes", "no")
 
 
+_CANT_TELL = re.compile(r"\b(?:can ?not|can t|unable to|impossible to)\s+(?:tell|say|determine)\b|\bnot sure\b|"
+                        r"\bdon t know\b")
+
+
+def says_cant_tell(text: str | None) -> bool:
+    """The answer declines ("I can't tell from this image.", "I cannot say", "not sure")."""
+    return _CANT_TELL.search(normalise(text)) is not None
+
+
 def parse_count(text: str | None) -> int | None:
     """The first number in the answer, digits or a word up to twenty."""
     t = normalise(text)
@@ -335,6 +343,44 @@ def image_facts(modality: str, noun: str, labels: np.ndarray, seed: int = 0) -> 
         facts.append(Fact("count", str(n), words))
     facts.append(Fact("describe", f"{modality}|{object_class}", words))
     return facts
+
+
+# ------------------------------------------------------------------------------------ images unlike microscopy
+#: What is asked of an image that is no microscopy (noise, a photograph): the right answer declines.
+UNKNOWN_TASKS = ("modality", "describe")
+
+
+def unknown_images(split: str) -> list[tuple[str, np.ndarray]]:
+    """(name, image) of noise and photographs that training never saw: the report split gets scikit-image's
+    report photographs and one noise image of each kind, the tune split noise of other seeds."""
+    from napari_medplib.train import unknown as u
+
+    out = []
+    if split in ("report", "all"):
+        out += [(f"photo:{name}", u.photo(name)) for name in u.REPORT_PHOTOS]
+        out += [(f"noise:{kind}", u.noise(kind, np.random.default_rng(u.REPORT_SEED_BASE + i), (384, 384)))
+                for i, kind in enumerate(u.NOISE_KINDS)]
+    if split in ("tune", "all"):
+        out += [(f"noise:{kind}:tune", u.noise(kind, np.random.default_rng(u.REPORT_SEED_BASE + 100 + i), (384, 384)))
+                for i, kind in enumerate(u.NOISE_KINDS)]
+    return out
+
+
+def ask_unknown(session, images: Sequence[tuple[str, np.ndarray]], *, max_new_tokens: int = 48) -> dict:
+    """Every image asked the ``UNKNOWN_TASKS`` in both wording sets; right = the answer declines."""
+    records = []
+    for name, image in images:
+        for task in UNKNOWN_TASKS:
+            for wording, phrasings in (("training", TRAINING_PHRASINGS), ("held_out", HELD_OUT_PHRASINGS)):
+                for template in phrasings[task]:
+                    reply = session.ask(image, template, max_new_tokens=max_new_tokens)
+                    records.append({"image": name, "task": task, "wording": wording, "question": template,
+                                    "answer": reply.text, "correct": says_cant_tell(reply.text)})
+        clear = getattr(session, "clear_cache", None)
+        if clear is not None:
+            clear()
+    return {**{w: _mean([r["correct"] for r in records if r["wording"] == w]) for w in WORDINGS},
+            "n_images": len(images), "images": [name for name, _ in images], "records": records}
 
 
 # ------------------------------------------------------------------------------------ baseline
@@ -445,8 +491,9 @@ def overall(rows: Sequence[dict], majority: dict[str, str]) -> dict:
 
 
 def run(session, images: Sequence[tuple[str, str, str, str, np.ndarray, np.ndarray]], *, seed: int = 0,
-        max_new_tokens: int = 48, log=None) -> dict:
-    """``images``: (name, catalog modality, plural noun, split, image, labels). Returns the JSON-able result."""
+        max_new_tokens: int = 48, log=None, unknown: Sequence[tuple[str, np.ndarray]] = ()) -> dict:
+    """``images``: (name, catalog modality, plural noun, split, image, labels); ``unknown``: (name, image) of
+    images unlike microscopy (`unknown_images`). Returns the JSON-able result."""
     rows = []
     for name, modality, noun, split, image, labels in images:
         mark = time.perf_counter()
@@ -462,6 +509,14 @@ def run(session, images: Sequence[tuple[str, str, str, str, np.ndarray, np.ndarr
             log(f"{name}: {len(records)} questions, {rows[-1]['seconds']:.0f} s")
     majority = majority_answers([f for row in rows for f in row["_facts"]])
     summary = overall(rows, majority)
+    real = [r for row in rows for r in row["records"]]
+    # declining on real microscopy is wrong: a model that always declines would pass the unknown images
+    summary["cant_tell_on_microscopy"] = {w: _mean([says_cant_tell(r["answer"]) for r in real if r["wording"] == w])
+                                          for w in WORDINGS}
+    if unknown:
+        summary["unknown"] = ask_unknown(session, unknown, max_new_tokens=max_new_tokens)
+        if log is not None:
+            log(f"{len(unknown)} images unlike microscopy: {len(summary['unknown']['records'])} questions")
     for row in rows:
         row["tasks"] = per_task(row["records"], row["_facts"], majority)
         row["facts"] = [{"task": f.task, "truth": f.truth, **({"box": list(f.box)} if f.box else {})}
@@ -493,6 +548,14 @@ def table(result: dict) -> str:
                      f"{_fmt(c['mean_relative_error_held_out'])}, majority {_fmt(c['mean_relative_error_majority'])}")
     if "describe" in tasks:
         lines.append(f"describe answers that are a bare yes/no: {tasks['describe']['bare_yes_no']}")
+    ct = result["overall"].get("cant_tell_on_microscopy")
+    if ct:
+        lines.append(f"'I can't tell' on microscopy (should be ~0): training {_fmt(ct['training'])}, "
+                     f"held-out {_fmt(ct['held_out'])}")
+    unknown = result["overall"].get("unknown")
+    if unknown:
+        lines.append(f"'I can't tell' on {unknown['n_images']} images unlike microscopy: training "
+                     f"{_fmt(unknown['training'])}, held-out {_fmt(unknown['held_out'])}")
     lines.append("")
     lines.append(f"{'image':<32} {'modality':<12} " + " ".join(f"{t[:8]:>17}" for t in TASKS))
     for row in result["images"]:
@@ -517,6 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--json", type=Path, default=None, help="write all results here")
+    parser.add_argument("--no-unknown", action="store_true", help="skip the noise and photographs")
     args = parser.parse_args(argv)
 
     import torch
@@ -538,8 +602,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         images.append((entry.name, entry.modality, entry.objects, entry.split, image, labels))
     session = Session.load(args.model, device=args.device)
     print(f"model: {session.model_name}; {len(entries)} images ({args.split})", file=sys.stderr)
+    unknown = [] if args.only or args.no_unknown else unknown_images(args.split)
     result = run(session, images, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                 log=lambda line: print(line, file=sys.stderr))
+                 log=lambda line: print(line, file=sys.stderr), unknown=unknown)
     print(table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -216,3 +216,28 @@ def test_end_to_end_with_a_tiny_model(vqa):
     assert all(isinstance(r["answer"], str) for r in records)
     assert sum(r["task"] == "region_class" for r in records) == vqa.REGIONS_PER_IMAGE * (
         len(vqa.TRAINING_PHRASINGS["region_class"]) + len(vqa.HELD_OUT_PHRASINGS["region_class"]))
+
+
+# ------------------------------------------------------------------------------------ unlike microscopy
+def test_declining_answers_are_recognised(vqa):
+    assert vqa.says_cant_tell("I can't tell from this image.") and vqa.says_cant_tell("I cannot say.")
+    assert vqa.says_cant_tell("Not sure.") and not vqa.says_cant_tell("fluorescence microscopy")
+    assert not vqa.says_cant_tell("no") and not vqa.says_cant_tell(None)
+
+
+def test_images_unlike_microscopy_are_asked_and_scored(vqa):
+    report, tune = vqa.unknown_images("report"), vqa.unknown_images("tune")
+    assert {n for n, _ in report}.isdisjoint({n for n, _ in tune})
+    assert any(n.startswith("photo:") for n, _ in report) and all(n.startswith("noise:") for n, _ in tune)
+
+    class Declines:
+        def ask(self, image, question, regions=(), max_new_tokens=48):
+            return SimpleNamespace(text="I can't tell from this image." if image.ndim == 3 else "phase contrast")
+
+    image, labels = _synthetic()
+    result = vqa.run(Declines(), [("synthetic", "fluorescence", "nuclei", "tune", image, labels)],
+                     unknown=[("rgb", np.zeros((8, 8, 3), np.uint8)), ("grey", np.zeros((8, 8), np.uint8))])
+    unknown = result["overall"]["unknown"]
+    assert unknown["training"] == unknown["held_out"] == 0.5 and unknown["n_images"] == 2
+    assert result["overall"]["cant_tell_on_microscopy"] == {"training": 0.0, "held_out": 0.0}
+    assert "images unlike microscopy" in vqa.table(result)

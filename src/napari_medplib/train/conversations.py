@@ -48,6 +48,7 @@ from scipy import ndimage as ndi
 
 from .data import TASKS, Conversation, RegionSpec, Sample
 from .synth import ALL_CATEGORIES, STYLES
+from .wording import CANT_TELL, POOLS
 
 SIZES = ("small", "medium", "large")
 SHAPES = ("round", "elongated")
@@ -241,9 +242,19 @@ class _Ctx:
     rng: np.random.Generator
     vocabulary: tuple[str, ...]
     max_count: int
+    wording: str = "templates"
 
     def pick(self, seq: Sequence[Any]) -> Any:
         return seq[int(self.rng.integers(len(seq)))]
+
+    def question(self, templates: Sequence[str], pool: str) -> str:
+        """A question template: from the original few, or with ``wording="paraphrases"`` from the pool."""
+        return self.pick(POOLS[pool] if self.wording == "paraphrases" else templates)
+
+    @property
+    def unknown(self) -> bool:
+        """An image unlike any microscopy (noise, a photograph): every question gets ``CANT_TELL``."""
+        return bool(self.sample.meta.get("unknown"))
 
     def mask(self, idx: int) -> np.ndarray:
         return self.sample.labels == self.stats.ids[idx]
@@ -354,8 +365,16 @@ def _count_box(ctx: _Ctx, cat: str) -> tuple[tuple[int, int, int, int], int] | N
     return None
 
 
+def _random_box(rng: np.random.Generator, h: int, w: int) -> tuple[int, int, int, int]:
+    bh, bw = (max(int(rng.uniform(0.1, 0.4) * s), 4) for s in (h, w))
+    y0, x0 = int(rng.integers(0, h - bh)), int(rng.integers(0, w - bw))
+    return y0, x0, y0 + bh - 1, x0 + bw - 1
+
+
 def _region_vqa(ctx: _Ctx, kind: str) -> Conversation | None:
     st = ctx.stats
+    if kind == "category" and ctx.unknown:
+        return _region_category(ctx)
     if not len(st.ids):
         return None
     if kind == "category":
@@ -393,6 +412,11 @@ def _region_vqa(ctx: _Ctx, kind: str) -> Conversation | None:
 
 
 def _region_category(ctx: _Ctx) -> Conversation | None:
+    if ctx.unknown:
+        h, w = ctx.sample.labels.shape
+        box = RegionSpec("box", box=_random_box(ctx.rng, h, w))
+        return Conversation(ctx.question(_R_CATEGORY, "region_category"), CANT_TELL, "region_vqa", "category", [box],
+                            canonical=CANT_TELL, meta={"label_ids": []})
     choices = tuple(sorted({*ctx.vocabulary, *ctx.categories(), BACKGROUND}))
     depth = ndi.distance_transform_edt(ctx.sample.labels == 0)
     # background in ~1 question of 5 (when there is clear background), else a category uniformly
@@ -404,20 +428,22 @@ def _region_category(ctx: _Ctx) -> Conversation | None:
     else:
         idx = ctx.pick([i for i, c in enumerate(ctx.stats.categories) if c == answer])
         region, label_ids = ctx.region(idx), [int(ctx.stats.ids[idx])]
-    return Conversation(ctx.pick(_R_CATEGORY), answer, "region_vqa", "category", [region],
+    return Conversation(ctx.question(_R_CATEGORY, "region_category"), answer, "region_vqa", "category", [region],
                         canonical=answer, choices=choices, meta={"label_ids": label_ids})
 
 
 # ----------------------------------------------------------------------------- image-level VQA
 def _vqa(ctx: _Ctx, kind: str) -> Conversation | None:
     meta = ctx.sample.meta
-    if kind in ("modality", "description"):
+    if ctx.unknown:
+        return _vqa_unknown(ctx, kind)
+    if kind in ("modality", "description", "stain"):
         answer = meta.get(kind)
         if not answer:
             return None
-        known = {getattr(s, kind) for s in STYLES.values()} if ctx.sample.style in STYLES else set()
-        templates = _V_MODALITY if kind == "modality" else _V_DESCRIPTION
-        return Conversation(ctx.pick(templates), answer, "vqa", kind, canonical=answer,
+        known = {getattr(s, kind) for s in STYLES.values()} if ctx.sample.style in STYLES and kind != "stain" else set()
+        templates = {"modality": _V_MODALITY, "description": _V_DESCRIPTION, "stain": POOLS["stain"][:1]}[kind]
+        return Conversation(ctx.question(templates, kind), answer, "vqa", kind, canonical=answer,
                             choices=tuple(sorted(known | {answer})))
     if kind == "count":
         countable = [c for c in ctx.categories() if len(ctx.sample.instances_of(c)) <= ctx.max_count]
@@ -425,7 +451,7 @@ def _vqa(ctx: _Ctx, kind: str) -> Conversation | None:
             return None
         cat = ctx.pick(countable)
         n = str(len(ctx.sample.instances_of(cat)))
-        return Conversation(ctx.pick(_V_COUNT).format(cnoun=count_noun(cat)), n, "vqa", kind,
+        return Conversation(ctx.question(_V_COUNT, "count").format(cnoun=count_noun(cat)), n, "vqa", kind,
                             canonical=n, meta={"category": cat})
     if kind == "presence":
         present = ctx.categories()
@@ -435,12 +461,27 @@ def _vqa(ctx: _Ctx, kind: str) -> Conversation | None:
             return None
         cat = ctx.pick(present if answer == "yes" else absent)
         if cat in _MASS:
-            question = ctx.pick(_V_PRESENT_MASS).format(noun=cat)
+            question = ctx.question(_V_PRESENT_MASS, "presence_mass").format(noun=cat)
         else:
-            question = ctx.pick(_V_PRESENT).format(art=_article(cat), noun=cat, pnoun=plural(cat))
+            question = ctx.question(_V_PRESENT, "presence").format(art=_article(cat), noun=cat, pnoun=plural(cat))
         return Conversation(question, answer, "vqa", kind, canonical=answer, choices=YES_NO,
                             meta={"category": cat})
     return None
+
+
+def _vqa_unknown(ctx: _Ctx, kind: str) -> Conversation | None:
+    """Any image-level question about an image unlike microscopy: ``CANT_TELL``."""
+    if kind in ("modality", "description", "stain"):
+        templates = {"modality": _V_MODALITY, "description": _V_DESCRIPTION, "stain": POOLS["stain"][:1]}[kind]
+        question = ctx.question(templates, kind)
+    elif kind == "count":
+        question = ctx.question(_V_COUNT, "count").format(cnoun=count_noun(ctx.pick(ctx.vocabulary)))
+    elif kind == "presence":
+        cat = ctx.pick([c for c in ctx.vocabulary if c not in _MASS] or ["nucleus"])
+        question = ctx.question(_V_PRESENT, "presence").format(art=_article(cat), noun=cat, pnoun=plural(cat))
+    else:
+        return None
+    return Conversation(question, CANT_TELL, "vqa", kind, canonical=CANT_TELL)
 
 
 _BUILDERS = {"grounding": _grounding, "region_vqa": _region_vqa, "vqa": _vqa}
@@ -448,18 +489,24 @@ _BUILDERS = {"grounding": _grounding, "region_vqa": _region_vqa, "vqa": _vqa}
 
 def make_conversations(sample: Sample, rng: np.random.Generator | int, n_per_task: int | dict[str, int] = 3,
                        tasks: Sequence[str] = TASKS, kinds: dict[str, Sequence[str]] | None = None,
-                       vocabulary: Sequence[str] | None = None, max_count: int = 25) -> list[Conversation]:
+                       vocabulary: Sequence[str] | None = None, max_count: int = 25,
+                       wording: str = "templates") -> list[Conversation]:
     """`n_per_task` conversations for each task, cycling through its kinds in a shuffled order.
 
     A kind that cannot be asked about this sample (no unambiguous instance, one category for
     ``multi``, no modality for user data) is replaced by another kind of the same task, so every task
     gets its share while any is possible. `vocabulary` supplies the categories "is there ...?" may
     ask about as negatives (default: every synthetic category); counts above `max_count` are not asked.
+    ``wording="paraphrases"`` draws image-level and region-category questions from `wording.POOLS` (the
+    original templates are the default, so data sets made before stay the same); a sample with
+    ``meta["unknown"]`` (noise, a photograph) gets ``wording.CANT_TELL`` for every question.
     """
+    if wording not in ("templates", "paraphrases"):
+        raise ValueError(f"wording must be 'templates' or 'paraphrases', got {wording!r}")
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     kinds = {**DEFAULT_KINDS, **(kinds or {})}
     vocab = tuple(sorted(set(ALL_CATEGORIES if vocabulary is None else vocabulary)))
-    ctx = _Ctx(sample, InstanceStats.of(sample), rng, vocab, max_count)
+    ctx = _Ctx(sample, InstanceStats.of(sample), rng, vocab, max_count, wording)
     out: list[Conversation] = []
     seen: set[tuple[str, str]] = set()  # region-free turns asked already: never repeat one verbatim
     for task in tasks:

@@ -1,0 +1,241 @@
+"""Teach the bundled model's language side the questions microscopists type, about real images.
+
+Starts from a model folder (default: the bundled model) and trains the language model (its routers
+excepted), the projector, the vision tower, the region encoder and the ``<SEG>`` projection on a mix of:
+
+* **real annotated images** of ``benchmarks/real_data/training_set.py`` (H&E, TEM, phase-contrast bacteria,
+  Ki67 IHC, DAPI fluorescence, SEM axons; none is scored by the benchmarks), random windows, flipped and
+  rotated: modality, stain, description, presence, region class and grounding questions;
+* **synthetic planes** of every generator style (fluorescence nuclei, cells and mitochondria,
+  brightfield, H&E, phase-contrast bacteria, EM neurites and axons), all question kinds, so that what
+  the model knows is kept;
+* **images unlike microscopy** (``train/unknown.py``: noise of five kinds, windows of training
+  photographs), every question answered "I can't tell from this image.".
+
+Questions are drawn from ``train/wording.py``'s paraphrase pools (``wording="paraphrases"``), never from
+the real-question benchmark's held-out wordings; answers name modality, stain and objects
+(``wording.MODALITY_FACTS``). SAM does not train: box and click masks stay the base model's, and the
+grounding masks are supervised (BCE + Dice) so that ``<SEG>`` keeps prompting SAM as before.
+
+    python scripts/train_real_vqa.py --out OUT [--base MODEL] [--steps 1500] [--cache CACHE] [--mirrors DIR]
+
+Re-running the same command resumes from ``OUT.partial/resume.pt``; each step's data is fixed by
+(seed, step). Then score with ``benchmarks/real_vqa.py --model OUT`` and ``benchmarks/real_images.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "benchmarks" / "real_data"))
+
+#: training-set name prefix -> (modality key of ``wording.MODALITY_FACTS``, category, plural for answers, implied)
+REAL_SOURCES = {
+    "gbm40_he_": ("he", "nucleus", "nuclei", ("cell", "cytoplasm")),
+    "isbi2012_tem_train_": ("tem", "neurite", "neurites", ("mitochondrion",)),
+    "omnipose_phase": ("phase", "bacterium", "bacteria", ("cell",)),
+    "deepliif_val_ihc_": ("ihc", "nucleus", "nuclei", ("cell", "cytoplasm")),
+    "deepliif_val_dapi_": ("fluorescence", "nucleus", "nuclei", ("cell", "cytoplasm")),
+    "axondeepseg": ("sem", "axon", "myelinated axons", ("cell",)),
+}
+#: how often each source is drawn (few images of a modality are drawn as often as many of another)
+REAL_WEIGHTS = {"gbm40_he_": 1.0, "isbi2012_tem_train_": 1.0, "omnipose_phase": 1.0, "deepliif_val_ihc_": 1.0,
+                "deepliif_val_dapi_": 0.7, "axondeepseg": 1.0}
+SYNTHETIC_OBJECTS = {"nuclei": "nuclei", "cells": "cells", "organelles": "mitochondria", "brightfield": "cells",
+                     "he": "nuclei", "bacteria": "bacteria", "em_neurites": "neurites", "em_axons": "myelinated axons"}
+MIX = {"real": 0.45, "synthetic": 0.40, "unknown": 0.15}
+TRAIN = ["language_model.embed_tokens.*", "language_model.layers.*.self_attn.*",
+         "language_model.layers.*.mlp.experts.*", "language_model.layers.*.*layernorm*", "language_model.norm.*",
+         "language_model.lm_head.*", "mm_projector.*", "vision_tower.*", "region_encoder.*", "text_hidden_fcs.*"]
+KINDS = {
+    "real": {"vqa": ("modality", "stain", "description", "presence", "presence"), "region_vqa": ("category",),
+             "grounding": ("semantic", "instance")},
+    "synthetic": {"vqa": ("modality", "stain", "description", "count", "presence")},
+    "unknown": {"vqa": ("modality", "stain", "description", "count", "presence"), "region_vqa": ("category",)},
+}
+N_PER_TASK = {"real": {"grounding": 1, "region_vqa": 1, "vqa": 4},
+              "synthetic": {"grounding": 1, "region_vqa": 1, "vqa": 3},
+              "unknown": {"region_vqa": 1, "vqa": 4}}
+
+
+def real_pool(cache: str, mirrors: str | None) -> dict[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """(image, labels) of every training-set image, by source prefix."""
+    import training_set
+
+    pool: dict[str, list] = {prefix: [] for prefix in REAL_SOURCES}
+    for entry in training_set.TRAINING:
+        prefix = next((p for p in REAL_SOURCES if entry.name.startswith(p)), None)
+        if prefix is not None:
+            pool[prefix].append(training_set.load(entry, cache, mirrors))
+    return pool
+
+
+def real_sample(prefix: str, image: np.ndarray, labels: np.ndarray, rng: np.random.Generator):
+    """A random window (160-400 px), flipped / rotated, as a `Sample` with modality answers."""
+    from napari_medplib.train.data import Sample
+    from napari_medplib.train.wording import image_meta
+
+    modality, category, objects, implied = REAL_SOURCES[prefix]
+    h, w = labels.shape
+    side = int(rng.integers(160, 401))
+    ch, cw = min(h, side), min(w, side)
+    y, x = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+    img, lab = image[y : y + ch, x : x + cw], labels[y : y + ch, x : x + cw]
+    k = int(rng.integers(4))
+    img, lab = np.rot90(img, k, axes=(0, 1)), np.rot90(lab, k)
+    if rng.random() < 0.5:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    ids, areas = np.unique(lab, return_counts=True)
+    keep = ids[(ids > 0) & (areas >= 12)]
+    lab = np.where(np.isin(lab, keep), lab, 0).astype(np.int32)
+    meta = {**image_meta(modality, objects), "implied": implied, "source": prefix}
+    return Sample(np.ascontiguousarray(img), np.ascontiguousarray(lab), {int(i): category for i in keep}, "real", meta)
+
+
+def synthetic_sample(rng: np.random.Generator):
+    from napari_medplib.train.synth import STYLES, make_sample
+    from napari_medplib.train.wording import STYLE_MODALITY, image_meta
+
+    style = list(STYLES)[int(rng.integers(len(STYLES)))]
+    sample = make_sample(style, [int(v) for v in rng.integers(2**31, size=2)], size=(256, 256),
+                         bit_depth=16 if rng.random() < 0.5 else 8)
+    sample.meta.update(image_meta(STYLE_MODALITY[style], SYNTHETIC_OBJECTS[style]))
+    return sample
+
+
+def step_items(step: int, seed: int, batch: int, pool) -> list:
+    """The step's items (one packed conversation sequence each); fixed by (seed, step)."""
+    from napari_medplib.train.batches import pack_conversations
+    from napari_medplib.train.conversations import make_conversations
+    from napari_medplib.train.stream import Item
+    from napari_medplib.train.synth import STYLES, vocabulary_for
+    from napari_medplib.train.unknown import training_unknown
+
+    rng = np.random.default_rng([seed, step])
+    vocabulary = tuple(sorted({*vocabulary_for(list(STYLES)), "neurite", "axon"}))
+    prefixes = [p for p in REAL_SOURCES if pool.get(p)]
+    weights = np.array([REAL_WEIGHTS[p] for p in prefixes])
+    items = []
+    while len(items) < batch:
+        source = rng.choice(list(MIX), p=list(MIX.values()))
+        if source == "real":
+            prefix = prefixes[int(rng.choice(len(prefixes), p=weights / weights.sum()))]
+            image, labels = pool[prefix][int(rng.integers(len(pool[prefix])))]
+            sample = real_sample(prefix, image, labels, rng)
+        elif source == "synthetic":
+            sample = synthetic_sample(rng)
+        else:
+            sample = training_unknown(rng)
+        kinds = KINDS[source]
+        tasks = tuple(N_PER_TASK[source])
+        convs = make_conversations(sample, rng, n_per_task=N_PER_TASK[source], tasks=tasks, kinds=kinds,
+                                   vocabulary=vocabulary, wording="paraphrases")
+        chunks = pack_conversations(convs, tasks, 6, rng)
+        if chunks:
+            items.append(Item(sample, chunks[int(rng.integers(len(chunks)))]))
+    return items
+
+
+def learning_rate(step: int, steps: int, lr: float, warmup: int = 30) -> float:
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(steps - warmup, 1))))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--base", default=None, help="model folder to start from (default: the bundled model)")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=31)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--cache", default=str(Path("~/.cache/napari-medplib/real-images").expanduser()))
+    parser.add_argument("--mirrors", default=None)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from napari_medplib.model.convert import save_pretrained
+    from napari_medplib.model.medplib import MedPLIBModel
+    from napari_medplib.paths import bundled_model_dir
+    from napari_medplib.train.build import set_trainable
+    from napari_medplib.train.recipe import LossWeights
+    from napari_medplib.train.steps import llm_losses, make_batch
+
+    torch.set_num_threads(args.threads)
+    base = Path(args.base) if args.base else bundled_model_dir()
+    out = Path(args.out)
+    work = out.with_name(out.name + ".partial")
+    work.mkdir(parents=True, exist_ok=True)
+    model = MedPLIBModel.from_pretrained(base)
+    set_trainable(model, TRAIN)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    start = 0
+    resume = work / "resume.pt"
+    if resume.is_file():
+        saved = torch.load(resume, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        start = int(saved["step"])
+        print(f"resuming at step {start}", flush=True)
+    pool = real_pool(args.cache, args.mirrors)
+    print(json.dumps({p: len(v) for p, v in pool.items()}), f"{sum(p.numel() for p in params):,} values train",
+          flush=True)
+    weights = LossWeights(ce=1.0, bce=1.0, dice=2.0)
+    model.train()
+    log = open(work / "log.jsonl", "a", encoding="utf-8")
+    t_start = time.perf_counter()
+    for step in range(start, args.steps):
+        torch.manual_seed(int(np.random.default_rng([args.seed, step, 7]).integers(2**62)))
+        lr = learning_rate(step, args.steps, args.lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        items = step_items(step, args.seed, args.batch, pool)
+        losses = llm_losses(model, make_batch(model, items), weights)
+        total = sum(getattr(weights, name) * value for name, value in losses.items() if hasattr(weights, name))
+        optimizer.zero_grad(set_to_none=True)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        record = {"step": step + 1, "lr": round(lr, 6), "loss": round(float(total.detach()), 4),
+                  **{k: round(float(v.detach()), 4) for k, v in losses.items()}}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if (step + 1) % 10 == 0:
+            rate = (step + 1 - start) / (time.perf_counter() - t_start)
+            print(json.dumps(record), f"{rate:.2f} steps/s", flush=True)
+        if (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+            tmp = resume.with_suffix(".tmp")
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step + 1}, tmp)
+            tmp.replace(resume)
+    log.close()
+    model.eval()
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    save_pretrained(model, tmp, tokenizer_folder=base)
+    (tmp / "TRAINING.json").write_text(json.dumps({"base": str(base.name), "script": "scripts/train_real_vqa.py",
+                                                    **{k: v for k, v in vars(args).items() if k not in ("cache", "mirrors", "out", "base")}},
+                                                   indent=2))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"saved {out}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
