@@ -65,11 +65,35 @@ def decode_bytes_per_token(model, context: int) -> int:
     total = sum(param_bytes(m) for name, m in model.named_children() if name != "embed_tokens")
     for moe in model.moe_layers():
         if moe is not None:  # only top_k of the E routed experts are read per token
-            total -= (moe.num_experts - moe.config.top_k) * param_bytes(moe.experts[0])
+            top_k = moe.config.top_k if hasattr(moe, "config") else moe.top_k  # MedPLIB / Med-MoE layer
+            total -= (moe.num_experts - top_k) * param_bytes(moe.experts[0])
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     elem = next(model.parameters()).element_size()
     kv = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * head_dim * context * elem
     return total + kv
+
+
+def medplib_7b_config(layers: int = 32):
+    """MedPLIB-7B's LLM shape (LLaMA-7B, 2 experts top-1 in every layer), cut to ``layers`` decoder layers."""
+    from napari_medplib.model.config import MedPLIBConfig, MoEConfig
+
+    return MedPLIBConfig(num_hidden_layers=layers, moe=MoEConfig(num_experts=2, top_k=1))
+
+
+def build_random(make, device, dtype):
+    """``make()`` (a module factory) built directly on ``device`` in ``dtype``, random weights, eval mode.
+
+    Built in ``dtype`` from the start: 7B-2e in fp32 would not fit next to its bf16 copy.
+    """
+    import torch
+
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return make().to(dtype).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
 
 
 def _force_kernels(model):
@@ -164,18 +188,12 @@ def main(argv=None) -> int:
             print("decode.py needs a CUDA GPU (none found); use --smoke for a CPU check of the code paths")
             return 0
         device, dtype = torch.device("cuda"), torch.bfloat16
-        config = MedPLIBConfig(num_hidden_layers=args.layers, moe=MoEConfig(num_experts=2, top_k=1))
+        config = medplib_7b_config(args.layers)
         prefill, steps, repeats = args.prefill, args.steps, args.repeats
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16  layers={args.layers}", flush=True)
 
     torch.manual_seed(0)
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # build in bf16 directly: 7B-2e in fp32 would not fit next to its copy
-    try:
-        with torch.device(device):
-            model = MedPLIBLanguageModel(config).to(dtype).eval()
-    finally:
-        torch.set_default_dtype(default_dtype)
+    model = build_random(lambda: MedPLIBLanguageModel(config), device, dtype)
     for moe in model.moe_layers():
         if moe is not None:
             moe.record_routing = False
