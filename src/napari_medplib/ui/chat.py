@@ -13,9 +13,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from qtpy.QtCore import Qt, QTimer, Signal
+from qtpy.QtCore import QPoint, QRect, QSize, Qt, QTimer, Signal
 from qtpy.QtWidgets import (
     QHBoxLayout,
+    QLabel,
+    QLayout,
     QLineEdit,
     QPushButton,
     QTextBrowser,
@@ -23,9 +25,15 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-DESCRIBE = "Describe this image in a few words."
+from ..suggested_questions import DESCRIBE, MODALITY, REGION
+
 GROUND_PREFIX = "Please segment the "
-ASK_REGION = "What is in <region>?"
+ASK_REGION = REGION
+
+#: The most example questions shown under the chat (`ChatPane.set_examples`).
+MAX_EXAMPLES = 3
+#: The input's placeholder before an image is picked: a trained wording, like every example.
+DEFAULT_EXAMPLE = MODALITY
 
 
 @dataclass
@@ -90,8 +98,69 @@ def render_entry(entry: ChatEntry) -> str:
     return f"<p style='color:gray'><i>{body}</i></p>"
 
 
+class FlowLayout(QLayout):
+    """Lays its widgets out left to right and wraps them onto the next line (the example chips: three
+    questions do not fit side by side in a narrow dock). Hidden widgets take no room."""
+
+    def __init__(self, parent: QWidget | None = None, spacing: int = 4) -> None:
+        super().__init__(parent)
+        self._items: list = []
+        self.setSpacing(spacing)
+        self.setContentsMargins(0, 0, 0, 0)
+
+    def addItem(self, item) -> None:
+        self._items.append(item)
+
+    def count(self) -> int:
+        return len(self._items)
+
+    def itemAt(self, index: int):
+        return self._items[index] if 0 <= index < len(self._items) else None
+
+    def takeAt(self, index: int):
+        return self._items.pop(index) if 0 <= index < len(self._items) else None
+
+    def hasHeightForWidth(self) -> bool:
+        return True
+
+    def heightForWidth(self, width: int) -> int:
+        return self._arrange(QRect(0, 0, width, 0), move=False)
+
+    def setGeometry(self, rect: QRect) -> None:
+        super().setGeometry(rect)
+        self._arrange(rect, move=True)
+
+    def sizeHint(self) -> QSize:
+        return self.minimumSize()
+
+    def minimumSize(self) -> QSize:
+        size = QSize()
+        for item in self._items:
+            if not item.isEmpty():
+                size = size.expandedTo(item.minimumSize())
+        m = self.contentsMargins()
+        return size + QSize(m.left() + m.right(), m.top() + m.bottom())
+
+    def _arrange(self, rect: QRect, move: bool) -> int:
+        """Place the items in ``rect`` (when ``move``); return the height they need."""
+        m = self.contentsMargins()
+        area = rect.adjusted(m.left(), m.top(), -m.right(), -m.bottom())
+        x, y, line, gap = area.x(), area.y(), 0, self.spacing()
+        for item in self._items:
+            if item.isEmpty():
+                continue
+            hint = item.sizeHint()
+            if x > area.x() and x + hint.width() > area.right() + 1:  # wrap onto the next line
+                x, y, line = area.x(), y + line + gap, 0
+            if move:
+                item.setGeometry(QRect(QPoint(x, y), hint))
+            x += hint.width() + gap
+            line = max(line, hint.height())
+        return y + line - rect.y() + m.bottom()
+
+
 class ChatPane(QWidget):
-    """Transcript + input line + Send / Stop / Clear + quick actions.
+    """Transcript + input line + Send / Stop / Clear + quick actions + example questions.
 
     Signals: ``asked(str)`` when the user sends a question; ``stopped`` and ``cleared``.
     """
@@ -111,7 +180,8 @@ class ChatPane(QWidget):
             "Ask about the image. Draw a box or points and refer to it as <region>."
         )
         self.input = QLineEdit()
-        self.input.setPlaceholderText("Question (Enter to send), e.g. What is in <region>?")
+        self.input.setToolTip("Type a question about the image and press Enter")
+        self.input.setPlaceholderText(f"e.g. {DEFAULT_EXAMPLE}")
         self.input.setClearButtonEnabled(True)
         self.input.returnPressed.connect(self.send)
         self.send_button = QPushButton("Send")
@@ -126,7 +196,7 @@ class ChatPane(QWidget):
         self.clear_button.clicked.connect(self.clear)
 
         self.describe_button = QPushButton("Describe")
-        self.describe_button.setToolTip("Ask for a description of the shown image plane")
+        self.describe_button.setToolTip(f"Ask \"{DESCRIBE}\" about the shown image plane")
         self.describe_button.clicked.connect(lambda: self.ask(DESCRIBE))
         self.ground_button = QPushButton("Ground…")
         self.ground_button.setToolTip("Start a question that asks for a mask: name the structure")
@@ -134,6 +204,22 @@ class ChatPane(QWidget):
         self.region_button = QPushButton("Ask about region")
         self.region_button.setToolTip("Ask \"What is in <region>?\" about the selected (or all) shapes/points")
         self.region_button.clicked.connect(lambda: self.ask(ASK_REGION))
+
+        # example questions for the current image, in the wordings the model was trained on
+        self.examples = QWidget()
+        self.examples.setToolTip("Questions the model answers well for this kind of image")
+        flow = FlowLayout(self.examples)
+        self.examples_label = QLabel("<span style='color:gray'>Try:</span>")
+        flow.addWidget(self.examples_label)
+        self.example_buttons: list[QPushButton] = []
+        for _ in range(MAX_EXAMPLES):
+            button = QPushButton()
+            button.setToolTip("Put this question in the box above (Enter sends it)")
+            button.clicked.connect(lambda _=False, b=button: self.use_example(b.text()))
+            button.setVisible(False)
+            flow.addWidget(button)
+            self.example_buttons.append(button)
+        self.examples.setVisible(False)
 
         quick = QHBoxLayout()
         for b in (self.describe_button, self.ground_button, self.region_button):
@@ -147,6 +233,7 @@ class ChatPane(QWidget):
         layout.addWidget(self.transcript, 1)
         layout.addLayout(quick)
         layout.addLayout(row)
+        layout.addWidget(self.examples)
 
         self._render_timer = QTimer(self)
         self._render_timer.setSingleShot(True)
@@ -172,6 +259,31 @@ class ChatPane(QWidget):
         """Send ``question`` as if typed (quick actions)."""
         if self.send_button.isEnabled():
             self.asked.emit(question)
+
+    def set_examples(self, questions: Sequence[str]) -> None:
+        """Show ``questions`` (at most `MAX_EXAMPLES`) as clickable chips under the input, and use the
+        shortest that is not a description (the first of equals) as the input's placeholder, so that it fits
+        the narrow input; none: no chips."""
+        questions = list(questions)[:MAX_EXAMPLES]
+        for button, question in itertools.zip_longest(self.example_buttons, questions):
+            if button is None:
+                break
+            button.setText(question or "")
+            button.setVisible(question is not None)
+        self.examples.setVisible(bool(questions))
+        shown = [q for q in questions if q != DESCRIBE] or questions or [DEFAULT_EXAMPLE]
+        self.input.setPlaceholderText(f"e.g. {min(shown, key=len)}")
+
+    @property
+    def example_questions(self) -> list[str]:
+        """The example questions shown now."""
+        return [b.text() for b in self.example_buttons if not b.isHidden()] if not self.examples.isHidden() else []
+
+    def use_example(self, question: str) -> None:
+        """Put ``question`` in the input, ready to be edited or sent with Enter."""
+        self.input.setText(question)
+        self.input.setFocus(Qt.FocusReason.OtherFocusReason)
+        self.input.end(False)
 
     def start_grounding(self) -> None:
         self.input.setText(GROUND_PREFIX)

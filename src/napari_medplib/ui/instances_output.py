@@ -83,10 +83,45 @@ def append_features(layer: Any, rows) -> None:
     layer.features = pd.concat([kept, rows], ignore_index=True)
 
 
+def counted_objects(reply: Any, image: Any = None, regions: Sequence[Any] = ()
+                    ) -> tuple[list[MaskPixels], list[dict[str, Any]]] | None:
+    """The objects a how-many answer counted (``Reply.count_labels``) as `answer_objects` gives them, so the
+    count can be checked on the image; with ``regions`` only those whose centroid pixel lies in one (the
+    objects the engine counted). None when nothing was counted or the labels do not fit ``image``."""
+    labels = getattr(reply, "count_labels", None)
+    if labels is None or getattr(reply, "measured_count", None) is None:
+        return None
+    labels = np.asarray(labels)
+    plane = None if image is None else np.asarray(image)
+    if labels.ndim != 2 or not labels.any() or (plane is not None and plane.shape[:2] != labels.shape):
+        return None
+    from ..engine.measure import measure
+
+    intensity = plane if plane is not None and (plane.ndim == 2 or plane.shape[-1] <= 4) else None
+    table = measure(labels.astype(np.int64, copy=False), intensity)
+    if regions:
+        within = np.zeros(labels.shape, bool)
+        for region in regions:
+            within |= region.to_mask(labels.shape)
+        r = np.clip(np.rint(table["centroid_y"]).astype(int), 0, labels.shape[0] - 1)
+        c = np.clip(np.rint(table["centroid_x"]).astype(int), 0, labels.shape[1] - 1)
+        keep = within[r, c]
+        labels = np.where(np.isin(labels, table["label"][keep]), labels, 0)
+        table = {k: np.asarray(v)[keep] for k, v in table.items()}
+        if not keep.any():
+            return None
+    return object_pixels(labels), [table]
+
+
 def measured_note(reply: Any) -> str:
-    """'Measured: 118 nuclei (grounded instances)' for how-many questions, else ''."""
+    """'Measured: 118 nuclei (grounded instances)' for how-many questions whose answer does not state the
+    measured count already (the engine rewrites ``Reply.text`` to state it and keeps the model's words in
+    ``model_text``: then ''); else ''."""
     count = getattr(reply, "measured_count", None)
     noun = getattr(reply, "count_noun", None)
     if count is None or not noun:
+        return ""
+    text = str(getattr(reply, "text", "") or "")
+    if getattr(reply, "model_text", None) is not None or text.lstrip().startswith(f"{count} "):
         return ""
     return f"Measured: {count} {noun} (grounded instances)"

@@ -27,6 +27,7 @@ from qtpy.QtWidgets import (
 
 from .batch_panel import BatchPanel
 from .chat import SEG_TOKEN, ChatPane
+from .examples import ExampleQuestions
 from .layers import (
     ImagePlane,
     KeepActive,
@@ -155,6 +156,7 @@ class MedplibWidget(QWidget):
         self.chat = ChatPane()
         self.chat.asked.connect(self.ask)
         self.chat.stopped.connect(self.stop)
+        self.examples = ExampleQuestions(self.chat)
         self.stack = QCheckBox("Whole stack, axis")
         self.stack.setToolTip("Ask on every plane along the axis and write a 3-D labels volume")
         self.stack_axis = QSpinBox()
@@ -184,6 +186,8 @@ class MedplibWidget(QWidget):
         layout.addWidget(self.batch_panel)
         self.pickers.changed.connect(self._sync_stack)
         self._sync_stack()
+        self.pickers.changed.connect(lambda: self.examples.update(self.pickers.image_layer))
+        self.examples.update(self.pickers.image_layer)
         if session is not None:
             self.set_session(session)
 
@@ -448,6 +452,8 @@ class MedplibWidget(QWidget):
             expert_share_mean=getattr(reply, "expert_share_mean", None),
         )
         self.history.append(entry)
+        if objects is not None and not masks:  # a how-many answer: the objects it counted, no <SEG> of its own
+            masks = [m for m in objects[0] if m.size]
         if not masks:
             if n_masks or seg_count(getattr(reply, "text", "")):
                 return ("the mask is empty: the model outlined nothing here, so nothing was written",

@@ -92,10 +92,15 @@ class Answer:
     objects: tuple[list[MaskPixels], list[dict[str, Any]]] | None = None
 
 
-def _answer(reply: Any) -> Answer:
-    from .instances_output import answer_objects
+def _answer(reply: Any, image: Any = None, regions: Sequence[Any] = ()) -> Answer:
+    """The reply with its masks and objects scanned; a how-many answer without objects of its own brings the
+    objects it counted (`instances_output.counted_objects`), so the count can be checked on the image."""
+    from .instances_output import answer_objects, counted_objects
 
-    return Answer(reply, [mask_pixels(m) for m in getattr(reply, "masks", None) or []], answer_objects(reply))
+    objects = answer_objects(reply)
+    if objects is None:
+        objects = counted_objects(reply, image, regions)
+    return Answer(reply, [mask_pixels(m) for m in getattr(reply, "masks", None) or []], objects)
 
 
 def ask_job(
@@ -118,7 +123,7 @@ def ask_job(
             **(options or {}),
         )
         yield from stream
-    return _answer(stream.reply)
+    return _answer(stream.reply, image, regions)
 
 
 @dataclass
