@@ -144,7 +144,9 @@ def model_fingerprint(model) -> str:
     import torch
 
     digest = hashlib.blake2b(digest_size=12)
-    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    config = getattr(model, "config", None)
+    described = config.to_dict() if hasattr(config, "to_dict") else repr(config)
+    digest.update(json.dumps(described, sort_keys=True, default=str).encode())
     with torch.no_grad():
         for name, param in model.state_dict().items():
             flat = param.detach().reshape(-1)

@@ -5,7 +5,9 @@ Session inputs (each raises :class:`SessionInputError` with a one-line message a
 * :func:`check_image` - an image with no pixels (a 0-size plane or a 0-size crop);
 * :func:`check_contrast_limits` - contrast limits must be finite and not reversed (``low <= high``),
   one pair or one pair per channel;
-* :func:`check_temperature` - the sampling temperature must be a finite number >= 0.
+* :func:`check_temperature` - the sampling temperature must be a finite number >= 0;
+* :func:`check_question` - a question with words in it, and a known mask mode;
+* :func:`check_plane` - an image given, with pixels, and usable contrast limits.
 
 Model folders: :func:`check_model_config` compares the sizes a ``config.json`` declares with
 :data:`CONFIG_LIMITS` before a single module is built (defined in ``model.config`` and
@@ -24,9 +26,12 @@ from ..model.config_limits import CONFIG_LIMITS, MAX_EXPERTS, config_problems
 from .errors import SessionInputError
 
 __all__ = [
-    "CONFIG_LIMITS", "MAX_EXPERTS", "check_contrast_limits", "check_image", "check_model_config",
-    "check_temperature", "config_problems",
+    "CONFIG_LIMITS", "MASK_MODES", "MAX_EXPERTS", "check_contrast_limits", "check_image", "check_mask_mode",
+    "check_model_config", "check_plane", "check_question", "check_temperature", "config_problems",
 ]
+
+#: How masks are brought back from the decoder's low-resolution logits (``image.low_res_to_masks``).
+MASK_MODES = ("corrected", "reference")
 
 
 def check_image(image: Any) -> None:
@@ -76,3 +81,24 @@ def check_temperature(temperature: Any) -> float:
             f"temperature must be a finite number >= 0 (0 = always the most likely word), got {temperature!r}"
         )
     return value
+
+
+def check_mask_mode(mask_mode: Any) -> None:
+    """Refuse a mask mode other than :data:`MASK_MODES`."""
+    if mask_mode not in MASK_MODES:
+        raise SessionInputError(f"mask_mode must be one of {MASK_MODES}, got {mask_mode!r}")
+
+
+def check_question(question: Any, mask_mode: Any = "corrected") -> None:
+    """Refuse an empty question (or not a string) and an unknown mask mode."""
+    if not isinstance(question, str) or not question.strip():
+        raise SessionInputError("the question is empty; type a question about the image")
+    check_mask_mode(mask_mode)
+
+
+def check_plane(image: Any, contrast_limits: Any = None) -> None:
+    """Refuse a missing image, one without pixels, and unusable contrast limits."""
+    if image is None:
+        raise SessionInputError("no image given; pass one 2-D plane as a numpy array")
+    check_image(np.asarray(image))
+    check_contrast_limits(contrast_limits)
