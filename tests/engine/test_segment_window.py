@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from napari_medplib.cache import content_key
 from napari_medplib.engine import SessionInputError
 from napari_medplib.engine.image import make_view
 from napari_medplib.engine.prompts import check_prompts
 from napari_medplib.engine.scale import MODEL_OBJECT_EXTENT, PROMPT_OBJECT_EXTENT
 from napari_medplib.engine.session import CLICK_EXTENT_FACTOR
-from napari_medplib.cache import content_key
 from napari_medplib.engine.window import (
     MARGIN,
     MIN_CONTEXT,
@@ -102,7 +102,7 @@ def centroid(mask):
 
 def clicked_side(session, image, point) -> int:
     """The auto crop side the session picks for one positive click (its estimated object extent + 1 px)."""
-    extent = session._clicked_extent(make_view(image), np.array([point], float), np.array([1]))
+    extent = session.adapter.clicked_extent(make_view(image), np.array([point], float), np.array([1]))
     return auto_side(1 + extent, SAM, TARGET)
 
 
@@ -290,7 +290,7 @@ def test_clicked_extent_follows_the_object_under_the_click(tiny_session, diamete
     rng = np.random.default_rng(diameter)
     image = (rng.random((600, 800)) * 200 + 1000).astype(np.uint16)
     add_disc(image, 300, 400, diameter)
-    extent = tiny_session._clicked_extent(make_view(image), np.array([(300.0, 400.0)]), np.array([1]))
+    extent = tiny_session.adapter.clicked_extent(make_view(image), np.array([(300.0, 400.0)]), np.array([1]))
     assert extent == pytest.approx(CLICK_EXTENT_FACTOR * diameter, rel=0.3)
 
 
@@ -303,15 +303,15 @@ def test_clicked_extent_uses_the_first_positive_click_and_the_full_resolution_sc
     add_disc(image, 500, 900, 60)
     view = make_view(image)
     points = np.array([(200.0, 300.0), (500.0, 900.0)])
-    small = tiny_session._clicked_extent(view, points, np.array([1, 1]))
-    big = tiny_session._clicked_extent(view, points, np.array([0, 1]))  # the negative click is skipped
+    small = tiny_session.adapter.clicked_extent(view, points, np.array([1, 1]))
+    big = tiny_session.adapter.clicked_extent(view, points, np.array([0, 1]))  # the negative click is skipped
     assert small == pytest.approx(CLICK_EXTENT_FACTOR * 16, rel=0.3)
     assert big == pytest.approx(CLICK_EXTENT_FACTOR * 60, rel=0.3)
-    assert tiny_session._clicked_extent(view, points, np.array([0, 0])) is None
+    assert tiny_session.adapter.clicked_extent(view, points, np.array([0, 0])) is None
     monkeypatch.setattr(image_module, "LARGE_SIDE", 400)  # a 3x block-reduced view: still image pixels
     reduced = make_view(image)
     assert reduced.factor == 3
-    assert tiny_session._clicked_extent(reduced, points[1:], np.array([1])) == pytest.approx(big, rel=0.3)
+    assert tiny_session.adapter.clicked_extent(reduced, points[1:], np.array([1])) == pytest.approx(big, rel=0.3)
 
 
 def test_a_click_on_a_big_object_gets_a_bigger_crop(tiny_session):
@@ -502,9 +502,10 @@ def mirrored_yx(yx, hw, flip_y: bool, flip_x: bool) -> tuple[float, float]:
 
 
 def record_views(session, monkeypatch):
-    """Spy on ``Session._decode_view``: each decoded view's RGB, prompts (view pixels), masks and scores."""
+    """Spy on the MedPLIB adapter's ``decode_view``: each decoded view's RGB, prompts (view pixels), masks and
+    scores."""
     seen = []
-    original = session._decode_view
+    original = session.adapter.decode_view
 
     def spy(view, pts, labels, box_arr, prior, *args, **kwargs):
         masks, scores = original(view, pts, labels, box_arr, prior, *args, **kwargs)
@@ -512,7 +513,7 @@ def record_views(session, monkeypatch):
                      "scores": scores})
         return masks, scores
 
-    monkeypatch.setattr(session, "_decode_view", spy)
+    monkeypatch.setattr(session.adapter, "decode_view", spy)
     return seen
 
 
@@ -769,7 +770,7 @@ def test_an_adapted_models_known_object_extents_bound_the_click_crop():
     session = tiny_session()
 
     def extent():
-        return session._clicked_extent(make_view(image), np.array([(200, 200)], float), np.array([1]))
+        return session.adapter.clicked_extent(make_view(image), np.array([(200, 200)], float), np.array([1]))
 
     free = extent()
     assert free is not None and free < 60

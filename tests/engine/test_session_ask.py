@@ -106,16 +106,16 @@ def test_one_mask_per_seg_at_image_resolution(tiny_session, image16):
 
 
 def test_mask_mode_reaches_the_mapping(tiny_session, image16, monkeypatch):
-    from napari_medplib.engine import session as session_module
+    from napari_medplib.families.medplib import grounding as grounding_module
 
     modes = []
-    original = session_module.low_res_to_masks
+    original = grounding_module.low_res_to_masks
 
     def spy(low_res, view, resize_hw, pad, mode="corrected", **kw):
         modes.append((mode, tuple(resize_hw), tuple(pad)))
         return original(low_res, view, resize_hw, pad, mode, **kw)
 
-    monkeypatch.setattr(session_module, "low_res_to_masks", spy)
+    monkeypatch.setattr(grounding_module, "low_res_to_masks", spy)
     handle = force_seg(tiny_session.model)
     try:
         tiny_session.ask(image16, "Segment it.", max_new_tokens=1)

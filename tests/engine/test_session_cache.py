@@ -67,8 +67,12 @@ def test_prefix_reuse_gives_the_same_logits_and_ids_as_a_cold_run(image16, monke
     from napari_medplib.model.tokenizer import encode_question
 
     ids, order = encode_question(model.tokenizer, "Compare <region1> with <region2>.", 2, session.template)
-    grids, _ = session._region_masks(session._regions(regions, image16.shape), session._view(image16, None, None))
-    features = session._clip_features(session._view(image16, None, None), None)
+    from napari_medplib.engine.prompts import bind_regions
+    from napari_medplib.families.medplib.regions import region_masks
+
+    view = session.adapter.prepare_image(image16, None, None)
+    grids, _ = region_masks(session.adapter, bind_regions(regions, image16.shape), view)
+    features = session.adapter.clip_features(view, None)
     plain = original(torch.tensor(ids), region_masks=[grids[order]], image_features=features, max_new_tokens=6,
                      stop_strings=("</s>",), return_step_logits=True)
     assert plain.ids == warm_result.ids
@@ -146,11 +150,11 @@ def test_disk_cache_is_reused_and_a_mismatch_is_refused(tmp_path, image16, count
 
 
 def test_repeated_clicks_on_a_plane_skip_the_contrast_mapping(tiny_session, image16, monkeypatch):
-    from napari_medplib.engine import session as session_module
+    from napari_medplib.families.medplib import features as features_module
 
     calls = []
-    original = session_module.make_view
-    monkeypatch.setattr(session_module, "make_view", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = features_module.make_view
+    monkeypatch.setattr(features_module, "make_view", lambda *a, **k: calls.append(1) or original(*a, **k))
     a = tiny_session.segment(image16, points=[(10, 10)])
     b = tiny_session.segment(image16.copy(), points=[(20, 20)])
     assert len(calls) == 1 and a.image_key == b.image_key

@@ -51,7 +51,7 @@ def oracle(tiny_session, monkeypatch):
     import napari_medplib.engine.instance_grounding as grounding
 
     monkeypatch.setattr(grounding, "object_diameter", lambda view: 20.0)  # the discs' size: no tiles
-    monkeypatch.setattr(tiny_session, "_ground", ground)
+    monkeypatch.setattr(tiny_session.adapter, "ground", ground)
     monkeypatch.setattr(sam, "decode_with_prompts", decode_with_prompts)
     handle = force_seg(tiny_session.model)
     yield tiny_session

@@ -8,8 +8,8 @@ batched encoder call), the ``<SEG>`` prompts and the per-object point prompts ar
 tile, and `instances.merge_tiles` joins the tiles (objects crossing a seam merged by overlap). Small
 planes, or planes whose objects are already large, are split on the whole plane.
 
-Uses the session's caches and model (`Session._sam_embedding`, `Session._clip_features`); the pure
-steps are in `instances.py`.
+Uses the MedPLIB adapter's model and caches (``family.sam_embedding``, ``family.clip_features``, see
+``families.medplib``); the pure steps are in `instances.py`.
 """
 
 from __future__ import annotations
@@ -190,12 +190,12 @@ def min_object_area(diameter: float | None) -> int:
 
 
 # ------------------------------------------------------------------------------------------ entry
-def split_grounding(session, view: ModelView, image, prompts, masks: Sequence[np.ndarray], *, noun: str | None,
+def split_grounding(family, view: ModelView, image, prompts, masks: Sequence[np.ndarray], *, noun: str | None,
                     contrast_limits=None, rgb=None, tile: bool = True, on_progress=None) -> SplitResult:
     """Instances of each ``<SEG>`` mask. ``prompts``: the T-projected ``<SEG>`` prompts (N, D) (decoded
     again on tiles); ``masks``: their whole-plane masks; ``noun``: what was grounded (picks the counter's
     channel). ``tile=False`` (regions in the question, reference mask mode) splits on the whole plane."""
-    model = session.model
+    model = family.model
     sam = model.sam
     sam_size = sam.config.image_size
     diameter = object_diameter(view)
@@ -203,20 +203,20 @@ def split_grounding(session, view: ModelView, image, prompts, masks: Sequence[np
     counted = noun_index(noun, model.config.count_nouns or ()) if model.counter is not None else None
     seeds_from = "counter" if counted is not None else "distance"
     if plan is None:
-        embeddings, resize_hw, pad = session._sam_embedding(view, on_progress)
+        embeddings, resize_hw, pad = family.sam_embedding(view, on_progress)
         centres = None
         if counted is not None:
-            features = session._clip_features(view, on_progress)
+            features = family.clip_features(view, on_progress)
             centres = inst.counter_seeds(features.count_peaks[0, counted].cpu().numpy(), view.frame_hw)
         labels = [inst.absorb_fragments(split_view(sam, embeddings, resize_hw, pad, view, np.asarray(m, bool), centres,
                                                    diameter, min_object_area(diameter))) for m in masks]
         return SplitResult([np.asarray(m, bool) for m in masks], labels, [], seeds_from)
     side, overlap = plan
-    return _split_tiled(session, view, image, prompts, len(masks), side, overlap, counted, diameter,
+    return _split_tiled(family, view, image, prompts, len(masks), side, overlap, counted, diameter,
                         contrast_limits, rgb, on_progress, seeds_from)
 
 
-def _split_tiled(session, view, image, prompts, n_seg, side, overlap, counted, diameter, contrast_limits, rgb,
+def _split_tiled(family, view, image, prompts, n_seg, side, overlap, counted, diameter, contrast_limits, rgb,
                  on_progress, seeds_from) -> SplitResult:
     """Tiles of ``side`` (image pixels): one batched SAM encoding, the ``<SEG>`` prompts decoded on all tiles
     in one call, the counter once on the plane at the tiles' scale, the point prompts of all tiles in as
@@ -226,7 +226,7 @@ def _split_tiled(session, view, image, prompts, n_seg, side, overlap, counted, d
     from ..model.preprocess import prepare_sam_image
     from .window import crop_view
 
-    model = session.model
+    model = family.model
     sam = model.sam
     tiles = inst.tile_grid(view.image_hw, side, overlap)
     views = [crop_view(view, image, t, contrast_limits, rgb) for t in tiles]
@@ -235,7 +235,7 @@ def _split_tiled(session, view, image, prompts, n_seg, side, overlap, counted, d
     encoded: dict[int, tuple] = {}
     missing = []
     for i, v in enumerate(views):  # tiles are cached like any plane (a second question reuses them)
-        entry = session._features.get(("sam", v.key))
+        entry = family.caches.features.get(("sam", v.key))
         if entry is not None:
             encoded[i] = entry
         else:
@@ -246,7 +246,7 @@ def _split_tiled(session, view, image, prompts, n_seg, side, overlap, counted, d
         embeddings = sam.encode_image(torch.cat([b.pixel_values for b in batch]))
         for j, (i, b) in enumerate(zip(chunk, batch, strict=True)):
             encoded[i] = (embeddings[j : j + 1], b.resize_hw, b.pad)
-            session._features.put(("sam", views[i].key), encoded[i])
+            family.caches.features.put(("sam", views[i].key), encoded[i])
     all_embeddings = torch.cat([encoded[i][0] for i in range(len(tiles))])
     low_res, _ = sam.decode_with_text_prompt(all_embeddings.repeat_interleave(n_seg, dim=0),
                                              prompts.reshape(n_seg, -1).repeat(len(tiles), 1))
@@ -254,8 +254,8 @@ def _split_tiled(session, view, image, prompts, n_seg, side, overlap, counted, d
     centres = None
     if counted is not None:
         rgb_plane = view.rgb
-        scale = session._clip.size / side * view.factor
-        centres = scaled_counter_seeds(model, rgb_plane, scale, counted, session._clip) * view.factor
+        scale = family.clip.size / side * view.factor
+        centres = scaled_counter_seeds(model, rgb_plane, scale, counted, family.clip) * view.factor
     h, w = view.image_hw
     min_area = min_object_area(diameter)
     semantic = [np.zeros((h, w), bool) for _ in range(n_seg)]
