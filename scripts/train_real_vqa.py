@@ -50,7 +50,8 @@ REAL_SOURCES = {
 REAL_WEIGHTS = {"gbm40_he_": 1.0, "isbi2012_tem_train_": 1.0, "omnipose_phase": 1.0, "deepliif_val_ihc_": 1.0,
                 "deepliif_val_dapi_": 0.7, "axondeepseg": 1.0}
 SYNTHETIC_OBJECTS = {"nuclei": "nuclei", "cells": "cells", "organelles": "mitochondria", "brightfield": "cells",
-                     "he": "nuclei", "bacteria": "bacteria", "em_neurites": "neurites", "em_axons": "myelinated axons"}
+                     "he": "nuclei", "bacteria": "bacteria", "em_neurites": "neurites", "em_axons": "myelinated axons",
+                     "ihc": "nuclei"}
 MIX = {"real": 0.45, "synthetic": 0.40, "unknown": 0.15}
 TRAIN = ["language_model.embed_tokens.*", "language_model.layers.*.self_attn.*",
          "language_model.layers.*.mlp.experts.*", "language_model.layers.*.*layernorm*", "language_model.norm.*",

@@ -217,3 +217,18 @@ def test_em_styles_are_opt_in():
     assert {STYLES[s].modality for s in EM_STYLES} == {"electron microscopy"}
     mixed = [s.style for s in make_dataset(8, seed=0, styles=["nuclei", *EM_STYLES, "bacteria"])]
     assert mixed == ["nuclei", *EM_STYLES, "bacteria"] * 2
+
+
+# ------------------------------------------------------------------------------------ immunohistochemistry
+def test_ihc_is_opt_in_rgb_with_brown_and_blue_nuclei():
+    assert "ihc" in STYLES and "ihc" not in DEFAULT_STYLES
+    brown = blue = 0
+    for seed in range(4):
+        s = make_sample("ihc", seed)
+        assert s.image.shape[-1] == 3 and s.labels.max() >= 20
+        rgb = s.image.astype(np.float32)
+        for label in np.unique(s.labels[s.labels > 0]):
+            r, g, b = rgb[s.labels == label].mean(axis=0)
+            brown += r > b  # DAB: red above blue
+            blue += b > r  # haematoxylin: blue above red
+    assert brown >= 4 and blue >= 4 * 10

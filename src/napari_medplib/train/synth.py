@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage as ndi
 
-from .data import Sample, SyntheticSample
+from .datatypes import Sample, SyntheticSample
 
 __all__ = ["ALL_CATEGORIES", "DEFAULT_STYLES", "STYLES", "Sample", "StyleInfo", "SyntheticSample", "make_dataset",
            "make_sample", "sample_seed"]
@@ -94,6 +94,10 @@ STYLES: dict[str, StyleInfo] = {
     "em_axons": StyleInfo(
         "electron microscopy", "electron microscopy of myelinated axons", ("axon",), 1,
         {"axon": (120.0, 400.0)}, implied=("cell",),
+    ),
+    "ihc": StyleInfo(
+        "immunohistochemistry (DAB, brightfield)", "immunohistochemistry (DAB) of tissue with nuclei", ("nucleus",), 3,
+        {"nucleus": (72.0, 97.0)}, implied=("cell", "cytoplasm"),
     ),
 }
 
@@ -457,6 +461,29 @@ def _he(rng, shape):
     return _blur(rng, rgb.astype(np.float32), 0.4, 0.9), labels, cats, "transmitted"
 
 
+_DAB_STAIN = np.array([0.27, 0.57, 0.78], np.float32)  # DAB (brown) optical density per RGB
+
+
+def _ihc(rng, shape):
+    """Immunohistochemistry with a haematoxylin counterstain: nuclei blue, a share of them brown (DAB-positive
+    nuclear markers such as Ki67), a faint stroma; no eosin."""
+    n = _count(rng, shape, 30, 80)
+    centres = _place(rng, shape, np.full(n, 5.0), p_touch=0.25, margin=2)
+    nuclei = [_random_blob(rng, cy, cx, rng.uniform(4.0, 6.5), 1.8, 0.1) for cy, cx in centres if cy == cy]
+    labels = _paint_blobs(nuclei, shape)
+    labels, cats = _finalise(labels, dict.fromkeys(range(1, len(nuclei) + 1), "nucleus"))
+    count = len(cats)
+    positive = rng.random(count + 1) < rng.uniform(0.1, 0.7)
+    positive[0] = False
+    dab = np.where(positive, rng.uniform(0.6, 1.4, count + 1), 0.0)[labels]
+    hema = np.where(labels > 0, np.concatenate([[0.0], rng.uniform(0.5, 1.1, count)])[labels], 0.0)
+    hema = np.where(positive[labels], 0.3 * hema, hema) * (1 + 0.2 * _texture(rng, shape, 0.8))
+    stroma = rng.uniform(0.04, 0.15) * (1 + 0.4 * _smooth_field(rng, shape))
+    od = hema[..., None] * _H_STAIN + dab[..., None] * _DAB_STAIN + stroma[..., None] * _H_STAIN
+    rgb = np.exp(-od) * (0.92 + 0.06 * _smooth_field(rng, shape)[..., None])
+    return _blur(rng, rgb.astype(np.float32), 0.4, 0.9), labels, cats, "transmitted"
+
+
 def _capsule_distance(cy: float, cx: float, half_length: float, radius: float, angle: float,
                       shape: tuple[int, int]) -> tuple[tuple[slice, slice], np.ndarray] | None:
     """Normalised distance (< 1 inside) of a rod (a segment thickened by `radius`) on its patch."""
@@ -622,7 +649,7 @@ def make_sample(style: str, seed: int | Sequence[int], size: tuple[int, int] = (
     else:
         signal, labels, cats, optics = {"nuclei": _nuclei, "organelles": _organelles, "brightfield": _brightfield,
                                         "he": _he, "bacteria": _bacteria, "em_neurites": _em_neurites,
-                                        "em_axons": _em_axons}[style](rng, shape)
+                                        "em_axons": _em_axons, "ihc": _ihc}[style](rng, shape)
     if optics == "em":  # the signal is already detector grey levels in [0, 1]
         image = _to_dtype(signal * (255.0 if bit_depth == 8 else rng.uniform(4000, 60000)), bit_depth)
     else:

@@ -114,7 +114,7 @@ MODALITY_FACTS: dict[str, ModalityFacts] = {
 #: The synthetic styles' modality keys.
 STYLE_MODALITY = {"nuclei": "fluorescence", "cells": "fluorescence", "organelles": "fluorescence",
                   "brightfield": "brightfield", "he": "he", "bacteria": "phase", "em_neurites": "em",
-                  "em_axons": "em"}
+                  "em_axons": "em", "ihc": "ihc"}
 
 
 def image_meta(modality: str, objects: str) -> dict[str, str]:
