@@ -4,7 +4,8 @@
   `make_dataset`, seeds of disjoint train/held-out splits via `sample_seed`);
 * `conversations` — MeCoVQA-style grounding / region-VQA / VQA turns from masks (`make_conversations`);
 * `annotations` — the same turns from a user's image + label image + class names;
-* `data` — the shared types (`Sample`, `RegionSpec`, `Conversation`), `normalise_answer` for
+* `datatypes` — the shared types (`Sample`, `RegionSpec`, `Conversation`, the tokens);
+* `data` — the same types re-exported, `normalise_answer` for
   exact-match scoring, the on-disk format (`save_dataset`, `load_dataset`), and a synthetic split
   written in one call (`write_synthetic_dataset`; `synthetic_items` streams the same pairs).
 """

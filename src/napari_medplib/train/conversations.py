@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from .data import TASKS, Conversation, RegionSpec, Sample
+from .datatypes import TASKS, Conversation, RegionSpec, Sample
 from .synth import ALL_CATEGORIES, STYLES
 from .wording import CANT_TELL, POOLS
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from .data import Sample
+from .datatypes import Sample
 
 #: scikit-image photographs (bundled with the package, no download) that training sees.
 TRAINING_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "brick", "grass", "gravel",
