@@ -30,6 +30,11 @@ from ..regions import (
 from ..regions.transforms import plane_map
 
 REGION_LAYER_TYPES = ("points", "shapes", "labels")
+#: ``layer.metadata`` key of the prompt layers the widget makes ('+ Points', '+ Box / Shapes' of
+#: `pickers`): Commit clears the prompts it used from these (never from the user's own layers).
+PROMPT_LAYER = "medplib_prompts"
+#: Face colours of positive and negative point prompts (the Points layer's ``positive`` feature).
+POINT_COLOURS = {True: "#33dd55", False: "#ff3366"}
 #: Largest plane (pixels) read from a multiscale image; larger level-0 planes use a coarser level.
 MAX_PLANE_PIXELS = 32_000_000
 

@@ -21,12 +21,10 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from .layers import REGION_LAYER_TYPES, layer_key, layer_kind
+# PROMPT_LAYER and POINT_COLOURS live in `layers` (`segment` reads them too); importable from here.
+from .layers import POINT_COLOURS, PROMPT_LAYER, REGION_LAYER_TYPES, layer_key, layer_kind
 
 NEW_LAYER = "New layer"
-#: ``layer.metadata`` key of the prompt layers made here ('+ Points', '+ Box / Shapes'): Commit clears
-#: the prompts it used from these (never from the user's own layers).
-PROMPT_LAYER = "medplib_prompts"
 
 
 class LayerPickers(QWidget):
@@ -188,9 +186,7 @@ class LayerPickers(QWidget):
 
     def add_points_layer(self) -> Any:
         """A Points layer for prompts, in add mode: feature 'positive' (default `point_positive`),
-        positive and negative points in two colours (`segment.POINT_COLOURS`)."""
-        from .segment import POINT_COLOURS
-
+        positive and negative points in two colours (`layers.POINT_COLOURS`)."""
         kwargs = self._new_layer_kwargs()
         layer = self.viewer.add_points(
             name=f"{self._base_name()} points",

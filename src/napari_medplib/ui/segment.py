@@ -22,7 +22,14 @@ import numpy as np
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import QCheckBox, QGridLayout, QPushButton, QWidget
 
-from .layers import KeepActive, collect_regions, image_plane, layer_kind
+from .layers import (
+    POINT_COLOURS,
+    PROMPT_LAYER,
+    KeepActive,
+    collect_regions,
+    image_plane,
+    layer_kind,
+)
 from .output import (
     provenance_entry,
     record_provenance,
@@ -38,8 +45,6 @@ if TYPE_CHECKING:
 SEGMENT_KEY = "Shift-S"
 COMMIT_KEY = "Shift-C"
 POLARITY_KEY = "T"
-#: Face colours of positive and negative point prompts (the Points layer's ``positive`` feature).
-POINT_COLOURS = {True: "#33dd55", False: "#ff3366"}
 
 
 def key_hint(key: str) -> str:
@@ -377,9 +382,7 @@ class SegmentPanel(QWidget):
 
 def prompts_used(layers: list[Any], regions: Any) -> list[tuple[Any, list[int]]]:
     """(layer, item indices) of the prompts in ``regions`` that lie in prompt layers the widget made
-    (`pickers.PROMPT_LAYER`); other layers are the user's own and are never changed."""
-    from .pickers import PROMPT_LAYER
-
+    (`layers.PROMPT_LAYER`); other layers are the user's own and are never changed."""
     out = []
     for layer in layers:
         if not layer.metadata.get(PROMPT_LAYER):
