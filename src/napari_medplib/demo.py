@@ -76,7 +76,7 @@ def output_paths(out: str | Path | None) -> tuple[Path, Path]:
 def run_headless(out: str | Path | None = None, model: str | None = None, device: str = "auto",
                  question: str = QUESTION, echo: Callable[[str], None] = print) -> DemoResult:
     """Ask the question about the sample with the engine; write one label id per object and the table."""
-    from .cli import instance_labels, labels_from_masks, write_label_tiff, write_table
+    from .cli_io import instance_labels, labels_from_masks, write_label_tiff, write_table
     from .engine import Session
 
     labels_path, table_path = output_paths(out)
@@ -123,7 +123,7 @@ def run_napari(out: str | Path | None = None, model: str | None = None, device: 
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from .cli import atomic_path, write_label_tiff
+    from .cli_io import atomic_path, write_label_tiff
     from .engine import Session
 
     labels_path, table_path = output_paths(out)

@@ -34,7 +34,7 @@ def record_path(out: Path, key: str) -> Path:
 
 
 def _write_labels(out: Path, name: str, labels: np.ndarray) -> str:
-    from ..cli import write_label_tiff
+    from ..cli_io import write_label_tiff
 
     relative = f"{LABELS}/{name}.tif"
     write_label_tiff(out / relative, labels, compression="zlib")
@@ -70,7 +70,7 @@ def objects_rows(record: dict[str, Any]):
 
 
 def _labels_of(reply: Any, shape: tuple[int, int]) -> np.ndarray:
-    from ..cli import instance_labels, labels_from_masks
+    from ..cli_io import instance_labels, labels_from_masks
 
     if getattr(reply, "instances", None):
         labels, _ = instance_labels(reply, shape)
@@ -90,10 +90,10 @@ def _check_plane(image: np.ndarray, item: Item) -> np.ndarray:
 
 
 def _segment_regions(item: Item) -> list[Any]:
-    from ..cli import _read_regions
+    from ..cli_io import read_regions
 
     try:
-        return _read_regions(item.regions, item.shape)
+        return read_regions(item.regions, item.shape)
     except (ValueError, OSError) as exc:  # our readers' errors name the file and the problem
         raise ItemError(str(exc).splitlines()[0]) from None
 
@@ -199,7 +199,7 @@ def _run_item(item: Item, options: BatchOptions, session: Any, out: Path,
             table = segment_windowed(session, reader, plan.prompts, labels_path, options)
             outputs[action] = f"{LABELS}/{item.name}__{action}.zarr"
         else:
-            from ..cli import labels_from_masks
+            from ..cli_io import labels_from_masks
             from ..engine.measure import measure
 
             masks = [session.segment(image, **prompt, mask_mode=options.mask_mode).mask for prompt in plan.prompts]

@@ -128,7 +128,7 @@ def _intensity(pixels: np.ndarray) -> np.ndarray | None:
 def ground_tiled(session: Any, reader, question: str, dest: Path, options: BatchOptions,
                  generation: dict[str, Any]) -> TiledResult:
     """Ask ``question`` with instances on every tile; stitch the objects into ``dest`` (OME-Zarr)."""
-    from ..cli import instance_labels
+    from ..cli_io import instance_labels
     from ..engine.measure import measure
 
     height, width = reader.shape
