@@ -57,6 +57,9 @@ POSITIONS = ("top left", "top", "top right", "left", "centre", "right",
 INTENSITIES = ("dim", "bright")
 YES_NO = ("yes", "no")
 BACKGROUND = "background"
+#: Styles added after the bundled model's recipe stages were trained: their answers join the answer choices
+#: of their own samples only, so data sets made before them stay identical.
+LATE_STYLES = ("ihc",)
 ROUND_BELOW, ELONGATED_ABOVE = 0.6, 0.8
 INTENSITY_MARGIN = 0.08
 
@@ -441,7 +444,8 @@ def _vqa(ctx: _Ctx, kind: str) -> Conversation | None:
         answer = meta.get(kind)
         if not answer:
             return None
-        known = {getattr(s, kind) for s in STYLES.values()} if ctx.sample.style in STYLES and kind != "stain" else set()
+        known = ({getattr(s, kind) for name, s in STYLES.items() if name not in LATE_STYLES or name == ctx.sample.style}
+                 if ctx.sample.style in STYLES and kind != "stain" else set())
         templates = {"modality": _V_MODALITY, "description": _V_DESCRIPTION, "stain": POOLS["stain"][:1]}[kind]
         return Conversation(ctx.question(templates, kind), answer, "vqa", kind, canonical=answer,
                             choices=tuple(sorted(known | {answer})))
