@@ -228,3 +228,26 @@ def test_measured_note_only_when_the_text_does_not_state_the_count():
     assert measured_note(new) == ""
     assert measured_note(SimpleNamespace(text="40 nuclei.", measured_count=40, count_noun="nuclei")) == ""
     assert measured_note(SimpleNamespace(text="A cell.", measured_count=None, count_noun=None)) == ""
+
+
+class DecliningSession(FakeSession):
+    """Answers every question as the model does about an image unlike any microscopy it knows."""
+
+    def ask_stream(self, image, question, regions=(), **kwargs):
+        self.calls.append(("ask", np.shape(image), question, len(regions)))
+
+        def gen():
+            yield "I can't tell from this image."
+            return FakeReply("I can't tell from this image.", [], list(regions), question, self.model_name)
+
+        return FakeStream(gen())
+
+
+def test_a_declined_answer_says_what_the_model_knows_and_what_to_do(make_napari_viewer, qtbot, brightfield):
+    viewer = make_napari_viewer()
+    viewer.add_image(brightfield, name="photo")
+    widget = _dock(viewer, DecliningSession())
+    widget.chat.ask("Describe the image in a few words.")
+    _wait_idle(qtbot, widget)
+    notes = [e.text for e in widget.chat.entries if e.role == "note"]
+    assert any("does not recognise this image" in n and "Adapt to my images" in n for n in notes), notes

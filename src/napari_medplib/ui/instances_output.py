@@ -125,3 +125,13 @@ def measured_note(reply: Any) -> str:
     if getattr(reply, "model_text", None) is not None or text.lstrip().startswith(f"{count} "):
         return ""
     return f"Measured: {count} {noun} (grounded instances)"
+
+
+def declined_note(reply: Any) -> str:
+    """What to do when the model declines ("I can't tell from this image."), else ''."""
+    text = str(getattr(reply, "text", "") or "").lower()
+    if "can't tell" not in text and "cannot tell" not in text:
+        return ""
+    return ("The model does not recognise this image well enough to answer. It knows fluorescence, H&E, "
+            "immunohistochemistry, brightfield, phase-contrast and electron microscopy; check the contrast "
+            "limits, or teach it your images with 'Adapt to my images'.")

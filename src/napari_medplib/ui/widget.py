@@ -511,10 +511,12 @@ class MedplibWidget(QWidget):
         self.chat.finish_answer(reply.text, footer, marks)
         if note.startswith("the mask is empty"):
             report_info("MedPLIB: " + note)
-        from .instances_output import measured_note
+        from .instances_output import declined_note, measured_note
 
         if measured := measured_note(reply):
             self.chat.add_note(measured)
+        if declined_note(reply):
+            self.chat.add_note(declined_note(reply))
 
     def _on_stack(self, q: _Question, result: StackResult) -> None:
         planes = [(index, answer.pixels) for index, answer in result.planes]
