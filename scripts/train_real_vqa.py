@@ -52,18 +52,19 @@ REAL_WEIGHTS = {"gbm40_he_": 1.0, "isbi2012_tem_train_": 1.0, "omnipose_phase": 
 SYNTHETIC_OBJECTS = {"nuclei": "nuclei", "cells": "cells", "organelles": "mitochondria", "brightfield": "cells",
                      "he": "nuclei", "bacteria": "bacteria", "em_neurites": "neurites", "em_axons": "myelinated axons",
                      "ihc": "nuclei"}
-MIX = {"real": 0.5, "synthetic": 0.4, "unknown": 0.1}
+MIX = {"real": 0.4, "synthetic": 0.45, "unknown": 0.15}
 TRAIN = ["language_model.embed_tokens.*", "language_model.layers.*.self_attn.*",
          "language_model.layers.*.mlp.experts.*", "language_model.layers.*.*layernorm*", "language_model.norm.*",
          "language_model.lm_head.*", "mm_projector.*", "vision_tower.*", "region_encoder.*", "text_hidden_fcs.*"]
 KINDS = {
     "real": {"vqa": ("modality", "stain", "description", "presence", "presence"), "region_vqa": ("category",),
              "grounding": ("semantic", "instance")},
-    "synthetic": {"vqa": ("modality", "stain", "description", "count", "presence")},
+    "synthetic": {"vqa": ("modality", "stain", "description", "count", "presence"),
+                  "region_vqa": ("category", "category", "count", "size", "shape", "position", "intensity")},
     "unknown": {"vqa": ("modality", "stain", "description", "count", "presence"), "region_vqa": ("category",)},
 }
 N_PER_TASK = {"real": {"grounding": 1, "region_vqa": 1, "vqa": 4},
-              "synthetic": {"grounding": 1, "region_vqa": 1, "vqa": 3},
+              "synthetic": {"grounding": 2, "region_vqa": 2, "vqa": 3},
               "unknown": {"region_vqa": 1, "vqa": 4}}
 
 

@@ -87,10 +87,13 @@ def unknown_sample(image: np.ndarray, source: str) -> Sample:
 
 
 def training_unknown(rng: np.random.Generator, size: int = 256) -> Sample:
-    """Noise (half) or a window of a training photograph (half)."""
+    """Noise (half) or a window of a training photograph (half), of any size from ``size / 2`` to ``3 size``:
+    the model sees every image at one resolution, so noise drawn at one size would look smooth or grainy
+    only at that size."""
+    side = int(np.exp(rng.uniform(np.log(size // 2), np.log(3 * size))))
     if rng.random() < 0.5:
         kind = NOISE_KINDS[int(rng.integers(len(NOISE_KINDS)))]
-        return unknown_sample(noise(kind, rng, (size, size)), f"noise:{kind}")
+        return unknown_sample(noise(kind, rng, (side, int(side * rng.uniform(0.75, 1.33)))), f"noise:{kind}")
     name = TRAINING_PHOTOS[int(rng.integers(len(TRAINING_PHOTOS)))]
-    image = crop(photo(name), rng, int(rng.integers(size // 2, 2 * size)))
+    image = crop(photo(name), rng, side)
     return unknown_sample(image, f"photo:{name}")

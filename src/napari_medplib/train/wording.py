@@ -97,7 +97,7 @@ class ModalityFacts:
 MODALITY_FACTS: dict[str, ModalityFacts] = {
     "fluorescence": ModalityFacts("fluorescence microscopy", "fluorescent labels (fluorescence)",
                                   "fluorescence microscopy of {objects}"),
-    "he": ModalityFacts("H&E histology (brightfield)", "H&E (haematoxylin and eosin)",
+    "he": ModalityFacts("H&E histology", "H&E (haematoxylin and eosin)",
                         "H&E-stained tissue section with {objects}"),
     "ihc": ModalityFacts("immunohistochemistry (DAB, brightfield)", "DAB immunohistochemistry with a haematoxylin counterstain",
                          "immunohistochemistry (DAB) of tissue with {objects}"),
