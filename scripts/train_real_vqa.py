@@ -167,6 +167,42 @@ def step_items(step: int, seed: int, batch: int, pool) -> list:
     return items
 
 
+class PromptRecorder:
+    """Records the ``<SEG>`` prompt embeddings a model makes (``seg_prompt_embeddings``), in call order."""
+
+    def __init__(self, model) -> None:
+        import types
+
+        self.calls: list = []
+        original = type(model).seg_prompt_embeddings
+
+        def recording(this, seg_hidden):
+            out = original(this, seg_hidden)
+            self.calls.append(out)
+            return out
+
+        model.seg_prompt_embeddings = types.MethodType(recording, model)
+
+
+def keep_prompts_loss(student: PromptRecorder, teacher_model, teacher: PromptRecorder, batch, weights):
+    """Relative squared distance of the student's ``<SEG>`` prompts to the base model's on the same batch.
+
+    Why: grounding masks come from these prompts through SAM's (frozen) decoder; trained on new questions,
+    the language model moved them, and real-image grounding fell apart (HeLa nuclei counted 162 for 124,
+    H&E 2656 for 256). Holding the prompts where the base model had them keeps its grounding."""
+    import torch
+
+    from napari_medplib.train.steps import llm_losses
+
+    if not student.calls:
+        return None
+    teacher.calls.clear()
+    with torch.no_grad():
+        llm_losses(teacher_model, batch, weights)
+    s, t = torch.cat(student.calls), torch.cat(teacher.calls).detach()
+    return ((s - t) ** 2).sum(-1).mean() / (t**2).sum(-1).mean().clamp_min(1e-6)
+
+
 def learning_rate(step: int, steps: int, lr: float, warmup: int = 30) -> float:
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -183,6 +219,9 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=31)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--checkpoint-every", type=int, default=50)
+    parser.add_argument("--keep-prompts", type=float, default=5.0,
+                        help="weight of the loss that keeps the <SEG> prompts of --teacher (0: off)")
+    parser.add_argument("--teacher", default=None, help="model whose <SEG> prompts are kept (default: --base)")
     parser.add_argument("--cache", default=str(Path("~/.cache/napari-medplib/real-images").expanduser()))
     parser.add_argument("--mirrors", default=None)
     args = parser.parse_args(argv)
@@ -203,6 +242,12 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model = MedPLIBModel.from_pretrained(base)
     set_trainable(model, TRAIN)
+    teacher_model = teacher = student = None
+    if args.keep_prompts > 0:
+        teacher_model = MedPLIBModel.from_pretrained(Path(args.teacher) if args.teacher else base).eval()
+        for p in teacher_model.parameters():
+            p.requires_grad_(False)
+        student, teacher = PromptRecorder(model), PromptRecorder(teacher_model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.0)
     start = 0
@@ -226,8 +271,16 @@ def main(argv=None) -> int:
         for group in optimizer.param_groups:
             group["lr"] = lr
         items = step_items(step, args.seed, args.batch, pool)
-        losses = llm_losses(model, make_batch(model, items), weights)
-        total = sum(getattr(weights, name) * value for name, value in losses.items() if hasattr(weights, name))
+        batch = make_batch(model, items)
+        if student is not None:
+            student.calls.clear()
+        losses = llm_losses(model, batch, weights)
+        if student is not None:
+            kept = keep_prompts_loss(student, teacher_model, teacher, batch, weights)
+            if kept is not None:
+                losses["keep_prompts"] = args.keep_prompts * kept
+        total = sum((getattr(weights, name) if hasattr(weights, name) else 1.0) * value
+                    for name, value in losses.items())
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
