@@ -184,3 +184,19 @@ def test_it_counts_the_objects_in_an_image():
             reply = session.ask(sample.image, f"How many {noun} are there?", max_new_tokens=4, instances=False)
             answers.append((str(len(sample.instances_of(category))), reply.text.strip()))
     assert sum(truth == said for truth, said in answers) >= 8, answers
+
+
+def test_it_declines_on_a_photograph_and_describes_microscopy():
+    """docs/real-vqa.md: "I can't tell from this image." for images unlike microscopy (a report photograph,
+    never trained on), a description naming modality and objects for microscopy, never a bare yes / no."""
+    from napari_medplib.engine.session import Session
+    from napari_medplib.train.evaluate import heldout
+    from napari_medplib.train.unknown import photo
+
+    session = Session.load(device="cpu")
+    assert "can't tell" in session.ask(photo("motorcycle_right"), "Describe the image in a few words.").text
+    sample, _ = next(iter(heldout(1, styles=["nuclei"])))
+    text = session.ask(sample.image, "Describe the image in a few words.").text.lower()
+    assert "fluorescence" in text and "nuclei" in text, text
+    reworded = session.ask(sample.image, "Describe this image.").text.strip(" .").lower()
+    assert reworded not in ("yes", "no") and "fluorescen" in reworded, reworded
