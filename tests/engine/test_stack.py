@@ -167,10 +167,11 @@ def test_ask_planes_bundled_model_answers_of_different_lengths_match_ask():
     yy, xx = np.mgrid[:48, :44]
     for z, (cy, cx, r) in enumerate([(20, 20, 8), (24, 18, 10), (30, 28, 6), (12, 12, 7), (24, 22, 12), (10, 30, 5)]):
         volume[z][(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += 2500
+    question = "Where are the nuclei? Please output the mask."  # the bundled model answers it in two lengths
     with Session.load() as session:
-        batched = session.ask_planes(volume, "Please segment the nuclei.", batch_size=6)
+        batched = session.ask_planes(volume, question, batch_size=6)
         limits = stack_contrast_limits(volume)
-        single = [session.ask(p, "Please segment the nuclei.", contrast_limits=limits) for p in volume]
+        single = [session.ask(p, question, contrast_limits=limits) for p in volume]
     assert len({len(r.token_ids) for r in single}) > 1, "the answers should differ in length"
     for b, s in zip(batched, single, strict=True):
         assert b.text == s.text and b.token_ids == s.token_ids
