@@ -230,6 +230,9 @@ _V_PRESENT = ("Is there {art}{noun} in this image?", "Are there any {pnoun} in t
               "Does this image contain any {pnoun}?")
 _V_PRESENT_MASS = ("Is there {noun} in this image?", "Does this image contain {noun}?")
 
+#: The original templates of the image questions answered from ``Sample.meta`` (stain: the widget's wording).
+_IMAGE_TEMPLATES = {"modality": _V_MODALITY, "description": _V_DESCRIPTION, "stain": POOLS["stain"][:1]}
+
 #: Default cycle of kinds per task (a kind listed twice is asked twice as often).
 DEFAULT_KINDS: dict[str, tuple[str, ...]] = {
     "grounding": ("semantic", "instance", "semantic", "multi"),
@@ -446,7 +449,7 @@ def _vqa(ctx: _Ctx, kind: str) -> Conversation | None:
             return None
         known = ({getattr(s, kind) for name, s in STYLES.items() if name not in LATE_STYLES or name == ctx.sample.style}
                  if ctx.sample.style in STYLES and kind != "stain" else set())
-        templates = {"modality": _V_MODALITY, "description": _V_DESCRIPTION, "stain": POOLS["stain"][:1]}[kind]
+        templates = _IMAGE_TEMPLATES[kind]
         return Conversation(ctx.question(templates, kind), answer, "vqa", kind, canonical=answer,
                             choices=tuple(sorted(known | {answer})))
     if kind == "count":
@@ -476,7 +479,7 @@ def _vqa(ctx: _Ctx, kind: str) -> Conversation | None:
 def _vqa_unknown(ctx: _Ctx, kind: str) -> Conversation | None:
     """Any image-level question about an image unlike microscopy: ``CANT_TELL``."""
     if kind in ("modality", "description", "stain"):
-        templates = {"modality": _V_MODALITY, "description": _V_DESCRIPTION, "stain": POOLS["stain"][:1]}[kind]
+        templates = _IMAGE_TEMPLATES[kind]
         question = ctx.question(templates, kind)
     elif kind == "count":
         question = ctx.question(_V_COUNT, "count").format(cnoun=count_noun(ctx.pick(ctx.vocabulary)))
