@@ -7,17 +7,19 @@ excepted), the projector, the vision tower, the region encoder and the ``<SEG>``
   Ki67 IHC, DAPI fluorescence, SEM axons; none is scored by the benchmarks), random windows, flipped and
   rotated: modality, stain, description, presence, region class and grounding questions;
 * **synthetic planes** of every generator style (fluorescence nuclei, cells and mitochondria,
-  brightfield, H&E, phase-contrast bacteria, EM neurites and axons), all question kinds, so that what
-  the model knows is kept;
+  brightfield, H&E, immunohistochemistry, phase-contrast bacteria, EM neurites and axons), all question
+  kinds, so that what the model knows is kept;
 * **images unlike microscopy** (``train/unknown.py``: noise of five kinds, windows of training
   photographs), every question answered "I can't tell from this image.".
 
 Questions are drawn from ``train/wording.py``'s paraphrase pools (``wording="paraphrases"``), never from
 the real-question benchmark's held-out wordings; answers name modality, stain and objects
-(``wording.MODALITY_FACTS``). SAM does not train: box and click masks stay the base model's, and the
-grounding masks are supervised (BCE + Dice) so that ``<SEG>`` keeps prompting SAM as before.
+(``wording.MODALITY_FACTS``). SAM does not train: box and click masks stay the base model's. The grounding
+masks are supervised (BCE + Dice), and ``--keep-prompts`` holds the ``<SEG>`` prompts at those of
+``--teacher`` (default: the base model) on the same batch, so grounding stays the teacher's.
 
-    python scripts/train_real_vqa.py --out OUT [--base MODEL] [--steps 1500] [--cache CACHE] [--mirrors DIR]
+    python scripts/train_real_vqa.py --out OUT [--base MODEL] [--teacher MODEL] [--steps 1500] [--cache CACHE]
+        [--mirrors DIR]     # the runs that made the bundled model: docs/training.md
 
 Re-running the same command resumes from ``OUT.partial/resume.pt``; each step's data is fixed by
 (seed, step). Then score with ``benchmarks/real_vqa.py --model OUT`` and ``benchmarks/real_images.py``.
