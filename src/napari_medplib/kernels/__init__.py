@@ -4,6 +4,8 @@ Public entry points (import the submodule; nothing is imported here):
 
 * ``kernels.moe.fused_moe(x, router_w, gate_w, up_w, down_w, top_k=1, renormalize=None,
   router_b=None, shared=None, tiles=None, path="auto") -> (out, RoutingRecord)``
+* ``kernels.moe.fused_experts(x, gate_w, up_w, down_w, expert_ids, combine, shared=None)`` -- the
+  expert stage alone, for callers that route themselves (Med-MoE, via ``dispatch.routed_forward``)
 * ``kernels.routing.route(tokens, router_w, router_b=None, top_k=1, renormalize=False)``
 * ``kernels.align.align_block_size(expert_ids, num_experts, block_m)`` (+ ``_reference`` twin)
 * ``kernels.dispatch`` -- what ``model.moe.MoEFeedForward`` calls on CUDA

@@ -72,3 +72,39 @@ def fused_forward(module, tokens: torch.Tensor):
         tokens, module.router.weight, gate_w, up_w, down_w, top_k=module.config.top_k,
         renormalize=module.config.renormalize, router_b=module.router.bias, shared=shared, path=DEFAULT_PATH,
     )
+
+
+# ---------------------------------------------------------------------------- Med-MoE layers
+def _is_swiglu(ex) -> bool:
+    """A LLaMA/StableLM MLP: bias-free gate/up/down with SiLU (Phi-2's fc1/GELU/fc2 is not)."""
+    cfg = getattr(ex, "config", None)
+    act = getattr(cfg, "hidden_act", "silu") if cfg is not None else "silu"
+    return all(
+        isinstance(getattr(ex, n, None), torch.nn.Linear) and getattr(ex, n).bias is None
+        for n in ("gate_proj", "up_proj", "down_proj")
+    ) and act == "silu"
+
+
+def routed_supports(module, tokens: torch.Tensor) -> bool:
+    """Whether ``routed_forward`` computes a ``MedMoESparseMoE``'s experts for this input: inference,
+    SwiGLU experts (and meta expert) in the tokens' dtype."""
+    experts = list(module.experts) + ([module.meta_expert] if module.meta_expert is not None else [])
+    return (
+        not module.training
+        and not torch.is_grad_enabled()
+        and tokens.dtype in SUPPORTED_DTYPES
+        and all(_is_swiglu(ex) for ex in experts)
+        and all(getattr(ex, n).weight.dtype == tokens.dtype for ex in experts for n in ("gate_proj", "up_proj", "down_proj"))
+    )
+
+
+def routed_forward(module, tokens: torch.Tensor, expert_ids: torch.Tensor, combine: torch.Tensor) -> torch.Tensor:
+    """tokens [S, D] with the module's own routing -> routed experts + meta expert [S, D] (Triton)."""
+    from .moe import fused_experts
+
+    gate_w, up_w, down_w = packed_expert_weights(module)
+    shared = None
+    if module.meta_expert is not None:
+        ex = module.meta_expert
+        shared = (ex.gate_proj.weight, ex.up_proj.weight, ex.down_proj.weight)
+    return fused_experts(tokens, gate_w, up_w, down_w, expert_ids, combine, shared=shared, path=DEFAULT_PATH)

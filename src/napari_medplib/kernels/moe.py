@@ -199,3 +199,45 @@ def fused_moe(
     out = out_slots[:, 0] if slots == 1 else out_slots.sum(dim=1).to(x.dtype)
     record = RoutingRecord(logits, expert_ids.long(), gate_probs, combine)
     return out.reshape(*batch_shape, hidden), record
+
+
+def fused_experts(
+    x: torch.Tensor,
+    gate_w: torch.Tensor,
+    up_w: torch.Tensor,
+    down_w: torch.Tensor,
+    expert_ids: torch.Tensor,
+    combine: torch.Tensor,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    tiles: TileConfig | None = None,
+    path: str = "auto",
+) -> torch.Tensor:
+    """The expert stage of ``fused_moe`` with the routing chosen by the caller: x [S, D],
+    ``expert_ids`` / ``combine`` [S, k] -> sum_k combine * SwiGLU_{expert_ids}(x) (+ shared) [S, D].
+
+    For models whose routing the Triton router does not reproduce (Med-MoE's Gumbel second choice):
+    they route in PyTorch and hand the choices here. ``path``: "auto", "gemv" or "grouped".
+    """
+    if x.dim() != 2 or expert_ids.dim() != 2 or combine.shape != expert_ids.shape or expert_ids.shape[0] != x.shape[0]:
+        raise KernelInputError(f"fused_experts: need x [S, D], expert_ids and combine [S, k]; got {tuple(x.shape)}, "
+                               f"{tuple(expert_ids.shape)}, {tuple(combine.shape)}")
+    top_k = expert_ids.shape[1]
+    router_w = torch.empty(gate_w.shape[0], gate_w.shape[2], device=x.device, dtype=x.dtype)  # shape check only
+    _check(x, router_w, gate_w, up_w, down_w, None, shared, top_k)
+    if path not in ("auto", "gemv", "grouped"):
+        raise KernelInputError(f"fused_experts: path must be 'auto', 'gemv' or 'grouped', got {path!r}")
+    check_device(expert_ids, combine)
+    tokens = x if x.stride(-1) == 1 and x.stride(0) == x.shape[1] else x.contiguous()
+    num_tokens, hidden = tokens.shape
+    ids = expert_ids.to(torch.int32).contiguous()
+    weights = combine.to(torch.float32).contiguous()
+    tiles = tiles or default_tiles(num_tokens, hidden, gate_w.shape[1])
+    gemv = path == "gemv" or (path == "auto" and num_tokens <= tiles.decode_max_tokens)
+    slots = top_k + (shared is not None)
+    out_slots = torch.zeros(num_tokens, slots, hidden, device=tokens.device, dtype=torch.float32)
+    if num_tokens:
+        _expert_ffn(tokens, gate_w, up_w, down_w, ids, weights, out_slots, 0, tiles, gemv)
+        if shared is not None:
+            g, u, d = (w.unsqueeze(0) for w in shared)
+            _expert_ffn(tokens, g, u, d, None, None, out_slots, top_k, tiles, gemv)
+    return out_slots.sum(dim=1).to(x.dtype)

@@ -33,7 +33,7 @@ from torch import nn
 
 from ...model.generation import GenerationConfig, GenerationResult, generate_tokens
 from ...model.llm import build_attention_mask
-from ...model.moe import RoutingRecord, dispatch_combine, route_tokens
+from ...model.moe import RoutingRecord, _triton_dispatch, dispatch_combine, route_tokens
 from ...model.vision import CLIPVisionTower
 from .config import IMAGE_TOKEN_INDEX, MedMoEConfig, _mlp_depth
 from .preprocess import ClipProcessorSettings, build_prompt, prepare_image, tokenize_prompt
@@ -95,6 +95,25 @@ class MedMoESparseMoE(nn.Module):
         self.last_routing: RoutingRecord | None = None
         #: Gumbel noise of the top-2 second choice; None = torch's global RNG (as the reference).
         self.generator: torch.Generator | None = None
+        #: CUDA inference: routed + meta experts through the Triton expert kernels (routing stays here)
+        self.use_kernels = True
+
+    def _kernel_experts(self, tokens: torch.Tensor, expert_ids: torch.Tensor, combine: torch.Tensor):
+        """Experts + meta expert via ``kernels.dispatch.routed_forward`` with this layer's routing, or
+        None (Triton missing, Phi-2's GELU experts, training, a dtype the kernels lack). A kernel that
+        fails turns them off for this layer with a warning; the PyTorch path answers instead."""
+        kernels = _triton_dispatch()
+        if kernels is None or not kernels.routed_supports(self, tokens):
+            return None
+        try:
+            return kernels.routed_forward(self, tokens, expert_ids, combine)
+        except Exception as exc:  # compile/launch errors come as many types
+            import warnings
+
+            self.use_kernels = False
+            warnings.warn(f"Triton MoE kernels failed ({type(exc).__name__}: {exc}); using the PyTorch path",
+                          RuntimeWarning, stacklevel=3)
+            return None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch_shape = hidden_states.shape[:-1]
@@ -104,9 +123,11 @@ class MedMoESparseMoE(nn.Module):
         expert_ids, gate_probs, combine = route_tokens(  # [S, k] each
             logits, self.top_k, renormalize=self.top_k > 1, second_expert_policy="gumbel", generator=self.generator
         )
-        output = dispatch_combine(tokens, expert_ids, combine, lambda e, x: self.experts[e](x), self.num_experts)
-        if self.meta_expert is not None:
-            output = output + self.meta_expert(tokens)
+        output = self._kernel_experts(tokens, expert_ids, combine) if self.use_kernels and tokens.is_cuda else None
+        if output is None:
+            output = dispatch_combine(tokens, expert_ids, combine, lambda e, x: self.experts[e](x), self.num_experts)
+            if self.meta_expert is not None:
+                output = output + self.meta_expert(tokens)
         self.last_routing = RoutingRecord(logits.detach(), expert_ids, gate_probs.detach(), combine.detach())
         return output.view(*batch_shape, -1)
 
