@@ -9,7 +9,12 @@ import numpy as np
 import pytest
 from engine_helpers import force_seg
 
-from napari_medplib.engine.stack import link_planes, link_replies, reply_instances, stack_contrast_limits
+from napari_medplib.engine.stack import (
+    link_planes,
+    link_replies,
+    reply_instances,
+    stack_contrast_limits,
+)
 
 
 def _spheres(shape, spheres):

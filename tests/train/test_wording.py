@@ -15,7 +15,13 @@ from napari_medplib.train.conversations import (
     make_conversations,
 )
 from napari_medplib.train.synth import make_sample
-from napari_medplib.train.wording import CANT_TELL, MODALITY_FACTS, POOLS, STYLE_MODALITY, image_meta
+from napari_medplib.train.wording import (
+    CANT_TELL,
+    MODALITY_FACTS,
+    POOLS,
+    STYLE_MODALITY,
+    image_meta,
+)
 
 ORIGINAL = {"modality": _V_MODALITY, "description": _V_DESCRIPTION, "count": _V_COUNT, "presence": _V_PRESENT,
             "region_category": _R_CATEGORY}
