@@ -515,8 +515,8 @@ class MedplibWidget(QWidget):
 
         if measured := measured_note(reply):
             self.chat.add_note(measured)
-        if declined_note(reply):
-            self.chat.add_note(declined_note(reply))
+        if declined := declined_note(reply):
+            self.chat.add_note(declined)
 
     def _on_stack(self, q: _Question, result: StackResult) -> None:
         planes = [(index, answer.pixels) for index, answer in result.planes]
