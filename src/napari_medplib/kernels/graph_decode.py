@@ -9,6 +9,16 @@ calls ``nonzero`` and cannot be captured).
 ``StaticDecoder`` drives the model's own layers (same weights, same math as ``llm.py``); prefill runs
 eagerly, ``decode_step`` replays the graph on CUDA (``use_graph=True``) or runs eagerly anywhere.
 Sequences in a batch must have the same prompt length (no padding support here).
+
+Decode attention (``attention=``):
+
+* ``"span"`` (default): the step attends over the written span only. On CUDA that is the split-K
+  Triton kernel ``kernels.decode_attention.decode_attention``, which takes the length as a device
+  tensor (graph-capturable; blocks past the length exit early); elsewhere its PyTorch twin (SDPA over
+  the sliced span, which reads the length on the host). The layer's attention is driven here with its
+  own projections, RoPE and the cache hook, so the numbers are those of ``LlamaAttention``.
+* ``"masked"``: the layer's own SDPA over all ``max_len`` slots with a mask hiding the unwritten ones
+  (reads the whole cache every step; kept as the reference path).
 """
 
 from __future__ import annotations
@@ -43,7 +53,12 @@ class StaticKVCache:
 class StaticDecoder:
     """Prefill + greedy decode with a static cache; CUDA-graph replay of the decode step on CUDA."""
 
-    def __init__(self, model, max_len: int, batch: int = 1, use_graph: bool | None = None) -> None:
+    def __init__(self, model, max_len: int, batch: int = 1, use_graph: bool | None = None,
+                 attention: str = "span", span_kernel: bool | None = None) -> None:
+        """``span_kernel``: use the Triton kernel for ``attention="span"`` (default: on CUDA; on CPU it
+        needs ``TRITON_INTERPRET=1``, for tests); otherwise the PyTorch twin, which cannot be captured."""
+        if attention not in ("span", "masked"):
+            raise ValueError(f"StaticDecoder: attention must be 'span' or 'masked', got {attention!r}")
         cfg = model.config
         param = next(model.parameters())
         self.model, self.batch, self.device, self.dtype = model, batch, param.device, param.dtype
@@ -57,6 +72,13 @@ class StaticDecoder:
         self.static_logits: torch.Tensor | None = None
         self.graph: torch.cuda.CUDAGraph | None = None
         self.key_positions = torch.arange(max_len, device=self.device)
+        self.attention = attention
+        self._span_fn = None
+        if attention == "span":
+            self._span_fn = _span_attention_fn(self.device.type == "cuda" if span_kernel is None else span_kernel)
+            if self.use_graph and self._span_fn is _span_twin:
+                raise ValueError("StaticDecoder: the CUDA graph with attention='span' needs Triton (the span "
+                                 "kernel); install triton or use attention='masked'")
 
     def _layers(self, hidden_states, position_ids, mask):
         position_embeddings = self.model.rotary_emb(hidden_states, position_ids)
@@ -81,10 +103,35 @@ class StaticDecoder:
         self.cache.position.fill_(length)
         return logits
 
+    def _span_layer(self, layer, hidden_states, position_embeddings, lengths):
+        """One decoder layer for a one-token step, its attention over the written span only."""
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        attn = layer.self_attn
+        batch = hidden_states.shape[0]
+        normed = layer.input_layernorm(hidden_states)
+        shape = (batch, 1, -1, attn.head_dim)
+        query = attn.q_proj(normed).view(shape).transpose(1, 2)  # [B, Hq, 1, d]
+        key = attn.k_proj(normed).view(shape).transpose(1, 2)
+        value = attn.v_proj(normed).view(shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        keys, values = self.cache.update(key, value, attn.layer_idx)  # full static buffers
+        out = self._span_fn(query, keys, values, lengths, attn.scaling)  # [B, Hq, 1, d]
+        hidden_states = hidden_states + attn.o_proj(out.transpose(1, 2).reshape(batch, 1, -1))
+        return hidden_states + layer.mlp(layer.post_attention_layernorm(hidden_states))
+
     def _decode_body(self) -> torch.Tensor:
         position_ids = self.cache.position.view(1, 1)
-        mask = (self.key_positions <= self.cache.position).view(1, 1, 1, -1)  # only written slots
-        logits = self._layers(self.static_embeds, position_ids, mask)
+        if self.attention == "span":
+            hidden_states = self.static_embeds
+            position_embeddings = self.model.rotary_emb(hidden_states, position_ids)
+            lengths = self.cache.position + 1  # the new token's K/V is written at ``position``
+            for layer in self.model.layers:
+                hidden_states = self._span_layer(layer, hidden_states, position_embeddings, lengths)
+            logits = self.model.lm_head(self.model.norm(hidden_states)).float()[:, -1]
+        else:
+            mask = (self.key_positions <= self.cache.position).view(1, 1, 1, -1)  # only written slots
+            logits = self._layers(self.static_embeds, position_ids, mask)
         self.cache.position.add_(1)
         return logits
 
@@ -127,3 +174,30 @@ class StaticDecoder:
             next_ids = self.decode_step(self.model.embed_tokens(next_ids)[:, None]).argmax(-1)
             tokens.append(next_ids)
         return torch.stack(tokens, dim=1)
+
+
+def decode_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                               scale: float | None = None) -> torch.Tensor:
+    """The PyTorch twin: SDPA of each sequence's query over its sliced span ``k[b, :, :len_b]``."""
+    batch, q_heads = q.shape[:2]
+    group = q_heads // k.shape[1]
+    lens = lengths.expand(batch) if lengths.dim() == 0 else lengths
+    outs = []
+    for b, length in enumerate(lens.tolist()):  # host sync: the twin is for eager use and tests
+        keys = k[b : b + 1, :, :length].repeat_interleave(group, dim=1)
+        values = v[b : b + 1, :, :length].repeat_interleave(group, dim=1)
+        outs.append(torch.nn.functional.scaled_dot_product_attention(q[b : b + 1], keys, values, scale=scale))
+    return torch.cat(outs, dim=0)
+
+
+def _span_twin(query, keys, values, lengths, scale):
+    return decode_attention_reference(query, keys, values, lengths, scale)
+
+
+def _span_attention_fn(use_kernel: bool):
+    """The span attention callable: the Triton kernel, or the PyTorch twin (no Triton import)."""
+    if not use_kernel:
+        return _span_twin
+    from .decode_attention import decode_attention
+
+    return lambda query, keys, values, lengths, scale: decode_attention(query, keys, values, lengths, scale)
