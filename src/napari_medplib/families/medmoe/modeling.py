@@ -99,9 +99,10 @@ class MedMoESparseMoE(nn.Module):
         self.use_kernels = True
 
     def _kernel_experts(self, tokens: torch.Tensor, expert_ids: torch.Tensor, combine: torch.Tensor):
-        """Experts + meta expert via ``kernels.dispatch.routed_forward`` with this layer's routing, or
-        None (Triton missing, Phi-2's GELU experts, training, a dtype the kernels lack). A kernel that
-        fails turns them off for this layer with a warning; the PyTorch path answers instead."""
+        """Experts + meta expert via ``kernels.dispatch.routed_forward`` with this layer's routing (StableLM's
+        SwiGLU or Phi-2's fc1/GELU(tanh)/fc2 experts), or None (Triton missing, training, a dtype the
+        kernels lack, experts of another kind). A kernel that fails turns them off for this layer with
+        a warning; the PyTorch path answers instead."""
         kernels = _triton_dispatch()
         if kernels is None or not kernels.routed_supports(self, tokens):
             return None
