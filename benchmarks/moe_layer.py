@@ -17,6 +17,12 @@ a/c and b/c, plus the max relative error of (a) and (c) against (b).
     python benchmarks/moe_layer.py                 # needs a CUDA GPU
     python benchmarks/moe_layer.py --json out.json # also write the numbers
     python benchmarks/moe_layer.py --smoke         # CPU, toy shapes, Triton interpreter: code paths only
+    python benchmarks/moe_layer.py --phi           # Phi-2 Med-MoE experts instead (see below)
+
+``--phi``: the expert stage of a Phi-2 Med-MoE layer (fc1 -> GELU(tanh) -> fc2 with biases; 4 experts
+top-2 + meta expert; D=2560, I=10240 unless --hidden/--intermediate say otherwise), routing computed
+once in PyTorch and handed to both: (b) ``loop`` (``kernels.moe.mlp_experts_reference``, the PyTorch
+path's structure) and (c) ``fused`` (``kernels.moe.fused_mlp_experts``). Prints ms and b/c.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import sys
 import time
 
 CASES = [("prefill", 1024), ("prefill", 2048), ("decode", 1), ("decode", 8)]
+PHI_CONFIG = {"name": "phi2-4e-top2+meta", "experts": 4, "top_k": 2, "shared": True}
 CONFIGS = [{"name": "2e-top1", "experts": 2, "top_k": 1, "shared": False}, {"name": "4e-top2+meta", "experts": 4, "top_k": 2, "shared": True}]
 
 
@@ -182,11 +189,61 @@ def run(hidden, inter, cases, device, dtype, warmup, iters, sweep=False):
     return rows
 
 
+def _phi_weights(cfg, hidden, inter, dtype, device, seed=0):
+    """Phi-2 expert weights in fused_mlp_experts' layout (fc1_w [E, I, D], fc1_b [E, I], fc2_w [E, D, I],
+    fc2_b [E, D]) + the meta expert, biases nonzero."""
+    import torch
+
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def rnd(*shape, scale):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float32) * scale).to(device, dtype)
+
+    num_experts = cfg["experts"]
+    w = {"router_w": rnd(num_experts, hidden, scale=4 / hidden**0.5).float(),
+         "fc1_w": rnd(num_experts, inter, hidden, scale=hidden**-0.5), "fc1_b": rnd(num_experts, inter, scale=0.1),
+         "fc2_w": rnd(num_experts, hidden, inter, scale=inter**-0.5), "fc2_b": rnd(num_experts, hidden, scale=0.1)}
+    w["shared"] = (rnd(inter, hidden, scale=hidden**-0.5), rnd(inter, scale=0.1),
+                   rnd(hidden, inter, scale=inter**-0.5), rnd(hidden, scale=0.1)) if cfg["shared"] else None
+    return w
+
+
+def run_phi(hidden, inter, cases, device, dtype, warmup, iters):
+    """Rows like ``run``'s for the Phi-2 expert stage: loop vs fused, same routing for both."""
+    import torch
+
+    from napari_medplib.kernels.moe import fused_mlp_experts, mlp_experts_reference
+    from napari_medplib.model.moe import route_tokens
+
+    cfg = PHI_CONFIG
+    w = _phi_weights(cfg, hidden, inter, dtype, device)
+    stacked = (w["fc1_w"], w["fc1_b"], w["fc2_w"], w["fc2_b"])
+    rows = []
+    for phase, num_tokens in cases:
+        x = torch.randn(num_tokens, hidden, device=device, dtype=dtype)
+        ids, _, combine = route_tokens(x.float() @ w["router_w"].t(), cfg["top_k"], renormalize=True)
+        args = (x, *stacked, ids, combine)
+        impls = {"loop": functools.partial(mlp_experts_reference, *args, shared=w["shared"]),
+                 "fused": functools.partial(fused_mlp_experts, *args, shared=w["shared"])}
+        with torch.no_grad():
+            outs = {name: fn() for name, fn in impls.items()}
+            ref = outs["loop"].float()
+            errs = {name: ((o.float() - ref).norm() / ref.norm()).item() for name, o in outs.items()}
+            ms = {name: _timer(fn, device, warmup, iters) for name, fn in impls.items()}
+        row = {"config": cfg["name"], "phase": phase, "tokens": num_tokens, "ms": ms, "rel_err_vs_loop": errs,
+               "speedup_vs_loop": ms["loop"] / ms["fused"]}
+        rows.append(row)
+        print(f"{cfg['name']:>17} {phase:>7} S={num_tokens:<5} loop {ms['loop']:9.3f} ms  fused {ms['fused']:9.3f} ms"
+              f"  b/c {row['speedup_vs_loop']:5.2f}x  err(c) {errs['fused']:.1e}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="toy shapes in fp32: on the GPU if present, else CPU + Triton interpreter (no timing value)")
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--phi", action="store_true", help="time Phi-2 Med-MoE's GELU experts (4 experts top-2 + meta) instead")
+    parser.add_argument("--hidden", type=int, default=None, help="default 4096, with --phi 2560")
+    parser.add_argument("--intermediate", type=int, default=None, help="default 11008, with --phi 10240")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--json", default=None, help="write the rows to this file")
@@ -208,9 +265,14 @@ def main(argv=None) -> int:
             print("moe_layer.py needs a CUDA GPU (none found); use --smoke for a CPU check of the code paths")
             return 0
         device, dtype = torch.device("cuda"), torch.bfloat16
-        hidden, inter, cases, warmup, iters = args.hidden, args.intermediate, CASES, args.warmup, args.iters
+        hidden = args.hidden or (2560 if args.phi else 4096)
+        inter = args.intermediate or (10240 if args.phi else 11008)
+        cases, warmup, iters = CASES, args.warmup, args.iters
         print(f"GPU: {torch.cuda.get_device_name()}  torch {torch.__version__}  bf16  D={hidden} I={inter}", flush=True)
-    rows = run(hidden, inter, cases, device, dtype, warmup, iters, sweep=args.sweep and device.type == "cuda")
+    if args.phi:
+        rows = run_phi(hidden, inter, cases, device, dtype, warmup, iters)
+    else:
+        rows = run(hidden, inter, cases, device, dtype, warmup, iters, sweep=args.sweep and device.type == "cuda")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": str(torch.cuda.get_device_name() if device.type == "cuda" else "cpu-smoke"), "rows": rows}, fh, indent=1)
