@@ -5,7 +5,8 @@ overhead (two encoder calls, a prefill and a few decoding steps, each a Python w
 with tiny tensors). Asked plane by plane, a stack pays it for every plane; here a batch of planes runs
 the CLIP tower (and the counter), the prompt, every decoding step and the SAM image encoder as one call
 each. Sequences that finish drop out of the KV cache, so one long answer does not make the others wait
-in the matrix products. Masks are decoded per plane by the same code as `Session.ask`.
+in the matrix products. Masks are decoded per plane by the same code as `Session.ask`, and a plane large
+enough for the region view (``region_view``) pools its region tokens from the same crop as `Session.ask`.
 
 Results are the fields of the same `Reply` objects `Session.ask` returns, and fill the same caches, so a
 later question on one of the planes skips its encoders.
@@ -13,6 +14,7 @@ later question on one of the planes skips its encoders.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,7 +25,7 @@ from ...engine.prompts import bind_regions
 from ...engine.reply import expert_shares
 from ...regions import Region
 from ..base import AskRequest
-from . import counting
+from . import counting, familiarity, region_view
 from .generation import build_prompt
 from .regions import box_objects, empty_region_warning, object_masks, region_masks, regions_as_read
 
@@ -44,27 +46,35 @@ def ask_batch(
     used = [bind_regions(regions, v.image_hw) for v in views]
     prompt = build_prompt(family, question, len(used[0]), request.template)
     ids, order = prompt.ids, prompt.order
-    frames, objects_read, empties = [], [], []
+    frames, objects_read, empties, crops = [], [], [], []
     for plane_regions, view in zip(used, views, strict=True):
-        frame, empty = region_masks(family, regions_as_read(family, plane_regions, view), view)
-        objects = object_masks(family, box_objects(family, plane_regions, view), view)
+        read = regions_as_read(family, plane_regions, view)
+        crop = region_view.choose(family, read, view)  # as encode_regions picks it
+        frame, empty = region_masks(family, read, view, crop)
+        objects = object_masks(family, box_objects(family, plane_regions, view), view, crop)
+        crops.append(crop)
         frames.append(frame[order] if order else None)
         objects_read.append(objects[order] if order and objects is not None else None)
         empties.append(empty)
     preprocess = time.perf_counter() - start
 
     mark = time.perf_counter()
-    features = _batch_features(family, views)
+    whole = _batch_features(family, views)
+    features = region_view.with_crops(family, views, crops, whole)
     vision = time.perf_counter() - mark
 
     mark = time.perf_counter()
+    decline, suppress_first = familiarity.gate(family, whole, bool(order))  # on the whole planes
+    config = dataclasses.replace(request.generation, suppress_first=suppress_first)
     results = _generate(
         family, ids, features, frames if order else None,
-        objects_read if order and any(o is not None for o in objects_read) else None, request.generation, stop,
+        objects_read if order and any(o is not None for o in objects_read) else None, config, stop,
     )
     generate = time.perf_counter() - mark
     if results is None:
         return None
+    results = [familiarity.declined_result(family, whole.image_tokens[i]) if no else r
+               for i, (r, no) in enumerate(zip(results, decline, strict=True))]
 
     seg_id = model.tokenizer.seg_token_id
     grounded = [i for i, r in enumerate(results) if r.seg_indices(seg_id)]
@@ -163,7 +173,12 @@ def _generate(family, ids: list[int], features, region_masks, region_objects, co
     """
     import torch
 
-    from ...model.generation import GenerationResult, IncrementalDecoder, select_next_token
+    from ...model.generation import (
+        GenerationResult,
+        IncrementalDecoder,
+        select_next_token,
+        suppress,
+    )
 
     model = family.model
     batch = features.image_tokens.shape[0]
@@ -185,6 +200,8 @@ def _generate(family, ids: list[int], features, region_masks, region_objects, co
     for index in range(config.max_new_tokens):
         if stop():
             return None
+        if index == 0 and config.suppress_first:
+            logits = suppress(logits, config.suppress_first)
         greedy = config.temperature < 1e-4
         chosen = logits.argmax(dim=-1).tolist() if greedy else None
         going: list[tuple[int, int, int]] = []  # (cache position, row, token)

@@ -27,6 +27,7 @@ from ...engine.image import (
 )
 from ...engine.prompts import keep_inside_box, seg_region_prompt
 from ...regions import Region
+from . import region_view
 
 
 @dataclass
@@ -39,9 +40,13 @@ class RegionInputs:
 
 
 def encode_regions(family, regions: list[Region], view: ModelView, order: list[int], on_progress=None) -> RegionInputs:
-    """The region masks (and objects) of ``regions`` in question ``order``, and the empty ones."""
-    frame_masks, empty = region_masks(family, regions_as_read(family, regions, view, on_progress), view)
-    objects = object_masks(family, box_objects(family, regions, view, on_progress), view)
+    """The region masks (and objects) of ``regions`` in question ``order``, and the empty ones: on the frame
+    of the whole plane, or of a crop around the regions where the region view picks one (``region_view``)."""
+    read = regions_as_read(family, regions, view, on_progress)
+    crop = region_view.choose(family, read, view)
+    region_view.remember(family, view, crop)  # the next clip_features of this plane pools regions from it
+    frame_masks, empty = region_masks(family, read, view, crop)
+    objects = object_masks(family, box_objects(family, regions, view, on_progress), view, crop)
     return RegionInputs(
         [frame_masks[order]] if order else None,
         [objects[order]] if order and objects is not None else None,
@@ -100,9 +105,9 @@ def box_objects(family, regions: list[Region], view: ModelView, on_progress=None
     return out
 
 
-def object_masks(family, objects: list[Region | None], view: ModelView):
+def object_masks(family, objects: list[Region | None], view: ModelView, crop=None):
     """(R, 336, 336) uint8 masks of `box_objects` on the CLIP frame (zeros: the region itself), or None
-    when no region has an object of its own."""
+    when no region has an object of its own. ``crop``: the frame is the region view's crop's."""
     if not any(o is not None for o in objects):
         return None
     import torch
@@ -113,24 +118,30 @@ def object_masks(family, objects: list[Region | None], view: ModelView):
     size, patch = int(vision["image_size"]), int(vision["patch_size"])
     empty = np.zeros((size, size), np.uint8)
     return torch.from_numpy(np.stack([
-        empty if o is None else region_mask_to_grid(region_grid_mask(o, view), size, patch).mask_336 for o in objects
+        empty if o is None else region_mask_to_grid(_on_frame(o, view, crop), size, patch).mask_336 for o in objects
     ]))
 
 
-def region_masks(family, regions: list[Region], view: ModelView):
+def region_masks(family, regions: list[Region], view: ModelView, crop=None):
     """(R, 336, 336) uint8 region masks on the CLIP frame and the indices the model cannot see: no cell of
-    the reference's 24x24 grid, or no pixel where the model reads pixels (``region_geometry``)."""
+    the reference's 24x24 grid, or no pixel where the model reads pixels (``region_geometry``).
+    ``crop`` (`region_view.Crop`): the frame is that crop's, not the whole plane's."""
     import torch
 
     from ...model.preprocess import region_mask_to_grid
 
     vision = family.model.config.vision_config
     size, patch = int(vision["image_size"]), int(vision["patch_size"])
-    grids = [region_mask_to_grid(region_grid_mask(r, view), size, patch) for r in regions]
+    grids = [region_mask_to_grid(_on_frame(r, view, crop), size, patch) for r in regions]
     pixels = reads_region_pixels(family.model)
     empty = [i for i, g in enumerate(grids) if not (g.mask_336.any() if pixels else g.n_cells)]
     stacked = torch.from_numpy(np.stack([g.mask_336 for g in grids])) if grids else None
     return stacked, empty
+
+
+def _on_frame(region: Region, view: ModelView, crop) -> np.ndarray:
+    """The region as a mask on the plane the model sees, or on the region view's crop of it."""
+    return region_grid_mask(region, view) if crop is None else region_view.crop_mask(region, view, crop)
 
 
 def empty_region_warning(family, index: int, region: Region, view: ModelView) -> str:
