@@ -95,14 +95,18 @@ def test_kernel_experts_bf16_within_rounding():
 
 
 @needs_triton
-def test_phi_gelu_experts_and_training_stay_on_pytorch_path():
-    """Phi-2 experts are fc1 -> GELU(tanh) -> fc2 with biases, which the SwiGLU kernels do not compute."""
+def test_phi_gelu_experts_use_their_kernels_and_training_stays_on_pytorch_path():
+    """Phi-2 experts (fc1 -> GELU(tanh) -> fc2 with biases) go through ``fused_mlp_experts``
+    (tests/kernels/test_moe_gelu_experts.py covers them); with grad enabled nothing is offloaded."""
     _interpreter_or_cuda()
     tokens = torch.randn(3, HIDDEN)
     phi = _layer("phi")
     expert_ids, _, combine = _route(phi, tokens, seed=0)
     with torch.no_grad():
-        assert phi._kernel_experts(tokens, expert_ids, combine) is None
+        out = phi._kernel_experts(tokens, expert_ids, combine)
+        ref = _pytorch_path(phi, tokens, expert_ids, combine)
+    assert out is not None
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     stablelm = _layer("stablelm")
     assert stablelm._kernel_experts(tokens, expert_ids, combine) is None  # grad enabled: training path
 
