@@ -3,6 +3,8 @@
 import pytest
 import torch
 
+from napari_medplib.kernels.graph_decode import decode_attention_reference
+
 da = pytest.importorskip("napari_medplib.kernels.decode_attention", reason="triton is not installed")
 
 
@@ -20,7 +22,7 @@ def test_matches_twin_on_ragged_lengths_gqa_and_batch(device, batch, q_heads, kv
     q, k, v = _inputs(device, batch, q_heads, kv_heads, 48, head_dim)
     lengths = torch.tensor(length, device=device)
     out = da.decode_attention(q, k, v, lengths, block_n=16)
-    torch.testing.assert_close(out, da.decode_attention_reference(q, k, v, lengths), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, decode_attention_reference(q, k, v, lengths), rtol=1e-5, atol=1e-5)
 
 
 def test_per_sequence_lengths_and_several_splits_per_sequence(device):
@@ -28,7 +30,7 @@ def test_per_sequence_lengths_and_several_splits_per_sequence(device):
     lengths = torch.tensor([1, 50, 99], device=device)
     for splits in (1, 3, 7):  # 7 splits of 16 keys: the split past 99 (and past 1, 50) exits at once
         out = da.decode_attention(q, k, v, lengths, block_n=16, splits=splits)
-        torch.testing.assert_close(out, da.decode_attention_reference(q, k, v, lengths), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out, decode_attention_reference(q, k, v, lengths), rtol=1e-5, atol=1e-5)
 
 
 def test_reads_nothing_past_the_length(device):
@@ -38,7 +40,7 @@ def test_reads_nothing_past_the_length(device):
     v[:, :, 21:] = float("nan")
     out = da.decode_attention(q, k, v, torch.tensor(21, device=device), block_n=16, splits=4)
     assert torch.isfinite(out).all()
-    ref = da.decode_attention_reference(q[:, :, :, :], k[:, :, :21].contiguous(), v[:, :, :21].contiguous(),
+    ref = decode_attention_reference(q[:, :, :, :], k[:, :, :21].contiguous(), v[:, :, :21].contiguous(),
                                         torch.tensor(21))
     torch.testing.assert_close(out, ref.to(out.device), rtol=1e-5, atol=1e-5)
 
@@ -47,7 +49,7 @@ def test_scale_and_half_precision(device):
     q, k, v = _inputs(device, 1, 4, 2, 40, 16, dtype=torch.bfloat16, seed=3)
     lengths = torch.tensor(33, device=device)
     out = da.decode_attention(q, k, v, lengths, scale=0.5, block_n=16)
-    ref = da.decode_attention_reference(q.float(), k.float(), v.float(), lengths, scale=0.5)
+    ref = decode_attention_reference(q.float(), k.float(), v.float(), lengths, scale=0.5)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)  # output rounded to bf16 once
 

@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 from ._runtime import SUPPORTED_DTYPES, KernelInputError, check_device, next_pow2
-from .graph_decode import decode_attention_reference  # noqa: F401  (the twin, Triton-free)
 
 #: keys per block of the inner loop; 64 keeps a [16, 64] score tile and [64, d] K/V tiles in registers
 DEFAULT_BLOCK_N = 64

@@ -184,12 +184,15 @@ class MoEFeedForward(nn.Module):
     def _fused_forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, RoutingRecord] | None:
         """The Triton path when installed and supported, else None. A kernel that fails (a GPU or
         Triton version it does not compile for) turns the kernels off for this layer with a warning,
-        and the PyTorch path answers instead: same numbers, only slower."""
-        kernels = _triton_dispatch()
-        if kernels is None or not kernels.supports(self, tokens):
+        and the PyTorch path answers instead: same numbers, only slower. Experts that bring their own
+        layer path (``fused_forward``, e.g. ``model.quantize.Int8Experts``) are asked instead; None
+        from them means the PyTorch path."""
+        own = getattr(self.experts, "fused_forward", None)
+        kernels = _triton_dispatch() if own is None else None
+        if own is None and (kernels is None or not kernels.supports(self, tokens)):
             return None
         try:
-            return kernels.fused_forward(self, tokens)
+            return own(self, tokens) if own is not None else kernels.fused_forward(self, tokens)
         except Exception as exc:  # compile/launch errors come as many types
             import warnings
 
