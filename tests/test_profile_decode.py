@@ -1,0 +1,32 @@
+"""benchmarks/profile_decode.py --tiny: one profiled prefill and decode step on CPU, tables written."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_decode.py"
+
+
+def _load():
+    spec = importlib.util.spec_from_file_location("bench_profile_decode", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("extra", [[], ["--attention", "masked", "--int8"]])
+def test_tiny_profile_prints_and_writes_top_ops(tmp_path, capsys, extra):
+    assert _load().main(["--tiny", "--rows", "6", "--out", str(tmp_path), *extra]) == 0
+    out = capsys.readouterr().out
+    assert "=== prefill" in out and "=== decode_step" in out and "aten::" in out
+    summary = json.loads((tmp_path / "profile_top_ops.json").read_text())
+    for phase in ("prefill", "decode_step"):
+        ops = summary[phase]
+        assert 0 < len(ops) <= 6 and all(op["calls"] >= 1 for op in ops)
+        assert ops == sorted(ops, key=lambda op: op["self_cpu_us"], reverse=True)
+        assert (tmp_path / f"profile_{phase}.txt").read_text().strip()
+        assert json.loads((tmp_path / f"trace_{phase}.json").read_text())
+    if extra:
+        assert "int8" in summary["setup"] and "attention=masked" in summary["setup"]
