@@ -9,6 +9,9 @@ ours may read more, switched on by their config (see ``model.config``):
   inside it (`box_objects`, `object_masks`);
 * ``region_geometry`` (the region encoder ``reads_pixels``): a region is read by its pixels, so one too
   small for a grid cell is still seen.
+
+On a plane much larger than the CLIP input, regions close together are read on the frame of a crop around
+them instead of the whole plane's (``region_view``, every model; ``family.region_view = "plane"`` turns it off).
 """
 
 from __future__ import annotations
