@@ -99,3 +99,40 @@ def test_static_decoder_rejects_unknown_attention():
 
     with pytest.raises(ValueError, match="span"):
         StaticDecoder(_tiny_model(), max_len=8, attention="flash")
+
+
+# ---------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+def test_cuda_graph_replay_follows_the_device_length():
+    """Capture once at one length, replay at others: the kernel reads the length on device."""
+    q, k, v = _inputs("cuda", 2, 8, 2, 300, 64, dtype=torch.bfloat16, seed=7)
+    lengths = torch.tensor(5, device="cuda")
+    da.decode_attention(q, k, v, lengths)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = da.decode_attention(q, k, v, lengths)
+    for length in (1, 63, 64, 65, 211, 300):
+        lengths.fill_(length)
+        graph.replay()
+        ref = decode_attention_reference(q.float(), k.float(), v.float(), lengths)
+        torch.testing.assert_close(out.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_7b_attention_shapes_bf16():
+    q, k, v = _inputs("cuda", 1, 32, 32, 2048, 128, dtype=torch.bfloat16, seed=8)
+    lengths = torch.tensor(1000, device="cuda")
+    ref = decode_attention_reference(q.float(), k.float(), v.float(), lengths)
+    torch.testing.assert_close(da.decode_attention(q, k, v, lengths).float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_cuda_graph_span_decoder_equals_eager_masked():
+    from napari_medplib.kernels.graph_decode import StaticDecoder
+
+    model = _tiny_model(2).cuda()
+    embeds = torch.randn(2, 9, 32, device="cuda")
+    eager = StaticDecoder(model, max_len=48, batch=2, use_graph=False, attention="masked").generate(embeds, 10)
+    graphed = StaticDecoder(model, max_len=48, batch=2, use_graph=True, attention="span").generate(embeds, 10)
+    assert torch.equal(eager, graphed)

@@ -89,3 +89,33 @@ def test_int8_moe_layer_graph_path_equals_expert_loop(num_experts, top_k, shared
         out, record = moe.experts.fused_forward(moe, tokens)
     assert torch.equal(record.expert_ids, loop_ids)
     torch.testing.assert_close(out, loop, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("rows", [1, 8, 300])
+def test_int8_linear_bf16_7b_shapes(rows):
+    q, scale = _quantized(11008, 4096, seed=rows, device="cuda")
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    out = k8.int8_linear(x, q, scale)
+    ref = int8_linear_reference(x.float(), q, scale)
+    assert ((out.float() - ref).norm() / ref.norm()) < 1e-2
+
+
+@pytest.mark.gpu
+def test_int8_quantized_model_graph_decode_equals_eager_and_cpu():
+    from napari_medplib.kernels.graph_decode import StaticDecoder
+    from napari_medplib.model.config import MedPLIBConfig
+    from napari_medplib.model.llm import MedPLIBLanguageModel
+
+    torch.manual_seed(0)
+    cfg = MedPLIBConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, moe=MoEConfig(num_experts=2, top_k=1))
+    model = MedPLIBLanguageModel(cfg).eval()
+    quantize_llm(model)
+    embeds = torch.randn(1, 9, 64)
+    cpu_ids = StaticDecoder(model, max_len=32, attention="masked").generate(embeds, 8)
+    model.cuda()
+    eager = StaticDecoder(model, max_len=32, use_graph=False).generate(embeds.cuda(), 8)
+    graphed = StaticDecoder(model, max_len=32, use_graph=True).generate(embeds.cuda(), 8)
+    assert torch.equal(eager, graphed) and torch.equal(graphed.cpu(), cpu_ids)
