@@ -27,6 +27,7 @@ class GenerationConfig:
     stop_strings: Sequence[str] = ()
     eos_token_id: int | None = 2
     seed: int | None = None
+    suppress_first: Sequence[int] = ()  # token ids the answer may not start with
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 0:
@@ -51,6 +52,13 @@ class GenerationResult:
     def seg_indices(self, seg_token_id: int) -> list[int]:
         """Indices (into ``ids``/``step_hidden``) of every ``<SEG>`` in the answer."""
         return [i for i, t in enumerate(self.ids) if t == seg_token_id]
+
+
+def suppress(logits: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """logits [..., V] with ``token_ids`` made impossible (a copy)."""
+    out = logits.clone()
+    out[..., list(token_ids)] = float("-inf")
+    return out
 
 
 def select_next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -145,6 +153,8 @@ def generate_tokens(
         if is_cancelled is not None and is_cancelled():
             finish = "cancelled"
             break
+        if index == 0 and config.suppress_first:
+            logits = suppress(logits, config.suppress_first)
         token = select_next_token(logits, config.temperature, config.top_p, generator)
         all_ids.append(token)
         hiddens.append(hidden)

@@ -8,7 +8,12 @@ from typing import Any
 from ...engine.errors import SessionInputError
 from ...engine.image import ModelView
 from ..base import AskRequest, Caches, Generated, SegmentRequest, Turn
-from . import features, generation, grounding, planes, regions, segment
+from . import familiarity, features, generation, grounding, planes, regions, segment
+
+
+def familiarity_width(model) -> int:
+    """Width of the familiarity descriptor this model makes (mean + std of CLIP patches and image tokens)."""
+    return 2 * (int(model.config.vision_config["hidden_size"]) + int(model.config.hidden_size))
 
 
 class MedPLIBFamily:
@@ -30,6 +35,7 @@ class MedPLIBFamily:
             model.region_encoder.on_empty = "zero"  # reported in Reply.warnings instead
         self.caches = caches
         self.clip = features.clip_settings(model)
+        self.familiarity = familiarity.load(model.config.folder, familiarity_width(model))
 
     def fingerprint(self) -> str:
         from ...engine.loading import model_fingerprint

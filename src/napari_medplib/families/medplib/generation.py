@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from ...engine.errors import SessionInputError
 from ...engine.reply import expert_shares
 from ..base import AskRequest, Generated, Turn
+from . import familiarity
 
 
 @dataclass
@@ -55,6 +56,15 @@ def generate(family, turn: Turn) -> Generated:
     timings["vision"] = time.perf_counter() - mark
 
     prompt: Prompt = turn.prompt
+    decline, suppress_first = familiarity.gate(family, features, bool(turn.regions))
+    if decline[0]:  # unlike the microscopy the model knows: decline without decoding
+        result = familiarity.declined_result(family, features.image_tokens[0])
+        if turn.on_text:
+            turn.on_text(result.text)
+        timings["prefill"] = timings["generate"] = 0.0
+        return Generated(result.text, list(result.ids), result.finish_reason, None, None, raw=result)
+    if suppress_first:
+        config = dataclasses.replace(config, suppress_first=suppress_first)
     prefix, timings["prefill"] = family.prefix(view, request.template, prompt.ids, features)
     if turn.on_progress:
         turn.on_progress("generating", 0, config.max_new_tokens)

@@ -1,0 +1,193 @@
+"""Does this image look like the microscopy the model learnt? A calibrated check that decides "I can't tell".
+
+Why: a learnt "I can't tell" (training shows noise and photographs with that answer) fires on unfamiliar
+*microscopy* about as often as on noise, and stays silent on many photographs: the decision is made by a
+tiny language model from one question's wording. A decline should depend on the image only. So the
+model folder may hold a small linear classifier on the vision tower's own features
+(``familiarity.safetensors``, fitted by ``scripts/calibrate_familiarity.py``):
+
+* the **descriptor** of an image is the mean and standard deviation over patches of the CLIP patch
+  features and of the projected image tokens, ``[2 * (clip width + LLM width)]``, standardised;
+* a logistic regression gives P(unlike the training microscopy); above ``threshold`` the image is
+  **unfamiliar**.
+
+How the MedPLIB family uses it (`gate`): on an unfamiliar image every question is answered
+"I can't tell from this image." without decoding; on a familiar image a question without regions may
+not start with that answer's first token (so a familiar image always gets an answer; a question about a
+region may still be declined, e.g. a box on empty background). Without the file nothing changes. The
+threshold is chosen for few false declines on microscopy from sources training never saw (see
+``docs/real-vqa.md``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FILE = "familiarity.safetensors"
+DESCRIPTOR = "clip-patch+image-tokens/mean+std/v1"
+DEFAULT_THRESHOLD = 0.8
+MAX_WIDTH = 1 << 16  # refuse a file whose declared descriptor width is over this (a malformed file)
+
+
+def descriptors(features) -> Any:
+    """`ImageFeatures` [B, ...] -> float64 descriptors [B, 2 * (clip width + token width)]."""
+    import torch
+
+    patch = features.patch_features.detach().double()  # [B, P, C]
+    tokens = features.image_tokens.detach().double()  # [B, T, D]
+    return torch.cat([patch.mean(1), patch.std(1), tokens.mean(1), tokens.std(1)], dim=-1)
+
+
+@dataclass
+class Familiarity:
+    """A fitted check: standardisation, logistic weights, the decision threshold."""
+
+    mean: Any  # [F] float64
+    scale: Any  # [F]
+    weight: Any  # [F]
+    bias: float
+    threshold: float = DEFAULT_THRESHOLD
+
+    @property
+    def width(self) -> int:
+        return int(self.mean.shape[0])
+
+    def probability(self, descriptor) -> Any:
+        """descriptors [B, F] -> P(unlike the training microscopy) [B]."""
+        import torch
+
+        z = (descriptor.double() - self.mean) / self.scale
+        return torch.sigmoid(z @ self.weight + self.bias)
+
+    def unfamiliar(self, features) -> list[bool]:
+        """Per image of a batch of `ImageFeatures`: is it unlike the training microscopy?"""
+        return [bool(p > self.threshold) for p in self.probability(descriptors(features))]
+
+    def save(self, folder: str | Path) -> Path:
+        """Write ``familiarity.safetensors`` into a model folder (temporary file, then rename)."""
+        import torch
+        from safetensors.torch import save_file
+
+        from ...atomic import atomic_path
+
+        path = Path(folder) / FILE
+        tensors = {"mean": self.mean.double().contiguous(), "scale": self.scale.double().contiguous(),
+                   "weight": self.weight.double().contiguous(),
+                   "bias": torch.tensor([float(self.bias)], dtype=torch.float64)}
+        meta = {"descriptor": DESCRIPTOR, "threshold": json.dumps(float(self.threshold))}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=meta)
+        return path
+
+
+class FamiliarityError(ValueError):
+    """``familiarity.safetensors`` is malformed or made for another model."""
+
+
+def load(folder: str | Path | None, width: int | None = None) -> Familiarity | None:
+    """The check stored in a model folder; None when the folder has none. ``width``: the descriptor width
+    the model makes; a file for another width raises `FamiliarityError` naming the fix."""
+    if not folder:
+        return None
+    path = Path(folder) / FILE
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            names = set(f.keys())
+            if names != {"mean", "scale", "weight", "bias"}:
+                raise FamiliarityError(f"{path} holds {sorted(names)}, not mean / scale / weight / bias")
+            shapes = {n: tuple(f.get_slice(n).get_shape()) for n in names}
+            declared = shapes["mean"][0] if len(shapes["mean"]) == 1 else -1
+            if not 0 < declared <= MAX_WIDTH or any(shapes[n] != (declared,) for n in ("scale", "weight")) \
+                    or shapes["bias"] != (1,):
+                raise FamiliarityError(f"{path} has tensors of shapes {shapes}; expected three [F] and one [1]")
+            tensors = {n: f.get_tensor(n).double() for n in names}
+    except FamiliarityError:
+        raise
+    except Exception as err:  # a truncated or foreign file
+        raise FamiliarityError(f"{path} could not be read ({err}); delete it or run "
+                               "scripts/calibrate_familiarity.py for this model") from None
+    if meta.get("descriptor") != DESCRIPTOR:
+        raise FamiliarityError(f"{path} was made for descriptor {meta.get('descriptor')!r}, this version reads "
+                               f"{DESCRIPTOR!r}; run scripts/calibrate_familiarity.py for this model again")
+    if width is not None and declared != width:
+        raise FamiliarityError(f"{path} expects {declared}-wide image descriptors but this model makes {width}; "
+                               "it belongs to another model: delete it or calibrate this model")
+    if bool((tensors["scale"] <= 0).any()):
+        raise FamiliarityError(f"{path} has a non-positive scale; calibrate this model again")
+    threshold = float(json.loads(meta.get("threshold", str(DEFAULT_THRESHOLD))))
+    if not 0 < threshold < 1:
+        raise FamiliarityError(f"{path} has threshold {threshold}; it must be between 0 and 1")
+    return Familiarity(tensors["mean"], tensors["scale"], tensors["weight"], float(tensors["bias"][0]), threshold)
+
+
+def fit(microscopy, unknown, l2: float = 0.01, threshold: float = DEFAULT_THRESHOLD) -> Familiarity:
+    """Logistic regression of unknown (1) vs microscopy (0) descriptors ([N, F] / [M, F]), classes weighted
+    equally, L2 on the standardised weights; full-batch L-BFGS (deterministic)."""
+    import torch
+
+    x_pos = torch.as_tensor(unknown, dtype=torch.float64)
+    x_neg = torch.as_tensor(microscopy, dtype=torch.float64)
+    if len(x_pos) == 0 or len(x_neg) == 0:
+        raise ValueError("fit needs descriptors of both microscopy and images unlike it")
+    x = torch.cat([x_neg, x_pos])
+    y = torch.cat([torch.zeros(len(x_neg)), torch.ones(len(x_pos))]).double()
+    mean, scale = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mean) / scale
+    sample_weight = torch.where(y > 0, 0.5 / len(x_pos), 0.5 / len(x_neg))
+    weight = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    bias = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    optimiser = torch.optim.LBFGS([weight, bias], max_iter=500, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimiser.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(z @ weight + bias, y, weight=sample_weight,
+                                                                     reduction="sum")
+        loss = loss + l2 * (weight * weight).sum()
+        loss.backward()
+        return loss
+
+    optimiser.step(closure)
+    return Familiarity(mean, scale, weight.detach(), float(bias.detach()), threshold)
+
+
+# ---- how the MedPLIB family uses it ------------------------------------------------------------------
+
+def decline_text() -> str:
+    from ...train.wording import CANT_TELL
+
+    return CANT_TELL
+
+
+def decline_first_token(tokenizer) -> tuple[int, ...]:
+    """The id of the decline's first token (what a familiar image's answer may not start with)."""
+    ids = [i for i in tokenizer.encode(decline_text()) if i != 1]  # without <s>
+    return tuple(ids[:1])
+
+
+def gate(family, features, has_regions: bool) -> tuple[list[bool], tuple[int, ...]]:
+    """(per image: decline without decoding, the token ids a familiar image's answer may not start with)."""
+    check = getattr(family, "familiarity", None)
+    batch = int(features.image_tokens.shape[0])
+    if check is None:
+        return [False] * batch, ()
+    unfamiliar = check.unfamiliar(features)
+    suppress = () if has_regions else decline_first_token(family.model.tokenizer)
+    return unfamiliar, suppress
+
+
+def declined_result(family, hidden):
+    """A `GenerationResult` that declines, as decoding it would look (no ``<SEG>``, no experts)."""
+    from ...model.generation import GenerationResult
+
+    text = decline_text()
+    ids = [i for i in family.model.tokenizer.encode(text) if i != 1]
+    return GenerationResult(ids=ids, text=text, finish_reason="eos", step_hidden=hidden.new_zeros((0, hidden.shape[-1])),
+                            expert_counts=None, all_ids=list(ids))
