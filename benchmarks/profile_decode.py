@@ -6,7 +6,7 @@ static cache, then decode steps at that context run eagerly (a CUDA graph replay
 launch; eager shows every kernel, whose device times are the same ones the graph replays). Warm-up
 steps first (Triton compiles and autotunes outside the profile), then one profiled prefill and one
 profiled decode step. Prints, for each, the top ops by self device time (self CPU time on CPU) and
-writes them to ``--out`` (text tables, JSON of the top ops, Chrome traces).
+writes them to ``--out`` (text tables, JSON of the top ops; Chrome traces with ``--traces``).
 
     python benchmarks/profile_decode.py --out prof/                 # CUDA GPU, 32 layers bf16
     python benchmarks/profile_decode.py --attention masked --int8   # the masked path / int8 weights
@@ -75,7 +75,8 @@ def main(argv=None) -> int:
     parser.add_argument("--attention", choices=("span", "masked"), default="span")
     parser.add_argument("--int8", action="store_true", help="quantise the LLM first (model.quantize.quantize_llm)")
     parser.add_argument("--rows", type=int, default=25, help="ops per table")
-    parser.add_argument("--out", default=None, help="folder for tables, JSON and Chrome traces")
+    parser.add_argument("--out", default=None, help="folder for the tables and the top ops as JSON")
+    parser.add_argument("--traces", action="store_true", help="also write Chrome traces into --out (large)")
     args = parser.parse_args(argv)
     import torch
 
@@ -134,7 +135,8 @@ def main(argv=None) -> int:
         summary[name] = top_ops(prof, device.type == "cuda", args.rows)
         if out_dir is not None:
             (out_dir / f"profile_{name}.txt").write_text(table)
-            prof.export_chrome_trace(os.fspath(out_dir / f"trace_{name}.json"))
+            if args.traces:
+                prof.export_chrome_trace(os.fspath(out_dir / f"trace_{name}.json"))
     if out_dir is not None:
         (out_dir / "profile_top_ops.json").write_text(json.dumps(summary, indent=1))
     return 0

@@ -16,7 +16,7 @@ def _load():
     return module
 
 
-@pytest.mark.parametrize("extra", [[], ["--attention", "masked", "--int8"]])
+@pytest.mark.parametrize("extra", [["--traces"], ["--attention", "masked", "--int8"]])
 def test_tiny_profile_prints_and_writes_top_ops(tmp_path, capsys, extra):
     assert _load().main(["--tiny", "--rows", "6", "--out", str(tmp_path), *extra]) == 0
     out = capsys.readouterr().out
@@ -27,6 +27,7 @@ def test_tiny_profile_prints_and_writes_top_ops(tmp_path, capsys, extra):
         assert 0 < len(ops) <= 6 and all(op["calls"] >= 1 for op in ops)
         assert ops == sorted(ops, key=lambda op: op["self_cpu_us"], reverse=True)
         assert (tmp_path / f"profile_{phase}.txt").read_text().strip()
-        assert json.loads((tmp_path / f"trace_{phase}.json").read_text())
-    if extra:
+        trace = tmp_path / f"trace_{phase}.json"
+        assert json.loads(trace.read_text()) if "--traces" in extra else not trace.exists()
+    if "--int8" in extra:
         assert "int8" in summary["setup"] and "attention=masked" in summary["setup"]
