@@ -65,8 +65,14 @@ def test_regions_not_named_are_appended(tiny_session, image16, count_calls):
 
 
 def test_region_too_small_for_the_grid_is_a_warning(tiny_session, image16):
+    """On the whole plane's grid a 2-px box covers no cell (the region view, which would crop around it, is
+    switched off here; tests/families/test_medplib_region_view.py covers it)."""
     big = np.zeros((2000, 2000), np.uint8)
-    reply = tiny_session.ask(big, "What is <region>?", [Region.box(1001, 1001, 1002, 1002)], max_new_tokens=1)
+    tiny_session.adapter.region_view = "plane"
+    try:
+        reply = tiny_session.ask(big, "What is <region>?", [Region.box(1001, 1001, 1002, 1002)], max_new_tokens=1)
+    finally:
+        tiny_session.adapter.region_view = "auto"
     assert reply.empty_regions == [0]
     assert "too small" in reply.warnings[0] and "region 1" in reply.warnings[0]
 

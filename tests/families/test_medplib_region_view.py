@@ -146,9 +146,10 @@ def test_on_a_large_plane_region_tokens_come_from_the_crop(overrides):
         with torch.inference_mode():
             plane = family.clip_features(view)
             read = encode_regions(family, regions, view, [0])
-            used = family.clip_features(view)  # the one generation makes next
-            again = family.clip_features(view)  # any later call: the plane's own
             crop = region_view.choose(family, regions, view)
+            assert read.crop == crop
+            used = region_view.with_crop(family, view, read.crop, plane)  # what generation gives the decoder
+            again = family.clip_features(view)  # the plane's own, untouched
             explicit = _explicit_crop_patches(model, view, crop)
             assert torch.equal(used.patch_features, explicit)
             assert torch.equal(used.image_tokens, plane.image_tokens)  # the model still sees the whole plane

@@ -50,15 +50,6 @@ def prepare_image(family, image, contrast_limits, rgb) -> ModelView:
 
 
 def clip_features(family, view: ModelView, on_progress=None):
-    """CLIP patch features + projected image tokens for the plane (memory, disk, or computed); right after
-    `regions.encode_regions` chose a region view for this plane, once, with the crop's patch features for
-    the region tokens (``region_view.take``)."""
-    from . import region_view
-
-    return region_view.take(family, view, plane_clip_features(family, view, on_progress), on_progress)
-
-
-def plane_clip_features(family, view: ModelView, on_progress=None):
     """CLIP patch features + projected image tokens for the whole plane (memory, disk, or computed)."""
     from ...model.medplib import ImageFeatures
     from ...model.preprocess import prepare_clip_image

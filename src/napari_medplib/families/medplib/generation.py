@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from ...engine.errors import SessionInputError
 from ...engine.reply import expert_shares
 from ..base import AskRequest, Generated, Turn
-from . import familiarity
+from . import familiarity, region_view
 
 
 @dataclass
@@ -70,8 +70,9 @@ def generate(family, turn: Turn) -> Generated:
         turn.on_progress("generating", 0, config.max_new_tokens)
     mark = time.perf_counter()
     regions = turn.regions_read
+    seen = region_view.with_crop(family, view, regions.crop, features, turn.on_progress)  # region tokens' view
     result = model.generate(
-        torch.tensor(prompt.ids), region_masks=regions.region_masks, image_features=features, config=config,
+        torch.tensor(prompt.ids), region_masks=regions.region_masks, image_features=seen, config=config,
         stream=turn.on_text, should_stop=turn.should_stop, prefix=prefix, region_objects=regions.region_objects,
     )
     timings["generate"] = time.perf_counter() - mark

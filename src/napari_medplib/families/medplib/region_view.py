@@ -34,9 +34,9 @@ Setting: ``family.region_view`` (``session.adapter.region_view``), ``"auto"`` (d
 or ``"plane"`` (always the whole plane, as before). ``region_scales`` (default ``(1,)``) picks the scales.
 
 How it reaches the model: `encode_regions` (``regions.py``) decides on a crop for the turn's regions
-and hands it to the family with `remember`; the next ``clip_features`` call for the same plane (the one
-generation makes) gets the plane's features with the crop's patch features in place of the plane's
-(`take`), once. Every later call gets the plane's own features. Crop features are cached in the session's
+and returns it with the region masks (``RegionInputs.crop``); generation passes the plane's features with
+the crop's patch features in place of the plane's (`with_crop`) to the decoder only: the prompt prefix and
+the familiarity check see the whole plane. Crop features are cached in the session's
 feature cache, keyed by the plane's content key, the crop box, the scales and the input size.
 `Session.ask_planes` picks the same crops per plane and swaps the rows of its batched features
 (`with_crops`), so its answers stay those of `Session.ask`.
@@ -63,9 +63,6 @@ PLANE_FACTOR = 2.0
 CONTEXT = 3.0
 #: The crop is used only when its side is at most this fraction of the plane's (>= 2x resolution gained).
 MAX_CROP_FRACTION = 0.5
-
-_PENDING = "_region_view_pending"
-
 
 @dataclass(frozen=True)
 class Crop:
@@ -151,22 +148,14 @@ def choose(family, regions: Sequence[Region], view: ModelView) -> Crop | None:
     return plan_crop(view.rgb.shape[:2], view_bbox(regions, view), size)
 
 
-def remember(family, view: ModelView, crop: Crop | None) -> None:
-    """Hand the turn's crop (or None: the plane) to the next `take` for this plane."""
-    setattr(family, _PENDING, None if crop is None else (view.key, crop))
-
-
-def take(family, view: ModelView, features, on_progress=None):
-    """``features`` (the plane's), or, once after `remember` gave a crop for this plane, the plane's image
-    tokens with the crop's patch features (and the crop's brightness and count peaks where the model
-    reads them)."""
-    pending = getattr(family, _PENDING, None)
-    if pending is None or pending[0] != view.key:
+def with_crop(family, view: ModelView, crop: Crop | None, features, on_progress=None):
+    """``features`` (the plane's) when ``crop`` is None, else the plane's image tokens with the crop's
+    patch features (and the crop's brightness and count peaks where the model reads them)."""
+    if crop is None:
         return features
-    setattr(family, _PENDING, None)
     from ...model.medplib import ImageFeatures
 
-    detail = crop_features(family, view, pending[1], on_progress)
+    detail = crop_features(family, view, crop, on_progress)
     return ImageFeatures(detail.patch_features, features.image_tokens, detail.brightness, detail.count_peaks)
 
 

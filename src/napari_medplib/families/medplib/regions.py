@@ -40,6 +40,7 @@ class RegionInputs:
     region_masks: Any  # [(R, 336, 336) uint8] or None
     region_objects: Any  # [(R, 336, 336) uint8] or None
     empty: list[int]  # indices (in the caller's order) the model cannot see
+    crop: Any = None  # `region_view.Crop` the region tokens are pooled from, None: the whole plane
 
 
 def encode_regions(family, regions: list[Region], view: ModelView, order: list[int], on_progress=None) -> RegionInputs:
@@ -47,13 +48,13 @@ def encode_regions(family, regions: list[Region], view: ModelView, order: list[i
     of the whole plane, or of a crop around the regions where the region view picks one (``region_view``)."""
     read = regions_as_read(family, regions, view, on_progress)
     crop = region_view.choose(family, read, view)
-    region_view.remember(family, view, crop)  # the next clip_features of this plane pools regions from it
     frame_masks, empty = region_masks(family, read, view, crop)
     objects = object_masks(family, box_objects(family, regions, view, on_progress), view, crop)
     return RegionInputs(
         [frame_masks[order]] if order else None,
         [objects[order]] if order and objects is not None else None,
         empty,
+        crop,
     )
 
 
