@@ -353,3 +353,26 @@ def test_extra_loss_terms_join_every_step_and_the_log(tmp_path):
     assert seen == [0, 1, 2]
     records = [json.loads(line) for line in (result.model_dir / "finetune" / "log.jsonl").read_text().splitlines()]
     assert [r["keep"] for r in records] == [0.25] * 3
+
+
+def test_the_familiarity_check_is_kept_only_when_the_image_features_did_not_train(tmp_path):
+    """The check reads the vision tower's and projector's features: valid for an adapted model only if
+    neither trained (``families/medplib/familiarity.py``)."""
+    from napari_medplib.families.medplib import familiarity
+    from napari_medplib.families.medplib.adapter import familiarity_width
+    from napari_medplib.testing import make_tiny_model_folder
+    from napari_medplib.train.finetune import finetune
+
+    base = make_tiny_model_folder(tmp_path / "base")
+    rng = np.random.default_rng(0)
+    from napari_medplib.model.medplib import MedPLIBModel
+
+    width = familiarity_width(MedPLIBModel.from_pretrained(base))
+    familiarity.fit(rng.normal(0, 1, (20, width)), rng.normal(2, 1, (10, width))).save(base)
+    image, labels = blobs(8)
+    planes = annotated_planes([image], [labels])
+    kept = finetune(planes, tmp_path / "kept", base_model=str(base), options=_options(steps=1, grounding=False))
+    assert familiarity.load(kept.model_dir, width) is not None
+    dropped = finetune(planes, tmp_path / "dropped", base_model=str(base),
+                       options=_options(steps=1, grounding=False, train=("sam.mask_decoder.*", "mm_projector.*")))
+    assert not (dropped.model_dir / familiarity.FILE).exists()

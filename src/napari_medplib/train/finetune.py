@@ -613,6 +613,21 @@ def _reply_instances(reply, shape: tuple[int, ...]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------- saving
+def _keep_familiarity(model, patterns: Sequence[str], folder: Path) -> None:
+    """Copy the base model's familiarity check (``families/medplib/familiarity.py``) when adapting left the
+    image features it reads unchanged (no trained pattern touches the vision tower or the projector)."""
+    import shutil
+
+    from ..families.medplib.familiarity import FILE
+
+    source = Path(model.config.folder or "") / FILE
+    image_side = ("vision_tower.", "mm_projector.")
+    touched = any(name.startswith(image_side) and any(fnmatchcase(name, p) for p in patterns)
+                  for name, _ in model.named_parameters())
+    if source.is_file() and not touched and source.resolve() != (folder / FILE).resolve():
+        shutil.copyfile(source, folder / FILE)
+
+
 def _write_model(model, out: Path, planes: Sequence[AnnotatedPlane], split: ObjectSplit, options: FinetuneOptions,
                  base_name: str, base_fp: str, result: FinetuneResult) -> None:
     """The adapted model in our layout, its recipe and model card; each file atomically, DONE last."""
@@ -624,6 +639,7 @@ def _write_model(model, out: Path, planes: Sequence[AnnotatedPlane], split: Obje
 
         shutil.rmtree(tmp)
     save_pretrained(model, tmp)
+    _keep_familiarity(model, options.train, tmp)
     classes = sorted({name for p in planes for name in p.classes.values()})
     recipe = {
         "base_model": base_name, "base_fingerprint": base_fp, "options": asdict(options),
