@@ -38,7 +38,10 @@ def _int8_gemv_kernel(
 ):
     row = tl.program_id(0)
     pid_n = tl.program_id(1)
-    expert = tl.load(ids_ptr + row).to(tl.int64) if HAS_IDS else 0
+    if HAS_IDS:
+        expert = tl.load(ids_ptr + row).to(tl.int64)
+    else:
+        expert = 0
     x_row = (row // X_DIV).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < n_out
