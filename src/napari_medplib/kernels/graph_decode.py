@@ -55,8 +55,9 @@ class StaticDecoder:
 
     def __init__(self, model, max_len: int, batch: int = 1, use_graph: bool | None = None,
                  attention: str = "span", span_kernel: bool | None = None) -> None:
-        """``span_kernel``: use the Triton kernel for ``attention="span"`` (default: on CUDA; on CPU it
-        needs ``TRITON_INTERPRET=1``, for tests); otherwise the PyTorch twin, which cannot be captured."""
+        """``span_kernel``: use the Triton kernel for ``attention="span"`` (default: on CUDA when Triton is
+        installed; on CPU it needs ``TRITON_INTERPRET=1``, for tests); otherwise the PyTorch twin, which
+        cannot be captured in a graph."""
         if attention not in ("span", "masked"):
             raise ValueError(f"StaticDecoder: attention must be 'span' or 'masked', got {attention!r}")
         cfg = model.config
@@ -75,7 +76,11 @@ class StaticDecoder:
         self.attention = attention
         self._span_fn = None
         if attention == "span":
-            self._span_fn = _span_attention_fn(self.device.type == "cuda" if span_kernel is None else span_kernel)
+            if span_kernel is None:
+                import importlib.util
+
+                span_kernel = self.device.type == "cuda" and importlib.util.find_spec("triton") is not None
+            self._span_fn = _span_attention_fn(span_kernel)
             if self.use_graph and self._span_fn is _span_twin:
                 raise ValueError("StaticDecoder: the CUDA graph with attention='span' needs Triton (the span "
                                  "kernel); install triton or use attention='masked'")
