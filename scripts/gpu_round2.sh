@@ -60,7 +60,7 @@ step() {  # step NAME SECONDS COMMAND...: run with a time limit, log it, keep go
 step kernel-tests 140 bash -c 'out=$1; shift; python3 -m pytest -q -p no:cacheprovider "$@" >"$out" 2>&1; rc=$?; tail -n 15 "$out"; exit $rc' \
   _ "$OUT/kernel_tests.log" "${TESTS[@]}"
 step moe-layer 70 python3 benchmarks/moe_layer.py $([ "$SMOKE" = 1 ] && echo --smoke) --json "$OUT/moe_layer.json"
-step decode 170 python3 benchmarks/decode.py "${BENCH[@]}" --json "$OUT/decode.json"
-step profile-bf16 40 python3 benchmarks/profile_decode.py "${PROF[@]}" --attention span --out "$OUT/profile"
-step profile-int8 40 python3 benchmarks/profile_decode.py "${PROF[@]}" --attention span --int8 --rows 15
+step decode 160 python3 benchmarks/decode.py "${BENCH[@]}" --json "$OUT/decode.json"
+step profile-bf16 50 python3 benchmarks/profile_decode.py "${PROF[@]}" --attention span --out "$OUT/profile"
+step profile-int8 50 python3 benchmarks/profile_decode.py "${PROF[@]}" --attention span --int8 --rows 15
 echo "done in $SECONDS s; files in $OUT" | tee -a "$LOG"
