@@ -137,5 +137,19 @@ def test_familiar_image_may_not_start_with_the_decline(session, monkeypatch):
 def test_without_a_check_nothing_changes(session):
     family = session.adapter
     assert family.familiarity is None  # the tiny model's folder has no file
-    features = family.clip_features(family.prepare_image(_image(), None, None))
-    assert familiarity.gate(family, features, False) == ([False], ())
+    view = family.prepare_image(_image(), None, None)
+    assert familiarity.gate(family, [view], family.clip_features(view), False) == ([False], ())
+
+
+def test_pixel_statistics_tell_noise_from_structure():
+    """White noise has no autocorrelation; a smooth blob image has a lot; the width is fixed."""
+    rng = np.random.default_rng(0)
+    noise = torch.as_tensor(rng.normal(0, 1, (1, 3, 64, 64)))
+    yy, xx = np.mgrid[:64, :64]
+    blobs = np.exp(-((yy - 20) ** 2 + (xx - 30) ** 2) / 50.0) + np.exp(-((yy - 45) ** 2 + (xx - 12) ** 2) / 80.0)
+    structured = torch.as_tensor(np.broadcast_to(blobs, (1, 3, 64, 64)).copy())
+    stats = familiarity.pixel_statistics(torch.cat([noise, structured]))
+    assert stats.shape == (2, familiarity.N_PIXEL_STATS)
+    assert abs(float(stats[0, 2])) < 0.1 and float(stats[1, 2]) > 0.9  # autocorrelation at 1 px
+    assert float(stats[1, 0]) > 1.0  # sparse bright objects: a right-skewed histogram
+    assert float(stats[1, 7]) < 1e-9 < 0.1 < float(stats[0, 7])  # grey: no colour spread; channel noise: some

@@ -6,6 +6,8 @@ training) fails CI. The bounds are well below the card's figures but far above w
 of this architecture scores (about 0 for grounding and VQA, ~0.1-0.3 for prompts).
 """
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -200,3 +202,27 @@ def test_it_declines_on_a_photograph_and_describes_microscopy():
     assert "fluorescence" in text and "nuclei" in text, text
     reworded = session.ask(sample.image, "Describe this image.").text.strip(" .").lower()
     assert reworded not in ("yes", "no") and "fluorescen" in reworded, reworded
+
+
+def test_its_familiarity_check_declines_noise_and_answers_real_microscopy():
+    """The bundled model ships ``familiarity.safetensors`` (scripts/calibrate_familiarity.py): noise of the
+    kinds it was calibrated on is declined without decoding; the real CI crops (tune images of the
+    benchmark, never in the calibration) are answered, never declined."""
+    import tifffile
+
+    from napari_medplib.engine.session import Session
+    from napari_medplib.train import unknown
+
+    session = Session.load(device="cpu")
+    assert session.adapter.familiarity is not None
+    rng = np.random.default_rng(7)
+    declined = {}
+    for kind in ("gaussian", "uniform", "salt_pepper", "rgb"):  # smooth noise passes for blurred fluorescence
+        texts = [session.ask(unknown.noise(kind, rng, (300, 300)), "What kind of microscopy is this?").text
+                 for _ in range(4)]
+        declined[kind] = sum(t == "I can't tell from this image." for t in texts)
+    assert declined["uniform"] == declined["rgb"] == 4 and sum(declined.values()) >= 13, declined
+    real = Path(__file__).resolve().parents[1] / "data" / "real"
+    for name in ("dsb2018_nuclei_image.tif", "axondeepseg_sem_rat_spinal_cord_image.tif"):
+        text = session.ask(tifffile.imread(real / name), "Describe this image.").text
+        assert "can't tell" not in text, (name, text)

@@ -12,8 +12,10 @@ from . import familiarity, features, generation, grounding, planes, regions, seg
 
 
 def familiarity_width(model) -> int:
-    """Width of the familiarity descriptor this model makes (mean + std of CLIP patches and image tokens)."""
-    return 2 * (int(model.config.vision_config["hidden_size"]) + int(model.config.hidden_size))
+    """Width of the familiarity descriptor this model makes (mean + std of CLIP patches and image tokens,
+    and the CLIP input's statistics)."""
+    return 2 * (int(model.config.vision_config["hidden_size"]) + int(model.config.hidden_size)) \
+        + familiarity.N_PIXEL_STATS
 
 
 class MedPLIBFamily:

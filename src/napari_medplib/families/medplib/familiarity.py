@@ -7,7 +7,10 @@ model folder may hold a small linear classifier on the vision tower's own featur
 (``familiarity.safetensors``, fitted by ``scripts/calibrate_familiarity.py``):
 
 * the **descriptor** of an image is the mean and standard deviation over patches of the CLIP patch
-  features and of the projected image tokens, ``[2 * (clip width + LLM width)]``, standardised;
+  features and of the projected image tokens, ``[2 * (clip width + LLM width)]``, and ten statistics of
+  the CLIP input itself (intensity skewness and kurtosis, autocorrelation at 1-16 px, colour spread,
+  clipped shares): the tiny vision tower alone places noise close to blurred fluorescence, and these
+  separate structure from noise at no cost;
 * a logistic regression gives P(unlike the training microscopy); above ``threshold`` the image is
   **unfamiliar**.
 
@@ -27,18 +30,55 @@ from pathlib import Path
 from typing import Any
 
 FILE = "familiarity.safetensors"
-DESCRIPTOR = "clip-patch+image-tokens/mean+std/v1"
+DESCRIPTOR = "clip-patch+image-tokens/mean+std+pixel-stats/v2"
+N_PIXEL_STATS = 10
 DEFAULT_THRESHOLD = 0.8
 MAX_WIDTH = 1 << 16  # refuse a file whose declared descriptor width is over this (a malformed file)
 
 
-def descriptors(features) -> Any:
-    """`ImageFeatures` [B, ...] -> float64 descriptors [B, 2 * (clip width + token width)]."""
+def pixel_statistics(pixel_values) -> Any:
+    """CLIP input [B, 3, H, W] -> [B, 10]: skewness and kurtosis of the standardised grey image, its
+    autocorrelation at 1, 2, 4, 8, 16 px, the colour spread, and the shares of pixels within 2 % of the
+    darkest and the brightest value."""
+    import torch
+
+    x = pixel_values.detach().double()
+    grey = x.mean(1)  # [B, H, W]
+    flat = grey.flatten(1)
+    z = (grey - flat.mean(1)[:, None, None]) / (flat.std(1)[:, None, None] + 1e-6)
+    columns = [(z ** 3).flatten(1).mean(1), (z ** 4).flatten(1).mean(1)]
+    for lag in (1, 2, 4, 8, 16):
+        across = (z[:, :, lag:] * z[:, :, :-lag]).flatten(1).mean(1)
+        down = (z[:, lag:] * z[:, :-lag]).flatten(1).mean(1)
+        columns.append((across + down) / 2)
+    columns.append((x - x.mean(1, keepdim=True)).abs().flatten(1).mean(1) / (x.flatten(1).std(1) + 1e-6))
+    low, high = z.flatten(1).min(1).values, z.flatten(1).max(1).values
+    span = (high - low)[:, None, None]
+    columns.append((z <= low[:, None, None] + 0.02 * span).flatten(1).double().mean(1))
+    columns.append((z >= high[:, None, None] - 0.02 * span).flatten(1).double().mean(1))
+    return torch.stack(columns, dim=1)
+
+
+def descriptors(features, pixel_values) -> Any:
+    """`ImageFeatures` [B, ...] and their CLIP input [B, 3, H, W] -> float64 descriptors [B, width]."""
     import torch
 
     patch = features.patch_features.detach().double()  # [B, P, C]
     tokens = features.image_tokens.detach().double()  # [B, T, D]
-    return torch.cat([patch.mean(1), patch.std(1), tokens.mean(1), tokens.std(1)], dim=-1)
+    return torch.cat([patch.mean(1), patch.std(1), tokens.mean(1), tokens.std(1),
+                      pixel_statistics(pixel_values).to(patch.device)], dim=-1)
+
+
+def of_views(family, views, features) -> Any:
+    """Descriptors [B, width] of model views whose (batched) CLIP features are ``features``."""
+    import torch
+
+    from ...model.preprocess import prepare_clip_image
+
+    settings = family.clip
+    pixels = torch.cat([prepare_clip_image(v.rgb, settings.size, settings.mean, settings.std).pixel_values
+                        for v in views])
+    return descriptors(features, pixels)
 
 
 @dataclass
@@ -62,9 +102,9 @@ class Familiarity:
         z = (descriptor.double() - self.mean) / self.scale
         return torch.sigmoid(z @ self.weight + self.bias)
 
-    def unfamiliar(self, features) -> list[bool]:
-        """Per image of a batch of `ImageFeatures`: is it unlike the training microscopy?"""
-        return [bool(p > self.threshold) for p in self.probability(descriptors(features))]
+    def unfamiliar(self, descriptor) -> list[bool]:
+        """descriptors [B, F] -> per image: is it unlike the training microscopy?"""
+        return [bool(p > self.threshold) for p in self.probability(descriptor)]
 
     def save(self, folder: str | Path) -> Path:
         """Write ``familiarity.safetensors`` into a model folder (temporary file, then rename)."""
@@ -172,13 +212,13 @@ def decline_first_token(tokenizer) -> tuple[int, ...]:
     return tuple(ids[:1])
 
 
-def gate(family, features, has_regions: bool) -> tuple[list[bool], tuple[int, ...]]:
-    """(per image: decline without decoding, the token ids a familiar image's answer may not start with)."""
+def gate(family, views, features, has_regions: bool) -> tuple[list[bool], tuple[int, ...]]:
+    """(per view: decline without decoding, the token ids a familiar image's answer may not start with);
+    ``features``: the views' batched whole-plane `ImageFeatures`."""
     check = getattr(family, "familiarity", None)
-    batch = int(features.image_tokens.shape[0])
     if check is None:
-        return [False] * batch, ()
-    unfamiliar = check.unfamiliar(features)
+        return [False] * len(views), ()
+    unfamiliar = check.unfamiliar(of_views(family, views, features))
     suppress = () if has_regions else decline_first_token(family.model.tokenizer)
     return unfamiliar, suppress
 

@@ -56,7 +56,7 @@ def generate(family, turn: Turn) -> Generated:
     timings["vision"] = time.perf_counter() - mark
 
     prompt: Prompt = turn.prompt
-    decline, suppress_first = familiarity.gate(family, features, bool(turn.regions))
+    decline, suppress_first = familiarity.gate(family, [view], features, bool(turn.regions))
     if decline[0]:  # unlike the microscopy the model knows: decline without decoding
         result = familiarity.declined_result(family, features.image_tokens[0])
         if turn.on_text:

@@ -64,7 +64,7 @@ def ask_batch(
     vision = time.perf_counter() - mark
 
     mark = time.perf_counter()
-    decline, suppress_first = familiarity.gate(family, whole, bool(order))  # on the whole planes
+    decline, suppress_first = familiarity.gate(family, views, whole, bool(order))  # on the whole planes
     config = dataclasses.replace(request.generation, suppress_first=suppress_first)
     results = _generate(
         family, ids, features, frames if order else None,
