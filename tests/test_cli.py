@@ -72,6 +72,17 @@ def test_ask_json(model_dir, image_file, capsys):
     assert result["finish_reason"] in ("eos", "stop_string", "max_new_tokens")
 
 
+def test_ask_with_int8_llm_weights(model_dir, image_file, capsys):
+    path, _ = image_file
+    rc = main(["ask", str(path), "What is in the image?", "--model", str(model_dir), "--json", "--max-new-tokens", "3",
+               "--device", "cpu", "--llm-weights", "int8"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert isinstance(json.loads(out)["text"], str)
+    with pytest.raises(SystemExit):
+        main(["ask", str(path), "What?", "--model", str(model_dir), "--llm-weights", "int4"])
+
+
 def test_ask_streams_text_and_uses_regions(model_dir, image_file, tmp_path, capsys):
     path, _ = image_file
     regions = _geojson(tmp_path / "r.geojson", [_box_ring(5, 5, 40, 30)], [[60, 50]])

@@ -135,7 +135,7 @@ def _load_session(args: argparse.Namespace, progress: _Progress):
     with _model_folder_errors(args.model):
         return Session.load(
             args.model, device=args.device, dtype=args.dtype, on_progress=progress,
-            embedding_cache_dir=args.embedding_cache,
+            embedding_cache_dir=args.embedding_cache, llm_weights=getattr(args, "llm_weights", "full"),
         )
 
 
@@ -413,6 +413,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None, help="model folder, name, or cached hub id (default: bundled)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--llm-weights", choices=("full", "int8"), default="full",
+                        help="int8: the language model with int8 weights (MedPLIB models; a 7B fits a 24 GB GPU)")
     parser.add_argument("--plane", default=None, help="plane of an nD TIFF: an index, or axes like Z=3,T=0")
     parser.add_argument("--channel", type=int, default=None, help="one channel of a multi-channel image")
     parser.add_argument("--contrast", type=float, nargs=2, metavar=("LOW", "HIGH"),

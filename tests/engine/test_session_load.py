@@ -146,3 +146,29 @@ def test_testing_helpers_build_loadable_models(tmp_path):
         built(ids, logits_positions=slice(-1, None)).logits.detach().numpy(),
     )
     assert len(loaded.tokenizer) == loaded.config.vocab_size == 907
+
+
+def test_int8_llm_weights_on_request(tiny_model_folder, image16):
+    """``llm_weights="int8"``: the LLM's linears and experts hold int8 weights (quantised before reaching
+    the device), answers still come, and the fingerprint tells the two apart (caches do not mix)."""
+    from napari_medplib.engine.errors import ModelLoadError
+    from napari_medplib.model.quantize import Int8Experts, Int8Linear
+
+    with Session.load(tiny_model_folder, device="cpu") as full, \
+            Session.load(tiny_model_folder, device="cpu", llm_weights="int8") as small:
+        kinds = {type(m) for m in small.model.language_model.modules()}
+        assert Int8Linear in kinds and Int8Experts in kinds
+        assert not {Int8Linear, Int8Experts} & {type(m) for m in full.model.language_model.modules()}
+        assert small.fingerprint != full.fingerprint and small.fingerprint.startswith(full.fingerprint)
+        assert small.ask(image16, "What is this?", max_new_tokens=3).finish_reason
+    with pytest.raises(ModelLoadError, match="llm_weights"):
+        Session.load(tiny_model_folder, device="cpu", llm_weights="int4")
+
+
+def test_int8_llm_weights_are_refused_for_text_families(tmp_path):
+    from napari_medplib.engine.errors import ModelLoadError
+    from napari_medplib.engine.loading import load_weights
+    from napari_medplib.families.registry import MEDMOE
+
+    with pytest.raises(ModelLoadError, match="MedPLIB models.*llm_weights='full'"):
+        load_weights(MEDMOE, tmp_path, "cpu", None, "int8")

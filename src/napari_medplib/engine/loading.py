@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..paths import MODEL_PATH_ENV, bundled_model_dir, model_search_paths
-from .errors import DeviceError, InvalidModelError, ModelNotFoundError
+from .errors import DeviceError, InvalidModelError, ModelLoadError, ModelNotFoundError
 
 Progress = Callable[[str, int, int], None]
 
@@ -180,3 +180,27 @@ def load_model(folder: Path, device: str, dtype, on_progress: Progress | None = 
     if on_progress:
         on_progress("loading", 2, 2)
     return model
+
+
+#: What ``Session.load(llm_weights=...)`` accepts: the checkpoint's own precision, or int8 weight-only.
+LLM_WEIGHTS = ("full", "int8")
+
+
+def load_weights(family, folder: Path, device: str, dtype, llm_weights: str = "full",
+                 on_progress: Progress | None = None):
+    """The family's model on ``device``; with ``llm_weights="int8"`` (MedPLIB models) its language model is
+    quantised on the CPU first (``model.quantize.quantize_llm``), so the GPU never holds the full-precision
+    LLM: what lets MedPLIB-7b-2e (about 21 GB of bf16 LLM weights) fit a 24 GB card with SAM and CLIP."""
+    if llm_weights not in LLM_WEIGHTS:
+        raise ModelLoadError(f"llm_weights={llm_weights!r} is not one of {', '.join(LLM_WEIGHTS)}")
+    if llm_weights == "full":
+        return family.load(folder, device, dtype, on_progress)
+    if family.key != "medplib":
+        raise ModelLoadError(f"int8 LLM weights are available for MedPLIB models; load this {family.name} "
+                             "model with llm_weights='full'")
+    from ..model.quantize import quantize_llm
+
+    model = family.load(folder, "cpu", dtype, on_progress)
+    quantize_llm(model, "int8")
+    return model.to(device) if device != "cpu" else model
+

@@ -78,22 +78,24 @@ class Session:
     # ------------------------------------------------------------------------------ construction
     @classmethod
     def load(cls, source: str | Path | None = None, device: str = "auto", dtype: Any = None,
-             on_progress: Progress | None = None, **options: Any) -> Session:
+             on_progress: Progress | None = None, llm_weights: str = "full", **options: Any) -> Session:
         """Load a model: None = the bundled default; a folder (MedPLIB's released layout or ours, or a
         Med-MoE or Llama3-Med folder, which answer in text only); a model name in the search paths; or a
         hub id already in the local Hugging Face cache (never downloads). Device "auto" picks CUDA, then
         Apple MPS, then the CPU; dtype None is bfloat16 on a GPU and float32 on the CPU. ``options`` go to
-        the constructor (cache sizes, ``embedding_cache_dir``, ``template``). Raises `ModelLoadError`
+        the constructor (cache sizes, ``embedding_cache_dir``, ``template``). ``llm_weights="int8"``: the
+        MedPLIB language model with int8 weights (``loading.load_weights``). Raises `ModelLoadError`
         subclasses with one-line messages."""
-        from .loading import folder_fingerprint, pick_device, pick_dtype, resolve_source
+        from . import loading
 
-        folder, name = resolve_source(source)
-        device = pick_device(device)
-        torch_dtype = pick_dtype(device, dtype)
+        folder, name = loading.resolve_source(source)
+        device = loading.pick_device(device)
+        torch_dtype = loading.pick_dtype(device, dtype)
         family = family_of(folder)
-        model = family.load(folder, device, torch_dtype, on_progress)
+        model = loading.load_weights(family, folder, device, torch_dtype, llm_weights, on_progress)
         options.setdefault("name", name)
-        return cls(model, family=family, fingerprint=folder_fingerprint(folder), folder=folder, **options)
+        fingerprint = loading.folder_fingerprint(folder) + ("" if llm_weights == "full" else f"+{llm_weights}")
+        return cls(model, family=family, fingerprint=fingerprint, folder=folder, **options)
 
     @classmethod
     def from_model(cls, model, name: str = "in-memory", **options: Any) -> Session:
