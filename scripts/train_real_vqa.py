@@ -136,7 +136,7 @@ def synthetic_sample(rng: np.random.Generator):
     return sample
 
 
-def step_items(step: int, seed: int, batch: int, pool) -> list:
+def step_items(step: int, seed: int, batch: int, pool, wording: str = "paraphrases") -> list:
     """The step's items (one packed conversation sequence each); fixed by (seed, step)."""
     from napari_medplib.train.batches import pack_conversations
     from napari_medplib.train.conversations import make_conversations
@@ -162,7 +162,7 @@ def step_items(step: int, seed: int, batch: int, pool) -> list:
         kinds = KINDS[source]
         tasks = tuple(N_PER_TASK[source])
         convs = make_conversations(sample, rng, n_per_task=N_PER_TASK[source], tasks=tasks, kinds=kinds,
-                                   vocabulary=vocabulary, wording="paraphrases")
+                                   vocabulary=vocabulary, wording=wording)
         chunks = pack_conversations(convs, tasks, 6, rng)
         if chunks:
             items.append(Item(sample, chunks[int(rng.integers(len(chunks)))]))
@@ -226,6 +226,8 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher", default=None, help="model whose <SEG> prompts are kept (default: --base)")
     parser.add_argument("--cache", default=str(Path("~/.cache/napari-medplib/real-images").expanduser()))
     parser.add_argument("--mirrors", default=None)
+    parser.add_argument("--wording", choices=("paraphrases", "noisy"), default="paraphrases",
+                        help="noisy: paraphrases as people also type them (openers, typos, lower case; wording.perturb)")
     args = parser.parse_args(argv)
 
     import torch
@@ -272,7 +274,7 @@ def main(argv=None) -> int:
         lr = learning_rate(step, args.steps, args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        items = step_items(step, args.seed, args.batch, pool)
+        items = step_items(step, args.seed, args.batch, pool, args.wording)
         batch = make_batch(model, items)
         if student is not None:
             student.calls.clear()

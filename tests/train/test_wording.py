@@ -93,3 +93,30 @@ def test_noise_and_photographs():
     for name in unknown.TRAINING_PHOTOS + unknown.REPORT_PHOTOS:
         image = unknown.photo(name)
         assert image.dtype == np.uint8 and image.ndim in (2, 3) and min(image.shape[:2]) >= 100, name
+
+
+def test_perturbed_questions_keep_region_tokens_and_slots_and_are_seeded():
+    from napari_medplib.train.wording import perturb
+
+    rng = np.random.default_rng(0)
+    questions = ["What is in <region>?", "How many {noun} can you see in this image?", "Describe the image."]
+    seen = set()
+    for _ in range(200):
+        for q in questions:
+            out = perturb(q, rng)
+            seen.add(out)
+            assert ("<region>" in out) == ("<region>" in q) and ("{noun}" in out) == ("{noun}" in q), out
+            assert out.strip()
+    assert len(seen) > 60  # many variants
+    assert perturb(questions[1], np.random.default_rng(5)) == perturb(questions[1], np.random.default_rng(5))
+
+
+def test_noisy_wording_draws_from_the_pools():
+    from napari_medplib.train.conversations import make_conversations
+    from napari_medplib.train.synth import make_sample
+
+    sample = make_sample("nuclei", [1, 2], size=(128, 128))
+    convs = make_conversations(sample, 0, n_per_task=3, wording="noisy")
+    assert convs and all(c.question for c in convs)
+    with pytest.raises(ValueError, match="noisy"):
+        make_conversations(sample, 0, wording="typos")

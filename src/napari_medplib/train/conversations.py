@@ -48,7 +48,7 @@ from scipy import ndimage as ndi
 
 from .datatypes import TASKS, Conversation, RegionSpec, Sample
 from .synth import ALL_CATEGORIES, STYLES
-from .wording import CANT_TELL, POOLS
+from .wording import CANT_TELL, POOLS, perturb
 
 SIZES = ("small", "medium", "large")
 SHAPES = ("round", "elongated")
@@ -254,8 +254,12 @@ class _Ctx:
         return seq[int(self.rng.integers(len(seq)))]
 
     def question(self, templates: Sequence[str], pool: str) -> str:
-        """A question template: from the original few, or with ``wording="paraphrases"`` from the pool."""
-        return self.pick(POOLS[pool] if self.wording == "paraphrases" else templates)
+        """A question template: from the original few, or with ``wording="paraphrases"`` from the pool
+        (``"noisy"``: a paraphrase as people also type it, `wording.perturb`)."""
+        if self.wording == "templates":
+            return self.pick(templates)
+        question = self.pick(POOLS[pool])
+        return perturb(question, self.rng) if self.wording == "noisy" else question
 
     @property
     def unknown(self) -> bool:
@@ -508,8 +512,8 @@ def make_conversations(sample: Sample, rng: np.random.Generator | int, n_per_tas
     original templates are the default, so data sets made before stay the same); a sample with
     ``meta["unknown"]`` (noise, a photograph) gets ``wording.CANT_TELL`` for every question.
     """
-    if wording not in ("templates", "paraphrases"):
-        raise ValueError(f"wording must be 'templates' or 'paraphrases', got {wording!r}")
+    if wording not in ("templates", "paraphrases", "noisy"):
+        raise ValueError(f"wording must be 'templates', 'paraphrases' or 'noisy', got {wording!r}")
     rng = np.random.default_rng(rng) if not isinstance(rng, np.random.Generator) else rng
     kinds = {**DEFAULT_KINDS, **(kinds or {})}
     vocab = tuple(sorted(set(ALL_CATEGORIES if vocabulary is None else vocabulary)))

@@ -16,6 +16,7 @@ unlike any microscopy the model knows (noise, photographs: ``meta["unknown"]``) 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 CANT_TELL = "I can't tell from this image."
@@ -126,3 +127,46 @@ def image_meta(modality: str, objects: str) -> dict[str, str]:
 
 def pool(kind: str) -> tuple[str, ...]:
     return POOLS[kind]
+
+
+# ---- wording noise: what people add around a question --------------------------------------------------
+#: Openers and closers people type around a question (none is a question by itself).
+OPENERS = ("Hi, ", "Quick question: ", "Please tell me, ", "Can you tell me: ", "Hey - ", "I'd like to know: ",
+           "Question: ", "OK, ", "So, ", "One thing: ")
+CLOSERS = (" Thanks.", " Please.", " Thank you!", " Thanks!", " Any idea?", " Just curious.")
+#: Words for "the image" (one occurrence may be swapped).
+IMAGE_WORDS = ("image", "picture", "micrograph", "frame", "view", "photo")
+_STOPWORDS = ("the ", "this ", "a ", "is ")
+
+
+def perturb(question: str, rng) -> str:
+    """``question`` as people also type it: an opener or closer, lower case, no final mark, another word
+    for the image, one dropped stopword, one typo (two letters swapped). Each with a fixed chance, from
+    ``rng``; ``<region>`` tokens and ``{noun}`` slots are never touched."""
+    q = question
+    if rng.random() < 0.25:
+        found = re.search(r"\b(" + "|".join(IMAGE_WORDS) + r")\b", q)
+        if found:
+            q = q[: found.start()] + IMAGE_WORDS[int(rng.integers(len(IMAGE_WORDS)))] + q[found.end():]
+    if rng.random() < 0.15:
+        present = [w for w in _STOPWORDS if f" {w}" in q]
+        if present:
+            q = q.replace(f" {present[int(rng.integers(len(present)))]}", " ", 1)
+    if rng.random() < 0.15:
+        words = q.split(" ")
+        candidates = [i for i, w in enumerate(words) if len(w) >= 5 and w.isalpha()]
+        if candidates:
+            i = candidates[int(rng.integers(len(candidates)))]
+            j = int(rng.integers(1, len(words[i]) - 2))
+            w = words[i]
+            words[i] = w[:j] + w[j + 1] + w[j] + w[j + 2:]
+            q = " ".join(words)
+    if rng.random() < 0.3 and q[-1:] in "?.":
+        q = q[:-1]
+    if rng.random() < 0.25:
+        q = OPENERS[int(rng.integers(len(OPENERS)))] + q[:1].lower() + q[1:]
+    elif rng.random() < 0.2:
+        q = q + CLOSERS[int(rng.integers(len(CLOSERS)))]
+    if rng.random() < 0.3:
+        q = q.lower()  # region tokens and slots are lower case already
+    return q
