@@ -1,7 +1,8 @@
 """Fit a model's familiarity check (``familiarity.safetensors``): is an image like the microscopy it learnt?
 
 Microscopy: every image of the real training set (``benchmarks/real_data/training_set.py``), whole and as
-random augmented windows (as ``train_real_vqa.py`` draws them), and synthetic frames of every style.
+random augmented windows (as ``train_real_vqa.py`` draws them, half of them with a stronger stain or
+contrast change, `restain`), and synthetic frames of every style.
 Unlike it: the training photographs of ``train/unknown.py`` (whole and cropped) and noise of its five
 kinds, drawn with training seeds. Neither the benchmark's catalog images nor its photographs and noise
 seeds are used. The descriptors come from the model itself, through the same image preparation as
@@ -44,6 +45,27 @@ def describe_all(family, images) -> np.ndarray:
     return np.stack(out)
 
 
+def restain(image: np.ndarray, rng, strength: float = 0.25) -> np.ndarray:
+    """Another lab's version of a microscopy window, for half of them: colour images get a stronger stain
+    shift than training's (per-channel optical-density gain and offset, up to ``strength``), grey images
+    another contrast curve, and either a little blur. The check must accept a new scanner or stain, and a
+    few sources per modality cannot show that range."""
+    from scipy import ndimage as ndi
+
+    if rng.random() < 0.5:
+        return image
+    x = image.astype(np.float32) / 255.0
+    if x.ndim == 3:
+        density = -np.log(np.clip(x, 1 / 255, 1))
+        gain = rng.uniform(1 - strength, 1 + strength, x.shape[-1])
+        x = np.exp(-(density * gain + rng.uniform(-strength / 4, strength / 4, x.shape[-1])))
+    else:
+        x = np.clip(x, 0, 1) ** float(np.exp(rng.uniform(-0.5, 0.5)))
+    if rng.random() < 0.3:
+        x = ndi.gaussian_filter(x, (1.0, 1.0, 0)[: x.ndim])
+    return (np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
 def microscopy_images(cache: str, mirrors: str | None, windows: int, synthetic: int, rng):
     """Real training images (whole and windows) and synthetic frames, with their source (for
     leave-one-source-out)."""
@@ -53,7 +75,7 @@ def microscopy_images(cache: str, mirrors: str | None, windows: int, synthetic: 
     for prefix, items in recipe.real_pool(cache, mirrors).items():
         for image, labels in items:
             images.append(image)
-            images.extend(recipe.real_sample(prefix, image, labels, rng).image for _ in range(windows))
+            images.extend(restain(recipe.real_sample(prefix, image, labels, rng).image, rng) for _ in range(windows))
             sources.extend([prefix.rstrip("_")] * (windows + 1))
     for _ in range(synthetic):
         sample = recipe.synthetic_sample(rng)
