@@ -64,6 +64,7 @@ CONTEXT = 3.0
 #: The crop is used only when its side is at most this fraction of the plane's (>= 2x resolution gained).
 MAX_CROP_FRACTION = 0.5
 
+
 @dataclass(frozen=True)
 class Crop:
     """A crop of the plane the model sees: rows ``y0:y1``, columns ``x0:x1`` (view pixels, half-open)."""
