@@ -102,15 +102,14 @@ def unknown_images(rng, crops: int, noise_per_kind: int) -> tuple[list[np.ndarra
     return images, kinds
 
 
-def held_out_rates(micro, sources, unknown, kinds, l2: float, thresholds) -> tuple[np.ndarray, np.ndarray]:
-    """Per threshold: the share of microscopy called unfamiliar by checks fitted without its source, and the
-    share of photographs / noise caught by checks fitted without their kind: what a new microscope and a
-    new kind of non-microscopy image would meet."""
+def held_out_scores(micro, sources, unknown, kinds, l2: float) -> tuple[np.ndarray, np.ndarray]:
+    """P(unfamiliar) of every microscopy image from a check fitted without its source, and of every other
+    image from a check fitted without its kind: what a new microscope and a new kind of image meet."""
     import torch
 
     from napari_medplib.families.medplib.familiarity import fit
 
-    def scores(pos, neg, groups, fit_args):
+    def scores(pos, groups, fit_args):
         groups = np.array(groups)
         out = np.empty(len(groups))
         for group in sorted(set(groups)):
@@ -119,15 +118,30 @@ def held_out_rates(micro, sources, unknown, kinds, l2: float, thresholds) -> tup
             out[inside] = check.probability(torch.as_tensor(pos[inside])).numpy()
         return out
 
-    p_micro = scores(micro, unknown, sources, lambda inside: (micro[~inside], unknown))
-    p_unknown = scores(unknown, micro, kinds, lambda inside: (micro, unknown[~inside]))
-    thresholds = np.asarray(thresholds)
-    return (p_micro[None] > thresholds[:, None]).mean(1), (p_unknown[None] > thresholds[:, None]).mean(1)
+    p_micro = scores(micro, sources, lambda inside: (micro[~inside], unknown))
+    p_unknown = scores(unknown, kinds, lambda inside: (micro, unknown[~inside]))
+    return p_micro, p_unknown
+
+
+def per_group_mean(flags: np.ndarray, groups) -> float:
+    """Mean over groups of the share flagged in each (every source or kind counts once, however many
+    images it has)."""
+    groups = np.array(groups)
+    return float(np.mean([flags[groups == g].mean() for g in sorted(set(groups))]))
+
+
+def held_out_rates(micro, sources, unknown, kinds, l2: float, thresholds) -> tuple[np.ndarray, np.ndarray]:
+    """Per threshold: microscopy of a left-out source declined, and images of a left-out kind caught,
+    each averaged over sources / kinds."""
+    p_micro, p_unknown = held_out_scores(micro, sources, unknown, kinds, l2)
+    false = np.array([per_group_mean(p_micro > t, sources) for t in thresholds])
+    caught = np.array([per_group_mean(p_unknown > t, kinds) for t in thresholds])
+    return false, caught
 
 
 def choose(micro, sources, unknown, kinds, l2s, thresholds, max_false: float) -> tuple[float, float]:
-    """The (l2, threshold) that catches most new kinds of non-microscopy while calling at most ``max_false``
-    of a new microscopy source unfamiliar (the most cautious setting if none qualifies)."""
+    """The (l2, threshold) that catches most new kinds of non-microscopy while declining at most
+    ``max_false`` of a new microscopy source (the most cautious setting if none qualifies)."""
     best, table = None, []
     for l2 in l2s:
         false, caught = held_out_rates(micro, sources, unknown, kinds, l2, thresholds)
@@ -135,7 +149,7 @@ def choose(micro, sources, unknown, kinds, l2s, thresholds, max_false: float) ->
             table.append((l2, t, f, c))
             if f <= max_false and (best is None or c > best[3]):
                 best = (l2, t, f, c)
-    print("  l2      threshold  new-source microscopy declined  new kind caught")
+    print("  l2      threshold  new-source microscopy declined  new kind caught   (means over sources / kinds)")
     for l2, t, f, c in table:
         print(f"  {l2:<7g} {t:<10.2f} {f:<31.3f} {c:.3f}")
     if best is None:
@@ -143,6 +157,14 @@ def choose(micro, sources, unknown, kinds, l2s, thresholds, max_false: float) ->
     print(f"chosen: l2 {best[0]:g}, threshold {best[1]:.2f} (new-source microscopy declined {best[2]:.3f}, "
           f"new kind of image caught {best[3]:.3f})")
     return best[0], best[1]
+
+
+def choose_answer_below(micro, sources, unknown, kinds, l2: float, threshold: float, max_pass: float) -> float:
+    """The highest probability below which at most ``max_pass`` of a new kind of non-microscopy falls
+    (those would get an answer, never "I can't tell"), at most ``threshold``."""
+    _, p_unknown = held_out_scores(micro, sources, unknown, kinds, l2)
+    candidates = [t for t in np.linspace(0.02, threshold, 50) if per_group_mean(p_unknown < t, kinds) <= max_pass]
+    return float(max(candidates)) if candidates else 0.02
 
 
 def main(argv=None) -> int:
@@ -153,8 +175,10 @@ def main(argv=None) -> int:
     parser.add_argument("--mirrors", default=None)
     parser.add_argument("--threshold", type=float, default=None, help="fixed threshold (default: chosen)")
     parser.add_argument("--l2", type=float, default=None, help="fixed L2 weight (default: chosen)")
-    parser.add_argument("--max-false", type=float, default=0.05,
+    parser.add_argument("--max-false", type=float, default=0.02,
                         help="most microscopy of a source left out of the fit that may be declined")
+    parser.add_argument("--max-pass", type=float, default=0.2,
+                        help="most images of a kind left out of the fit that may be always answered")
     parser.add_argument("--windows", type=int, default=2, help="augmented windows per real training image")
     parser.add_argument("--synthetic", type=int, default=150)
     parser.add_argument("--crops", type=int, default=5, help="random crops per training photograph")
@@ -191,9 +215,13 @@ def main(argv=None) -> int:
     l2, threshold = args.l2, args.threshold
     if l2 is None or threshold is None:
         chosen = choose(micro, sources, unknown, kinds, [args.l2] if args.l2 else [0.003, 0.01, 0.03, 0.1],
-                        [args.threshold] if args.threshold else [0.5, 0.6, 0.7, 0.8, 0.9, 0.95], args.max_false)
+                        [args.threshold] if args.threshold else [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98], args.max_false)
         l2, threshold = chosen
-    check = fit(micro, unknown, l2, threshold)
+    answer_below = choose_answer_below(micro, sources, unknown, kinds, l2, threshold, args.max_pass)
+    false, caught = held_out_rates(micro, sources, unknown, kinds, l2, [answer_below])
+    print(f"always answered below {answer_below:.2f}: new-source microscopy {1 - false[0]:.3f}, "
+          f"a new kind of image {1 - caught[0]:.3f}")
+    check = fit(micro, unknown, l2, threshold, answer_below)
     p_micro = check.probability(torch.as_tensor(micro)).numpy()
     print(f"fitted on all: microscopy called unfamiliar {np.mean(p_micro > threshold):.3f}")
     if args.catalog == "tune":

@@ -44,10 +44,10 @@ def test_file_round_trip_and_bad_files(tmp_path):
     assert familiarity.load(tmp_path, 6) is None  # no file: no check
     assert familiarity.load(None) is None
     micro, other = _clusters()
-    check = familiarity.fit(micro, other, threshold=0.85)
+    check = familiarity.fit(micro, other, threshold=0.85, answer_below=0.3)
     check.save(tmp_path)
     loaded = familiarity.load(tmp_path, 6)
-    assert loaded.threshold == pytest.approx(0.85)
+    assert loaded.threshold == pytest.approx(0.85) and loaded.answer_below == pytest.approx(0.3)
     torch.testing.assert_close(loaded.probability(torch.as_tensor(other)), check.probability(torch.as_tensor(other)))
     assert not list(tmp_path.glob("*.tmp*"))  # written through a temporary file
     with pytest.raises(FamiliarityError, match="another model"):
@@ -138,7 +138,23 @@ def test_without_a_check_nothing_changes(session):
     family = session.adapter
     assert family.familiarity is None  # the tiny model's folder has no file
     view = family.prepare_image(_image(), None, None)
-    assert familiarity.gate(family, [view], family.clip_features(view), False) == ([False], ())
+    assert familiarity.gate(family, [view], family.clip_features(view), False) == ([False], [()])
+
+
+def test_between_the_thresholds_the_model_decides(session, monkeypatch):
+    """P = 0.5 between answer_below 0.2 and threshold 0.9: neither a decline nor a ban on declining."""
+    family = session.adapter
+    width = familiarity_width(session.model)
+    zeros = torch.zeros(width, dtype=torch.float64)
+    family.familiarity = Familiarity(zeros, torch.ones(width, dtype=torch.float64), zeros, 0.0, 0.9, 0.2)
+    try:
+        view = family.prepare_image(_image(), None, None)
+        assert familiarity.gate(family, [view], family.clip_features(view), False) == ([False], [()])
+        family.familiarity.answer_below = 0.6  # now P = 0.5 is confidently familiar
+        first = familiarity.decline_first_token(family.model.tokenizer)
+        assert familiarity.gate(family, [view], family.clip_features(view), False) == ([False], [first])
+    finally:
+        family.familiarity = None
 
 
 def test_pixel_statistics_tell_noise_from_structure():

@@ -14,12 +14,18 @@ model folder may hold a small linear classifier on the vision tower's own featur
 * a logistic regression gives P(unlike the training microscopy); above ``threshold`` the image is
   **unfamiliar**.
 
-How the MedPLIB family uses it (`gate`): on an unfamiliar image every question is answered
-"I can't tell from this image." without decoding; on a familiar image a question without regions may
-not start with that answer's first token (so a familiar image always gets an answer; a question about a
-region may still be declined, e.g. a box on empty background). Without the file nothing changes. The
-threshold is chosen for few false declines on microscopy from sources training never saw (see
-``docs/real-vqa.md``).
+How the MedPLIB family uses it (`gate`), in three zones of that probability:
+
+* above ``threshold`` (confidently unlike): every question is answered "I can't tell from this image."
+  without decoding (no masks);
+* below ``answer_below`` (confidently familiar): a question without regions may not start with that
+  answer's first token, so the image always gets an answer (a question about a region may still be
+  declined, e.g. a box on empty background);
+* in between: the model's own answer, its learnt "I can't tell" included.
+
+Without the file nothing changes. Both thresholds are chosen on held-out groups of the calibration data
+(``scripts/calibrate_familiarity.py``, ``docs/real-vqa.md``): a decline must be rare on microscopy from a
+source the check never saw, since a whole image goes unanswered.
 """
 
 from __future__ import annotations
@@ -89,7 +95,12 @@ class Familiarity:
     scale: Any  # [F]
     weight: Any  # [F]
     bias: float
-    threshold: float = DEFAULT_THRESHOLD
+    threshold: float = DEFAULT_THRESHOLD  # above: decline without decoding
+    answer_below: float | None = None  # below: always answer (None: the threshold, two zones)
+
+    @property
+    def familiar_below(self) -> float:
+        return self.threshold if self.answer_below is None else min(self.answer_below, self.threshold)
 
     @property
     def width(self) -> int:
@@ -117,7 +128,8 @@ class Familiarity:
         tensors = {"mean": self.mean.double().contiguous(), "scale": self.scale.double().contiguous(),
                    "weight": self.weight.double().contiguous(),
                    "bias": torch.tensor([float(self.bias)], dtype=torch.float64)}
-        meta = {"descriptor": DESCRIPTOR, "threshold": json.dumps(float(self.threshold))}
+        meta = {"descriptor": DESCRIPTOR, "threshold": json.dumps(float(self.threshold)),
+                "answer_below": json.dumps(float(self.familiar_below))}
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=meta)
         return path
@@ -163,12 +175,16 @@ def load(folder: str | Path | None, width: int | None = None) -> Familiarity | N
     if bool((tensors["scale"] <= 0).any()):
         raise FamiliarityError(f"{path} has a non-positive scale; calibrate this model again")
     threshold = float(json.loads(meta.get("threshold", str(DEFAULT_THRESHOLD))))
-    if not 0 < threshold < 1:
-        raise FamiliarityError(f"{path} has threshold {threshold}; it must be between 0 and 1")
-    return Familiarity(tensors["mean"], tensors["scale"], tensors["weight"], float(tensors["bias"][0]), threshold)
+    answer_below = float(json.loads(meta.get("answer_below", str(threshold))))
+    if not 0 < answer_below <= threshold < 1:
+        raise FamiliarityError(f"{path} has thresholds {answer_below} / {threshold}; they must satisfy "
+                               "0 < answer_below <= threshold < 1")
+    return Familiarity(tensors["mean"], tensors["scale"], tensors["weight"], float(tensors["bias"][0]), threshold,
+                       answer_below)
 
 
-def fit(microscopy, unknown, l2: float = 0.01, threshold: float = DEFAULT_THRESHOLD) -> Familiarity:
+def fit(microscopy, unknown, l2: float = 0.01, threshold: float = DEFAULT_THRESHOLD,
+        answer_below: float | None = None) -> Familiarity:
     """Logistic regression of unknown (1) vs microscopy (0) descriptors ([N, F] / [M, F]), classes weighted
     equally, L2 on the standardised weights; full-batch L-BFGS (deterministic)."""
     import torch
@@ -195,7 +211,7 @@ def fit(microscopy, unknown, l2: float = 0.01, threshold: float = DEFAULT_THRESH
         return loss
 
     optimiser.step(closure)
-    return Familiarity(mean, scale, weight.detach(), float(bias.detach()), threshold)
+    return Familiarity(mean, scale, weight.detach(), float(bias.detach()), threshold, answer_below)
 
 
 # ---- how the MedPLIB family uses it ------------------------------------------------------------------
@@ -212,15 +228,15 @@ def decline_first_token(tokenizer) -> tuple[int, ...]:
     return tuple(ids[:1])
 
 
-def gate(family, views, features, has_regions: bool) -> tuple[list[bool], tuple[int, ...]]:
-    """(per view: decline without decoding, the token ids a familiar image's answer may not start with);
+def gate(family, views, features, has_regions: bool) -> tuple[list[bool], list[tuple[int, ...]]]:
+    """Per view: (decline without decoding, the token ids its answer may not start with);
     ``features``: the views' batched whole-plane `ImageFeatures`."""
     check = getattr(family, "familiarity", None)
     if check is None:
-        return [False] * len(views), ()
-    unfamiliar = check.unfamiliar(of_views(family, views, features))
-    suppress = () if has_regions else decline_first_token(family.model.tokenizer)
-    return unfamiliar, suppress
+        return [False] * len(views), [()] * len(views)
+    p = check.probability(of_views(family, views, features)).tolist()
+    first = () if has_regions else decline_first_token(family.model.tokenizer)
+    return [v > check.threshold for v in p], [first if v < check.familiar_below else () for v in p]
 
 
 def declined_result(family, hidden):

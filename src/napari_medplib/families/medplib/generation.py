@@ -63,8 +63,8 @@ def generate(family, turn: Turn) -> Generated:
             turn.on_text(result.text)
         timings["prefill"] = timings["generate"] = 0.0
         return Generated(result.text, list(result.ids), result.finish_reason, None, None, raw=result)
-    if suppress_first:
-        config = dataclasses.replace(config, suppress_first=suppress_first)
+    if suppress_first[0]:
+        config = dataclasses.replace(config, suppress_first=suppress_first[0])
     prefix, timings["prefill"] = family.prefix(view, request.template, prompt.ids, features)
     if turn.on_progress:
         turn.on_progress("generating", 0, config.max_new_tokens)

@@ -14,7 +14,6 @@ later question on one of the planes skips its encoders.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,10 +64,10 @@ def ask_batch(
 
     mark = time.perf_counter()
     decline, suppress_first = familiarity.gate(family, views, whole, bool(order))  # on the whole planes
-    config = dataclasses.replace(request.generation, suppress_first=suppress_first)
     results = _generate(
         family, ids, features, frames if order else None,
-        objects_read if order and any(o is not None for o in objects_read) else None, config, stop,
+        objects_read if order and any(o is not None for o in objects_read) else None, request.generation, stop,
+        suppress_first,
     )
     generate = time.perf_counter() - mark
     if results is None:
@@ -163,7 +162,8 @@ def _batch_sam(family, views) -> None:
         family.caches.features.put(("sam", view.key), (embeddings[j : j + 1], s.resize_hw, s.pad))
 
 
-def _generate(family, ids: list[int], features, region_masks, region_objects, config, stop):
+def _generate(family, ids: list[int], features, region_masks, region_objects, config, stop,
+              suppress_first: Sequence[tuple[int, ...]] = ()):
     """Greedy (or sampled) decoding of B copies of one prompt, each on its own image: a list of
     `GenerationResult` as `MedPLIBModel.generate` returns for one, or None when cancelled.
 
@@ -200,8 +200,9 @@ def _generate(family, ids: list[int], features, region_masks, region_objects, co
     for index in range(config.max_new_tokens):
         if stop():
             return None
-        if index == 0 and config.suppress_first:
-            logits = suppress(logits, config.suppress_first)
+        if index == 0 and any(suppress_first):  # per row: token ids its answer may not start with
+            logits = torch.stack([suppress(row, ban) if ban else row
+                                  for row, ban in zip(logits, suppress_first, strict=True)])
         greedy = config.temperature < 1e-4
         chosen = logits.argmax(dim=-1).tolist() if greedy else None
         going: list[tuple[int, int, int]] = []  # (cache position, row, token)
