@@ -253,7 +253,7 @@ class EmptyMaskSession(FakeSession):
         inner = stream._pieces
 
         def gen():
-            reply = yield from inner
+            yield from inner
             return FakeReply("Sure, <SEG> .", [np.zeros(np.shape(image)[:2], bool)], [], question, self.model_name)
 
         stream._pieces = gen()

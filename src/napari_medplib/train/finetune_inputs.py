@@ -35,7 +35,13 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from .finetune_data import MAX_PLANES, MAX_SIDE, AnnotatedPlane, FinetuneInputError, annotated_planes
+from .finetune_data import (
+    MAX_PLANES,
+    MAX_SIDE,
+    AnnotatedPlane,
+    FinetuneInputError,
+    annotated_planes,
+)
 
 #: The most bytes one image or label file may decode to (the plane and plane-count limits allow more).
 MAX_FILE_BYTES = 8 * 2**30

@@ -25,11 +25,10 @@ wrong thing. No torch here.
 from __future__ import annotations
 
 import dataclasses
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from ..model.config import POINT_REGION_MASKS
 

@@ -100,9 +100,8 @@ def ground_data(
     regions = regions_from_data(shapes, points, plane) if "<region" in question else []
     if "<region" in question and not regions:
         raise RegionError("the question names <region> but no shape or point was given")
-    from .sessions import lock_for
-
     from ..engine.stack import link_planes, reply_instances, stack_contrast_limits
+    from .sessions import lock_for
 
     lead = spatial[:-2]
     planes = [image[index] for index in np.ndindex(*lead)]
