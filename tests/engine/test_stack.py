@@ -164,21 +164,24 @@ def test_ask_planes_rejects_bad_input(tiny_session, stack):
 
 
 def test_ask_planes_bundled_model_answers_of_different_lengths_match_ask():
-    """Rows that finish early leave the batch's KV cache; the others' answers and masks must not change."""
+    """Rows that finish early leave the batch's KV cache; the others' answers and masks must not change.
+    Planes of different synthetic styles get answers of different lengths ("fluorescence microscopy of
+    nuclei" vs "phase-contrast microscopy of bacteria"); a grounding question gives masks to compare."""
     from napari_medplib import Session
+    from napari_medplib.train.synth import make_sample
 
-    rng = np.random.default_rng(1)
-    volume = rng.normal(400, 40, (6, 48, 44)).clip(0).astype(np.uint16)
-    yy, xx = np.mgrid[:48, :44]
-    for z, (cy, cx, r) in enumerate([(20, 20, 8), (24, 18, 10), (30, 28, 6), (12, 12, 7), (24, 22, 12), (10, 30, 5)]):
-        volume[z][(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += 2500
-    question = "Where are the nuclei? Please output the mask."  # the bundled model answers it in two lengths
+    styles = ["nuclei", "brightfield", "bacteria", "em_neurites", "organelles", "nuclei"]
+    volume = np.stack([make_sample(style, [3, 4], size=(96, 96), bit_depth=8).image for style in styles])
     with Session.load() as session:
-        batched = session.ask_planes(volume, question, batch_size=6)
         limits = stack_contrast_limits(volume)
-        single = [session.ask(p, question, contrast_limits=limits) for p in volume]
-    assert len({len(r.token_ids) for r in single}) > 1, "the answers should differ in length"
-    for b, s in zip(batched, single, strict=True):
-        assert b.text == s.text and b.token_ids == s.token_ids
-        for mb, ms in zip(b.masks, s.masks, strict=True):
-            np.testing.assert_array_equal(mb, ms)
+        for question in ("What kind of microscopy is this?", "Please segment the nuclei."):
+            batched = session.ask_planes(volume, question, batch_size=6)
+            single = [session.ask(p, question, contrast_limits=limits) for p in volume]
+            if question.startswith("What"):
+                assert len({len(r.token_ids) for r in single}) > 1, "the answers should differ in length"
+            else:
+                assert all(len(r.masks) == 1 for r in single)
+            for b, s in zip(batched, single, strict=True):
+                assert b.text == s.text and b.token_ids == s.token_ids
+                for mb, ms in zip(b.masks, s.masks, strict=True):
+                    np.testing.assert_array_equal(mb, ms)
