@@ -222,10 +222,15 @@ def decline_text() -> str:
     return CANT_TELL
 
 
+def _decline_ids(tokenizer) -> list[int]:
+    """The decline's token ids as an answer has them (without what encoding adds, e.g. ``<s>``)."""
+    added = set(tokenizer.encode(""))
+    return [i for i in tokenizer.encode(decline_text()) if i not in added]
+
+
 def decline_first_token(tokenizer) -> tuple[int, ...]:
     """The id of the decline's first token (what a familiar image's answer may not start with)."""
-    ids = [i for i in tokenizer.encode(decline_text()) if i != 1]  # without <s>
-    return tuple(ids[:1])
+    return tuple(_decline_ids(tokenizer)[:1])
 
 
 def gate(family, views, features, has_regions: bool) -> tuple[list[bool], list[tuple[int, ...]]]:
@@ -243,7 +248,6 @@ def declined_result(family, hidden):
     """A `GenerationResult` that declines, as decoding it would look (no ``<SEG>``, no experts)."""
     from ...model.generation import GenerationResult
 
-    text = decline_text()
-    ids = [i for i in family.model.tokenizer.encode(text) if i != 1]
-    return GenerationResult(ids=ids, text=text, finish_reason="eos", step_hidden=hidden.new_zeros((0, hidden.shape[-1])),
-                            expert_counts=None, all_ids=list(ids))
+    ids = _decline_ids(family.model.tokenizer)
+    return GenerationResult(ids=ids, text=decline_text(), finish_reason="eos",
+                            step_hidden=hidden.new_zeros((0, hidden.shape[-1])), expert_counts=None, all_ids=list(ids))
