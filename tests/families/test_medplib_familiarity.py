@@ -169,3 +169,13 @@ def test_pixel_statistics_tell_noise_from_structure():
     assert abs(float(stats[0, 2])) < 0.1 and float(stats[1, 2]) > 0.9  # autocorrelation at 1 px
     assert float(stats[1, 0]) > 1.0  # sparse bright objects: a right-skewed histogram
     assert float(stats[1, 7]) < 1e-9 < 0.1 < float(stats[0, 7])  # grey: no colour spread; channel noise: some
+
+
+def test_a_broken_file_stops_the_session_with_a_model_folder_error(tmp_path):
+    from napari_medplib.engine import InvalidModelError, Session
+    from napari_medplib.testing import make_tiny_model_folder
+
+    folder = make_tiny_model_folder(tmp_path / "m")
+    (folder / familiarity.FILE).write_bytes(b"\x00" * 10)
+    with pytest.raises(InvalidModelError, match="familiarity.safetensors"):
+        Session.load(folder, device="cpu")

@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...engine.errors import InvalidModelError
+
 FILE = "familiarity.safetensors"
 DESCRIPTOR = "clip-patch+image-tokens/mean+std+pixel-stats/v2"
 N_PIXEL_STATS = 10
@@ -135,8 +137,9 @@ class Familiarity:
         return path
 
 
-class FamiliarityError(ValueError):
-    """``familiarity.safetensors`` is malformed or made for another model."""
+class FamiliarityError(InvalidModelError):
+    """``familiarity.safetensors`` is malformed or made for another model (a model folder error: the
+    session does not load, with the fix in the message)."""
 
 
 def load(folder: str | Path | None, width: int | None = None) -> Familiarity | None:
