@@ -85,3 +85,14 @@ def test_cli_server_errors_are_one_line(server, cli_image, tmp_path, capsys, mon
     assert code == 2 and "refused the token" in err and server.url in err and "Traceback" not in err
     code = main(["ask", str(cli_image), "What?", "--server", server.url, "--model", "x"])
     assert code == 2 and "not both" in capsys.readouterr().err
+
+
+def test_a_server_with_int8_llm_weights_answers(tiny_folder, tmp_path, image):
+    """``medplib serve --llm-weights int8``: the model a 24 GB card can hold, served as any other."""
+    proc = ServerProcess(tiny_folder, tmp_path / "token", "--llm-weights", "int8").start()
+    try:
+        with Session.connect(proc.url, token=proc.token) as remote:
+            reply = remote.ask(image, "What is this?", max_new_tokens=4)
+            assert isinstance(reply.text, str) and reply.finish_reason
+    finally:
+        proc.stop()

@@ -38,6 +38,8 @@ def add_serve_parser(sub: Any) -> None:
     parser.add_argument("--model", default=None, help="model folder, name, or cached hub id (default: bundled)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU)")
+    parser.add_argument("--llm-weights", choices=("full", "int8"), default="full",
+                        help="int8: the language model with int8 weights (MedPLIB models; a 7B fits a 24 GB GPU)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any free)")
@@ -96,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     announce(f"medplib serve: loading {args.model or 'the bundled model'} …")
     session = Session.load(args.model, device=args.device, dtype=args.dtype,
-                           embedding_cache_dir=args.embedding_cache)
+                           embedding_cache_dir=args.embedding_cache, llm_weights=args.llm_weights)
     from .server import serve
 
     try:
