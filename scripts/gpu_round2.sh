@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU round 2 in one go, on a bare CUDA machine with torch + Triton (about 5-7 minutes on an H100):
+# The GPU measurements of docs/performance.md in one go, on a bare CUDA machine with torch + Triton (about 5-7 minutes on an H100):
 #   1. the kernel tests on CUDA (tests/kernels: decode attention, int8, graph decode, fused MoE, GPU-only);
 #   2. benchmarks/moe_layer.py (one MoE layer, four implementations);
 #   3. benchmarks/decode.py, all modes: eager (PyTorch loop, Triton MoE), static cache + CUDA graph with
