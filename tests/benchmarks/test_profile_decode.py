@@ -1,24 +1,15 @@
 """benchmarks/profile_decode.py --tiny: one profiled prefill and decode step on CPU, tables written."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "profile_decode.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_profile_decode", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from bench_loader import benchmark_module
 
 
 @pytest.mark.parametrize("extra", [["--traces"], ["--attention", "masked", "--int8"]])
 def test_tiny_profile_prints_and_writes_top_ops(tmp_path, capsys, extra):
-    assert _load().main(["--tiny", "--rows", "6", "--out", str(tmp_path), *extra]) == 0
+    with benchmark_module("profile_decode") as bench:
+        assert bench.main(["--tiny", "--rows", "6", "--out", str(tmp_path), *extra]) == 0
     out = capsys.readouterr().out
     assert "=== prefill" in out and "=== decode_step" in out and "aten::" in out
     summary = json.loads((tmp_path / "profile_top_ops.json").read_text())
