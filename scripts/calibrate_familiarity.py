@@ -159,10 +159,10 @@ def choose(micro, sources, unknown, kinds, l2s, thresholds, max_false: float) ->
     return best[0], best[1]
 
 
-def choose_answer_below(micro, sources, unknown, kinds, l2: float, threshold: float, max_pass: float) -> float:
+def choose_answer_below(p_unknown: np.ndarray, kinds, threshold: float, max_pass: float) -> float:
     """The highest probability below which at most ``max_pass`` of a new kind of non-microscopy falls
-    (those would get an answer, never "I can't tell"), at most ``threshold``."""
-    _, p_unknown = held_out_scores(micro, sources, unknown, kinds, l2)
+    (those would get an answer, never "I can't tell"), at most ``threshold``; ``p_unknown`` from
+    `held_out_scores`."""
     candidates = [t for t in np.linspace(0.02, threshold, 50) if per_group_mean(p_unknown < t, kinds) <= max_pass]
     return float(max(candidates)) if candidates else 0.02
 
@@ -217,10 +217,11 @@ def main(argv=None) -> int:
         chosen = choose(micro, sources, unknown, kinds, [args.l2] if args.l2 else [0.003, 0.01, 0.03, 0.1],
                         [args.threshold] if args.threshold else [0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.98], args.max_false)
         l2, threshold = chosen
-    answer_below = choose_answer_below(micro, sources, unknown, kinds, l2, threshold, args.max_pass)
-    false, caught = held_out_rates(micro, sources, unknown, kinds, l2, [answer_below])
-    print(f"always answered below {answer_below:.2f}: new-source microscopy {1 - false[0]:.3f}, "
-          f"a new kind of image {1 - caught[0]:.3f}")
+    p_micro_held, p_unknown_held = held_out_scores(micro, sources, unknown, kinds, l2)
+    answer_below = choose_answer_below(p_unknown_held, kinds, threshold, args.max_pass)
+    print(f"always answered below {answer_below:.2f}: new-source microscopy "
+          f"{per_group_mean(p_micro_held < answer_below, sources):.3f}, "
+          f"a new kind of image {per_group_mean(p_unknown_held < answer_below, kinds):.3f}")
     check = fit(micro, unknown, l2, threshold, answer_below)
     p_micro = check.probability(torch.as_tensor(micro)).numpy()
     print(f"fitted on all: microscopy called unfamiliar {np.mean(p_micro > threshold):.3f}")

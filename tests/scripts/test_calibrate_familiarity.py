@@ -42,3 +42,13 @@ def test_choose_respects_the_false_decline_limit(capsys):
     false, _ = script.held_out_rates(micro, sources, other, kinds, l2, [threshold])
     assert false[0] <= 0.05
     assert "chosen: l2" in capsys.readouterr().out
+
+
+def test_answer_below_lets_at_most_the_allowed_share_of_each_kind_through():
+    script = _script()
+    p = np.array([0.1, 0.6, 0.7, 0.9, 0.3, 0.8, 0.85, 0.95])
+    kinds = ["a"] * 4 + ["b"] * 4
+    below = script.choose_answer_below(p, kinds, threshold=0.9, max_pass=0.25)
+    assert script.per_group_mean(p < below, kinds) <= 0.25
+    assert below > 0.3  # the lowest of each kind may pass (one of four)
+    assert script.choose_answer_below(p, kinds, threshold=0.9, max_pass=0.0) <= 0.1
