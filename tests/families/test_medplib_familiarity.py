@@ -132,6 +132,8 @@ def test_familiar_image_may_not_start_with_the_decline(session, monkeypatch):
     decline_first = familiarity.decline_first_token(family.model.tokenizer)
     assert len(decline_first) == 1
     assert seen == [decline_first, ()]  # a region question may still decline (a box on background)
+    view = family.prepare_image(_image(), None, None)
+    assert ("pixel-stats", view.key) in family.caches.features  # computed once per image, then cached
 
 
 def test_without_a_check_nothing_changes(session):

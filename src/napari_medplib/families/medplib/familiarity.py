@@ -67,26 +67,31 @@ def pixel_statistics(pixel_values) -> Any:
     return torch.stack(columns, dim=1)
 
 
-def descriptors(features, pixel_values) -> Any:
-    """`ImageFeatures` [B, ...] and their CLIP input [B, 3, H, W] -> float64 descriptors [B, width]."""
+def descriptors(features, pixel_stats) -> Any:
+    """`ImageFeatures` [B, ...] and their CLIP input's `pixel_statistics` [B, 10] -> float64 descriptors
+    [B, width]."""
     import torch
 
     patch = features.patch_features.detach().double()  # [B, P, C]
     tokens = features.image_tokens.detach().double()  # [B, T, D]
     return torch.cat([patch.mean(1), patch.std(1), tokens.mean(1), tokens.std(1),
-                      pixel_statistics(pixel_values).to(patch.device)], dim=-1)
+                      pixel_stats.to(patch.device)], dim=-1)
 
 
 def of_views(family, views, features) -> Any:
-    """Descriptors [B, width] of model views whose (batched) CLIP features are ``features``."""
+    """Descriptors [B, width] of model views whose (batched) CLIP features are ``features``; each view's
+    pixel statistics are cached with its features (the CLIP input is not prepared again per question)."""
     import torch
 
     from ...model.preprocess import prepare_clip_image
 
-    settings = family.clip
-    pixels = torch.cat([prepare_clip_image(v.rgb, settings.size, settings.mean, settings.std).pixel_values
-                        for v in views])
-    return descriptors(features, pixels)
+    def stats_of(view):
+        clip = prepare_clip_image(view.rgb, family.clip.size, family.clip.mean, family.clip.std)
+        return pixel_statistics(clip.pixel_values)
+
+    cache = family.caches.features
+    stats = [cache.get_or_compute(("pixel-stats", v.key), lambda v=v: stats_of(v)) for v in views]
+    return descriptors(features, torch.cat(stats))
 
 
 @dataclass
