@@ -38,6 +38,7 @@ class MedPLIBFamily:
         self.caches = caches
         self.clip = features.clip_settings(model)
         self.familiarity = familiarity.load(model.config.folder, familiarity_width(model))
+        self.region_view = "auto"  # or "plane": regions of large planes read on the whole plane (region_view)
 
     def fingerprint(self) -> str:
         from ...engine.loading import model_fingerprint

@@ -141,7 +141,7 @@ def crop_mask(region: Region, view: ModelView, crop: Crop) -> np.ndarray:
 # ------------------------------------------------------------------------------------ the family's side
 def choose(family, regions: Sequence[Region], view: ModelView) -> Crop | None:
     """The crop for this question's ``regions`` (as the model reads them), per the family's setting."""
-    if check_mode(getattr(family, "region_view", "auto")) == "plane" or not regions:
+    if check_mode(family.region_view) == "plane" or not regions:
         return None
     size = int(family.clip.size)
     if max(view.rgb.shape[:2]) <= PLANE_FACTOR * size:  # cheap exit before any mask is drawn
