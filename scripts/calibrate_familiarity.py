@@ -3,7 +3,7 @@
 Microscopy: every image of the real training set (``benchmarks/real_data/training_set.py``), whole and as
 random augmented windows (as ``train_real_vqa.py`` draws them, half of them with a stronger stain or
 contrast change, `restain`), and synthetic frames of every style.
-Unlike it: the training photographs of ``train/unknown.py`` (whole and cropped) and noise of its five
+Unlike it: the training photographs of ``train/unknown.py`` (whole and cropped) and noise of its
 kinds, drawn with training seeds. Neither the benchmark's catalog images nor its photographs and noise
 seeds are used. The descriptors come from the model itself, through the same image preparation as
 `Session.ask` (``families/medplib/familiarity.py``).
@@ -94,7 +94,7 @@ def unknown_images(rng, crops: int, noise_per_kind: int) -> tuple[list[np.ndarra
         images.append(photo)
         images.extend(unknown.crop(photo, rng, int(rng.integers(128, 400))) for _ in range(crops))
         kinds.extend([name] * (crops + 1))
-    for kind in unknown.NOISE_KINDS:
+    for kind in unknown.TRAINING_NOISE_KINDS:
         for _ in range(noise_per_kind):
             side = int(np.exp(rng.uniform(np.log(128), np.log(768))))  # the sizes training draws
             images.append(unknown.noise(kind, rng, (side, int(side * rng.uniform(0.75, 1.33)))))

@@ -4,12 +4,12 @@ Starts from a model folder (default: the bundled model) and trains the language 
 excepted), the projector, the vision tower, the region encoder and the ``<SEG>`` projection on a mix of:
 
 * **real annotated images** of ``benchmarks/real_data/training_set.py`` (H&E, TEM, phase-contrast bacteria,
-  Ki67 IHC, DAPI fluorescence, SEM axons; none is scored by the benchmarks), random windows, flipped and
+  Ki67 IHC, DAPI fluorescence, SEM axons, brightfield live cells; none is scored by the benchmarks), random windows, flipped and
   rotated: modality, stain, description, presence, region class and grounding questions;
 * **synthetic planes** of every generator style (fluorescence nuclei, cells and mitochondria,
   brightfield, H&E, immunohistochemistry, phase-contrast bacteria, EM neurites and axons), all question
   kinds, so that what the model knows is kept;
-* **images unlike microscopy** (``train/unknown.py``: noise of five kinds, windows of training
+* **images unlike microscopy** (``train/unknown.py``: noise of nine kinds, windows of training
   photographs), every question answered "I can't tell from this image.".
 
 Questions are drawn from ``train/wording.py``'s paraphrase pools (``wording="paraphrases"``), never from
@@ -47,10 +47,11 @@ REAL_SOURCES = {
     "deepliif_val_ihc_": ("ihc", "nucleus", "nuclei", ("cell", "cytoplasm")),
     "deepliif_val_dapi_": ("fluorescence", "nucleus", "nuclei", ("cell", "cytoplasm")),
     "axondeepseg": ("sem", "axon", "myelinated axons", ("cell",)),
+    "dlbf_brightfield_": ("brightfield", "cell", "cells", ()),
 }
 #: how often each source is drawn (few images of a modality are drawn as often as many of another)
 REAL_WEIGHTS = {"gbm40_he_": 1.0, "isbi2012_tem_train_": 1.0, "omnipose_phase": 1.0, "deepliif_val_ihc_": 1.0,
-                "deepliif_val_dapi_": 0.7, "axondeepseg": 1.0}
+                "deepliif_val_dapi_": 0.7, "axondeepseg": 1.0, "dlbf_brightfield_": 1.0}
 SYNTHETIC_OBJECTS = {"nuclei": "nuclei", "cells": "cells", "organelles": "mitochondria", "brightfield": "cells",
                      "he": "nuclei", "bacteria": "bacteria", "em_neurites": "neurites", "em_axons": "myelinated axons",
                      "ihc": "nuclei"}

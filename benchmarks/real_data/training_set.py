@@ -13,6 +13,10 @@ here is a neighbour of a report image in the same volume:
 * **Ki67 IHC and DAPI fluorescence (DeepLIIF)**: the two validation files of ``nadeemlab/DeepLIIF``
   (bladder, lung; the IHC panel and the registered DAPI panel, with the manual nuclei of the mask panel);
   the catalog's IHC images are that repository's four test tiles.
+* **Brightfield, live adherent cells**: 28 colour camera images of 256 x 256 (two of each of the 14
+  numbered series) with manual binary cell masks, from ``anonymusUID/DL_BrightField`` (``ITMO/01_BRIGHT_FIELD``;
+  touching cells share one mask component, so these images train modality and description questions
+  more than counts); the catalog has no brightfield image.
 * **Electron microscopy, myelinated axons**: the "subject 1" image of ``axondeepseg/data-testing`` with
   its axon mask (Zaimi et al., Sci. Rep. 8, 2018); the catalog's two axon images are other files.
 
@@ -107,6 +111,36 @@ OMNIPOSE = {
     "e1t1_crop.tif": ("259c6cf8075b64b58726adafe740a9f01e75944266ad0a23091df1514edabcc5", "4fbd0332c20cd892fd57fcc0f95185ebe55ac0b662471bc745286e49d1e618ae"),
     "ec_5I_t141xy5c1.tif": ("d58ef52f2f3f9296a6b73f3b5582d1c4067d30ca58bc134889bd2855acb54205", "96b8f5244ebc4644811d9eaae9402195a19ef90b5ca1f8092c43cc6106c8db01"),
 }
+DL_BRIGHTFIELD = {
+    "15_0_1": ("7f62f7118242cb0e9d427c5496da4351220c8667a5592d4d648b01f2c95cb593", "9b84a5f5142a7321d3d1807b902363d01ceec56909251fc99dc5e40eae1f7cd9"),
+    "15_0_2": ("8ad0325a86078c771b0a95e7b363a59069800b824d19fdf0a3aeac71bf470f28", "81fa563dd6b37a06867405af0044b426e8cc513ed2bc44b3c6eed6cf3b82e84d"),
+    "20_0_0": ("a12b2ce80f8ce1297bfebb417e88e199293d829adc24b5a4b2fb5ccbf23ccf02", "cb134d12310bfb578e033facf08c89e9da928ad89b20a753b4355ff1724cbdee"),
+    "20_0_1": ("bdba207c65193faa99b065e6ee2921c0cf8d0e5c5b0e935434452ec43147a8e8", "185628646b9ffb492835f9e8c68aee177326ef58806c76acb242a77a7597a603"),
+    "21_0_0": ("a9dff0a19c4559b0bdcc8e8ca239502fe9b4ebebf8dc5a592d8317cd1be2f937", "cb134d12310bfb578e033facf08c89e9da928ad89b20a753b4355ff1724cbdee"),
+    "21_0_1": ("5b906ccbf8e44bd2bd6013bdeecf3e45ec8760db78bbaa06d7bd86554c863248", "185628646b9ffb492835f9e8c68aee177326ef58806c76acb242a77a7597a603"),
+    "28_0_0": ("c15f0551fab5ad6a95a3e2292d3cdf90d0913f0b863ed6469e7f0380e7ba34d6", "5c181fd36282598ef08de2e28fde83fe8cc26f844f5bd8c2816e9f3483023389"),
+    "28_0_1": ("55fee5af0921d7d4b583d4b216d6b57c0b712bd94d4b803600affbddee4accb7", "61b15f3ba9c2f6d19cf37356cac9b6d826c59a2f6677f8cc0baf80d6b858ba3c"),
+    "28A_0_0": ("27549c65202e84d453924dce115f22635fdb7409eb34f8beddde040af01711d6", "731b3dea61a7a83be0dde20cebae806a2f9b44f86d3c11d7535c8fa2fb3ec3e9"),
+    "28A_0_1": ("96627e52d5571791af4f423fb302eff469c7cd7fd8c73999b4970a44d6780440", "3564360053068f8ec9f44377eddd96e9b3ae92725282e3f3088417435405ef80"),
+    "29_0_0": ("fb6a0e6f25cbe006d915832fc10b0d617d3ed20b62e6d82d4af998311ef86798", "7d55fa018aaa7eb614232067a216627f3d25c89c26be9f11a7efb016ca81ea02"),
+    "29_0_1": ("0c52c5ffad2bc305538245a6d75a47861bef81214f0ec79c94d8432850f69e55", "7b94ec66254bc2eacc9bfbc7315f3c2ec61c42af10de0f6993e885946f334d41"),
+    "33_0_3": ("b5a13928a610d3406b2b7fc497b3d9aab5e471fa680dadce48e890a691de1674", "5462cbf5b4beb61e8192983566767ef63a77c001a939bc373bd0bf6e301f7070"),
+    "33_0_6": ("1708c7aef245ee35673ea198506091edab07d5b52ed1e508cb4ebfcdf4019c99", "1042304891e8eeef9e4f2ae6417648f3b78f86bdae64a58b475010779405a0af"),
+    "34_0_0": ("4692c77cf8e45965c1b3bb72b878a4973f3c2173bf6a9b5947c3811166149689", "90430409210cddec1c456fb8534e4090006a72da5e44f862d96d8531fec45ba8"),
+    "34_0_1": ("034fa468b0605b9ba231b9dd32c9012f2cbcf1ef3130c187d2c3835296b55e4a", "74190581e97620ffa9b04bce05efb0fbb429ff9cdb2af606e605490f89ee0570"),
+    "35_0_1": ("c14bb9d91278ee7d33ab996f7299cacc16a30a87a18bd5f9a3804942edc4e0d1", "3523f154a53cd7738dddb818d935eb26481e0d3760aaf43bcf293d730893efef"),
+    "35_0_3": ("eed83da7d8537cd57e0e2ee395fdf2d3ed840ed15630677188e96f11a89912d0", "66d2b43b0a0e888a118f8d02e5255accff84009bef321bb9ecb53e88d1e90e9f"),
+    "37_0_0": ("010992b935248ecb380ff3f2cb0f08bc419af7a66f8f1af6ece4d02c9c7c573a", "3f642ee0dd590daf998eb2538ad3c0eea57a6405c6e5d66f2687a4784ef36c56"),
+    "37_0_4": ("2af8d6422d4f6464b3d5b40bdbb7dc8e5d1eda136acb9946b5b8fb474c793e7a", "7c8ddf08b4a74cc4cb0daca2422748118c091a77c6eb4ff7e10712abe16cd3b7"),
+    "41_0_0": ("3c8825e105d84a776af9013998715be097faa337a515e8d54b1535c3d705a09a", "963581c56f23f616b85652541a595876eab120b6e22a0d205609074a91ecb3c3"),
+    "41_0_1": ("73472994550160bc8e51855e87896e036af42cf9ff8f5ab068065c6b63fba592", "8372fb2207e7a1b7391effee441c5e9df4c83ebd12dacab4aa78a175764ddd59"),
+    "42_0_0": ("a15f710e6970f6566f4809053ad3e126fcfe9572f62c68534eed61426975bb43", "7e30517431e278c4db64131d9fbef82508e1ea31e96b3a999c75f697a01b42cc"),
+    "42_0_1": ("5dc3530439e9da15f4afc01486dd5690ae8a56337639c6af1cda119c3ed773ed", "4ab1ec8144ac91afdcc9ebc6ee8dc780bbd7af6068ff00c2b22766adeeb8310b"),
+    "44_0_0": ("e5dc194f792a8feacaff4b7b986f578f36ed44f590329568de5d017dd499a838", "88b29e18d5c0790ad2e6920902db959ee1ae61bd711d9367bf85a11534607e84"),
+    "44_0_1": ("f5745c40a96fb32e45c5d1cc5a8bc559ad28f95a7f058e57e0befabbd440b70e", "3d0e15086a28a52acee416472f24eb8c24e27d2eb9d575f273ad5f1048e9aec7"),
+    "50_0_0": ("fa2884bed5df8c795be53447cbf96789d94b408baa26e61c2e913164c16c91f7", "682dbf14f67bd40ae027bbba030d5739ec95ebfcadba40f4fc493c26cb203d5a"),
+    "50_0_1": ("108f1815a4bb9f2ce0757cbf96448154a9723d9b01919b7583b2a8b339d0b800", "0d20707a46b52d86b7f06249b208032f00c63e85879b209cd84a1c02e6588858"),
+}
 DEEPLIIF_VAL = {'Bladder1': 'f5e65a68bec341bd5196f05931748c6d596257fe18669a6ff012682dfffa90c9', 'Lung1': '7a492ab787328b43bae61a384336a0044f224b88cdcd0e59c9ce8361cc813e8f'}
 ADS_SUBJECT1 = ("d429c2f971cb1336c331055056f016a807032d9c3434e3bdc6090ec22b09ffd2", "7e7a2e94668f4ea33302e999afa50f6e5bbe0a60865a3847d7db4924cbe43c45")
 
@@ -115,6 +149,7 @@ _GBM = ("pengyzhang/cell_seg_matlab", "9bec602ff4a189dd45b4b75e8cf8ef4ae0b49b8d"
 _ISBI = ("zhixuhao/unet", "b45af4d458437d8281cc218a07fd4380818ece4a")
 _OMNI = ("kevinjohncutler/omnipose", "871f2c93a63a14f8ca84efaa8f4715c4e2749769")
 _DLF = ("nadeemlab/DeepLIIF", "eab8bddd031d42cf6b12546d9081babb41f6b7e5")
+_DLBF = ("anonymusUID/DL_BrightField", "d070e103312b20bea1db9eec189afc2188ec5934")
 _ADS = ("axondeepseg/data-testing", "d9d44a88b8ef7508e2be83bbe2c91df6f6ff8166")
 
 
@@ -151,6 +186,11 @@ def _entries() -> tuple[Entry, ...]:
                           "manual", cite))
         out.append(_entry(f"deepliif_val_dapi_{tile.lower()}", "fluorescence", "nuclei", _DLF, raw, raw,
                           "deepliif_panel_2", "manual", cite))
+    for stem, (img, msk) in DL_BRIGHTFIELD.items():
+        out.append(_entry(f"dlbf_brightfield_{stem.lower()}", "brightfield", "cells", _DLBF,
+                          RawFile(f"ITMO/01_BRIGHT_FIELD/original_img/{stem}.png", img),
+                          RawFile(f"ITMO/01_BRIGHT_FIELD/original_msk/{stem}.png", msk),
+                          "png_rgb+binary_cc", "manual", "DL_BrightField (GitHub anonymusUID/DL_BrightField)"))
     p = "__test_files__/__test_aggregate__/all_subjects/subject 1/"
     out.append(_entry("axondeepseg_subject1", "sem", "axons", _ADS, RawFile(p + "image.png", ADS_SUBJECT1[0]),
                       RawFile(p + "image_seg-axon.png", ADS_SUBJECT1[1]), "png_gray+axon_class_cc", "published",
@@ -197,6 +237,17 @@ def _load_gray_tiff_labels(entry: Entry, img: Path, lab: Path):
     return image, _catalog._read_tiff(lab, None).astype(np.int32)
 
 
+def _load_rgb_binary_cc(entry: Entry, img: Path, lab: Path):
+    """A colour image with a binary (0 / 255, possibly stored as RGB) mask: one label per connected component."""
+    from skimage.measure import label
+
+    image = _catalog._read_png(img)[..., :3]
+    mask = _catalog._read_png(lab)
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    return np.ascontiguousarray(image), label(mask > 127).astype(np.int32)
+
+
 def _deepliif_panel(index: int):
     """A DeepLIIF training/validation file: panel ``index`` (0 IHC, 2 DAPI fluorescence) with the last
     panel's colour-coded nuclei as labels."""
@@ -214,6 +265,7 @@ def _deepliif_panel(index: int):
 
 LOADERS = dict(_catalog.LOADERS) | {"tiff_rgb+contour_xml": _load_contour_xml,
                                      "gray+tiff_labels": _load_gray_tiff_labels,
+                                     "png_rgb+binary_cc": _load_rgb_binary_cc,
                                      "deepliif_panel_0": _deepliif_panel(0), "deepliif_panel_2": _deepliif_panel(2)}
 TRAINING = _entries()
 BY_NAME = {e.name: e for e in TRAINING}

@@ -91,3 +91,20 @@ def test_a_deepliif_file_gives_its_ihc_or_dapi_panel_with_the_mask_panels_nuclei
     Image.fromarray(panels[:, : 5 * side]).save(path)
     with pytest.raises(training_set.CatalogError, match="six"):
         training_set.LOADERS["deepliif_panel_0"](None, path, path)
+
+
+def test_a_binary_mask_gives_one_label_per_connected_component(training_set, tmp_path):
+    from PIL import Image
+
+    image = np.full((20, 30, 3), 120, np.uint8)
+    mask = np.zeros((20, 30, 3), np.uint8)
+    mask[2:6, 2:6] = 255
+    mask[10:15, 20:28] = 255
+    mask[18, 0] = 100  # below half: background
+    Image.fromarray(image).save(tmp_path / "img.png")
+    Image.fromarray(mask).save(tmp_path / "msk.png")
+    entry = next(e for e in training_set.TRAINING if e.loader == "png_rgb+binary_cc")
+    got_image, labels = training_set.LOADERS[entry.loader](entry, tmp_path / "img.png", tmp_path / "msk.png")
+    assert got_image.shape == (20, 30, 3)
+    assert labels.max() == 2 and labels[3, 3] != labels[12, 22] and labels[18, 0] == 0
+    assert {e.modality for e in training_set.TRAINING} >= {"brightfield", "he", "tem", "phase", "ihc", "sem"}
