@@ -85,14 +85,16 @@ def microscopy_images(cache: str, mirrors: str | None, windows: int, synthetic: 
 
 
 def unknown_images(rng, crops: int, noise_per_kind: int) -> tuple[list[np.ndarray], list[str]]:
-    """Training photographs (whole and cropped) and noise, with their kind (for leave-one-kind-out)."""
+    """Training photographs (whole and cropped, half of the crops made grey) and noise, with their kind (for
+    leave-one-kind-out)."""
     from napari_medplib.train import unknown
 
     images, kinds = [], []
     for name in unknown.TRAINING_PHOTOS:
         photo = unknown.photo(name)
         images.append(photo)
-        images.extend(unknown.crop(photo, rng, int(rng.integers(128, 400))) for _ in range(crops))
+        windows = [unknown.crop(photo, rng, int(rng.integers(128, 400))) for _ in range(crops)]
+        images.extend(unknown.as_grey(w) if rng.random() < 0.5 else w for w in windows)
         kinds.extend([name] * (crops + 1))
     for kind in unknown.TRAINING_NOISE_KINDS:
         for _ in range(noise_per_kind):
@@ -181,7 +183,7 @@ def main(argv=None) -> int:
                         help="most images of a kind left out of the fit that may be always answered")
     parser.add_argument("--windows", type=int, default=2, help="augmented windows per real training image")
     parser.add_argument("--synthetic", type=int, default=150)
-    parser.add_argument("--crops", type=int, default=5, help="random crops per training photograph")
+    parser.add_argument("--crops", type=int, default=8, help="random crops per training photograph")
     parser.add_argument("--noise", type=int, default=30, help="noise images per kind")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--catalog", choices=["tune", "none"], default="none",

@@ -51,7 +51,10 @@ REAL_SOURCES = {
 }
 #: how often each source is drawn (few images of a modality are drawn as often as many of another)
 REAL_WEIGHTS = {"gbm40_he_": 1.0, "isbi2012_tem_train_": 1.0, "omnipose_phase": 1.0, "deepliif_val_ihc_": 1.0,
-                "deepliif_val_dapi_": 0.7, "axondeepseg": 1.0, "dlbf_brightfield_": 1.0}
+                "deepliif_val_dapi_": 0.7, "axondeepseg": 1.0, "dlbf_brightfield_": 0.6}
+#: sources shown as grey images: the brightfield camera's purple cast made the tiny vision tower call H&E and
+#: IHC "brightfield" (tune split: H&E modality 1.0 -> 0.0); most brightfield cameras in labs are monochrome.
+GREY_SOURCES = {"dlbf_brightfield_"}
 SYNTHETIC_OBJECTS = {"nuclei": "nuclei", "cells": "cells", "organelles": "mitochondria", "brightfield": "cells",
                      "he": "nuclei", "bacteria": "bacteria", "em_neurites": "neurites", "em_axons": "myelinated axons",
                      "ihc": "nuclei"}
@@ -79,7 +82,10 @@ def real_pool(cache: str, mirrors: str | None) -> dict[str, list[tuple[np.ndarra
     for entry in training_set.TRAINING:
         prefix = next((p for p in REAL_SOURCES if entry.name.startswith(p)), None)
         if prefix is not None:
-            pool[prefix].append(training_set.load(entry, cache, mirrors))
+            image, labels = training_set.load(entry, cache, mirrors)
+            if prefix in GREY_SOURCES and image.ndim == 3:
+                image = image[..., :3].astype(np.float32).mean(-1).astype(np.uint8)
+            pool[prefix].append((image, labels))
     return pool
 
 

@@ -19,7 +19,7 @@ from .datatypes import Sample
 #: scikit-image photographs (bundled with the package, no download) that training sees.
 #: Close-up textures (brick, grass, gravel) are left out: they taught "I can't tell" to textured tissue and EM.
 TRAINING_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left", "page", "text", "colorwheel",
-                   "logo", "clock", "horse")
+                   "logo", "clock", "horse", "retina", "shepp_logan_phantom")
 #: Photographs only the benchmark shows (never trained on).
 REPORT_PHOTOS = ("camera", "coins", "moon", "motorcycle_right")
 NOISE_KINDS = ("gaussian", "uniform", "smooth", "salt_pepper", "rgb")
@@ -126,6 +126,13 @@ def _extra_noise(kind: str, rng: np.random.Generator, size: tuple[int, int]) -> 
     return image
 
 
+def as_grey(image: np.ndarray) -> np.ndarray:
+    """A colour photograph as a grey one (most microscopy is grey; grey photographs must still look unlike it)."""
+    if image.ndim != 3:
+        return image
+    return (image[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
+
+
 def crop(image: np.ndarray, rng: np.random.Generator, size: int = 256) -> np.ndarray:
     """A random window of ``image`` (at most ``size`` per side, the whole axis when smaller)."""
     h, w = image.shape[:2]
@@ -150,4 +157,6 @@ def training_unknown(rng: np.random.Generator, size: int = 256) -> Sample:
         return unknown_sample(noise(kind, rng, (side, int(side * rng.uniform(0.75, 1.33)))), f"noise:{kind}")
     name = TRAINING_PHOTOS[int(rng.integers(len(TRAINING_PHOTOS)))]
     image = crop(photo(name), rng, side)
+    if rng.random() < 0.3:
+        image = as_grey(image)
     return unknown_sample(image, f"photo:{name}")
