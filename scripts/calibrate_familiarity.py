@@ -3,7 +3,7 @@
 Microscopy: every image of the real training set (``benchmarks/real_data/training_set.py``), whole and as
 random augmented windows (as ``train_real_vqa.py`` draws them, half of them with a stronger stain or
 contrast change, `restain`), and synthetic frames of every style.
-Unlike it: the training photographs of ``train/unknown.py`` (whole and cropped) and noise of its
+Unlike it: the training photographs of ``train/unknown.py`` (whole and cropped) and noise of its five
 kinds, drawn with training seeds. Neither the benchmark's catalog images nor its photographs and noise
 seeds are used. The descriptors come from the model itself, through the same image preparation as
 `Session.ask` (``families/medplib/familiarity.py``).
@@ -85,18 +85,16 @@ def microscopy_images(cache: str, mirrors: str | None, windows: int, synthetic: 
 
 
 def unknown_images(rng, crops: int, noise_per_kind: int) -> tuple[list[np.ndarray], list[str]]:
-    """Training photographs (whole and cropped, half of the crops made grey) and noise, with their kind (for
-    leave-one-kind-out)."""
+    """Training photographs (whole and cropped) and noise, with their kind (for leave-one-kind-out)."""
     from napari_medplib.train import unknown
 
     images, kinds = [], []
     for name in unknown.TRAINING_PHOTOS:
         photo = unknown.photo(name)
         images.append(photo)
-        windows = [unknown.crop(photo, rng, int(rng.integers(128, 400))) for _ in range(crops)]
-        images.extend(unknown.as_grey(w) if rng.random() < 0.5 else w for w in windows)
+        images.extend(unknown.crop(photo, rng, int(rng.integers(128, 400))) for _ in range(crops))
         kinds.extend([name] * (crops + 1))
-    for kind in unknown.TRAINING_NOISE_KINDS:
+    for kind in unknown.NOISE_KINDS:
         for _ in range(noise_per_kind):
             side = int(np.exp(rng.uniform(np.log(128), np.log(768))))  # the sizes training draws
             images.append(unknown.noise(kind, rng, (side, int(side * rng.uniform(0.75, 1.33)))))
@@ -183,7 +181,7 @@ def main(argv=None) -> int:
                         help="most images of a kind left out of the fit that may be always answered")
     parser.add_argument("--windows", type=int, default=2, help="augmented windows per real training image")
     parser.add_argument("--synthetic", type=int, default=150)
-    parser.add_argument("--crops", type=int, default=8, help="random crops per training photograph")
+    parser.add_argument("--crops", type=int, default=5, help="random crops per training photograph")
     parser.add_argument("--noise", type=int, default=30, help="noise images per kind")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--catalog", choices=["tune", "none"], default="none",

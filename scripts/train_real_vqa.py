@@ -9,7 +9,7 @@ excepted), the projector, the vision tower, the region encoder and the ``<SEG>``
 * **synthetic planes** of every generator style (fluorescence nuclei, cells and mitochondria,
   brightfield, H&E, immunohistochemistry, phase-contrast bacteria, EM neurites and axons), all question
   kinds, so that what the model knows is kept;
-* **images unlike microscopy** (``train/unknown.py``: noise of nine kinds, windows of training
+* **images unlike microscopy** (``train/unknown.py``: noise of five kinds, windows of training
   photographs), every question answered "I can't tell from this image.".
 
 Questions are drawn from ``train/wording.py``'s paraphrase pools (``wording="paraphrases"``), never from
