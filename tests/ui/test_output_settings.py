@@ -89,9 +89,12 @@ def test_settings_round_trip_and_bad_files(tmp_path):
     s = WidgetSettings(source="folder", folder="/m", device="cpu", max_new_tokens=64)
     assert save_settings(s, path) == path
     assert load_settings(path) == s and load_settings(path).model_source == "/m"
-    path.write_text('{"device": "warp-drive", "max_new_tokens": 32, "extra": 1}')
+    path.write_text('{"device": "warp-drive", "max_new_tokens": 32, "extra": 1, "llm_weights": "int4"}')
     got = load_settings(path)
-    assert got.device == "auto" and got.max_new_tokens == 32
+    assert got.device == "auto" and got.max_new_tokens == 32 and got.llm_weights == "full"
+    s.llm_weights = "int8"
+    save_settings(s, path)
+    assert load_settings(path).llm_weights == "int8"
     path.write_text("not json")
     assert load_settings(path) == WidgetSettings()
 

@@ -81,3 +81,32 @@ def _collect(gen):
             yield next(gen)
     except StopIteration as stop:
         yield ("return", stop.value)
+
+
+def test_int8_weights_are_loaded_and_shared_apart_from_full_ones(monkeypatch):
+    """The LLM-weights setting reaches `Session.load` and is part of the key a session is shared under
+    (a full-precision session is never handed out for int8, nor the other way round)."""
+    from napari_medplib.engine import Session
+    from napari_medplib.engine.loading import LLM_WEIGHTS as ENGINE_WEIGHTS
+    from napari_medplib.ui.settings import LLM_WEIGHTS, session_key
+
+    assert LLM_WEIGHTS == ENGINE_WEIGHTS
+    calls = []
+
+    def fake_load(source, device="auto", on_progress=None, **options):
+        calls.append((source, device, options))
+        return FakeSession()
+
+    monkeypatch.setattr(Session, "load", staticmethod(fake_load))
+    full, int8 = FakeSession(), None
+    sessions.remember(session_key("/m", "cpu"), full)
+    try:
+        assert _run(load_job("/m", "cpu")) is full and calls == []
+        int8 = _run(load_job("/m", "cpu", llm_weights="int8"))
+        assert int8 is not full and calls == [("/m", "cpu", {"llm_weights": "int8"})]
+        assert sessions.shared(session_key("/m", "cpu", "int8")) is int8
+        assert _run(load_job("/m", "cpu", llm_weights="int8")) is int8 and len(calls) == 1
+    finally:
+        sessions.forget(full)
+        if int8 is not None:
+            sessions.forget(int8)

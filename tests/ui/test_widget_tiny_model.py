@@ -125,3 +125,33 @@ def test_loads_a_model_folder_on_first_question(make_napari_viewer, qtbot, image
     assert sessions.shared((str(folder), "cpu")) is widget.session
     sessions.forget(widget.session)
     widget.session.close()
+
+
+def test_int8_llm_weights_chosen_in_the_dock(make_napari_viewer, qtbot, image, tmp_path):
+    """The model panel's LLM-weights choice loads a quantised language model, remembered and shared under
+    its own key; for a server the choice is disabled (the server chose its weights)."""
+    from napari_medplib.testing import make_tiny_model_folder
+    from napari_medplib.ui import sessions
+    from napari_medplib.ui.settings import load_settings, session_key
+
+    folder = make_tiny_model_folder(tmp_path / "tiny-model")
+    viewer = make_napari_viewer()
+    viewer.add_image(image, name="cells")
+    widget = MedplibWidget(viewer)
+    panel = widget.model_panel
+    panel.source.setCurrentIndex(panel.source.findData("folder"))
+    panel.folder.setText(str(folder))
+    panel.folder.editingFinished.emit()
+    panel.device.setCurrentText("cpu")
+    panel.llm_weights.setCurrentIndex(panel.llm_weights.findData("int8"))
+    assert load_settings().llm_weights == "int8"
+    widget.chat.ask("Describe this image.")
+    _wait_idle(qtbot, widget)
+    assert widget.session is not None and widget.session.fingerprint.endswith("+int8")
+    assert widget.chat.entries[-1].role == "assistant" and widget.chat.entries[-1].done
+    assert sessions.shared(session_key(str(folder), "cpu", "int8")) is widget.session
+    assert sessions.shared(session_key(str(folder), "cpu")) is None
+    panel.source.setCurrentIndex(panel.source.findData("server"))
+    assert not panel.llm_weights.isEnabled() and not panel.device.isEnabled()
+    sessions.forget(widget.session)
+    widget.session.close()

@@ -37,19 +37,21 @@ def _session() -> Any:
     if _OVERRIDE:
         return _OVERRIDE[0]
     from .sessions import remember, shared
-    from .settings import load_settings
+    from .settings import is_server_url, load_server_token, load_settings, session_key
 
     settings = load_settings()
-    key = (settings.model_source, settings.device)
+    source = settings.model_source
+    weights = "full" if is_server_url(source) else settings.llm_weights
+    key = session_key(source, settings.device, weights)
     session = shared(key)
     if session is None:
         from ..engine import Session
-        from .settings import is_server_url, load_server_token
 
-        if is_server_url(key[0]):  # "Server" in the model settings: the model runs on `medplib serve`
-            session = Session.connect(key[0], token=load_server_token())
+        if is_server_url(source):  # "Server" in the model settings: the model runs on `medplib serve`
+            session = Session.connect(source, token=load_server_token())
         else:
-            session = Session.load(key[0], device=key[1])
+            extra = {} if weights == "full" else {"llm_weights": weights}
+            session = Session.load(source, device=settings.device, **extra)
         remember(key, session)
     return session
 

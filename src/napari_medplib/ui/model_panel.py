@@ -1,4 +1,5 @@
-"""The collapsible "Model" section: source (bundled / folder / server), device, generation settings.
+"""The collapsible "Model" section: source (bundled / folder / server), device, LLM weights, generation
+settings.
 
 "Server" uses the model of a ``medplib serve`` server (URL + token): the URL is remembered with the
 other settings, the token only in its own user-only file (`settings.save_server_token`).
@@ -21,7 +22,7 @@ from qtpy.QtWidgets import (
 )
 from superqt import QCollapsible
 
-from .settings import DEVICES, WidgetSettings, load_server_token, save_server_token
+from .settings import DEVICES, LLM_WEIGHTS, WidgetSettings, load_server_token, save_server_token
 
 
 class ModelPanel(QCollapsible):
@@ -60,6 +61,11 @@ class ModelPanel(QCollapsible):
         self.device = QComboBox()
         self.device.addItems(list(DEVICES))
         self.device.setToolTip("auto: a GPU when there is one, else the CPU")
+        self.llm_weights = QComboBox()
+        for value, label in zip(LLM_WEIGHTS, ("full precision", "int8 (half the memory)")):
+            self.llm_weights.addItem(label, value)
+        self.llm_weights.setToolTip("int8: the language model's weights quantised to 8 bits as it loads (MedPLIB "
+                                    "models), so a 7B model fits a 16-24 GB GPU; answers may differ slightly")
         self.max_tokens = QSpinBox()
         self.max_tokens.setRange(1, 4096)
         self.max_tokens.setToolTip("Longest answer, in tokens")
@@ -79,6 +85,7 @@ class ModelPanel(QCollapsible):
         form.addRow("Server", self.server_url)
         form.addRow("Token", self.token)
         form.addRow("Device", self.device)
+        form.addRow("LLM weights", self.llm_weights)
         form.addRow("Max tokens", self.max_tokens)
         form.addRow("Temperature", self.temperature)
         form.addRow(self.load_button, self.status)
@@ -89,6 +96,7 @@ class ModelPanel(QCollapsible):
             self.folder.editingFinished,
             self.server_url.editingFinished,
             self.device.currentIndexChanged,
+            self.llm_weights.currentIndexChanged,
             self.max_tokens.valueChanged,
             self.temperature.valueChanged,
         ):
@@ -101,6 +109,7 @@ class ModelPanel(QCollapsible):
         self.server_url.setText(s.server_url)
         self.token.setText(load_server_token() or "")
         self.device.setCurrentText(s.device)
+        self.llm_weights.setCurrentIndex(max(self.llm_weights.findData(s.llm_weights), 0))
         self.max_tokens.setValue(int(s.max_new_tokens))
         self.temperature.setValue(float(s.temperature))
         self._sync()
@@ -121,6 +130,7 @@ class ModelPanel(QCollapsible):
         s.folder = self.folder.text().strip()
         s.server_url = self.server_url.text().strip().rstrip("/")
         s.device = self.device.currentText()
+        s.llm_weights = self.llm_weights.currentData()
         s.max_new_tokens = int(self.max_tokens.value())
         s.temperature = float(self.temperature.value())
         return s
@@ -132,7 +142,8 @@ class ModelPanel(QCollapsible):
         use_server = self.source.currentData() == "server"
         self.server_url.setEnabled(use_server)
         self.token.setEnabled(use_server)
-        self.device.setEnabled(not use_server)  # the server chose its device
+        self.device.setEnabled(not use_server)  # the server chose its device and weights
+        self.llm_weights.setEnabled(not use_server)
 
     def _on_edit(self, *_: object) -> None:
         self._sync()

@@ -23,7 +23,7 @@ def lock_for(session: Any) -> threading.Lock:
 
 
 def shared(key: tuple) -> Any | None:
-    """The session loaded for ``key`` = (source, device), if any and still open."""
+    """The session loaded for ``key`` (`settings.session_key`), if any and still open."""
     session = _SESSIONS.get(key)
     if session is not None and getattr(session, "closed", False):
         _SESSIONS.pop(key, None)

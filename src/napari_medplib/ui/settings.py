@@ -17,6 +17,7 @@ from pathlib import Path
 SETTINGS_ENV = "NAPARI_MEDPLIB_SETTINGS"
 DEVICES = ("auto", "cpu", "cuda", "mps")
 SOURCES = ("bundled", "folder", "server")
+LLM_WEIGHTS = ("full", "int8")  # what `Session.load(llm_weights=...)` accepts
 TOKEN_FILE = "server-token"
 
 
@@ -28,6 +29,7 @@ class WidgetSettings:
     folder: str = ""  # model folder when source == "folder"
     server_url: str = ""  # a `medplib serve` server when source == "server" (its token: `load_server_token`)
     device: str = "auto"
+    llm_weights: str = "full"  # "int8": weight-only int8 language model (MedPLIB checkpoints; about half the memory)
     max_new_tokens: int = 256
     temperature: float = 0.0
     replace: bool = False  # overwrite existing labels
@@ -42,6 +44,11 @@ class WidgetSettings:
         if self.source == "server" and self.server_url:
             return self.server_url
         return self.folder if self.source == "folder" and self.folder else None
+
+
+def session_key(source: str | None, device: str, llm_weights: str = "full") -> tuple:
+    """The key one loaded `Session` is shared under: (source, device), plus the LLM weights when not full."""
+    return (source, device) if llm_weights == "full" else (source, device, llm_weights)
 
 
 def is_server_url(source: object) -> bool:
@@ -63,6 +70,8 @@ def _valid(name: str, value: object) -> bool:
         return value in SOURCES
     if name == "device":
         return value in DEVICES
+    if name == "llm_weights":
+        return value in LLM_WEIGHTS
     if name in ("folder", "server_url"):
         return isinstance(value, str)
     if name == "max_new_tokens":

@@ -219,7 +219,7 @@ class MedplibWidget(QWidget):
 
     # ---- session -------------------------------------------------------------------------------
     def _wanted_key(self) -> tuple:
-        return (self.settings.model_source, self.settings.device)
+        return (self.settings.model_source, self.settings.device, self.settings.llm_weights)
 
     def set_session(self, session: Any) -> None:
         """Use an already loaded session (scripts, tests); features its family lacks are disabled, with why."""
@@ -247,7 +247,7 @@ class MedplibWidget(QWidget):
         self._after_load.append(then)
         if self._loader is not None:
             return
-        source, device = self._wanted_key()
+        source, device, llm_weights = self._wanted_key()
         self.model_panel.status.setText("loading…")
         self.chat.set_busy(True)
         self._load_note = self.chat.add_note("Loading the model…")
@@ -256,6 +256,7 @@ class MedplibWidget(QWidget):
             source,
             device,
             self._factory,
+            llm_weights=llm_weights,
             desc="MedPLIB: loading model",
             on_yield=self._on_load_progress,
             on_return=self._on_loaded,

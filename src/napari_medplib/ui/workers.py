@@ -23,31 +23,35 @@ from .sessions import lock_for, remember, shared
 
 # ---- jobs (run in the worker thread) -------------------------------------------------------------
 def load_job(
-    source: str | None, device: str, factory: Callable[..., Any] | None = None
+    source: str | None, device: str, factory: Callable[..., Any] | None = None, *, llm_weights: str = "full"
 ) -> Generator[str, None, Any]:
     """Load a `Session` (the bundled model for ``source=None``; a remote one for a server URL), or
-    reuse the one already loaded for (source, device) by another widget. Yields progress lines
-    ("loading weights 3/7")."""
+    reuse the one already loaded for (source, device, LLM weights) by another widget. Yields progress
+    lines ("loading weights 3/7"). ``llm_weights="int8"`` quantises a MedPLIB language model as it loads
+    (a server chose its own weights)."""
     yield "loading…"
     if factory is not None:
         return factory(source, device=device)
-    loaded = shared((source, device))
+    from .settings import is_server_url, load_server_token, session_key
+
+    key = session_key(source, device, "full" if is_server_url(source) else llm_weights)
+    loaded = shared(key)
     if loaded is not None:
         return loaded
     from ..engine import Session
-    from .settings import is_server_url, load_server_token
 
     if is_server_url(source):  # the model runs on a `medplib serve` server
         yield f"connecting to {source}…"
         session = Session.connect(source, token=load_server_token())
-        remember((source, device), session)
+        remember(key, session)
         return session
 
     def load(on_progress: Callable[[str, int, int], None]) -> Any:
-        return Session.load(source, device=device, on_progress=on_progress)
+        extra = {} if llm_weights == "full" else {"llm_weights": llm_weights}
+        return Session.load(source, device=device, on_progress=on_progress, **extra)
 
     session = yield from _with_progress(load)
-    remember((source, device), session)
+    remember(key, session)
     return session
 
 
