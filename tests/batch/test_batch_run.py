@@ -190,3 +190,29 @@ def test_dock_opens_tiled_outputs_lazily(tmp_path):
     assert isinstance(layers["slide__ground"], zarr.Array)  # not read into memory on the Qt thread
     assert isinstance(layers["small__ground"], np.ndarray) and layers["small__ground"].max() == 1
     assert np.asarray(layers["slide__ground"][:]).max() == 2
+
+
+def test_int8_llm_weights_load_quantised_and_change_the_fingerprint(tmp_path, tiny_model_folder, capsys):
+    """``llm_weights="int8"`` reaches `Session.load`; it is part of the run's fingerprint (its answers
+    differ), while runs in full precision keep the fingerprint they had before the option existed."""
+    import hashlib
+    from dataclasses import asdict
+
+    from napari_medplib.batch.task import load_session
+    from napari_medplib.cli import main
+
+    full, int8 = _options(), _options(llm_weights="int8")
+    kept = {k: v for k, v in asdict(full).items() if k not in ("device", "threads", "model", "llm_weights")}
+    old = hashlib.blake2b(json.dumps(kept, sort_keys=True, default=str).encode(), digest_size=10).hexdigest()
+    assert full.fingerprint() == old != int8.fingerprint()
+    with pytest.raises(BatchError, match="full or int8"):
+        _options(llm_weights="int4")
+    session = load_session(str(tiny_model_folder), "cpu", None, 0, "int8")
+    try:
+        assert session.fingerprint.endswith("+int8")
+    finally:
+        session.close()
+    folder = _folder(tmp_path)
+    code = main(["batch", str(folder), "--out", str(tmp_path / "o"), "--ask", "What is this?",
+                 "--server", "http://127.0.0.1:9", "--llm-weights", "int8"])
+    assert code == 2 and "server chose its own" in capsys.readouterr().err

@@ -40,7 +40,11 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     actions = Actions(ask=tuple(args.ask or ()), ground=tuple(args.ground or ()), segment=args.segment,
                       regions_pattern=args.regions_pattern)
     plane = None if args.all_planes else parse_plane_arg(args.plane)
-    options = BatchOptions(actions, model=args.model, device=args.device, dtype=args.dtype, channel=args.channel,
+    if args.server and args.llm_weights != "full":
+        raise BatchError("--llm-weights applies to a model loaded here; a server chose its own "
+                         "(start it with medplib serve --llm-weights int8)")
+    options = BatchOptions(actions, model=args.model, device=args.device, dtype=args.dtype,
+                           llm_weights=args.llm_weights, channel=args.channel,
                            plane=plane, max_new_tokens=args.max_new_tokens, tile_above=args.tile_above,
                            tile_size=args.tile, tile_overlap=args.tile_overlap)
 
@@ -117,6 +121,8 @@ def add_batch_parser(sub: Any) -> None:
     parser.add_argument("--model", default=None, help="model folder, name, or cached hub id (default: bundled)")
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N or mps")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--llm-weights", choices=("full", "int8"), default="full",
+                        help="int8: the language model with int8 weights, about half the GPU memory (MedPLIB models)")
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
                         help="an existing Dask scheduler (tcp://host:8786); default: a local cluster")

@@ -66,6 +66,7 @@ class BatchOptions:
     model: str | None = None  # folder or name; None = the bundled model
     device: str = "auto"
     dtype: str | None = None
+    llm_weights: str = "full"  # "int8": the language model with int8 weights (Session.load(llm_weights=...))
     channel: int | None = None
     plane: dict[str, int] | int | None = None  # one plane of every stack; None = all planes
     max_new_tokens: int = 256
@@ -83,12 +84,16 @@ class BatchOptions:
             raise BatchError(f"--tile-overlap {self.tile_overlap} must be under half of --tile {self.tile_size}")
         if self.tile_size < 256:
             raise BatchError(f"--tile {self.tile_size}: tiles must be at least 256 px")
+        if self.llm_weights not in ("full", "int8"):
+            raise BatchError(f"--llm-weights {self.llm_weights!r}: choose full or int8")
 
     def fingerprint(self) -> str:
         """What makes two runs' outputs the same (see the module docstring)."""
         kept = asdict(self)
         for name in ("device", "threads", "model"):
             kept.pop(name)
+        if kept["llm_weights"] == "full":  # runs from before the option keep their fingerprint
+            kept.pop("llm_weights")
         text = json.dumps(kept, sort_keys=True, default=str)
         return hashlib.blake2b(text.encode(), digest_size=10).hexdigest()
 

@@ -238,7 +238,7 @@ def _run_here(items, options, out, session, retries, record, should_stop) -> boo
     """This process, item by item (the widget's session, or ``workers=0``)."""
     own = session is None
     if own:
-        session = load_session(options.model, options.device, options.dtype, 0)
+        session = load_session(options.model, options.device, options.dtype, 0, options.llm_weights)
     try:
         for item in items:
             if should_stop and should_stop():
@@ -275,8 +275,8 @@ def _run_dask(items, options, out, scheduler, workers, retries, record, should_s
                 on_dashboard(dashboard)
         elif on_dashboard:
             on_dashboard("")
-        client.register_plugin(SessionPlugin(options.model, options.device, options.dtype, options.threads),
-                               name=PLUGIN_NAME)
+        client.register_plugin(SessionPlugin(options.model, options.device, options.dtype, options.threads,
+                                             options.llm_weights), name=PLUGIN_NAME)
         by_key = {f"medplib-{item.key}": item for item in items}
         futures = client.map(dask_task, items, options=options, out=str(out), key=list(by_key),
                              retries=retries, pure=False)

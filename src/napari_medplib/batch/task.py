@@ -98,7 +98,7 @@ def _segment_regions(item: Item) -> list[Any]:
         raise ItemError(str(exc).splitlines()[0]) from None
 
 
-def load_session(model: str | None, device: str, dtype: str | None, threads: int) -> Any:
+def load_session(model: str | None, device: str, dtype: str | None, threads: int, llm_weights: str = "full") -> Any:
     """A `Session` for batch work; ``threads`` > 0 sets torch's CPU threads (1 per worker process)."""
     import torch
 
@@ -106,7 +106,8 @@ def load_session(model: str | None, device: str, dtype: str | None, threads: int
 
     if threads:
         torch.set_num_threads(threads)
-    return Session.load(model, device=device, dtype=dtype)
+    extra = {} if llm_weights == "full" else {"llm_weights": llm_weights}
+    return Session.load(model, device=device, dtype=dtype, **extra)
 
 
 def run_item(item: Item, options: BatchOptions, session: Any, out: Path,

@@ -28,8 +28,10 @@ class SessionPlugin(WorkerPlugin):
     name = PLUGIN_NAME
     idempotent = False
 
-    def __init__(self, model: str | None, device: str, dtype: str | None, threads: int) -> None:
+    def __init__(self, model: str | None, device: str, dtype: str | None, threads: int,
+                 llm_weights: str = "full") -> None:
         self.model, self.device, self.dtype, self.threads = model, device, dtype, threads
+        self.llm_weights = llm_weights
         self._session: Any = None
         self._lock: threading.Lock | None = None  # made on the worker (locks do not travel)
         self._worker_name: Any = None
@@ -49,7 +51,7 @@ class SessionPlugin(WorkerPlugin):
         with self._lock:
             if self._session is None:
                 device = worker_device(self.device, self._worker_name)
-                self._session = load_session(self.model, device, self.dtype, self.threads)
+                self._session = load_session(self.model, device, self.dtype, self.threads, self.llm_weights)
             return self._session
 
 
