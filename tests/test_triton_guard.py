@@ -13,10 +13,11 @@ import textwrap
 
 import pytest
 
-SCRIPT = textwrap.dedent(
+_TEMPLATE = textwrap.dedent(
     """
     import sys
     import numpy as np
+    {before}
     import napari
     viewer = napari.Viewer(show=True)
     viewer.add_image(np.zeros((16, 16)))
@@ -24,35 +25,18 @@ SCRIPT = textwrap.dedent(
     QApplication.processEvents()
     if not any("libLLVM" in line for line in open("/proc/self/maps")):
         print("NO-MESA-LLVM"); sys.exit(0)
-    import napari_medplib.model  # the guard runs here, before torch/transformers
+    {after}
     import transformers.activations  # imports torch._dynamo, which imports triton
     import triton
     print("LOADED", flush=True)
     viewer.close()
     """
 )
-
-
-# the other order: the model code is imported first (its guard finds no Mesa yet), then a canvas appears,
-# then a model loads (what the widget tests do in one process, and a script may do)
-SCRIPT_CANVAS_LATER = textwrap.dedent(
-    """
-    import sys
-    import numpy as np
-    import napari_medplib.model
-    import napari
-    viewer = napari.Viewer(show=True)
-    viewer.add_image(np.zeros((16, 16)))
-    from qtpy.QtWidgets import QApplication
-    QApplication.processEvents()
-    if not any("libLLVM" in line for line in open("/proc/self/maps")):
-        print("NO-MESA-LLVM"); sys.exit(0)
-    import transformers.activations  # imports torch._dynamo, which imports triton
-    import triton
-    print("LOADED", flush=True)
-    viewer.close()
-    """
-)
+MODEL = "import napari_medplib.model  # the guard runs here, before torch/transformers"
+# the canvas first, then the model code; and the other order: the model code first (its guard finds no
+# Mesa yet), then a canvas, then a model loads (what the widget tests do in one process, and a script may do)
+SCRIPT = _TEMPLATE.format(before="", after=MODEL)
+SCRIPT_CANVAS_LATER = _TEMPLATE.format(before=MODEL, after="")
 
 
 @pytest.mark.viewer
