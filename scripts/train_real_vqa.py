@@ -4,8 +4,9 @@ Starts from a model folder (default: the bundled model) and trains the language 
 excepted), the projector, the vision tower, the region encoder and the ``<SEG>`` projection on a mix of:
 
 * **real annotated images** of ``benchmarks/real_data/training_set.py`` (H&E, TEM, phase-contrast bacteria,
-  Ki67 IHC, DAPI fluorescence, SEM axons; with ``--with-brightfield`` brightfield live cells too; none is scored by the benchmarks), random windows, flipped and
-  rotated: modality, stain, description, presence, region class and grounding questions;
+  Ki67 IHC, DAPI fluorescence, SEM axons; with ``--with-brightfield`` brightfield live cells too; none is
+  scored by the benchmarks), random windows, flipped and rotated: modality, stain, description, presence,
+  region class and grounding questions;
 * **synthetic planes** of every generator style (fluorescence nuclei, cells and mitochondria,
   brightfield, H&E, immunohistochemistry, phase-contrast bacteria, EM neurites and axons), all question
   kinds, so that what the model knows is kept;
