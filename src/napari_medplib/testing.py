@@ -28,7 +28,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
-__all__ = ["TINY_SAM", "make_tiny_model_folder", "tiny_model", "tiny_session", "tiny_tokenizer_folder"]
+__all__ = ["TINY_SAM", "load_file_module", "make_tiny_model_folder", "tiny_model", "tiny_session",
+           "tiny_tokenizer_folder"]
 
 #: SAM-Med2D dimensions of the tiny models (256 px input, 16x16 embeddings, one block).
 TINY_SAM = {
@@ -130,6 +131,19 @@ def tiny_session(seed: int = 0, **session_kwargs: Any):
 
 #: Environment variable that points at the reference fixture folder (``medplib-tiny-ref``).
 REFERENCE_FIXTURE_ENV = "MEDPLIB_TINY_REF"
+
+
+def load_file_module(path: str | Path, name: str):
+    """The Python file ``path`` (a script or benchmark: those folders are not packages) imported as module
+    ``name``, registered in ``sys.modules`` (dataclasses look their module up there)."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def reference_fixture_dir() -> Path:

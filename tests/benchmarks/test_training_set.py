@@ -3,28 +3,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from napari_medplib.testing import load_file_module
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def training_set():
-    return _load(ROOT / "benchmarks" / "real_data" / "training_set.py", "medplib_training_set")
+    return load_file_module(ROOT / "benchmarks" / "real_data" / "training_set.py", "medplib_training_set")
 
 
 def _xml(polygons) -> bytes:
@@ -65,7 +57,7 @@ def test_nothing_scored_by_the_benchmark_is_trained_on(training_set):
 
 
 def test_spread_picks_evenly_and_keeps_short_lists():
-    script = _load(ROOT / "scripts" / "train_real_sam.py", "medplib_train_real_sam")
+    script = load_file_module(ROOT / "scripts" / "train_real_sam.py", "medplib_train_real_sam")
     assert script.spread(list(range(9)), 3) == [0, 4, 8]
     assert script.spread([1, 2], 5) == [1, 2]
 

@@ -7,9 +7,7 @@ per reader); here hypothesis drives them, seeded (``derandomize``) and bounded (
 
 from __future__ import annotations
 
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,16 +16,14 @@ hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
+from napari_medplib.testing import load_file_module  # noqa: E402
+
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "fuzz_readers.py"
 EXAMPLES = 150
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("fuzz_readers_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(SCRIPT, "fuzz_readers_bench")
 
 
 fuzz = _load()

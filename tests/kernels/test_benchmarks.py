@@ -1,9 +1,10 @@
 """The benchmark scripts' --smoke mode (CPU, interpreter) runs every code path and checks outputs."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+
+from napari_medplib.testing import load_file_module
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -11,10 +12,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(BENCHMARKS / f"{name}.py", f"bench_{name}")
 
 
 def test_moe_layer_smoke(capsys):

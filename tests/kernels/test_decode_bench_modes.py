@@ -1,11 +1,12 @@
 """benchmarks/decode.py: every mode (eager, graph, span, int8) in one smoke run, and the int8 report."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 import torch
+
+from napari_medplib.testing import load_file_module
 
 pytest.importorskip("triton", reason="triton is not installed")
 
@@ -13,10 +14,7 @@ BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "decode.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("bench_decode_modes", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(BENCH, "bench_decode_modes")
 
 
 def test_smoke_runs_every_mode_and_writes_the_int8_report(tmp_path, capsys):

@@ -220,12 +220,11 @@ def test_cuda_phi_layer_forward_uses_kernels_with_same_routing(num_tokens):
 
 def test_benchmark_phi_smoke_runs_both_paths(capsys):
     """``benchmarks/moe_layer.py --phi --smoke``: the Phi-2 expert stage, loop vs fused, outputs agree."""
-    import importlib.util
     from pathlib import Path
 
+    from napari_medplib.testing import load_file_module
+
     path = Path(__file__).resolve().parents[2] / "benchmarks" / "moe_layer.py"
-    spec = importlib.util.spec_from_file_location("bench_moe_layer_phi", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_file_module(path, "bench_moe_layer_phi")
     assert bench.main(["--smoke", "--phi"]) == 0  # 1 when fused and loop disagree beyond 1e-4
     assert capsys.readouterr().out.count("phi2-4e-top2+meta") == 3  # one prefill + two decode cases

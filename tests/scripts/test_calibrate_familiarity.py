@@ -2,19 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
+
+from napari_medplib.testing import load_file_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "calibrate_familiarity.py"
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("calibrate_familiarity", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(SCRIPT, "calibrate_familiarity")
 
 
 def _data(offset: float):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "train"))
 from train_micro import MICRO_MODEL
+
+from napari_medplib.testing import load_file_module
 
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "device_train.py"
 
@@ -36,10 +37,7 @@ def _micro_recipe_file(folder: Path) -> Path:
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("device_train", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(SCRIPT, "device_train")
 
 
 def test_steps_are_given_or_fitted_to_the_budget_and_recorded(tmp_path):
